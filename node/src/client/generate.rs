@@ -1,0 +1,157 @@
+//! The generation loop: prefill the prompt, then sample and feed back one token at a
+//! time until a stop token, `max_tokens`, or the session's length limit.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::sampling::{Sampler, SamplingError};
+use super::stream::TextStream;
+use super::{ClientModel, Pipeline, SamplingParams};
+use crate::model::{ForwardError, ModelError};
+
+#[derive(Clone, Debug)]
+pub struct GenerationParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// From the start to the logits of the first new token: prompt processing.
+    pub prefill_ms: f64,
+    pub prefill_tokens_per_s: f64,
+    /// Single-token forward passes after the prefill, and their rate.
+    pub decode_steps: usize,
+    pub decode_tokens_per_s: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Generated ids only; a final end-of-generation token is not included.
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GenerateError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {tokens} tokens but the model's context holds {context}")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
+/// The positions a session needs for `prompt_tokens` and `params`, within the context.
+pub fn session_length(
+    model: &ClientModel,
+    prompt_tokens: usize,
+    params: &GenerationParams,
+) -> usize {
+    (prompt_tokens + params.max_tokens).min(model.config.context_length)
+}
+
+/// Checks a prompt before any session is opened for it.
+pub fn check_prompt(model: &ClientModel, prompt_ids: &[u32]) -> Result<(), GenerateError> {
+    if prompt_ids.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    let context = model.config.context_length;
+    if prompt_ids.len() > context {
+        return Err(GenerateError::PromptTooLong {
+            tokens: prompt_ids.len(),
+            context,
+        });
+    }
+    Ok(())
+}
+
+/// Generates from `prompt_ids` through `pipeline`, whose session must hold at least
+/// [`session_length`] positions. `on_text` receives printable text as it is produced.
+pub fn generate(
+    model: &ClientModel,
+    pipeline: &mut dyn Pipeline,
+    prompt_ids: &[u32],
+    params: &GenerationParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    check_prompt(model, prompt_ids)?;
+    params.sampling.validate()?;
+    let max_len = session_length(model, prompt_ids.len(), params);
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut stream = TextStream::new(&model.tokenizer);
+
+    let start = Instant::now();
+    let hidden = pipeline.forward(&model.head.embed(prompt_ids)?)?;
+    let mut logits = model.head.last_logits(&hidden)?;
+    let prefill = start.elapsed();
+
+    let mut ids = Vec::new();
+    let mut position = prompt_ids.len();
+    let mut decode_steps = 0;
+    let mut streamed = 0;
+    let finish_reason = loop {
+        if ids.len() >= params.max_tokens {
+            break FinishReason::Length;
+        }
+        let next = sampler.sample(&logits);
+        if !params.ignore_eos && model.tokenizer.is_end_of_generation(next) {
+            break FinishReason::Stop;
+        }
+        ids.push(next);
+        if let Some(piece) = stream.push(next)? {
+            streamed += piece.len();
+            on_text(&piece);
+        }
+        if ids.len() >= params.max_tokens || position >= max_len {
+            break FinishReason::Length;
+        }
+        let hidden = pipeline.forward(&model.head.embed(&[next])?)?;
+        logits = model.head.last_logits(&hidden)?;
+        position += 1;
+        decode_steps += 1;
+    };
+    let total = start.elapsed();
+    let decode_secs = (total - prefill).as_secs_f64();
+    let text = model.tokenizer.decode(&ids)?;
+    // A trailing partial character held back by the stream is complete now.
+    if let Some(rest) = text.get(streamed..).filter(|r| !r.is_empty()) {
+        on_text(rest);
+    }
+    Ok(Generation {
+        token_ids: ids,
+        text,
+        finish_reason,
+        timings: Timings {
+            prefill_ms: prefill.as_secs_f64() * 1e3,
+            prefill_tokens_per_s: prompt_ids.len() as f64 / prefill.as_secs_f64().max(1e-9),
+            decode_steps,
+            decode_tokens_per_s: if decode_steps > 0 {
+                decode_steps as f64 / decode_secs.max(1e-9)
+            } else {
+                0.0
+            },
+            total_ms: total.as_secs_f64() * 1e3,
+        },
+    })
+}

@@ -1,0 +1,65 @@
+//! The user's side of a generation: tokenizer, chat template, embedding, LM head and
+//! sampling, all kept in the user's own process, plus the generation loop that drives
+//! a [`Pipeline`] of layers (local shards now, remote servers later).
+
+pub mod chat_template;
+pub mod generate;
+pub mod head;
+pub mod pipeline;
+pub mod sampling;
+pub mod stream;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use crate::model::{GgufFile, LlamaConfig, ModelError};
+
+pub use generate::{generate, FinishReason, GenerateError, Generation, GenerationParams, Timings};
+pub use head::ClientHead;
+pub use pipeline::{LocalPipeline, Pipeline};
+pub use sampling::SamplingParams;
+pub use tokenizer::ModelTokenizer;
+
+/// Everything a client holds of the model: no transformer layers.
+pub struct ClientModel {
+    pub config: LlamaConfig,
+    pub head: ClientHead,
+    pub tokenizer: ModelTokenizer,
+}
+
+impl ClientModel {
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let mut gguf = GgufFile::open(path)?;
+        Self::from_gguf(&mut gguf)
+    }
+
+    pub fn from_gguf(gguf: &mut GgufFile) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(gguf)?;
+        let tokenizer = ModelTokenizer::from_gguf(gguf)?;
+        let head = ClientHead::load(gguf, &config)?;
+        Ok(Self {
+            config,
+            head,
+            tokenizer,
+        })
+    }
+
+    /// Renders one user message with the model's chat template, ready to complete.
+    pub fn chat_prompt(
+        &self,
+        messages: &[chat_template::ChatMessage],
+    ) -> Result<String, chat_template::ChatTemplateError> {
+        let template = self
+            .tokenizer
+            .chat_template()
+            .ok_or(chat_template::ChatTemplateError::Missing)?;
+        let token = |id| self.tokenizer.token_text(id).unwrap_or_default();
+        chat_template::render(
+            template,
+            messages,
+            true,
+            &token(1),
+            &token(self.tokenizer.eos()),
+        )
+    }
+}

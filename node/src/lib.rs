@@ -1,0 +1,17 @@
+//! The Allmende node: one binary that serves transformer layers to the swarm and
+//! sends prompts to it.
+//!
+//! # Layout
+//! - [`model`]: reading GGUF Llama models and computing a range of layers (a shard),
+//!   with per-session KV caches kept outside the weights.
+//! - [`client`]: what stays in the user's process: tokenizer, chat template,
+//!   embedding, LM head, sampling, and the generation loop over a [`client::Pipeline`].
+//! - [`cli`]: the `allmende` command line.
+//! - [`paths`]: where the model cache and data live.
+//!
+//! Wire types and limits live in the `allmende-protocol` crate.
+
+pub mod cli;
+pub mod client;
+pub mod model;
+pub mod paths;

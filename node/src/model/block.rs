@@ -1,0 +1,195 @@
+//! One transformer block: pre-norm grouped-query attention, then a pre-norm SwiGLU MLP.
+//! Tensor names are llama.cpp's (`blk.N.attn_q.weight`, ...).
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Module, Result, Tensor};
+
+use super::gguf::{self, GgufFile};
+use super::kv_cache::ShardCache;
+use super::rope::Rope;
+use super::{LlamaConfig, ModelError};
+
+/// A norm's weight, dequantized to f32 (it is tiny).
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(gguf: &mut GgufFile, name: &str, size: usize, eps: f32) -> LoadResult<Self> {
+        let q = load_checked(gguf, name, &[size], gguf::is_supported_norm_type)?;
+        Ok(Self {
+            weight: q.dequantize(&candle_core::Device::Cpu)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+type LoadResult<T> = std::result::Result<T, ModelError>;
+
+/// Reads a tensor after checking its type and shape (candle order: `[out, in]`).
+pub fn load_checked(
+    gguf: &mut GgufFile,
+    name: &str,
+    expected: &[usize],
+    type_ok: fn(candle_core::quantized::GgmlDType) -> bool,
+) -> LoadResult<QTensor> {
+    let info = gguf
+        .tensor_info(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    if !type_ok(info.ggml_dtype) {
+        return Err(ModelError::UnsupportedTensorType {
+            tensor: Some(name.to_string()),
+            dtype: format!("{:?}", info.ggml_dtype),
+        });
+    }
+    if info.shape.dims() != expected {
+        return Err(ModelError::TensorShape {
+            name: name.to_string(),
+            actual: info.shape.dims().to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    gguf.tensor(name)
+}
+
+fn load_matmul(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> LoadResult<QMatMul> {
+    let q = load_checked(gguf, name, &[out, inp], gguf::is_supported_weight_type)?;
+    Ok(QMatMul::from_qtensor(q)?)
+}
+
+pub struct Attention {
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    head_count: usize,
+    head_count_kv: usize,
+    head_dim: usize,
+}
+
+pub struct Mlp {
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+pub struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    pub fn load(gguf: &mut GgufFile, cfg: &LlamaConfig, index: usize) -> LoadResult<Self> {
+        let name = |t: &str| format!("blk.{index}.{t}.weight");
+        let (d, kv, ff) = (cfg.hidden_size, cfg.kv_size(), cfg.feed_forward_size);
+        Ok(Self {
+            attn_norm: RmsNorm::load(gguf, &name("attn_norm"), d, cfg.rms_eps)?,
+            attn: Attention {
+                wq: load_matmul(gguf, &name("attn_q"), d, d)?,
+                wk: load_matmul(gguf, &name("attn_k"), kv, d)?,
+                wv: load_matmul(gguf, &name("attn_v"), kv, d)?,
+                wo: load_matmul(gguf, &name("attn_output"), d, d)?,
+                head_count: cfg.head_count,
+                head_count_kv: cfg.head_count_kv,
+                head_dim: cfg.head_dim,
+            },
+            ffn_norm: RmsNorm::load(gguf, &name("ffn_norm"), d, cfg.rms_eps)?,
+            mlp: Mlp {
+                gate: load_matmul(gguf, &name("ffn_gate"), ff, d)?,
+                up: load_matmul(gguf, &name("ffn_up"), ff, d)?,
+                down: load_matmul(gguf, &name("ffn_down"), d, ff)?,
+            },
+        })
+    }
+
+    /// `x`: `[batch, seq, hidden]`; `layer` indexes this block's slot in `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut ShardCache,
+        layer: usize,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("block", layer).entered();
+        let h = (x + self
+            .attn
+            .forward(&self.attn_norm.forward(x)?, cache, layer, rope, mask)?)?;
+        &h + self.mlp.forward(&self.ffn_norm.forward(&h)?)?
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate.forward(x)?.silu()?;
+        self.down.forward(&(gate * self.up.forward(x)?)?)
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut ShardCache,
+        layer: usize,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, seq, hidden) = x.dims3()?;
+        let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
+        let pos = cache.len();
+
+        let heads = |t: Tensor, n: usize| t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous();
+        let q = rope.apply(&heads(self.wq.forward(x)?, nh)?, pos)?;
+        let k = rope.apply(&heads(self.wk.forward(x)?, nkv)?, pos)?;
+        let v = heads(self.wv.forward(x)?, nkv)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+
+        // Grouped-query attention without materialising repeated K/V: query head h
+        // uses KV head h / n_rep, so the n_rep query heads of one KV head are stacked
+        // along the row axis, giving [b, nkv, n_rep * seq, hd] against [b, nkv, T, hd].
+        let n_rep = nh / nkv;
+        let q = q.reshape((b, nkv, n_rep * seq, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?; // [b, nkv, n_rep * seq, hd]
+        let y = y
+            .reshape((b, nh, seq, hd))?
+            .transpose(1, 2)?
+            .reshape((b, seq, hidden))?;
+        self.wo.forward(&y)
+    }
+}
+
+/// Additive causal mask for `seq` new positions after `past` cached ones, laid out for
+/// the stacked query rows of [`Attention::forward`]: row `r` is position `past + r % seq`.
+pub fn causal_mask(seq: usize, past: usize, n_rep: usize) -> Result<Option<Tensor>> {
+    if seq <= 1 {
+        return Ok(None);
+    }
+    let total = past + seq;
+    let mut mask = Vec::with_capacity(n_rep * seq * total);
+    for _ in 0..n_rep {
+        for i in 0..seq {
+            mask.extend((0..total).map(|j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }));
+        }
+    }
+    // Leading unit dims broadcast over [batch, kv_heads].
+    let shape = (1, 1, n_rep * seq, total);
+    Ok(Some(Tensor::from_vec(
+        mask,
+        shape,
+        &candle_core::Device::Cpu,
+    )?))
+}

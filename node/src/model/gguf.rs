@@ -1,0 +1,230 @@
+//! Opening a GGUF file: header and metadata only, with checks that turn a wrong,
+//! truncated or unsupported file into an error that names the problem. Tensor data
+//! is read later, one tensor at a time, so a shard reads only its own layers.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::Device;
+
+use super::ModelError;
+
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+/// An open GGUF file whose header has been read and checked.
+pub struct GgufFile {
+    path: PathBuf,
+    reader: BufReader<File>,
+    content: gguf_file::Content,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let io_err = |source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let file_len = file.metadata().map_err(io_err)?.len();
+        let mut reader = BufReader::new(file);
+
+        let mut magic = [0u8; 4];
+        if reader.read_exact(&mut magic).is_err() || &magic != GGUF_MAGIC {
+            return Err(ModelError::NotGguf(path.to_path_buf()));
+        }
+        reader.rewind().map_err(io_err)?;
+
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| header_error(path, &e.to_string()))?;
+        check_tensor_extents(path, &content, file_len)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            content,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&gguf_file::TensorInfo> {
+        self.content.tensor_infos.get(name)
+    }
+
+    /// Reads one tensor's bytes from disk (and nothing else).
+    pub fn tensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        if self.tensor_info(name).is_none() {
+            return Err(ModelError::MissingTensor(name.to_string()));
+        }
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| ModelError::Candle(format!("reading tensor {name}: {e}")))
+    }
+
+    /// Size on disk of one tensor, in bytes.
+    pub fn tensor_bytes(&self, name: &str) -> u64 {
+        self.tensor_info(name).map_or(0, tensor_size)
+    }
+
+    // ---- typed metadata accessors ----
+
+    pub fn string(&self, key: &str) -> Result<&str, ModelError> {
+        match self.metadata(key) {
+            Some(gguf_file::Value::String(s)) => Ok(s),
+            Some(_) => Err(ModelError::BadMetadata(key.to_string(), "a string")),
+            None => Err(ModelError::MissingMetadata(key.to_string())),
+        }
+    }
+
+    /// Any integer type, as GGUF writers disagree on widths.
+    pub fn usize(&self, key: &str) -> Result<usize, ModelError> {
+        use gguf_file::Value as V;
+        let v = self
+            .metadata(key)
+            .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))?;
+        let n: Option<u64> = match v {
+            V::U8(x) => Some(*x as u64),
+            V::U16(x) => Some(*x as u64),
+            V::U32(x) => Some(*x as u64),
+            V::U64(x) => Some(*x),
+            V::I8(x) => u64::try_from(*x).ok(),
+            V::I16(x) => u64::try_from(*x).ok(),
+            V::I32(x) => u64::try_from(*x).ok(),
+            V::I64(x) => u64::try_from(*x).ok(),
+            _ => None,
+        };
+        n.and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| ModelError::BadMetadata(key.to_string(), "a non-negative integer"))
+    }
+
+    pub fn f32(&self, key: &str) -> Result<f32, ModelError> {
+        match self.metadata(key) {
+            Some(gguf_file::Value::F32(x)) => Ok(*x),
+            Some(gguf_file::Value::F64(x)) => Ok(*x as f32),
+            Some(_) => Err(ModelError::BadMetadata(key.to_string(), "a float")),
+            None => Err(ModelError::MissingMetadata(key.to_string())),
+        }
+    }
+
+    pub fn array(&self, key: &str) -> Result<&[gguf_file::Value], ModelError> {
+        match self.metadata(key) {
+            Some(gguf_file::Value::Array(a)) => Ok(a),
+            Some(_) => Err(ModelError::BadMetadata(key.to_string(), "an array")),
+            None => Err(ModelError::MissingMetadata(key.to_string())),
+        }
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.metadata(key).is_some()
+    }
+}
+
+fn tensor_size(info: &gguf_file::TensorInfo) -> u64 {
+    let dtype = info.ggml_dtype;
+    (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
+}
+
+/// Every tensor must lie inside the file: a truncated download is caught at open,
+/// not as a read error in the middle of loading.
+fn check_tensor_extents(
+    path: &Path,
+    content: &gguf_file::Content,
+    file_len: u64,
+) -> Result<(), ModelError> {
+    for (name, info) in &content.tensor_infos {
+        let end = content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(tensor_size(info));
+        if end > file_len {
+            return Err(ModelError::Truncated {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "tensor {name} ends at byte {end} but the file has {file_len} bytes"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Maps candle's header errors onto ours, naming ggml types candle does not know.
+fn header_error(path: &Path, message: &str) -> ModelError {
+    if let Some(code) = message
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    {
+        return ModelError::UnsupportedTensorType {
+            tensor: None,
+            dtype: ggml_type_name(code),
+        };
+    }
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("eof") || lower.contains("fill whole buffer") || lower.contains("remaining") {
+        return ModelError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!("header is cut short ({message})"),
+        };
+    }
+    ModelError::BadHeader {
+        path: path.to_path_buf(),
+        detail: message.to_string(),
+    }
+}
+
+/// The names llama.cpp gives its tensor types, for error messages.
+pub fn ggml_type_name(code: u32) -> String {
+    let name = match code {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        30 => "BF16",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return format!("ggml type {code}"),
+    };
+    format!("{name} (ggml type {code})")
+}
+
+/// Weight types the shard's matrix multiplications accept.
+pub fn is_supported_weight_type(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::Q8_1 | GgmlDType::Q8K)
+}
+
+/// Norm weights are small vectors kept in float.
+pub fn is_supported_norm_type(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}

@@ -1,0 +1,90 @@
+//! Model compute: reading a GGUF Llama model and running a contiguous range of its
+//! transformer layers (a *shard*) over hidden states.
+//!
+//! The file reads top-down as the model does: [`config`] → [`rope`] → [`block`]
+//! (attention + MLP) → [`shard`]. KV caches live in [`kv_cache`], outside the
+//! weights, one per session, so many sessions share one loaded shard.
+
+pub mod block;
+pub mod config;
+pub mod gguf;
+pub mod kv_cache;
+pub mod rope;
+pub mod shard;
+
+use std::path::PathBuf;
+
+pub use config::LlamaConfig;
+pub use gguf::GgufFile;
+pub use kv_cache::ShardCache;
+pub use shard::Shard;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    #[error("cannot read model file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a GGUF file (it does not start with the GGUF magic bytes)")]
+    NotGguf(PathBuf),
+    #[error("model file {path} is truncated: {detail}; download it again")]
+    Truncated { path: PathBuf, detail: String },
+    #[error("model file {path} has a malformed GGUF header: {detail}")]
+    BadHeader { path: PathBuf, detail: String },
+    #[error("unsupported model architecture {0:?}: only Llama-architecture models (general.architecture = \"llama\") are supported")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported tensor type {dtype}{}", tensor.as_ref().map(|t| format!(" for tensor {t}")).unwrap_or_default())]
+    UnsupportedTensorType {
+        tensor: Option<String>,
+        dtype: String,
+    },
+    #[error("model metadata lacks {0}")]
+    MissingMetadata(String),
+    #[error("model metadata {0} is not {1}")]
+    BadMetadata(String, &'static str),
+    #[error("model file lacks tensor {0}")]
+    MissingTensor(String),
+    #[error("tensor {name} has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        actual: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("unsupported model configuration: {0}")]
+    BadConfig(String),
+    #[error(transparent)]
+    LayerRange(#[from] allmende_protocol::LayerRangeError),
+    #[error("unsupported tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("compute error: {0}")]
+    Candle(String),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Candle(e.to_string())
+    }
+}
+
+/// Errors of one forward pass: bad input from a caller, or a compute failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForwardError {
+    #[error("hidden states have shape {actual:?}; expected [batch, seq, {hidden_size}]")]
+    Shape {
+        actual: Vec<usize>,
+        hidden_size: usize,
+    },
+    #[error("sequence is full: {used} positions used, {requested} more requested, maximum {max}")]
+    ContextFull {
+        used: usize,
+        requested: usize,
+        max: usize,
+    },
+    #[error("batch size {actual} differs from the session's batch size {expected}")]
+    Batch { actual: usize, expected: usize },
+    #[error("compute error: {0}")]
+    Candle(#[from] candle_core::Error),
+}

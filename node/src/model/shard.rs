@@ -1,0 +1,135 @@
+//! A shard: layers `[start, end)` of a model, loaded from GGUF without reading the
+//! rest, run over hidden states with a caller-owned [`ShardCache`].
+
+use std::path::Path;
+
+use allmende_protocol::LayerRange;
+use candle_core::Tensor;
+use indicatif::ProgressBar;
+
+use super::block::{causal_mask, Block};
+use super::gguf::GgufFile;
+use super::kv_cache::ShardCache;
+use super::rope::Rope;
+use super::{ForwardError, LlamaConfig, ModelError};
+
+pub struct Shard {
+    config: LlamaConfig,
+    range: LayerRange,
+    blocks: Vec<Block>,
+    rope: Rope,
+}
+
+impl Shard {
+    /// Loads layers `range` of the model at `path`; `progress` counts bytes read.
+    pub fn load(
+        path: &Path,
+        range: LayerRange,
+        progress: &ProgressBar,
+    ) -> Result<Self, ModelError> {
+        let mut gguf = GgufFile::open(path)?;
+        let config = LlamaConfig::from_gguf(&gguf)?;
+        Self::from_gguf(&mut gguf, config, range, progress)
+    }
+
+    pub fn from_gguf(
+        gguf: &mut GgufFile,
+        config: LlamaConfig,
+        range: LayerRange,
+        progress: &ProgressBar,
+    ) -> Result<Self, ModelError> {
+        range.validate(config.block_count as u32)?;
+        let bytes: u64 = range.iter().map(|i| layer_bytes(gguf, i as usize)).sum();
+        progress.set_length(bytes);
+        let mut blocks = Vec::with_capacity(range.len() as usize);
+        for index in range.iter() {
+            blocks.push(Block::load(gguf, &config, index as usize)?);
+            progress.inc(layer_bytes(gguf, index as usize));
+        }
+        let rope = Rope::new(
+            config.head_dim,
+            config.rope_freq_base,
+            config.context_length,
+        )?;
+        Ok(Self {
+            config,
+            range,
+            blocks,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    /// A fresh cache for one session of at most `max_len` positions (capped at the
+    /// model's context length).
+    pub fn new_cache(&self, max_len: usize) -> ShardCache {
+        ShardCache::new(self.blocks.len(), max_len.min(self.config.context_length))
+    }
+
+    /// Runs the shard's layers over `hidden` (`[batch, seq, hidden_size]`) for the
+    /// session whose history is `cache`, and returns hidden states of the same shape.
+    /// On error the cache is left as it was.
+    pub fn forward(&self, hidden: &Tensor, cache: &mut ShardCache) -> Result<Tensor, ForwardError> {
+        let (batch, seq) = match hidden.dims() {
+            &[b, s, h] if h == self.config.hidden_size && b > 0 && s > 0 => (b, s),
+            dims => {
+                return Err(ForwardError::Shape {
+                    actual: dims.to_vec(),
+                    hidden_size: self.config.hidden_size,
+                })
+            }
+        };
+        match cache.batch() {
+            Some(expected) if expected != batch => {
+                return Err(ForwardError::Batch {
+                    actual: batch,
+                    expected,
+                })
+            }
+            _ => {}
+        }
+        if cache.len() + seq > cache.max_len() {
+            return Err(ForwardError::ContextFull {
+                used: cache.len(),
+                requested: seq,
+                max: cache.max_len(),
+            });
+        }
+        cache.set_batch(batch);
+        cache.reserve(seq)?;
+        let n_rep = self.config.head_count / self.config.head_count_kv;
+        let mask = causal_mask(seq, cache.len(), n_rep)?;
+        let mut x = hidden.contiguous()?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, cache, layer, &self.rope, mask.as_ref())?;
+        }
+        cache.advance(seq);
+        Ok(x)
+    }
+}
+
+/// Bytes on disk of layer `index`'s tensors.
+pub fn layer_bytes(gguf: &GgufFile, index: usize) -> u64 {
+    const TENSORS: [&str; 9] = [
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    TENSORS
+        .iter()
+        .map(|t| gguf.tensor_bytes(&format!("blk.{index}.{t}.weight")))
+        .sum()
+}

@@ -1,0 +1,27 @@
+//! Where Allmende keeps its files: the model cache and the data directory.
+
+use std::path::PathBuf;
+
+/// File name of the default model, as `scripts/fetch-model.sh` extracts it.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `$ALLMENDE_CACHE_DIR`, else `$XDG_CACHE_HOME/allmende`, else `~/.cache/allmende`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ALLMENDE_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("allmende");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache").join("allmende")
+}
+
+/// The model used when `--model` is not given: `$ALLMENDE_MODEL`, else the default
+/// model in the cache directory.
+pub fn default_model() -> PathBuf {
+    match std::env::var_os("ALLMENDE_MODEL").filter(|m| !m.is_empty()) {
+        Some(path) => PathBuf::from(path),
+        None => cache_dir().join(DEFAULT_MODEL_FILE),
+    }
+}

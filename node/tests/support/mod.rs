@@ -1,0 +1,60 @@
+//! Shared helpers of the integration tests: the real model and the llama.cpp golden
+//! outputs (copied into `tests/golden/` from llama.cpp runs on the same file).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The test model. Tests fail, rather than skip, without it: run scripts/fetch-model.sh.
+pub fn model_path() -> PathBuf {
+    let path = allmende_node::paths::default_model();
+    assert!(
+        path.exists(),
+        "test model {} is missing: run scripts/fetch-model.sh (or set ALLMENDE_MODEL)",
+        path.display()
+    );
+    path
+}
+
+pub fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
+}
+
+#[derive(Deserialize)]
+pub struct Golden {
+    pub outputs: Vec<GoldenOutput>,
+    pub prompt1_last_position_top10_logits: Vec<TopLogit>,
+    pub model_sha256: String,
+}
+
+#[derive(Deserialize)]
+pub struct GoldenOutput {
+    pub prompt: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub generated_token_ids: Vec<u32>,
+    pub generated_text: String,
+    pub top2_logprob_margins: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+pub struct TopLogit {
+    pub id: u32,
+    pub logit: f32,
+}
+
+pub fn golden() -> Golden {
+    let path = golden_dir().join("smollm2-135m-q4_1.llama-cpp.json");
+    let text = std::fs::read_to_string(&path).expect("golden file is in the repository");
+    serde_json::from_str(&text).expect("golden file parses")
+}
+
+/// All 49152 logits llama.cpp computed at the last position of the first prompt.
+pub fn golden_prompt1_logits() -> Vec<f32> {
+    let bytes = std::fs::read(golden_dir().join("smollm2-135m-q4_1.prompt1-last-logits.f32le"))
+        .expect("golden logits are in the repository");
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}

@@ -1,0 +1,86 @@
+//! The one way bytes become messages: bincode 2 with an explicit size limit.
+//!
+//! bincode without a limit trusts length prefixes; a crafted 2^40 prefix aborts the
+//! process on allocation. With `with_limit` the decoder refuses it before allocating.
+
+use bincode::config::{self, Configuration, Limit, LittleEndian, Varint};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Largest encoded message accepted from a peer: room for a 16k-token prefill of a
+/// 4096-wide model in f32 (256 MiB would be too generous for one frame; 64 MiB
+/// covers realistic prefill chunks and keeps a hostile frame cheap to refuse).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+type Bounded = Configuration<LittleEndian, Varint, Limit<MAX_MESSAGE_BYTES>>;
+
+fn bounded() -> Bounded {
+    config::standard().with_limit::<MAX_MESSAGE_BYTES>()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("message of {0} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] bincode::error::DecodeError),
+    #[error("message has {0} trailing bytes after its end")]
+    TrailingBytes(usize),
+    #[error("cannot encode message: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+}
+
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, CodecError> {
+    let bytes = bincode::serde::encode_to_vec(message, bounded())?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Decodes exactly one message from `bytes`, bounded by [`MAX_MESSAGE_BYTES`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    let (message, used) = bincode::serde::decode_from_slice(bytes, bounded())?;
+    if used != bytes.len() {
+        return Err(CodecError::TrailingBytes(bytes.len() - used));
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LayerRange, WireDType, WireTensor};
+
+    #[test]
+    fn round_trips() {
+        let t = WireTensor::from_f32(&[1, 1, 3], &[1.0, 2.0, 3.0], WireDType::F32).unwrap();
+        let msg = (LayerRange::new(0, 10), t);
+        let back: (LayerRange, WireTensor) = decode(&encode(&msg).unwrap()).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn refuses_a_huge_length_prefix_without_allocating() {
+        // A Vec<u8> whose varint length prefix claims 2^40 bytes (0xfd = u64 follows).
+        let mut bytes = vec![0xfd];
+        bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let err = decode::<Vec<u8>>(&bytes).unwrap_err();
+        assert!(matches!(err, CodecError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn refuses_truncated_and_trailing_bytes() {
+        let bytes = encode(&LayerRange::new(3, 9)).unwrap();
+        assert!(decode::<LayerRange>(&bytes[..1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode::<LayerRange>(&longer),
+            Err(CodecError::TrailingBytes(1))
+        ));
+    }
+}

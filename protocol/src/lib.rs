@@ -1,0 +1,20 @@
+//! Wire types, limits and codecs of the Allmende inference protocol.
+//!
+//! # Layout
+//! - [`layers`]: [`LayerRange`], the contiguous block of transformer layers a shard hosts.
+//! - [`model`]: [`ModelId`], a content-derived identity that nodes with the same file agree on.
+//! - [`tensor`]: [`WireTensor`], hidden states as they travel between nodes.
+//! - [`codec`]: the one bounded bincode encoder/decoder every message goes through.
+//!
+//! This crate holds no I/O, no async runtime and no model compute: only what two
+//! peers must agree on byte for byte.
+
+pub mod codec;
+pub mod layers;
+pub mod model;
+pub mod tensor;
+
+pub use codec::{decode, encode, CodecError};
+pub use layers::{LayerRange, LayerRangeError};
+pub use model::ModelId;
+pub use tensor::{TensorError, WireDType, WireTensor};
