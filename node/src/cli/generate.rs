@@ -16,6 +16,7 @@ use crate::model::{GgufFile, Shard};
 use crate::paths;
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     /// Run every layer in this process (the reference path the swarm is compared with).
     #[arg(long, required = true)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 
-use super::ModelError;
+use super::{candle_message, ModelError};
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
@@ -18,6 +18,7 @@ pub struct GgufFile {
     path: PathBuf,
     reader: BufReader<File>,
     content: gguf_file::Content,
+    tensor_bytes_read: u64,
 }
 
 impl GgufFile {
@@ -37,12 +38,13 @@ impl GgufFile {
         reader.rewind().map_err(io_err)?;
 
         let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| header_error(path, &e.to_string()))?;
+            .map_err(|e| header_error(path, &candle_message(&e)))?;
         check_tensor_extents(path, &content, file_len)?;
         Ok(Self {
             path: path.to_path_buf(),
             reader,
             content,
+            tensor_bytes_read: 0,
         })
     }
 
@@ -60,12 +62,20 @@ impl GgufFile {
 
     /// Reads one tensor's bytes from disk (and nothing else).
     pub fn tensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
-        if self.tensor_info(name).is_none() {
+        let Some(info) = self.tensor_info(name) else {
             return Err(ModelError::MissingTensor(name.to_string()));
-        }
+        };
+        self.tensor_bytes_read += tensor_size(info);
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| ModelError::Candle(format!("reading tensor {name}: {e}")))
+            .map_err(|e| {
+                ModelError::Candle(format!("reading tensor {name}: {}", candle_message(&e)))
+            })
+    }
+
+    /// Tensor data read so far, in bytes: what a shard costs in I/O.
+    pub fn tensor_bytes_read(&self) -> u64 {
+        self.tensor_bytes_read
     }
 
     /// Size on disk of one tensor, in bytes.

@@ -64,8 +64,14 @@ pub enum ModelError {
 
 impl From<candle_core::Error> for ModelError {
     fn from(e: candle_core::Error) -> Self {
-        ModelError::Candle(e.to_string())
+        ModelError::Candle(candle_message(&e))
     }
+}
+
+/// candle's message without the backtrace it appends when `RUST_BACKTRACE` is set.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().trim().to_string()
 }
 
 /// Errors of one forward pass: bad input from a caller, or a compute failure.
