@@ -6,6 +6,9 @@
 //!   with per-session KV caches kept outside the weights.
 //! - [`client`]: what stays in the user's process: tokenizer, chat template,
 //!   embedding, LM head, sampling, and the generation loop over a [`client::Pipeline`].
+//! - [`network`]: the libp2p swarm (DHT, discovery, streams) behind a cloneable handle.
+//! - [`server`]: serving a shard: inference sessions, the compute worker, announcements.
+//! - [`routing`]: pure route planning and layer assignment over a swarm snapshot.
 //! - [`cli`]: the `allmende` command line.
 //! - [`paths`]: where the model cache and data live.
 //!
@@ -14,4 +17,7 @@
 pub mod cli;
 pub mod client;
 pub mod model;
+pub mod network;
 pub mod paths;
+pub mod routing;
+pub mod server;

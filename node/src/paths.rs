@@ -25,3 +25,16 @@ pub fn default_model() -> PathBuf {
         None => cache_dir().join(DEFAULT_MODEL_FILE),
     }
 }
+
+/// `$ALLMENDE_DATA_DIR`, else `$XDG_DATA_HOME/allmende`, else `~/.local/share/allmende`:
+/// where a node keeps its identity key.
+pub fn data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ALLMENDE_DATA_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("allmende");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local").join("share").join("allmende")
+}

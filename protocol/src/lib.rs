@@ -5,16 +5,21 @@
 //! - [`model`]: [`ModelId`], a content-derived identity that nodes with the same file agree on.
 //! - [`tensor`]: [`WireTensor`], hidden states as they travel between nodes.
 //! - [`codec`]: the one bounded bincode encoder/decoder every message goes through.
+//! - [`frame`]: length prefixes of stream frames, bounded before allocation.
+//! - [`inference`]: the session protocol's messages and the servers' announcements.
 //!
 //! This crate holds no I/O, no async runtime and no model compute: only what two
 //! peers must agree on byte for byte.
 
 pub mod codec;
+pub mod frame;
+pub mod inference;
 pub mod layers;
 pub mod model;
 pub mod tensor;
 
-pub use codec::{decode, encode, CodecError};
+pub use codec::{decode, encode, CodecError, MAX_MESSAGE_BYTES};
+pub use inference::{ClientMessage, ErrorKind, ServerInfo, ServerMessage, PROTOCOL_NAME};
 pub use layers::{LayerRange, LayerRangeError};
 pub use model::ModelId;
 pub use tensor::{TensorError, WireDType, WireTensor};

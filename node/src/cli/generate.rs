@@ -1,25 +1,31 @@
-//! `allmende generate`: complete a prompt, streaming the text to stdout.
+//! `allmende generate`: complete a prompt, streaming the text to stdout, with every
+//! layer in this process (`--local`) or through the swarm.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use allmende_protocol::LayerRange;
-use anyhow::{bail, Context};
-use clap::Args;
+use allmende_protocol::{LayerRange, WireDType};
+use anyhow::Context;
+use clap::{Args, ValueEnum};
 use serde_json::json;
 
+use super::swarm::{join_as_client, model_file, SwarmArgs};
 use crate::client::chat_template::ChatMessage;
+use crate::client::connect::{connect, ModelTarget};
 use crate::client::generate::{check_prompt, session_length};
-use crate::client::{generate, ClientModel, GenerationParams, LocalPipeline, SamplingParams};
+use crate::client::{
+    generate, ClientModel, Generation, GenerationParams, LocalPipeline, Pipeline, RouteSegment,
+    SamplingParams,
+};
 use crate::model::{GgufFile, Shard};
-use crate::paths;
 
 #[derive(Args, Debug)]
 #[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
-    /// Run every layer in this process (the reference path the swarm is compared with).
-    #[arg(long, required = true)]
+    /// Run every layer in this process (the reference path the swarm is compared with)
+    /// instead of using the swarm.
+    #[arg(long, conflicts_with = "bootstrap")]
     local: bool,
     /// The GGUF model file [default: $ALLMENDE_MODEL, else the fetched SmolLM2 in the cache].
     #[arg(long)]
@@ -54,33 +60,50 @@ pub struct GenerateArgs {
     /// Print one JSON object with ids and timings as the last line.
     #[arg(long)]
     json: bool,
+    /// Element type of hidden states sent to servers.
+    #[arg(long, value_enum, default_value_t = WireType::F32)]
+    wire_dtype: WireType,
+    #[command(flatten)]
+    swarm: SwarmArgs,
 }
 
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    super::set_compute_threads(
-        args.threads
-            .map_or_else(super::default_threads, usize::from),
-    );
-    let model_path = args.model.clone().unwrap_or_else(paths::default_model);
-    if !model_path.exists() {
-        bail!(
-            "model file {} not found; fetch it with scripts/fetch-model.sh, or pass --model PATH",
-            model_path.display()
-        );
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WireType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<WireType> for WireDType {
+    fn from(t: WireType) -> Self {
+        match t {
+            WireType::F32 => WireDType::F32,
+            WireType::F16 => WireDType::F16,
+            WireType::Bf16 => WireDType::BF16,
+        }
     }
-    let seed = args.seed.unwrap_or_else(rand::random);
+}
+
+struct Prepared {
+    gguf: GgufFile,
+    model: Arc<ClientModel>,
+    prompt_ids: Vec<u32>,
+    params: GenerationParams,
+}
+
+fn prepare(args: &GenerateArgs) -> anyhow::Result<Prepared> {
+    let model_path = model_file(args.model.as_deref())?;
     let params = GenerationParams {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,
             top_k: args.top_k,
             top_p: args.top_p,
-            seed,
+            seed: args.seed.unwrap_or_else(rand::random),
         },
         ignore_eos: args.ignore_eos,
     };
     params.sampling.validate()?;
-
     let mut gguf = GgufFile::open(&model_path)?;
     let model = ClientModel::from_gguf(&mut gguf)?;
     let prompt = match args.chat {
@@ -89,35 +112,118 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let prompt_ids = model.tokenizer.encode(&prompt)?;
     check_prompt(&model, &prompt_ids)?;
+    Ok(Prepared {
+        gguf,
+        model: Arc::new(model),
+        prompt_ids,
+        params,
+    })
+}
 
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    super::set_compute_threads(
+        args.threads
+            .map_or_else(super::default_threads, usize::from),
+    );
+    let prepared = prepare(&args)?;
+    match args.local {
+        true => run_local(&args, prepared),
+        false => super::runtime()?.block_on(run_swarm(&args, prepared)),
+    }
+}
+
+fn run_local(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        mut gguf,
+        model,
+        prompt_ids,
+        params,
+    } = p;
     let all_layers = LayerRange::new(0, model.config.block_count as u32);
     let bar = super::loading_bar("loading layers");
     let shard = Shard::from_gguf(&mut gguf, model.config.clone(), all_layers, &bar)
-        .with_context(|| format!("loading {}", model_path.display()))?;
+        .with_context(|| format!("loading {}", gguf.path().display()))?;
     bar.finish_and_clear();
     drop(gguf);
+    let max_len = session_length(&model, prompt_ids.len(), &params);
+    let mut pipeline = LocalPipeline::new(vec![Arc::new(shard)], max_len);
+    let output = stream_generation(&model, &mut pipeline, &prompt_ids, &params)?;
+    report(args, &output, &prompt_ids, &params, None)
+}
 
-    let mut pipeline = LocalPipeline::new(
-        vec![Arc::new(shard)],
-        session_length(&model, prompt_ids.len(), &params),
-    );
+async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        gguf,
+        model,
+        prompt_ids,
+        params,
+    } = p;
+    let bar = super::loading_bar("hashing model");
+    let id = crate::model::model_id(gguf.path(), &bar)?;
+    bar.finish_and_clear();
+    let target = ModelTarget {
+        id,
+        name: gguf
+            .string("general.name")
+            .unwrap_or("unnamed model")
+            .to_string(),
+        block_count: model.config.block_count as u32,
+    };
+    drop(gguf);
+    let network = join_as_client(&args.swarm).await?;
+    let max_len = session_length(&model, prompt_ids.len(), &params) as u32;
+    let mut pipeline = connect(&network, &target, max_len, args.wire_dtype.into()).await?;
+    let route = pipeline.route();
+    let (output, pipeline) = tokio::task::spawn_blocking(move || {
+        let output = stream_generation(&model, &mut pipeline, &prompt_ids, &params);
+        (output.map(|o| (o, prompt_ids, params)), pipeline)
+    })
+    .await?;
+    pipeline.close().await;
+    let (output, prompt_ids, params) = output?;
+    report(args, &output, &prompt_ids, &params, Some(&route))
+}
+
+fn stream_generation(
+    model: &ClientModel,
+    pipeline: &mut dyn Pipeline,
+    prompt_ids: &[u32],
+    params: &GenerationParams,
+) -> anyhow::Result<Generation> {
     let mut stdout = std::io::stdout().lock();
-    let output = generate(&model, &mut pipeline, &prompt_ids, &params, &mut |piece| {
+    let output = generate(model, pipeline, prompt_ids, params, &mut |piece| {
         // A closed stdout (e.g. `| head`) must not abort the generation with a panic.
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
     })?;
     writeln!(stdout)?;
-    if args.json {
-        let report = json!({
-            "text": output.text,
-            "token_ids": output.token_ids,
-            "prompt_token_ids": prompt_ids,
-            "finish_reason": output.finish_reason,
-            "seed": seed,
-            "timings": output.timings,
-        });
-        writeln!(stdout, "{report}")?;
+    Ok(output)
+}
+
+fn report(
+    args: &GenerateArgs,
+    output: &Generation,
+    prompt_ids: &[u32],
+    params: &GenerationParams,
+    route: Option<&[RouteSegment]>,
+) -> anyhow::Result<()> {
+    if !args.json {
+        return Ok(());
     }
+    let mut report = json!({
+        "text": output.text,
+        "token_ids": output.token_ids,
+        "prompt_token_ids": prompt_ids,
+        "finish_reason": output.finish_reason,
+        "seed": params.sampling.seed,
+        "timings": output.timings,
+    });
+    if let Some(route) = route {
+        report["route"] = route
+            .iter()
+            .map(|s| json!({"peer": s.peer.to_string(), "layers": [s.range.start, s.range.end]}))
+            .collect();
+    }
+    println!("{report}");
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! The `allmende` command line: argument parsing and the commands behind it.
 
 mod generate;
+mod serve;
+mod status;
+mod swarm;
 
 use std::process::ExitCode;
 
@@ -20,8 +23,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Generate text from a prompt.
+    /// Generate text from a prompt, through the swarm or with --local.
     Generate(generate::GenerateArgs),
+    /// Donate compute: host a range of the model's layers for the swarm.
+    Serve(serve::ServeArgs),
+    /// Show which servers host which layers of a model, and what is missing.
+    Status(status::StatusArgs),
 }
 
 /// Parses the command line, runs the command, and turns errors into a message and a
@@ -31,6 +38,8 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Status(args) => status::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -43,7 +52,7 @@ pub fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ALLMENDE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_mdns=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -66,6 +75,15 @@ pub fn set_compute_threads(threads: usize) {
     let n = threads.max(1).to_string();
     std::env::set_var("RAYON_NUM_THREADS", &n);
     std::env::set_var("CANDLE_NUM_THREADS", &n);
+}
+
+/// The async runtime for networking. Two workers suffice: model compute runs on its
+/// own threads, never on the runtime.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 /// A byte-counting progress bar on stderr; invisible when stderr is not a terminal.

@@ -7,8 +7,9 @@ use serde::Serialize;
 
 use super::sampling::{Sampler, SamplingError};
 use super::stream::TextStream;
+use super::PipelineError;
 use super::{ClientModel, Pipeline, SamplingParams};
-use crate::model::{ForwardError, ModelError};
+use crate::model::ModelError;
 
 #[derive(Clone, Debug)]
 pub struct GenerationParams {
@@ -59,7 +60,7 @@ pub enum GenerateError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
-    Forward(#[from] ForwardError),
+    Pipeline(#[from] PipelineError),
 }
 
 /// The positions a session needs for `prompt_tokens` and `params`, within the context.

@@ -3,9 +3,11 @@
 //! a [`Pipeline`] of layers (local shards now, remote servers later).
 
 pub mod chat_template;
+pub mod connect;
 pub mod generate;
 pub mod head;
 pub mod pipeline;
+pub mod remote;
 pub mod sampling;
 pub mod stream;
 pub mod tokenizer;
@@ -16,7 +18,8 @@ use crate::model::{GgufFile, LlamaConfig, ModelError};
 
 pub use generate::{generate, FinishReason, GenerateError, Generation, GenerationParams, Timings};
 pub use head::ClientHead;
-pub use pipeline::{LocalPipeline, Pipeline};
+pub use pipeline::{LocalPipeline, Pipeline, PipelineError};
+pub use remote::{RemotePipeline, RouteSegment};
 pub use sampling::SamplingParams;
 pub use tokenizer::ModelTokenizer;
 

@@ -6,12 +6,22 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use super::remote::RemoteError;
 use crate::model::{ForwardError, Shard, ShardCache};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    #[error(transparent)]
+    Local(#[from] ForwardError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+}
 
 pub trait Pipeline {
     /// Runs every layer over `hidden` (`[1, seq, hidden]`), the next `seq` positions
     /// of this session, and returns the final hidden states.
-    fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, ForwardError>;
+    fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, PipelineError>;
 }
 
 /// Shards in this process, run in order, each with its own cache for this session.
@@ -34,7 +44,7 @@ impl LocalPipeline {
 }
 
 impl Pipeline for LocalPipeline {
-    fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, ForwardError> {
+    fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, PipelineError> {
         let mut x = hidden.clone();
         for (shard, cache) in &mut self.stages {
             x = shard.forward(&x, cache)?;

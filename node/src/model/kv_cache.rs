@@ -4,6 +4,7 @@
 //! decode step neither re-allocates nor copies the history; a session that only
 //! ever uses 100 positions never pays for the model's full context.
 
+use allmende_protocol::LayerRange;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Positions added each time a cache grows.
@@ -16,8 +17,9 @@ struct LayerKv {
     v: Tensor,
 }
 
-/// The KV caches of every layer of a shard for one session.
+/// The KV caches of one session for the layers `range` of a shard.
 pub struct ShardCache {
+    range: LayerRange,
     layers: Vec<Option<LayerKv>>,
     len: usize,
     capacity: usize,
@@ -26,14 +28,20 @@ pub struct ShardCache {
 }
 
 impl ShardCache {
-    pub fn new(layer_count: usize, max_len: usize) -> Self {
+    pub fn new(range: LayerRange, max_len: usize) -> Self {
         Self {
-            layers: (0..layer_count).map(|_| None).collect(),
+            range,
+            layers: (0..range.len()).map(|_| None).collect(),
             len: 0,
             capacity: 0,
             max_len,
             batch: None,
         }
+    }
+
+    /// The model layers this cache belongs to.
+    pub fn range(&self) -> LayerRange {
+        self.range
     }
 
     /// Positions already processed.

@@ -9,6 +9,7 @@ pub mod block;
 pub mod config;
 pub mod gguf;
 pub mod kv_cache;
+pub mod model_id;
 pub mod rope;
 pub mod shard;
 
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 pub use config::LlamaConfig;
 pub use gguf::GgufFile;
 pub use kv_cache::ShardCache;
+pub use model_id::model_id;
 pub use shard::Shard;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,11 @@ pub enum ForwardError {
     },
     #[error("batch size {actual} differs from the session's batch size {expected}")]
     Batch { actual: usize, expected: usize },
+    #[error("the session's layers {cache} are not all in this shard's {shard}")]
+    Range {
+        cache: allmende_protocol::LayerRange,
+        shard: allmende_protocol::LayerRange,
+    },
     #[error("compute error: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -67,15 +67,23 @@ impl Shard {
         self.range
     }
 
-    /// A fresh cache for one session of at most `max_len` positions (capped at the
-    /// model's context length).
+    /// A fresh cache for one session over all of this shard's layers, of at most
+    /// `max_len` positions (capped at the model's context length).
     pub fn new_cache(&self, max_len: usize) -> ShardCache {
-        ShardCache::new(self.blocks.len(), max_len.min(self.config.context_length))
+        ShardCache::new(self.range, max_len.min(self.config.context_length))
     }
 
-    /// Runs the shard's layers over `hidden` (`[batch, seq, hidden_size]`) for the
-    /// session whose history is `cache`, and returns hidden states of the same shape.
-    /// On error the cache is left as it was.
+    /// A fresh cache for a session over `layers`, which must lie within this shard: a
+    /// route may use only part of a server's range.
+    pub fn new_cache_for(&self, layers: LayerRange, max_len: usize) -> Option<ShardCache> {
+        let inside =
+            !layers.is_empty() && self.range.start <= layers.start && layers.end <= self.range.end;
+        inside.then(|| ShardCache::new(layers, max_len.min(self.config.context_length)))
+    }
+
+    /// Runs the layers of `cache`'s range over `hidden` (`[batch, seq, hidden_size]`)
+    /// for the session whose history is `cache`, and returns hidden states of the same
+    /// shape. On error the cache is left as it was.
     pub fn forward(&self, hidden: &Tensor, cache: &mut ShardCache) -> Result<Tensor, ForwardError> {
         let (batch, seq) = match hidden.dims() {
             &[b, s, h] if h == self.config.hidden_size && b > 0 && s > 0 => (b, s),
@@ -86,6 +94,13 @@ impl Shard {
                 })
             }
         };
+        let range = cache.range();
+        if range.start < self.range.start || range.end > self.range.end {
+            return Err(ForwardError::Range {
+                cache: range,
+                shard: self.range,
+            });
+        }
         match cache.batch() {
             Some(expected) if expected != batch => {
                 return Err(ForwardError::Batch {
@@ -106,8 +121,14 @@ impl Shard {
         cache.reserve(seq)?;
         let n_rep = self.config.head_count / self.config.head_count_kv;
         let mask = causal_mask(seq, cache.len(), n_rep)?;
+        let first = cache.range().start.saturating_sub(self.range.start) as usize;
+        let blocks = self
+            .blocks
+            .iter()
+            .skip(first)
+            .take(cache.range().len() as usize);
         let mut x = hidden.contiguous()?;
-        for (layer, block) in self.blocks.iter().enumerate() {
+        for (layer, block) in blocks.enumerate() {
             x = block.forward(&x, cache, layer, &self.rope, mask.as_ref())?;
         }
         cache.advance(seq);

@@ -1,0 +1,191 @@
+//! `allmende serve`: host a range of the model's layers for the swarm.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allmende_protocol::LayerRange;
+use anyhow::{bail, Context};
+use clap::Args;
+use libp2p::Multiaddr;
+
+use super::swarm::{join_swarm, model_file, SwarmArgs};
+use crate::model::shard::layer_bytes;
+use crate::model::{GgufFile, LlamaConfig, Shard};
+use crate::network::discovery::discover;
+use crate::routing::choose_layers;
+use crate::server::{announce_loop, measure_throughput, ServerLimits, ShardServer};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The GGUF model file [default: $ALLMENDE_MODEL, else the fetched SmolLM2 in the cache].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Layers to host, as START..END (end exclusive), or `auto` to take the layers the
+    /// swarm covers least.
+    #[arg(long, default_value = "auto")]
+    layers: String,
+    /// With `--layers auto`: most layers to host [default: as many as fit in half the
+    /// available memory].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_layers: Option<u32>,
+    /// Address to listen on; repeat for several [default: all interfaces, TCP and QUIC,
+    /// on ports chosen by the system].
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    listen: Vec<Multiaddr>,
+    /// This node's key file, created if missing [default: identity.key in the data
+    /// directory].
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Compute threads [default: CPU cores - 1, at least 1].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+    /// Most sessions served at once; further clients are told the node is busy.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_sessions: u32,
+    /// Most positions one session may hold [default: the model's context length].
+    #[arg(long)]
+    max_session_len: Option<usize>,
+    /// Seconds a session may stay silent before its cache is freed.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    super::set_compute_threads(
+        args.threads
+            .map_or_else(super::default_threads, usize::from),
+    );
+    let runtime = super::runtime()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let model_path = model_file(args.model.as_deref())?;
+    let mut gguf = GgufFile::open(&model_path)?;
+    let config = LlamaConfig::from_gguf(&gguf)?;
+    let model_name = gguf
+        .string("general.name")
+        .unwrap_or("unnamed model")
+        .to_string();
+    let bar = super::loading_bar("hashing model");
+    let model = crate::model::model_id(&model_path, &bar)?;
+    bar.finish_and_clear();
+
+    let explicit = match args.layers.as_str() {
+        "auto" => None,
+        text => {
+            let range: LayerRange = text.parse()?;
+            range.validate(config.block_count as u32)?;
+            Some(range)
+        }
+    };
+
+    let listen = match args.listen.is_empty() {
+        true => vec![
+            "/ip4/0.0.0.0/tcp/0".parse()?,
+            "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+        ],
+        false => args.listen.clone(),
+    };
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| crate::paths::data_dir().join("identity.key"));
+    let network = join_swarm(&args.swarm, Some(&identity), listen, true).await?;
+    println!("peer id: {}", network.peer_id());
+    // Let every listener report its address before printing them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let addrs = network.listen_addrs().await?;
+    for addr in &addrs {
+        println!("listening on {addr}");
+    }
+
+    let range = match explicit {
+        Some(range) => range,
+        None => {
+            let swarm = discover(&network, &model, false).await;
+            let served: Vec<(LayerRange, f64)> = swarm
+                .iter()
+                .map(|s| (s.info.range, s.info.throughput as f64))
+                .collect();
+            let max_layers = args
+                .max_layers
+                .unwrap_or_else(|| layers_that_fit(&gguf, &config));
+            let range = choose_layers(&served, config.block_count as u32, max_layers);
+            tracing::info!("the swarm serves {served:?}; taking layers {range}");
+            range
+        }
+    };
+
+    let bar = super::loading_bar("loading layers");
+    let shard = tokio::task::spawn_blocking(move || {
+        let shard = Shard::from_gguf(&mut gguf, config, range, &bar);
+        bar.finish_and_clear();
+        shard
+    })
+    .await?
+    .with_context(|| format!("loading layers {range} of {}", model_path.display()))?;
+    let shard = Arc::new(shard);
+    let throughput = {
+        let shard = shard.clone();
+        tokio::task::spawn_blocking(move || measure_throughput(&shard)).await?
+    };
+
+    let limits = ServerLimits {
+        max_sessions: args.max_sessions as usize,
+        max_session_len: args
+            .max_session_len
+            .unwrap_or(shard.config().context_length),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+    };
+    let announced: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let server = ShardServer::new(
+        shard,
+        model,
+        model_name.clone(),
+        limits,
+        throughput,
+        announced,
+    );
+    let accept = tokio::spawn(server.clone().run(network.clone()));
+    tokio::spawn(announce_loop(server.clone(), network.clone()));
+    println!(
+        "serving layers {range} of {model_name} (model {}, {throughput:.1} tokens/s)",
+        model.short()
+    );
+
+    tokio::select! {
+        result = accept => {
+            result??;
+            bail!("the network stopped");
+        }
+        _ = tokio::signal::ctrl_c() => {
+            println!("shutting down");
+            server.begin_shutdown();
+        }
+    }
+    Ok(())
+}
+
+/// How many layers fit in half of the memory available now.
+fn layers_that_fit(gguf: &GgufFile, config: &LlamaConfig) -> u32 {
+    let per_layer = layer_bytes(gguf, 0).max(1);
+    let available = available_memory().unwrap_or(u64::MAX / 4);
+    ((available / 2) / per_layer).clamp(1, config.block_count as u64) as u32
+}
+
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}

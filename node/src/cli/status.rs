@@ -1,0 +1,128 @@
+//! `allmende status`: who serves which layers of a model, and what is missing.
+
+use std::path::PathBuf;
+
+use allmende_protocol::{LayerRange, ModelId};
+use anyhow::bail;
+use clap::Args;
+use serde_json::json;
+
+use super::swarm::{join_as_client, model_file, SwarmArgs};
+use crate::model::{GgufFile, LlamaConfig};
+use crate::network::discovery::{discover, DiscoveredServer};
+use crate::routing::{coverage, missing_ranges};
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The model to report on, by its GGUF file [default: $ALLMENDE_MODEL, else the
+    /// fetched SmolLM2 in the cache].
+    #[arg(long, conflicts_with = "model_id")]
+    model: Option<PathBuf>,
+    /// The model to report on, by its id (64 hex digits), without a local file.
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    super::runtime()?.block_on(status(args))
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let (model, local_blocks, local_name) = match &args.model_id {
+        Some(hex) => match ModelId::from_hex(hex) {
+            Some(id) => (id, None, None),
+            None => bail!("--model-id must be 64 hexadecimal digits"),
+        },
+        None => {
+            let path = model_file(args.model.as_deref())?;
+            let gguf = GgufFile::open(&path)?;
+            let config = LlamaConfig::from_gguf(&gguf)?;
+            let name = gguf.string("general.name").ok().map(String::from);
+            let id = crate::model::model_id(&path, &indicatif::ProgressBar::hidden())?;
+            (id, Some(config.block_count as u32), name)
+        }
+    };
+    let network = join_as_client(&args.swarm).await?;
+    let servers = discover(&network, &model, true).await;
+    let block_count = local_blocks.or_else(|| servers.first().map(|s| s.info.block_count));
+    let name = local_name
+        .or_else(|| servers.first().map(|s| s.info.model_name.clone()))
+        .unwrap_or_else(|| "unknown model".into());
+    let ranges: Vec<(LayerRange, f64)> = servers
+        .iter()
+        .map(|s| (s.info.range, s.info.throughput as f64))
+        .collect();
+    let cover = block_count
+        .map(|n| coverage(&ranges, n))
+        .unwrap_or_default();
+    let missing = block_count
+        .map(|n| missing_ranges(ranges.iter().map(|r| r.0), n))
+        .unwrap_or_default();
+
+    if args.json {
+        let peers: Vec<_> = servers.iter().map(peer_json).collect();
+        let report = json!({
+            "model": model.to_hex(),
+            "model_name": name,
+            "block_count": block_count,
+            "peers": peers,
+            "coverage": cover.iter().map(|c| c.0).collect::<Vec<_>>(),
+            "missing": missing.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
+        });
+        println!("{report}");
+        return Ok(());
+    }
+    println!("model {name} ({})", model.short());
+    match block_count {
+        Some(n) => println!("{n} layers, {} servers", servers.len()),
+        None => println!("no servers found, and no local model file to tell its layers"),
+    }
+    for s in &servers {
+        println!(
+            "  {}  layers {:>9}  {:6.1} tok/s  sessions {}/{} free  rtt {}",
+            s.peer,
+            s.info.range.to_string(),
+            s.info.throughput,
+            s.info.free_sessions,
+            s.info.max_sessions,
+            s.rtt_ms.map_or("?".into(), |r| format!("{r:.2} ms")),
+        );
+    }
+    if !cover.is_empty() {
+        let bar: String = cover
+            .iter()
+            .map(|c| match c.0 {
+                0 => '.',
+                n @ 1..=9 => char::from_digit(n, 10).unwrap_or('+'),
+                _ => '+',
+            })
+            .collect();
+        println!("coverage (servers per layer): [{bar}]");
+    }
+    match missing.is_empty() {
+        true if block_count.is_some() => println!("all layers are served"),
+        true => {}
+        false => {
+            let list: Vec<String> = missing.iter().map(|r| r.to_string()).collect();
+            println!("missing layers: {}", list.join(", "));
+        }
+    }
+    Ok(())
+}
+
+fn peer_json(s: &DiscoveredServer) -> serde_json::Value {
+    json!({
+        "peer": s.peer.to_string(),
+        "layers": [s.info.range.start, s.info.range.end],
+        "throughput": s.info.throughput,
+        "free_sessions": s.info.free_sessions,
+        "max_sessions": s.info.max_sessions,
+        "rtt_ms": s.rtt_ms,
+        "addrs": s.info.addrs,
+    })
+}

@@ -1,0 +1,81 @@
+//! What every swarm-facing command shares: joining the swarm, and finding the model.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+
+use crate::network::{identity, Network, NetworkConfig};
+use crate::paths;
+
+/// How long to wait for the first peer after dialling the bootstrap addresses.
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Args, Debug, Clone)]
+pub struct SwarmArgs {
+    /// Address of a node already in the swarm, e.g. /ip4/127.0.0.1/tcp/4001, with or
+    /// without a /p2p/<peer id> suffix; repeat for several.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Do not discover peers on the local network with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+}
+
+/// Starts a node on the swarm and waits until it knows a peer (when it has a way to
+/// find one). `identity`: a key file, or `None` for a throw-away client identity.
+pub async fn join_swarm(
+    args: &SwarmArgs,
+    identity: Option<&Path>,
+    listen: Vec<Multiaddr>,
+    dht_server: bool,
+) -> anyhow::Result<Network> {
+    let keypair = match identity {
+        Some(path) => identity::load_or_create(path)?,
+        None => Keypair::generate_ed25519(),
+    };
+    let network = Network::start(NetworkConfig {
+        keypair,
+        listen,
+        bootstrap: args.bootstrap.clone(),
+        mdns: !args.no_mdns,
+        dht_server,
+    })
+    .await?;
+    if !args.bootstrap.is_empty() {
+        let what: Vec<String> = args.bootstrap.iter().map(|a| a.to_string()).collect();
+        network
+            .wait_for_peers(BOOTSTRAP_TIMEOUT, &what.join(", "))
+            .await?;
+    }
+    Ok(network)
+}
+
+/// A client needs some way into a swarm: a bootstrap address or mDNS.
+pub async fn join_as_client(args: &SwarmArgs) -> anyhow::Result<Network> {
+    if args.bootstrap.is_empty() && args.no_mdns {
+        bail!("no way to find the swarm: pass --bootstrap ADDR, drop --no-mdns to search the local network, or use --local");
+    }
+    let network = join_swarm(args, None, Vec::new(), false).await?;
+    if args.bootstrap.is_empty() {
+        network
+            .wait_for_peers(BOOTSTRAP_TIMEOUT, "the local network (mDNS)")
+            .await?;
+    }
+    Ok(network)
+}
+
+/// The model file to use: `--model`, else the default, which must exist.
+pub fn model_file(model: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let path = model.map_or_else(paths::default_model, Path::to_path_buf);
+    if !path.exists() {
+        bail!(
+            "model file {} not found; fetch it with scripts/fetch-model.sh, or pass --model PATH",
+            path.display()
+        );
+    }
+    Ok(path)
+}

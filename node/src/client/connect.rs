@@ -1,0 +1,111 @@
+//! Turning a swarm into a pipeline: discover the model's servers, plan a route, open a
+//! session on every segment. A busy or unreachable server is left out and the route
+//! planned again, until the servers run out or the deadline passes.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use allmende_protocol::{ModelId, WireDType};
+use libp2p::PeerId;
+
+use super::remote::{RemotePipeline, RouteSegment};
+use crate::network::discovery::{discover, DiscoveredServer};
+use crate::network::Network;
+use crate::routing::{plan_route, Candidate, RouteError};
+
+/// How long to keep looking for servers before reporting what is missing: the DHT of
+/// a swarm that was just joined may need a moment to answer.
+pub const DISCOVERY_PATIENCE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    #[error("{route} of model {model_name} ({model}){}", unusable_note(.unusable))]
+    NoRoute {
+        route: RouteError,
+        model_name: String,
+        model: String,
+        /// Servers that were found but could not take the session, and why.
+        unusable: Vec<String>,
+    },
+}
+
+fn unusable_note(unusable: &[String]) -> String {
+    match unusable.is_empty() {
+        true => String::new(),
+        false => format!("; unusable servers: {}", unusable.join("; ")),
+    }
+}
+
+/// What the client knows of the model it wants served.
+#[derive(Clone, Debug)]
+pub struct ModelTarget {
+    pub id: ModelId,
+    pub name: String,
+    pub block_count: u32,
+}
+
+pub fn candidates(servers: &[DiscoveredServer]) -> Vec<Candidate<PeerId>> {
+    servers
+        .iter()
+        .map(|s| Candidate {
+            peer: s.peer,
+            range: s.info.range,
+            throughput: s.info.throughput as f64,
+            rtt_ms: s.rtt_ms,
+            free_sessions: s.info.free_sessions,
+        })
+        .collect()
+}
+
+/// Opens a pipeline over the swarm for a session of `max_len` positions.
+pub async fn connect(
+    network: &Network,
+    target: &ModelTarget,
+    max_len: u32,
+    dtype: WireDType,
+) -> Result<RemotePipeline, ConnectError> {
+    let deadline = Instant::now() + DISCOVERY_PATIENCE;
+    let mut excluded: HashSet<PeerId> = HashSet::new();
+    let mut unusable: Vec<String> = Vec::new();
+    loop {
+        let servers: Vec<DiscoveredServer> = discover(network, &target.id, true)
+            .await
+            .into_iter()
+            .filter(|s| !excluded.contains(&s.peer))
+            .collect();
+        let candidates = candidates(&servers);
+        let route = match plan_route(&candidates, target.block_count) {
+            Ok(route) => route,
+            Err(route) if Instant::now() >= deadline => {
+                return Err(ConnectError::NoRoute {
+                    route,
+                    model_name: target.name.clone(),
+                    model: target.id.short(),
+                    unusable,
+                })
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        let segments: Vec<RouteSegment> = route
+            .iter()
+            .map(|hop| RouteSegment {
+                peer: candidates[hop.server].peer,
+                range: hop.range,
+            })
+            .collect();
+        match RemotePipeline::open(network, target.id, &segments, max_len, dtype).await {
+            Ok(pipeline) => return Ok(pipeline),
+            Err(e) => {
+                tracing::info!("route {segments:?} failed: {e}; trying without that server");
+                if let Some(peer) = e.peer() {
+                    excluded.insert(peer);
+                }
+                unusable.push(e.to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The composed libp2p behaviour of every Allmende node.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{identify, mdns, ping, StreamProtocol};
+
+/// Kademlia protocol name: our own DHT, separate from IPFS's.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/allmende/kad/1.0.0");
+const IDENTIFY_PROTOCOL: &str = "/allmende/id/1.0.0";
+
+/// Provider records: how long others keep ours, and how often we refresh them. A
+/// server that vanishes without notice drops out of provider lists within this TTL.
+pub const PROVIDER_TTL: Duration = Duration::from_secs(30);
+pub const PROVIDER_REFRESH: Duration = Duration::from_secs(10);
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub kademlia: kad::Behaviour<MemoryStore>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub stream: libp2p_stream::Behaviour,
+}
+
+impl Behaviour {
+    pub fn new(key: &Keypair, use_mdns: bool) -> Result<Self, std::io::Error> {
+        let peer_id = key.public().to_peer_id();
+        let mut config = kad::Config::new(KAD_PROTOCOL);
+        config
+            .set_provider_record_ttl(Some(PROVIDER_TTL))
+            .set_provider_publication_interval(Some(PROVIDER_REFRESH))
+            // Announcements are re-put by their servers with fresh load figures; the DHT
+            // need not republish stale copies on its own.
+            .set_publication_interval(None)
+            .set_query_timeout(Duration::from_secs(10));
+        let kademlia = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), config);
+        let mdns = match use_mdns {
+            true => Some(mdns::tokio::Behaviour::new(
+                mdns::Config::default(),
+                peer_id,
+            )?),
+            false => None,
+        };
+        Ok(Self {
+            kademlia,
+            identify: identify::Behaviour::new(identify::Config::new(
+                IDENTIFY_PROTOCOL.to_string(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::new(ping::Config::new()),
+            mdns: mdns.into(),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+    }
+}

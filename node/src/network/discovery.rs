@@ -1,0 +1,104 @@
+//! Finding a model's servers: providers from the DHT, each one's announcement record,
+//! then a direct `Info` probe that measures the round trip and reads the current load.
+
+use std::time::{Duration, Instant};
+
+use allmende_protocol::{ClientMessage, ModelId, ServerInfo, ServerMessage};
+use futures::future::join_all;
+use libp2p::{Multiaddr, PeerId};
+
+use super::framing::{read_message, write_message};
+use super::keys::{model_key, server_key};
+use super::Network;
+
+/// How long a probe may take before the server counts as unreachable.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Debug)]
+pub struct DiscoveredServer {
+    pub peer: PeerId,
+    pub info: ServerInfo,
+    /// Round trip of the `Info` probe; `None` when not probed.
+    pub rtt_ms: Option<f64>,
+}
+
+/// Servers of `model` that announced themselves and (when `probe`) answered a probe.
+/// Servers that do not answer are left out: a stale record must not attract sessions.
+pub async fn discover(network: &Network, model: &ModelId, probe: bool) -> Vec<DiscoveredServer> {
+    let providers = network
+        .get_providers(model_key(model))
+        .await
+        .unwrap_or_default();
+    let lookups = providers
+        .into_iter()
+        .filter(|p| *p != network.peer_id())
+        .map(|peer| lookup(network, peer, model, probe));
+    let mut found: Vec<DiscoveredServer> = join_all(lookups).await.into_iter().flatten().collect();
+    found.sort_by(|a, b| a.info.range.cmp(&b.info.range).then(a.peer.cmp(&b.peer)));
+    found
+}
+
+async fn lookup(
+    network: &Network,
+    peer: PeerId,
+    model: &ModelId,
+    probe: bool,
+) -> Option<DiscoveredServer> {
+    let record = network.get_record(server_key(&peer)).await.ok()??;
+    let info: ServerInfo = match allmende_protocol::decode(&record) {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(%peer, "malformed announcement: {e}");
+            return None;
+        }
+    };
+    if let Err(e) = info.validate() {
+        tracing::debug!(%peer, "invalid announcement: {e}");
+        return None;
+    }
+    if info.model != *model {
+        return None;
+    }
+    let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let _ = network.add_addresses(peer, addrs).await;
+    if !probe {
+        return Some(DiscoveredServer {
+            peer,
+            info,
+            rtt_ms: None,
+        });
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, probe_info(network, peer)).await {
+        Ok(Some((fresh, rtt_ms))) if fresh.model == *model && fresh.validate().is_ok() => {
+            Some(DiscoveredServer {
+                peer,
+                info: fresh,
+                rtt_ms: Some(rtt_ms),
+            })
+        }
+        _ => {
+            tracing::debug!(%peer, "server announced but did not answer a probe");
+            None
+        }
+    }
+}
+
+/// Asks `peer` for its current [`ServerInfo`]; returns it with the round trip in ms.
+pub async fn probe_info(network: &Network, peer: PeerId) -> Option<(ServerInfo, f64)> {
+    let mut stream = network.open_stream(peer).await.ok()?;
+    // The first exchange on a fresh stream includes protocol negotiation; time a second.
+    let mut rtt = None;
+    let mut info = None;
+    for _ in 0..2 {
+        let start = Instant::now();
+        write_message(&mut stream, &ClientMessage::Info)
+            .await
+            .ok()?;
+        match read_message(&mut stream).await.ok()? {
+            ServerMessage::Info(i) => info = Some(i),
+            _ => return None,
+        }
+        rtt = Some(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Some((info?, rtt?))
+}

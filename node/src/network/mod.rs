@@ -1,0 +1,192 @@
+//! The peer-to-peer layer: a libp2p swarm (TCP with Noise and Yamux, QUIC, Kademlia,
+//! mDNS, identify, ping, and raw streams for the inference protocol).
+//!
+//! As in rust-libp2p's file-sharing example, the network is split into a cloneable
+//! [`Network`] handle, which sends [`Command`]s with a oneshot reply, and one
+//! [`event_loop::EventLoop`] task that alone owns the `Swarm`. Inference streams are
+//! opened through `libp2p_stream::Control` without going through the event loop.
+
+mod behaviour;
+pub mod discovery;
+mod event_loop;
+pub mod framing;
+pub mod identity;
+pub mod keys;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use libp2p::kad::RecordKey;
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use tokio::sync::{mpsc, oneshot};
+
+pub use event_loop::NetworkConfig;
+
+/// Capacity of the command channel: commands are small and the loop drains them
+/// quickly; a full channel means the loop is stuck and callers should wait.
+const COMMAND_CAPACITY: usize = 64;
+
+/// The inference protocol as a libp2p stream protocol.
+pub const INFERENCE_PROTOCOL: StreamProtocol =
+    StreamProtocol::new(allmende_protocol::PROTOCOL_NAME);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetworkError {
+    #[error("cannot build the network: {0}")]
+    Build(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot dial {addr}: {reason}")]
+    Dial { addr: Multiaddr, reason: String },
+    #[error("no peer reachable at {0} within {1:?}")]
+    BootstrapTimeout(String, Duration),
+    #[error("the network task has stopped")]
+    Stopped,
+    #[error("DHT operation failed: {0}")]
+    Dht(String),
+    #[error("cannot open a stream to {peer}: {reason}")]
+    OpenStream { peer: PeerId, reason: String },
+    #[error("cannot read identity file {path}: {reason}")]
+    Identity { path: String, reason: String },
+}
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial(Multiaddr, oneshot::Sender<Result<(), NetworkError>>),
+    WaitForPeers(oneshot::Sender<()>),
+    AddAddresses(PeerId, Vec<Multiaddr>),
+    StartProviding(RecordKey),
+    StopProviding(RecordKey),
+    PutRecord {
+        key: RecordKey,
+        value: Vec<u8>,
+        ttl: Duration,
+    },
+    RemoveRecord(RecordKey),
+    GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
+    GetRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+}
+
+/// A cloneable handle to the running network.
+#[derive(Clone)]
+pub struct Network {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+}
+
+impl Network {
+    /// Builds the swarm, starts listening and dialling, and spawns the event loop.
+    pub async fn start(config: NetworkConfig) -> Result<Self, NetworkError> {
+        let (commands, receiver) = mpsc::channel(COMMAND_CAPACITY);
+        let (peer_id, control) = event_loop::spawn(config, receiver)?;
+        let network = Self {
+            peer_id,
+            commands,
+            control,
+        };
+        Ok(network)
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn send(&self, command: Command) -> Result<(), NetworkError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NetworkError::Stopped)
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetworkError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Addresses the node listens on, each ending in `/p2p/<peer id>`.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetworkError> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
+        self.ask(|tx| Command::Dial(addr, tx)).await?
+    }
+
+    /// Waits until the DHT knows at least one other peer, or `timeout` passes.
+    pub async fn wait_for_peers(&self, timeout: Duration, what: &str) -> Result<(), NetworkError> {
+        let wait = self.ask(Command::WaitForPeers);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(NetworkError::BootstrapTimeout(what.to_string(), timeout)),
+        }
+    }
+
+    pub async fn add_addresses(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    ) -> Result<(), NetworkError> {
+        self.send(Command::AddAddresses(peer, addrs)).await
+    }
+
+    pub async fn start_providing(&self, key: RecordKey) -> Result<(), NetworkError> {
+        self.send(Command::StartProviding(key)).await
+    }
+
+    pub async fn stop_providing(&self, key: RecordKey) -> Result<(), NetworkError> {
+        self.send(Command::StopProviding(key)).await
+    }
+
+    pub async fn put_record(
+        &self,
+        key: RecordKey,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), NetworkError> {
+        self.send(Command::PutRecord { key, value, ttl }).await
+    }
+
+    pub async fn remove_record(&self, key: RecordKey) -> Result<(), NetworkError> {
+        self.send(Command::RemoveRecord(key)).await
+    }
+
+    pub async fn get_providers(&self, key: RecordKey) -> Result<HashSet<PeerId>, NetworkError> {
+        self.ask(|tx| Command::GetProviders(key, tx)).await
+    }
+
+    pub async fn get_record(&self, key: RecordKey) -> Result<Option<Vec<u8>>, NetworkError> {
+        self.ask(|tx| Command::GetRecord(key, tx)).await
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
+        self.ask(Command::ConnectedPeers).await
+    }
+
+    /// Opens an inference-protocol stream to `peer` (dialling it if needed).
+    pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetworkError> {
+        self.control
+            .clone()
+            .open_stream(peer, INFERENCE_PROTOCOL)
+            .await
+            .map_err(|e| NetworkError::OpenStream {
+                peer,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Incoming inference-protocol streams. Only one caller may accept.
+    pub fn accept(&self) -> Result<libp2p_stream::IncomingStreams, NetworkError> {
+        self.control
+            .clone()
+            .accept(INFERENCE_PROTOCOL)
+            .map_err(|e| NetworkError::Build(e.to_string()))
+    }
+}

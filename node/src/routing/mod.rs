@@ -1,0 +1,9 @@
+//! Routing and layer assignment: pure functions over a snapshot of the swarm, so they
+//! can be tested with many simulated peers and seeded randomness. The networking code
+//! only gathers the snapshot and carries out the decision.
+
+mod assign;
+mod route;
+
+pub use assign::{choose_layers, coverage};
+pub use route::{missing_ranges, plan_route, Candidate, Hop, RouteError};

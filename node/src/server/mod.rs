@@ -1,0 +1,146 @@
+//! Serving a shard to the swarm: accepting inference streams, running sessions on the
+//! compute worker, and announcing what this node serves in the DHT.
+
+mod announce;
+mod compute;
+mod session;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use allmende_protocol::inference::PROTOCOL_VERSION;
+use allmende_protocol::{ModelId, ServerInfo};
+use candle_core::{DType, Device, Tensor};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+
+pub use announce::{announce_loop, ANNOUNCE_INTERVAL, ANNOUNCE_TTL};
+pub use compute::ComputeQueue;
+
+use crate::model::Shard;
+use crate::network::Network;
+
+/// Limits a server enforces on every session.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    pub max_sessions: usize,
+    /// Most positions one session may hold.
+    pub max_session_len: usize,
+    /// A session with no message for this long is closed and its cache freed.
+    pub idle_timeout: Duration,
+}
+
+/// Everything the session handlers share.
+pub struct ShardServer {
+    pub shard: Arc<Shard>,
+    pub model: ModelId,
+    pub model_name: String,
+    pub limits: ServerLimits,
+    pub throughput: f32,
+    compute: ComputeQueue,
+    sessions: Arc<Semaphore>,
+    /// Caps open streams (sessions plus probes), so a flood of streams cannot exhaust
+    /// memory or tasks; acquired before a stream is served.
+    streams: Arc<Semaphore>,
+    next_session: AtomicU64,
+    shutting_down: AtomicBool,
+    addrs: Vec<String>,
+}
+
+impl ShardServer {
+    pub fn new(
+        shard: Arc<Shard>,
+        model: ModelId,
+        model_name: String,
+        limits: ServerLimits,
+        throughput: f32,
+        addrs: Vec<String>,
+    ) -> Arc<Self> {
+        let compute = ComputeQueue::start(shard.clone(), limits.max_sessions);
+        Arc::new(Self {
+            shard,
+            model,
+            model_name,
+            throughput,
+            compute,
+            sessions: Arc::new(Semaphore::new(limits.max_sessions)),
+            streams: Arc::new(Semaphore::new(limits.max_sessions * 2 + 16)),
+            next_session: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+            addrs,
+            limits,
+        })
+    }
+
+    /// What this server serves and its current load.
+    pub fn info(&self) -> ServerInfo {
+        ServerInfo {
+            model: self.model,
+            model_name: self.model_name.clone(),
+            block_count: self.shard.config().block_count as u32,
+            range: self.shard.range(),
+            protocol_version: PROTOCOL_VERSION,
+            throughput: self.throughput,
+            free_sessions: self.sessions.available_permits() as u32,
+            max_sessions: self.limits.max_sessions as u32,
+            addrs: self.addrs.clone(),
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Sessions currently open.
+    pub fn open_sessions(&self) -> usize {
+        self.limits.max_sessions - self.sessions.available_permits()
+    }
+
+    /// Accepts inference streams until the network stops.
+    pub async fn run(
+        self: Arc<Self>,
+        network: Network,
+    ) -> Result<(), crate::network::NetworkError> {
+        let mut incoming = network.accept()?;
+        while let Some((peer, stream)) = incoming.next().await {
+            let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many open streams; refusing one");
+                drop(stream);
+                continue;
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                session::serve_stream(server, peer, stream).await;
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Decode tokens/s of one session through all of `shard`'s layers, measured on a few
+/// steps of synthetic hidden states: the figure announced for routing.
+pub fn measure_throughput(shard: &Shard) -> f32 {
+    const STEPS: usize = 8;
+    let hidden_size = shard.config().hidden_size;
+    let run = || -> Result<f32, crate::model::ForwardError> {
+        let mut cache = shard.new_cache(STEPS + 1);
+        let x =
+            Tensor::randn(0f32, 1.0, (1, 1, hidden_size), &Device::Cpu)?.to_dtype(DType::F32)?;
+        shard.forward(&x, &mut cache)?; // warm-up
+        let start = Instant::now();
+        for _ in 0..STEPS {
+            shard.forward(&x, &mut cache)?;
+        }
+        Ok(STEPS as f32 / start.elapsed().as_secs_f32().max(1e-6))
+    };
+    run().unwrap_or_else(|e| {
+        tracing::warn!("cannot measure throughput: {e}");
+        0.0
+    })
+}

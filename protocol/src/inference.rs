@@ -1,0 +1,239 @@
+//! The inference protocol: one libp2p stream per session, carrying length-prefixed
+//! bincode frames.
+//!
+//! ```text
+//! client                                   server
+//!   Open { model, range, max_len, dtype } →
+//!                                        ← Opened { session, max_len } | Busy | Error
+//!   Step { session, position, hidden }    →
+//!                                        ← Hidden { position, hidden } | Error
+//!   ... (more steps)
+//!   Close                                 →   (server frees the KV cache)
+//! ```
+//! `Info` may be sent instead of `Open`: the server answers `Info` with what it serves
+//! and its load, and the client uses the round trip as an RTT probe.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LayerRange, ModelId, WireDType, WireTensor};
+
+/// Versioned protocol name; a change in the messages below bumps the version.
+pub const PROTOCOL_NAME: &str = "/allmende/inference/1";
+/// Version number carried in announcements, matching [`PROTOCOL_NAME`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Ask what the server serves and how loaded it is.
+    Info,
+    /// Start a session over `range` of `model` holding at most `max_len` positions;
+    /// hidden states travel as `dtype` both ways.
+    Open {
+        model: ModelId,
+        range: LayerRange,
+        max_len: u32,
+        dtype: WireDType,
+    },
+    /// Hidden states `[batch, seq, hidden]` for positions `position..position + seq`
+    /// of the session. `position` must equal the number of positions already processed.
+    Step {
+        session: u64,
+        position: u32,
+        hidden: WireTensor,
+    },
+    /// End the session and free its cache.
+    Close { session: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    Info(ServerInfo),
+    Opened {
+        session: u64,
+        max_len: u32,
+    },
+    /// Output hidden states of a step.
+    Hidden {
+        position: u32,
+        hidden: WireTensor,
+    },
+    /// The server cannot take the session now; try another replica.
+    Busy {
+        reason: String,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The message was malformed or not expected at this point.
+    BadRequest,
+    /// The session id is not open on this stream.
+    UnknownSession,
+    /// The server does not serve this model or these layers.
+    WrongModel,
+    /// The tensor's shape or type does not fit the model.
+    BadTensor,
+    /// The session would exceed its maximum length.
+    TooLong,
+    /// The server failed to compute the step.
+    Internal,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+/// What a server serves and how loaded it is: the body of its DHT announcement and of
+/// its `Info` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub model: ModelId,
+    /// A human-readable model name, e.g. from `general.name`.
+    pub model_name: String,
+    /// Layers in the whole model, so a reader can tell what is missing.
+    pub block_count: u32,
+    pub range: LayerRange,
+    pub protocol_version: u32,
+    /// Measured single-session decode speed through the hosted layers, tokens/s.
+    pub throughput: f32,
+    pub free_sessions: u32,
+    pub max_sessions: u32,
+    /// Multiaddresses the server listens on, as strings.
+    pub addrs: Vec<String>,
+}
+
+/// Longest string fields and lists accepted in a [`ServerInfo`].
+pub const MAX_NAME_LEN: usize = 256;
+pub const MAX_ADDRS: usize = 32;
+pub const MAX_ADDR_LEN: usize = 256;
+/// Most layers a model may declare (well above any real model).
+pub const MAX_BLOCK_COUNT: u32 = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum InfoError {
+    #[error("announcement has an invalid layer range: {0}")]
+    Range(#[from] crate::LayerRangeError),
+    #[error("announcement field {0} is too large")]
+    TooLarge(&'static str),
+    #[error("announcement has a non-finite or negative throughput")]
+    Throughput,
+    #[error("announcement declares {0} layers, more than {MAX_BLOCK_COUNT}")]
+    BlockCount(u32),
+}
+
+impl ServerInfo {
+    /// Checks what a peer announced before it is used for routing.
+    pub fn validate(&self) -> Result<(), InfoError> {
+        if self.block_count > MAX_BLOCK_COUNT {
+            return Err(InfoError::BlockCount(self.block_count));
+        }
+        self.range.validate(self.block_count)?;
+        if self.model_name.len() > MAX_NAME_LEN {
+            return Err(InfoError::TooLarge("model_name"));
+        }
+        if self.addrs.len() > MAX_ADDRS || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
+            return Err(InfoError::TooLarge("addrs"));
+        }
+        if !self.throughput.is_finite() || self.throughput < 0.0 {
+            return Err(InfoError::Throughput);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode, encode};
+
+    fn info() -> ServerInfo {
+        ServerInfo {
+            model: ModelId([7; 32]),
+            model_name: "test".into(),
+            block_count: 30,
+            range: LayerRange::new(10, 20),
+            protocol_version: PROTOCOL_VERSION,
+            throughput: 50.0,
+            free_sessions: 3,
+            max_sessions: 4,
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let hidden = WireTensor::from_f32(&[1, 1, 2], &[0.5, -1.0], WireDType::F32).unwrap();
+        let messages = vec![
+            ClientMessage::Info,
+            ClientMessage::Open {
+                model: ModelId([1; 32]),
+                range: LayerRange::new(0, 10),
+                max_len: 512,
+                dtype: WireDType::F16,
+            },
+            ClientMessage::Step {
+                session: 9,
+                position: 3,
+                hidden: hidden.clone(),
+            },
+            ClientMessage::Close { session: 9 },
+        ];
+        for m in messages {
+            assert_eq!(decode::<ClientMessage>(&encode(&m).unwrap()).unwrap(), m);
+        }
+        let replies = vec![
+            ServerMessage::Info(info()),
+            ServerMessage::Opened {
+                session: 1,
+                max_len: 512,
+            },
+            ServerMessage::Hidden {
+                position: 3,
+                hidden,
+            },
+            ServerMessage::Busy {
+                reason: "full".into(),
+            },
+            ServerMessage::Error {
+                kind: ErrorKind::UnknownSession,
+                message: "no".into(),
+            },
+        ];
+        for m in replies {
+            assert_eq!(decode::<ServerMessage>(&encode(&m).unwrap()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_crash() {
+        for bytes in [
+            &[][..],
+            &[0xff; 3][..],
+            &[9, 9, 9, 9, 9, 9][..],
+            &[2, 0xfd, 0xff, 0xff][..],
+        ] {
+            assert!(decode::<ClientMessage>(bytes).is_err(), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn validates_announcements() {
+        assert!(info().validate().is_ok());
+        let mut bad = info();
+        bad.range = LayerRange::new(20, 31);
+        assert!(matches!(bad.validate(), Err(InfoError::Range(_))));
+        let mut bad = info();
+        bad.throughput = f32::NAN;
+        assert_eq!(bad.validate(), Err(InfoError::Throughput));
+        let mut bad = info();
+        bad.addrs = vec!["x".repeat(1000)];
+        assert_eq!(bad.validate(), Err(InfoError::TooLarge("addrs")));
+        let mut bad = info();
+        bad.block_count = 1 << 20;
+        assert!(matches!(bad.validate(), Err(InfoError::BlockCount(_))));
+    }
+}
