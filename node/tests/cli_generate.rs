@@ -165,7 +165,25 @@ fn bad_arguments_and_prompts_are_refused() {
         &["generate", "--local", "--prompt", "x", "--threads", "0"],
         "--threads",
     );
-    fails_with(&["generate", "--prompt", "x"], "--local");
+    fails_with(
+        &["generate", "--prompt", "x", "--no-mdns"],
+        "no way to find the swarm",
+    );
+    fails_with(
+        &[
+            "generate",
+            "--local",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/1",
+            "--prompt",
+            "x",
+        ],
+        "cannot be used with",
+    );
+    fails_with(
+        &["generate", "--bootstrap", "not-an-address", "--prompt", "x"],
+        "invalid value 'not-an-address'",
+    );
     fails_with(
         &["generate", "--local", "--prompt", "x", "--bogus"],
         "--bogus",

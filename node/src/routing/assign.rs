@@ -85,7 +85,7 @@ mod tests {
     fn simulated_joins_cover_the_model_with_the_fewest_servers() {
         let mut rng = SmallRng::seed_from_u64(11);
         for _ in 0..200 {
-            let block_count = rng.random_range(1..=100);
+            let block_count: u32 = rng.random_range(1..=100);
             let width = rng.random_range(1..=block_count);
             let mut swarm = Vec::new();
             let needed = block_count.div_ceil(width);

@@ -280,7 +280,7 @@ mod tests {
     fn simulated_swarms_always_get_a_valid_route() {
         let mut rng = SmallRng::seed_from_u64(7);
         for trial in 0..300 {
-            let block_count = rng.random_range(1..=80);
+            let block_count: u32 = rng.random_range(1..=80);
             let n = rng.random_range(1..=60);
             let c: Vec<Candidate<u32>> = (0..n)
                 .map(|peer| {

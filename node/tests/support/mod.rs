@@ -1,6 +1,9 @@
-//! Shared helpers of the integration tests: the real model and the llama.cpp golden
-//! outputs (copied into `tests/golden/` from llama.cpp runs on the same file).
+//! Shared helpers of the integration tests: the real model, the llama.cpp golden
+//! outputs (copied into `tests/golden/` from llama.cpp runs on the same file), and
+//! real server processes ([`swarm`]).
 #![allow(dead_code)]
+
+pub mod swarm;
 
 use std::path::PathBuf;
 

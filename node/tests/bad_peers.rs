@@ -1,0 +1,187 @@
+//! A node survives whatever a peer sends: unknown sessions, wrong shapes, overlong
+//! sequences, oversized frames and garbage each get an error reply or a closed stream,
+//! and the node keeps serving everyone else.
+
+mod support;
+
+use allmende_node::network::framing::{read_message, write_message, FrameIoError};
+use allmende_node::network::{Network, NetworkConfig};
+use allmende_protocol::{
+    ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
+};
+use futures::AsyncWriteExt;
+use libp2p::{PeerId, Stream};
+use support::swarm::{allmende, ids, json_of, Node};
+
+async fn ask(stream: &mut Stream, message: &ClientMessage) -> ServerMessage {
+    write_message(stream, message).await.expect("request sent");
+    read_message(stream).await.expect("a reply")
+}
+
+fn error_kind(reply: ServerMessage) -> ErrorKind {
+    match reply {
+        ServerMessage::Error { kind, .. } => kind,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+fn hidden(seq: u32, width: u32, value: f32) -> WireTensor {
+    let values = vec![value; (seq * width) as usize];
+    WireTensor::from_f32(&[1, seq, width], &values, WireDType::F32).unwrap()
+}
+
+/// After a fatal frame the server replies once, then closes the stream.
+async fn expect_error_then_close(stream: &mut Stream) {
+    let reply: ServerMessage = read_message(stream).await.expect("an error reply");
+    assert_eq!(error_kind(reply), ErrorKind::BadRequest);
+    let next = read_message::<ServerMessage, _>(stream).await;
+    assert!(
+        matches!(next, Err(FrameIoError::Closed) | Err(FrameIoError::Io(_))),
+        "{next:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
+    let mut node = Node::start("0..30", None, &["--max-session-len", "8"]);
+    let model =
+        allmende_node::model::model_id(&support::model_path(), &indicatif::ProgressBar::hidden())
+            .unwrap();
+    let network = Network::start(NetworkConfig {
+        keypair: libp2p::identity::Keypair::generate_ed25519(),
+        listen: vec![],
+        bootstrap: vec![node.addr.parse().unwrap()],
+        mdns: false,
+        dht_server: false,
+    })
+    .await
+    .unwrap();
+    let peer: PeerId = node.peer_id.parse().unwrap();
+    network
+        .wait_for_peers(std::time::Duration::from_secs(10), "node")
+        .await
+        .unwrap();
+
+    // A step for a session that does not exist; the stream stays usable.
+    let mut s = network.open_stream(peer).await.unwrap();
+    let step = ClientMessage::Step {
+        session: 77,
+        position: 0,
+        hidden: hidden(1, 576, 0.1),
+    };
+    assert_eq!(
+        error_kind(ask(&mut s, &step).await),
+        ErrorKind::UnknownSession
+    );
+    assert!(matches!(
+        ask(&mut s, &ClientMessage::Info).await,
+        ServerMessage::Info(_)
+    ));
+
+    // Wrong model and layers outside the server's range.
+    let open = |model, range, max_len| ClientMessage::Open {
+        model,
+        range,
+        max_len,
+        dtype: WireDType::F32,
+    };
+    let reply = ask(&mut s, &open(ModelId([9; 32]), LayerRange::new(0, 30), 8)).await;
+    assert_eq!(error_kind(reply), ErrorKind::WrongModel);
+    let reply = ask(&mut s, &open(model, LayerRange::new(10, 40), 8)).await;
+    assert_eq!(error_kind(reply), ErrorKind::WrongModel);
+
+    // A real session, then bad steps on it, then a good one.
+    let ServerMessage::Opened { session, max_len } =
+        ask(&mut s, &open(model, LayerRange::new(0, 30), 100)).await
+    else {
+        panic!("session not opened");
+    };
+    assert_eq!(
+        max_len, 8,
+        "the server caps the session at --max-session-len"
+    );
+    let step = |position, hidden| ClientMessage::Step {
+        session,
+        position,
+        hidden,
+    };
+    assert_eq!(
+        error_kind(ask(&mut s, &step(0, hidden(1, 100, 0.1))).await),
+        ErrorKind::BadTensor
+    );
+    assert_eq!(
+        error_kind(ask(&mut s, &step(0, hidden(1, 576, f32::NAN))).await),
+        ErrorKind::BadTensor
+    );
+    assert_eq!(
+        error_kind(ask(&mut s, &step(3, hidden(1, 576, 0.1))).await),
+        ErrorKind::BadRequest
+    );
+    assert_eq!(
+        error_kind(ask(&mut s, &step(0, hidden(9, 576, 0.1))).await),
+        ErrorKind::TooLong
+    );
+    let bad_bytes = WireTensor {
+        shape: vec![1, 1, 576],
+        dtype: WireDType::F32,
+        data: vec![0; 10],
+    };
+    assert_eq!(
+        error_kind(ask(&mut s, &step(0, bad_bytes)).await),
+        ErrorKind::BadTensor
+    );
+    match ask(&mut s, &step(0, hidden(2, 576, 0.1))).await {
+        ServerMessage::Hidden {
+            position: 0,
+            hidden,
+        } => assert_eq!(hidden.shape, vec![1, 2, 576]),
+        other => panic!("expected hidden states, got {other:?}"),
+    }
+
+    // A frame whose length prefix is over the limit.
+    let mut s2 = network.open_stream(peer).await.unwrap();
+    s2.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+        .await
+        .unwrap();
+    s2.flush().await.unwrap();
+    expect_error_then_close(&mut s2).await;
+
+    // Garbage that is not a message.
+    let mut s3 = network.open_stream(peer).await.unwrap();
+    s3.write_all(&[6, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 0xff, 0x17])
+        .await
+        .unwrap();
+    s3.flush().await.unwrap();
+    expect_error_then_close(&mut s3).await;
+
+    // The first stream's session is unaffected by all this.
+    match ask(&mut s, &step(2, hidden(1, 576, 0.2))).await {
+        ServerMessage::Hidden { position: 2, .. } => {}
+        other => panic!("expected hidden states, got {other:?}"),
+    }
+    assert!(
+        node.child.try_wait().unwrap().is_none(),
+        "the node is still running"
+    );
+
+    // And a real generation through the node still works.
+    let addr = node.addr.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        allmende(&[
+            "generate",
+            "--bootstrap",
+            &addr,
+            "--no-mdns",
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(ids(&json_of(&out)).len(), 4);
+    node.kill();
+}

@@ -1,0 +1,110 @@
+//! Real `allmende serve` processes on loopback for integration tests.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running server process, killed when dropped.
+pub struct Node {
+    pub child: Child,
+    /// Its first listen address, with /p2p/<peer id>.
+    pub addr: String,
+    pub peer_id: String,
+    _dir: tempfile::TempDir,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_allmende")
+}
+
+impl Node {
+    /// Starts `allmende serve --layers RANGE` on 127.0.0.1 and waits until it serves.
+    pub fn start(layers: &str, bootstrap: Option<&str>, extra: &[&str]) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = dir.path().join("identity.key");
+        let mut cmd = Command::new(binary());
+        cmd.args([
+            "serve",
+            "--layers",
+            layers,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+        ])
+        .arg("--identity")
+        .arg(&identity)
+        .args(["--threads", "1"])
+        .args(extra)
+        .env("ALLMENDE_MODEL", super::model_path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let mut child = cmd.spawn().expect("allmende serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut addr, mut peer_id) = (None, None);
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("node for {layers} did not start"));
+            if let Some(p) = line.strip_prefix("peer id: ") {
+                peer_id = Some(p.to_string());
+            }
+            if let Some(a) = line.strip_prefix("listening on ") {
+                addr.get_or_insert_with(|| a.to_string());
+            }
+            if line.starts_with("serving layers") {
+                break;
+            }
+        }
+        Node {
+            child,
+            addr: addr.expect("a listen address"),
+            peer_id: peer_id.expect("a peer id"),
+            _dir: dir,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn allmende(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env("ALLMENDE_MODEL", super::model_path())
+        .output()
+        .expect("allmende runs")
+}
+
+/// The JSON object on the last line of a successful command's stdout.
+pub fn json_of(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "command failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("output");
+    serde_json::from_str(last).expect("JSON on the last line")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    serde_json::from_value(v["token_ids"].clone()).expect("token_ids")
+}
