@@ -4,30 +4,20 @@
 
 mod support;
 
-use allmende_node::network::framing::{read_message, write_message, FrameIoError};
-use allmende_node::network::{Network, NetworkConfig};
+use allmende_node::network::framing::{read_message, FrameIoError};
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
 };
 use futures::AsyncWriteExt;
-use libp2p::{PeerId, Stream};
+use libp2p::Stream;
+use support::raw::{ask, hidden, RawClient};
 use support::swarm::{allmende, ids, json_of, Node};
-
-async fn ask(stream: &mut Stream, message: &ClientMessage) -> ServerMessage {
-    write_message(stream, message).await.expect("request sent");
-    read_message(stream).await.expect("a reply")
-}
 
 fn error_kind(reply: ServerMessage) -> ErrorKind {
     match reply {
         ServerMessage::Error { kind, .. } => kind,
         other => panic!("expected an error reply, got {other:?}"),
     }
-}
-
-fn hidden(seq: u32, width: u32, value: f32) -> WireTensor {
-    let values = vec![value; (seq * width) as usize];
-    WireTensor::from_f32(&[1, seq, width], &values, WireDType::F32).unwrap()
 }
 
 /// After a fatal frame the server replies once, then closes the stream.
@@ -44,23 +34,8 @@ async fn expect_error_then_close(stream: &mut Stream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     let mut node = Node::start("0..30", None, &["--max-session-len", "8"]);
-    let model =
-        allmende_node::model::model_id(&support::model_path(), &indicatif::ProgressBar::hidden())
-            .unwrap();
-    let network = Network::start(NetworkConfig {
-        keypair: libp2p::identity::Keypair::generate_ed25519(),
-        listen: vec![],
-        bootstrap: vec![node.addr.parse().unwrap()],
-        mdns: false,
-        dht_server: false,
-    })
-    .await
-    .unwrap();
-    let peer: PeerId = node.peer_id.parse().unwrap();
-    network
-        .wait_for_peers(std::time::Duration::from_secs(10), "node")
-        .await
-        .unwrap();
+    let client = RawClient::connect(&node).await;
+    let (network, peer, model) = (&client.network, client.peer, client.model);
 
     // A step for a session that does not exist; the stream stays usable.
     let mut s = network.open_stream(peer).await.unwrap();
@@ -134,7 +109,39 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
         ServerMessage::Hidden {
             position: 0,
             hidden,
+            ..
         } => assert_eq!(hidden.shape, vec![1, 2, 576]),
+        other => panic!("expected hidden states, got {other:?}"),
+    }
+
+    // A replay is checked whole before any of it runs: one bad step refuses it all.
+    let replay = |position, steps| ClientMessage::Replay {
+        session,
+        position,
+        steps,
+    };
+    let bad_replay = replay(2, vec![hidden(1, 576, 0.1), hidden(1, 7, 0.1)]);
+    assert_eq!(
+        error_kind(ask(&mut s, &bad_replay).await),
+        ErrorKind::BadTensor
+    );
+    let too_long = replay(2, vec![hidden(3, 576, 0.1), hidden(4, 576, 0.1)]);
+    assert_eq!(error_kind(ask(&mut s, &too_long).await), ErrorKind::TooLong);
+    assert_eq!(
+        error_kind(ask(&mut s, &replay(2, vec![])).await),
+        ErrorKind::BadRequest
+    );
+    match ask(
+        &mut s,
+        &replay(2, vec![hidden(1, 576, 0.3), hidden(2, 576, 0.1)]),
+    )
+    .await
+    {
+        ServerMessage::Hidden {
+            position: 2,
+            hidden,
+            ..
+        } => assert_eq!(hidden.shape, vec![1, 3, 576]),
         other => panic!("expected hidden states, got {other:?}"),
     }
 
@@ -155,8 +162,8 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     expect_error_then_close(&mut s3).await;
 
     // The first stream's session is unaffected by all this.
-    match ask(&mut s, &step(2, hidden(1, 576, 0.2))).await {
-        ServerMessage::Hidden { position: 2, .. } => {}
+    match ask(&mut s, &step(5, hidden(1, 576, 0.2))).await {
+        ServerMessage::Hidden { position: 5, .. } => {}
         other => panic!("expected hidden states, got {other:?}"),
     }
     assert!(

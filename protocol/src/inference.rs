@@ -6,10 +6,17 @@
 //!   Open { model, range, max_len, dtype } →
 //!                                        ← Opened { session, max_len } | Busy | Error
 //!   Step { session, position, hidden }    →
-//!                                        ← Hidden { position, hidden } | Error
+//!                                        ← Hidden { position, hidden, draining } | Error
 //!   ... (more steps)
 //!   Close                                 →   (server frees the KV cache)
 //! ```
+//! `Replay { steps }` rebuilds a session's cache on a new server after a failover: the
+//! server runs the steps one by one, exactly as they were first sent, so the cache and
+//! every output are bit-identical to the original server's; it answers with all the
+//! steps' outputs concatenated along the sequence axis.
+//!
+//! A server that is shutting down keeps serving open sessions for a while and says so
+//! in every reply (`draining`), so clients can move their sessions without a stall.
 //! `Info` may be sent instead of `Open`: the server answers `Info` with what it serves
 //! and its load, and the client uses the round trip as an RTT probe.
 
@@ -41,6 +48,13 @@ pub enum ClientMessage {
         position: u32,
         hidden: WireTensor,
     },
+    /// Several steps at once, starting at `position`, run in order as if sent one by
+    /// one. Used to rebuild a session's cache after a failover.
+    Replay {
+        session: u64,
+        position: u32,
+        steps: Vec<WireTensor>,
+    },
     /// End the session and free its cache.
     Close { session: u64 },
 }
@@ -52,10 +66,12 @@ pub enum ServerMessage {
         session: u64,
         max_len: u32,
     },
-    /// Output hidden states of a step.
+    /// Output hidden states of a step (of every step of a replay, concatenated along
+    /// the sequence axis). `draining`: the server is leaving; move the session soon.
     Hidden {
         position: u32,
         hidden: WireTensor,
+        draining: bool,
     },
     /// The server cannot take the session now; try another replica.
     Busy {
@@ -103,6 +119,8 @@ pub struct ServerInfo {
     pub max_sessions: u32,
     /// Multiaddresses the server listens on, as strings.
     pub addrs: Vec<String>,
+    /// The server is shutting down: it serves open sessions but takes no new ones.
+    pub draining: bool,
 }
 
 /// Longest string fields and lists accepted in a [`ServerInfo`].
@@ -161,6 +179,7 @@ mod tests {
             free_sessions: 3,
             max_sessions: 4,
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            draining: false,
         }
     }
 
@@ -180,6 +199,11 @@ mod tests {
                 position: 3,
                 hidden: hidden.clone(),
             },
+            ClientMessage::Replay {
+                session: 9,
+                position: 0,
+                steps: vec![hidden.clone(), hidden.clone()],
+            },
             ClientMessage::Close { session: 9 },
         ];
         for m in messages {
@@ -194,6 +218,7 @@ mod tests {
             ServerMessage::Hidden {
                 position: 3,
                 hidden,
+                draining: true,
             },
             ServerMessage::Busy {
                 reason: "full".into(),

@@ -60,6 +60,10 @@ pub struct GenerateArgs {
     /// Print one JSON object with ids and timings as the last line.
     #[arg(long)]
     json: bool,
+    /// Seconds to look for other servers when one fails mid-generation, before giving
+    /// up with the layers that have no server.
+    #[arg(long, default_value_t = 20)]
+    failover_timeout: u64,
     /// Element type of hidden states sent to servers.
     #[arg(long, value_enum, default_value_t = WireType::F32)]
     wire_dtype: WireType,
@@ -172,16 +176,23 @@ async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
     drop(gguf);
     let network = join_as_client(&args.swarm).await?;
     let max_len = session_length(&model, prompt_ids.len(), &params) as u32;
-    let mut pipeline = connect(&network, &target, max_len, args.wire_dtype.into()).await?;
-    let route = pipeline.route();
+    let patience = std::time::Duration::from_secs(args.failover_timeout);
+    let mut pipeline =
+        connect(&network, &target, max_len, args.wire_dtype.into(), patience).await?;
     let (output, pipeline) = tokio::task::spawn_blocking(move || {
         let output = stream_generation(&model, &mut pipeline, &prompt_ids, &params);
         (output.map(|o| (o, prompt_ids, params)), pipeline)
     })
     .await?;
+    let route = pipeline.route();
+    let failovers = serde_json::to_value(pipeline.failovers())?;
     pipeline.close().await;
     let (output, prompt_ids, params) = output?;
-    report(args, &output, &prompt_ids, &params, Some(&route))
+    let swarm = SwarmReport {
+        route: &route,
+        failovers,
+    };
+    report(args, &output, &prompt_ids, &params, Some(swarm))
 }
 
 fn stream_generation(
@@ -200,12 +211,19 @@ fn stream_generation(
     Ok(output)
 }
 
+/// What a swarm generation adds to the report.
+struct SwarmReport<'a> {
+    /// The route at the end of the generation.
+    route: &'a [RouteSegment],
+    failovers: serde_json::Value,
+}
+
 fn report(
     args: &GenerateArgs,
     output: &Generation,
     prompt_ids: &[u32],
     params: &GenerationParams,
-    route: Option<&[RouteSegment]>,
+    swarm: Option<SwarmReport>,
 ) -> anyhow::Result<()> {
     if !args.json {
         return Ok(());
@@ -218,11 +236,13 @@ fn report(
         "seed": params.sampling.seed,
         "timings": output.timings,
     });
-    if let Some(route) = route {
-        report["route"] = route
+    if let Some(swarm) = swarm {
+        report["route"] = swarm
+            .route
             .iter()
             .map(|s| json!({"peer": s.peer.to_string(), "layers": [s.range.start, s.range.end]}))
             .collect();
+        report["failovers"] = swarm.failovers;
     }
     println!("{report}");
     Ok(())

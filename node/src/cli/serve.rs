@@ -49,6 +49,14 @@ pub struct ServeArgs {
     /// Seconds a session may stay silent before its cache is freed.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout: u64,
+    /// MiB all sessions' KV caches may reserve together [default: a quarter of the
+    /// memory available at start].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_cache_mb: Option<u64>,
+    /// On SIGINT/SIGTERM, seconds to keep serving open sessions while clients move
+    /// them elsewhere; a second signal exits at once.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
     #[command(flatten)]
     swarm: SwarmArgs,
 }
@@ -140,6 +148,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .max_session_len
             .unwrap_or(shard.config().context_length),
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        kv_cache_bytes: args
+            .max_cache_mb
+            .map_or_else(default_kv_budget, |mb| mb << 20),
     };
     let announced: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     let server = ShardServer::new(
@@ -157,17 +168,75 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model.short()
     );
 
+    let mut signals = Signals::new()?;
     tokio::select! {
         result = accept => {
             result??;
             bail!("the network stopped");
         }
-        _ = tokio::signal::ctrl_c() => {
-            println!("shutting down");
-            server.begin_shutdown();
+        signal = signals.next() => println!("{signal}: leaving the swarm"),
+    }
+    // Graceful leave: refuse new sessions and withdraw the announcement at once, keep
+    // serving open sessions until their clients have moved them (or the drain time is
+    // up), then exit.
+    server.begin_drain();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout);
+    loop {
+        let open = server.open_sessions();
+        if open == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                println!("drain time is up; closing {open} sessions");
+                break;
+            }
+            signal = signals.next() => {
+                println!("{signal} again: closing {open} sessions now");
+                break;
+            }
         }
     }
+    // Let the DHT withdrawal reach the network before the process ends.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    println!("stopped");
     Ok(())
+}
+
+/// SIGINT and SIGTERM as one stream.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = self.term.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupt"
+        }
+    }
+}
+
+/// A quarter of the memory available now.
+fn default_kv_budget() -> u64 {
+    available_memory().map_or(1 << 30, |bytes| bytes / 4)
 }
 
 /// How many layers fit in half of the memory available now.

@@ -55,6 +55,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| "unknown model".into());
     let ranges: Vec<(LayerRange, f64)> = servers
         .iter()
+        .filter(|s| !s.info.draining)
         .map(|s| (s.info.range, s.info.throughput as f64))
         .collect();
     let cover = block_count
@@ -84,13 +85,14 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     for s in &servers {
         println!(
-            "  {}  layers {:>9}  {:6.1} tok/s  sessions {}/{} free  rtt {}",
+            "  {}  layers {:>9}  {:6.1} tok/s  sessions {}/{} free  rtt {}{}",
             s.peer,
             s.info.range.to_string(),
             s.info.throughput,
             s.info.free_sessions,
             s.info.max_sessions,
             s.rtt_ms.map_or("?".into(), |r| format!("{r:.2} ms")),
+            if s.info.draining { "  (leaving)" } else { "" },
         );
     }
     if !cover.is_empty() {
@@ -123,6 +125,7 @@ fn peer_json(s: &DiscoveredServer) -> serde_json::Value {
         "free_sessions": s.info.free_sessions,
         "max_sessions": s.info.max_sessions,
         "rtt_ms": s.rtt_ms,
+        "draining": s.info.draining,
         "addrs": s.info.addrs,
     })
 }

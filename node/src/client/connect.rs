@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use allmende_protocol::{ModelId, WireDType};
 use libp2p::PeerId;
 
-use super::remote::{RemotePipeline, RouteSegment};
+use super::remote::{RemotePipeline, RouteContext, RouteSegment};
 use crate::network::discovery::{discover, DiscoveredServer};
 use crate::network::Network;
 use crate::routing::{plan_route, Candidate, RouteError};
@@ -64,6 +64,7 @@ pub async fn connect(
     target: &ModelTarget,
     max_len: u32,
     dtype: WireDType,
+    failover_patience: Duration,
 ) -> Result<RemotePipeline, ConnectError> {
     let deadline = Instant::now() + DISCOVERY_PATIENCE;
     let mut excluded: HashSet<PeerId> = HashSet::new();
@@ -72,7 +73,7 @@ pub async fn connect(
         let servers: Vec<DiscoveredServer> = discover(network, &target.id, true)
             .await
             .into_iter()
-            .filter(|s| !excluded.contains(&s.peer))
+            .filter(|s| !excluded.contains(&s.peer) && !s.info.draining)
             .collect();
         let candidates = candidates(&servers);
         let route = match plan_route(&candidates, target.block_count) {
@@ -97,7 +98,14 @@ pub async fn connect(
                 range: hop.range,
             })
             .collect();
-        match RemotePipeline::open(network, target.id, &segments, max_len, dtype).await {
+        let context = RouteContext {
+            network: network.clone(),
+            target: target.clone(),
+            max_len,
+            dtype,
+            failover_patience,
+        };
+        match RemotePipeline::open(context, &segments).await {
             Ok(pipeline) => return Ok(pipeline),
             Err(e) => {
                 tracing::info!("route {segments:?} failed: {e}; trying without that server");

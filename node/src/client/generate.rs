@@ -36,6 +36,8 @@ pub struct Timings {
     /// Single-token forward passes after the prefill, and their rate.
     pub decode_steps: usize,
     pub decode_tokens_per_s: f64,
+    /// The slowest decode step: shows stalls such as a failover.
+    pub max_step_ms: f64,
     pub total_ms: f64,
 }
 
@@ -111,6 +113,7 @@ pub fn generate(
     let mut position = prompt_ids.len();
     let mut decode_steps = 0;
     let mut streamed = 0;
+    let mut max_step = std::time::Duration::ZERO;
     let finish_reason = loop {
         if ids.len() >= params.max_tokens {
             break FinishReason::Length;
@@ -127,8 +130,10 @@ pub fn generate(
         if ids.len() >= params.max_tokens || position >= max_len {
             break FinishReason::Length;
         }
+        let step_start = Instant::now();
         let hidden = pipeline.forward(&model.head.embed(&[next])?)?;
         logits = model.head.last_logits(&hidden)?;
+        max_step = max_step.max(step_start.elapsed());
         position += 1;
         decode_steps += 1;
     };
@@ -152,6 +157,7 @@ pub fn generate(
             } else {
                 0.0
             },
+            max_step_ms: max_step.as_secs_f64() * 1e3,
             total_ms: total.as_secs_f64() * 1e3,
         },
     })

@@ -34,11 +34,7 @@ impl LlamaConfig {
             true => gguf.usize(&key("attention.head_count_kv"))?,
             false => head_count,
         };
-        let head_dim = if head_count > 0 {
-            hidden_size / head_count
-        } else {
-            0
-        };
+        let head_dim = hidden_size.checked_div(head_count).unwrap_or(0);
         let rope_dimension = match gguf.has(&key("rope.dimension_count")) {
             true => gguf.usize(&key("rope.dimension_count"))?,
             false => head_dim,
@@ -74,19 +70,19 @@ impl LlamaConfig {
         if self.block_count == 0 || self.hidden_size == 0 || self.head_count == 0 {
             return bad("block count, embedding length and head count must be positive".into());
         }
-        if self.hidden_size % self.head_count != 0 {
+        if !self.hidden_size.is_multiple_of(self.head_count) {
             return bad(format!(
                 "embedding length {} is not a multiple of head count {}",
                 self.hidden_size, self.head_count
             ));
         }
-        if self.head_count_kv == 0 || self.head_count % self.head_count_kv != 0 {
+        if self.head_count_kv == 0 || !self.head_count.is_multiple_of(self.head_count_kv) {
             return bad(format!(
                 "head count {} is not a multiple of KV head count {}",
                 self.head_count, self.head_count_kv
             ));
         }
-        if self.rope_dimension != self.head_dim || self.head_dim % 2 != 0 {
+        if self.rope_dimension != self.head_dim || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "partial or odd RoPE (dimension {} for head size {}) is not supported",
                 self.rope_dimension, self.head_dim

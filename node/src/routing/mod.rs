@@ -3,7 +3,9 @@
 //! only gathers the snapshot and carries out the decision.
 
 mod assign;
+mod ban;
 mod route;
 
 pub use assign::{choose_layers, coverage};
-pub use route::{missing_ranges, plan_route, Candidate, Hop, RouteError};
+pub use ban::BanList;
+pub use route::{missing_ranges, plan_route, plan_route_over, Candidate, Hop, RouteError};

@@ -133,29 +133,47 @@ pub fn plan_route<P>(
     candidates: &[Candidate<P>],
     block_count: u32,
 ) -> Result<Vec<Hop>, RouteError> {
-    let missing = missing_ranges(candidates.iter().map(|c| c.range), block_count);
+    plan_route_over(candidates, LayerRange::new(0, block_count))
+}
+
+/// The cheapest chain of hops covering `target`: a whole model, or the segment of a
+/// route that lost its server.
+pub fn plan_route_over<P>(
+    candidates: &[Candidate<P>],
+    target: LayerRange,
+) -> Result<Vec<Hop>, RouteError> {
+    let (first, last) = (target.start, target.end);
+    let clipped = candidates.iter().filter_map(|c| {
+        let start = c.range.start.max(first);
+        let end = c.range.end.min(last);
+        (start < end).then(|| LayerRange::new(start - first, end - first))
+    });
+    let missing: Vec<LayerRange> = missing_ranges(clipped, last.saturating_sub(first))
+        .into_iter()
+        .map(|r| LayerRange::new(r.start + first, r.end + first))
+        .collect();
     if !missing.is_empty() {
         return Err(RouteError::Missing(missing));
     }
-    let n = block_count as usize;
+    let n = last as usize;
     let mut best: Vec<(f64, u32)> = vec![(f64::INFINITY, u32::MAX); n + 1];
     let mut came_from: Vec<Option<(u32, usize)>> = vec![None; n + 1];
     let mut heap = BinaryHeap::new();
-    best[0] = (0.0, 0);
+    best[first as usize] = (0.0, 0);
     heap.push(State {
         cost: 0.0,
         hops: 0,
-        layer: 0,
+        layer: first,
     });
     while let Some(State { cost, hops, layer }) = heap.pop() {
-        if (cost, hops) > best[layer as usize] || layer == block_count {
+        if (cost, hops) > best[layer as usize] || layer == last {
             continue;
         }
         for (i, c) in candidates.iter().enumerate() {
             if !c.range.contains(layer) {
                 continue;
             }
-            for end in layer + 1..=c.range.end.min(block_count) {
+            for end in layer + 1..=c.range.end.min(last) {
                 let next = (cost + c.cost_ms(end - layer), hops + 1);
                 if next < best[end as usize] {
                     best[end as usize] = next;
@@ -170,11 +188,11 @@ pub fn plan_route<P>(
         }
     }
     let mut hops = Vec::new();
-    let mut layer = block_count;
-    while layer > 0 {
+    let mut layer = last;
+    while layer > first {
         let Some((from, server)) = came_from[layer as usize] else {
             // Unreachable when nothing is missing, but never panic on a snapshot.
-            return Err(RouteError::Missing(vec![LayerRange::new(0, layer)]));
+            return Err(RouteError::Missing(vec![LayerRange::new(first, layer)]));
         };
         hops.push(Hop {
             server,
@@ -274,6 +292,18 @@ mod tests {
             plan_route::<u32>(&[], 30).unwrap_err(),
             RouteError::Missing(vec![LayerRange::new(0, 30)])
         );
+    }
+
+    #[test]
+    fn reroutes_one_segment() {
+        let c = [server(1, 0, 15, 50.0, 1.0), server(3, 10, 30, 50.0, 1.0)];
+        let route = plan_route_over(&c, LayerRange::new(15, 30)).unwrap();
+        assert_eq!(peers(&route, &c), vec![(3, 15, 30)]);
+        let err = plan_route_over(&c[..1], LayerRange::new(15, 30)).unwrap_err();
+        assert_eq!(err.to_string(), "no server for layers 15..30");
+        let err =
+            plan_route_over(&[server(4, 20, 30, 50.0, 1.0)], LayerRange::new(15, 30)).unwrap_err();
+        assert_eq!(err.to_string(), "no server for layers 15..20");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::ShardServer;
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(10);
 pub const ANNOUNCE_TTL: Duration = Duration::from_secs(30);
 
-/// Announces `server` until it begins shutting down, then withdraws its records.
+/// Announces `server` until it begins draining, then withdraws its records at once.
 pub async fn announce_loop(server: Arc<ShardServer>, network: Network) {
     let record_key = server_key(&network.peer_id());
     let provider_key = model_key(&server.model);
@@ -27,8 +27,11 @@ pub async fn announce_loop(server: Arc<ShardServer>, network: Network) {
         return;
     }
     let mut tick = tokio::time::interval(ANNOUNCE_INTERVAL);
-    while !server.is_shutting_down() {
-        tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = server.drained() => break,
+        }
         let info = server.info();
         match allmende_protocol::encode(&info) {
             Ok(value) => {

@@ -5,7 +5,7 @@ mod announce;
 mod compute;
 mod session;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use allmende_protocol::inference::PROTOCOL_VERSION;
 use allmende_protocol::{ModelId, ServerInfo};
 use candle_core::{DType, Device, Tensor};
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 pub use announce::{announce_loop, ANNOUNCE_INTERVAL, ANNOUNCE_TTL};
 pub use compute::ComputeQueue;
@@ -29,6 +29,9 @@ pub struct ServerLimits {
     pub max_session_len: usize,
     /// A session with no message for this long is closed and its cache freed.
     pub idle_timeout: Duration,
+    /// Bytes all sessions' KV caches may reserve together. A session reserves room
+    /// for its whole maximum length when it opens, so the node never over-commits.
+    pub kv_cache_bytes: u64,
 }
 
 /// Everything the session handlers share.
@@ -40,11 +43,13 @@ pub struct ShardServer {
     pub throughput: f32,
     compute: ComputeQueue,
     sessions: Arc<Semaphore>,
+    /// The KV-cache budget, in KiB.
+    kv_budget: Arc<Semaphore>,
     /// Caps open streams (sessions plus probes), so a flood of streams cannot exhaust
     /// memory or tasks; acquired before a stream is served.
     streams: Arc<Semaphore>,
     next_session: AtomicU64,
-    shutting_down: AtomicBool,
+    draining: watch::Sender<bool>,
     addrs: Vec<String>,
 }
 
@@ -58,6 +63,7 @@ impl ShardServer {
         addrs: Vec<String>,
     ) -> Arc<Self> {
         let compute = ComputeQueue::start(shard.clone(), limits.max_sessions);
+        let kv_kib = (limits.kv_cache_bytes / 1024).min(Semaphore::MAX_PERMITS as u64) as usize;
         Arc::new(Self {
             shard,
             model,
@@ -65,9 +71,10 @@ impl ShardServer {
             throughput,
             compute,
             sessions: Arc::new(Semaphore::new(limits.max_sessions)),
+            kv_budget: Arc::new(Semaphore::new(kv_kib)),
             streams: Arc::new(Semaphore::new(limits.max_sessions * 2 + 16)),
             next_session: AtomicU64::new(1),
-            shutting_down: AtomicBool::new(false),
+            draining: watch::channel(false).0,
             addrs,
             limits,
         })
@@ -85,15 +92,29 @@ impl ShardServer {
             free_sessions: self.sessions.available_permits() as u32,
             max_sessions: self.limits.max_sessions as u32,
             addrs: self.addrs.clone(),
+            draining: self.is_draining(),
         }
     }
 
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::SeqCst)
+    /// Shutting down: open sessions are still served, new ones refused.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
     }
 
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
+    pub fn begin_drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Resolves once [`Self::begin_drain`] has been called.
+    pub async fn drained(&self) {
+        let mut rx = self.draining.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// KV-cache bytes per position of a session over `layers` layers.
+    pub fn kv_bytes_per_position(&self, layers: u32) -> u64 {
+        let cfg = self.shard.config();
+        2 * (cfg.kv_size() * std::mem::size_of::<f32>()) as u64 * layers as u64
     }
 
     /// Sessions currently open.

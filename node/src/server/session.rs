@@ -21,12 +21,13 @@ use crate::network::framing::{read_message, write_message, FrameIoError};
 struct OpenSession {
     id: u64,
     dtype: WireDType,
-    /// `None` only while a step is on the compute worker.
+    /// `None` only if the compute worker died holding it.
     cache: Option<ShardCache>,
-    _permit: OwnedSemaphorePermit,
+    _slot: OwnedSemaphorePermit,
+    _kv_reservation: OwnedSemaphorePermit,
 }
 
-type Reply = Result<ServerMessage, (ErrorKind, String)>;
+type Refusal = (ErrorKind, String);
 
 pub async fn serve_stream(server: Arc<ShardServer>, peer: PeerId, mut stream: Stream) {
     let mut session: Option<OpenSession> = None;
@@ -63,7 +64,12 @@ pub async fn serve_stream(server: Arc<ShardServer>, peer: PeerId, mut stream: St
                 session: id,
                 position,
                 hidden,
-            } => step(&server, &mut session, id, position, hidden).await,
+            } => run(&server, &mut session, id, position, vec![hidden]).await,
+            ClientMessage::Replay {
+                session: id,
+                position,
+                steps,
+            } => run(&server, &mut session, id, position, steps).await,
             ClientMessage::Close { session: id } => {
                 if session.as_ref().is_some_and(|s| s.id == id) {
                     session = None;
@@ -94,41 +100,48 @@ fn open(
     range: LayerRange,
     max_len: u32,
     dtype: WireDType,
-) -> Reply {
+) -> Result<ServerMessage, Refusal> {
     if session.is_some() {
         return Err((
             ErrorKind::BadRequest,
             "a session is already open on this stream".into(),
         ));
     }
-    if server.is_shutting_down() {
+    if server.is_draining() {
         return Err((
             ErrorKind::ShuttingDown,
             "this server is shutting down".into(),
         ));
     }
     if model != server.model {
-        return Err((
-            ErrorKind::WrongModel,
-            format!("this server serves model {}", server.model.short()),
-        ));
+        let msg = format!("this server serves model {}", server.model.short());
+        return Err((ErrorKind::WrongModel, msg));
     }
     let max_len = (max_len as usize).min(server.limits.max_session_len);
     if max_len == 0 {
         return Err((ErrorKind::BadRequest, "max_len must be positive".into()));
     }
     let Some(cache) = server.shard.new_cache_for(range, max_len) else {
-        return Err((
-            ErrorKind::WrongModel,
-            format!(
-                "layers {range} are not within this server's {}",
-                server.shard.range()
-            ),
-        ));
+        let msg = format!(
+            "layers {range} are not within this server's {}",
+            server.shard.range()
+        );
+        return Err((ErrorKind::WrongModel, msg));
     };
-    let Ok(permit) = server.sessions.clone().try_acquire_owned() else {
+    let Ok(slot) = server.sessions.clone().try_acquire_owned() else {
         return Ok(ServerMessage::Busy {
             reason: format!("all {} sessions are in use", server.limits.max_sessions),
+        });
+    };
+    let bytes = server.kv_bytes_per_position(range.len()) * cache.max_len() as u64;
+    let kib = bytes.div_ceil(1024).min(u32::MAX as u64) as u32;
+    let Ok(kv_reservation) = server.kv_budget.clone().try_acquire_many_owned(kib) else {
+        return Ok(ServerMessage::Busy {
+            reason: format!(
+                "the KV-cache budget of {} MiB cannot hold {} more positions",
+                server.limits.kv_cache_bytes >> 20,
+                cache.max_len()
+            ),
         });
     };
     let id = server
@@ -139,7 +152,8 @@ fn open(
         id,
         dtype,
         cache: Some(cache),
-        _permit: permit,
+        _slot: slot,
+        _kv_reservation: kv_reservation,
     });
     Ok(ServerMessage::Opened {
         session: id,
@@ -147,87 +161,122 @@ fn open(
     })
 }
 
-async fn step(
+/// Runs `steps` in order on the session (one for a plain step, several for a replay)
+/// and replies with their outputs concatenated along the sequence axis.
+async fn run(
     server: &ShardServer,
     session: &mut Option<OpenSession>,
     id: u64,
     position: u32,
-    hidden: WireTensor,
-) -> Reply {
+    steps: Vec<WireTensor>,
+) -> Result<ServerMessage, Refusal> {
     let Some(open) = session.as_mut().filter(|s| s.id == id) else {
         return Err((
             ErrorKind::UnknownSession,
             format!("no session {id} on this stream"),
         ));
     };
-    let Some(cache) = open.cache.take() else {
-        return Err((ErrorKind::Internal, "session lost its cache".into()));
+    let Some(mut cache) = open.cache.take() else {
+        return Err((ErrorKind::Internal, "the session lost its cache".into()));
     };
-    let (cache, result) = run_step(server, cache, position, &hidden).await;
-    open.cache = cache;
-    let output = result?;
+    let inputs = match validate(server, &cache, position, &steps) {
+        Ok(inputs) => inputs,
+        Err(refusal) => {
+            open.cache = Some(cache);
+            return Err(refusal);
+        }
+    };
+    let mut outputs = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let (back, result) = match server.compute.run(input, cache).await {
+            Ok(done) => done,
+            Err(e) => return Err((ErrorKind::Internal, e.to_string())),
+        };
+        cache = back;
+        match result {
+            Ok(out) => outputs.push(out),
+            Err(e) => {
+                open.cache = Some(cache);
+                return Err((forward_error_kind(&e), e.to_string()));
+            }
+        }
+    }
+    open.cache = Some(cache);
+    let internal = |e: String| (ErrorKind::Internal, e);
+    let output = Tensor::cat(&outputs, 1).map_err(|e| internal(e.to_string()))?;
     let dims: Vec<u32> = output.dims().iter().map(|&d| d as u32).collect();
     let values = output
         .flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
-    let hidden = WireTensor::from_f32(&dims, &values, open.dtype)
-        .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
-    Ok(ServerMessage::Hidden { position, hidden })
+        .map_err(|e| internal(e.to_string()))?;
+    let hidden =
+        WireTensor::from_f32(&dims, &values, open.dtype).map_err(|e| internal(e.to_string()))?;
+    Ok(ServerMessage::Hidden {
+        position,
+        hidden,
+        draining: server.is_draining(),
+    })
 }
 
-/// Validates a step's tensor against the session, then computes it. Always hands the
-/// cache back, so a refused step leaves the session usable.
-async fn run_step(
+/// Checks every step against the session before any is computed, and decodes them.
+fn validate(
     server: &ShardServer,
-    cache: ShardCache,
+    cache: &ShardCache,
     position: u32,
-    hidden: &WireTensor,
-) -> (Option<ShardCache>, Result<Tensor, (ErrorKind, String)>) {
-    let hidden_size = server.shard.config().hidden_size;
-    let shape_ok = matches!(hidden.shape.as_slice(), &[b, s, h] if b > 0 && s > 0 && h as usize == hidden_size);
-    if !shape_ok {
-        let msg = format!(
-            "hidden states have shape {:?}; expected [batch, seq, {hidden_size}]",
-            hidden.shape
-        );
-        return (Some(cache), Err((ErrorKind::BadTensor, msg)));
+    steps: &[WireTensor],
+) -> Result<Vec<Tensor>, Refusal> {
+    if steps.is_empty() {
+        return Err((ErrorKind::BadRequest, "no hidden states to process".into()));
     }
     if position as usize != cache.len() {
         let msg = format!(
             "step at position {position}, but the session has {} positions",
             cache.len()
         );
-        return (Some(cache), Err((ErrorKind::BadRequest, msg)));
+        return Err((ErrorKind::BadRequest, msg));
     }
-    let seq = hidden.shape[1] as usize;
-    if cache.len() + seq > cache.max_len() {
-        let msg = format!(
-            "{} more positions would exceed the session's maximum of {}",
-            seq,
-            cache.max_len()
-        );
-        return (Some(cache), Err((ErrorKind::TooLong, msg)));
-    }
-    let values = match hidden.to_f32() {
-        Ok(v) => v,
-        Err(e) => return (Some(cache), Err((ErrorKind::BadTensor, e.to_string()))),
-    };
-    let dims: Vec<usize> = hidden.shape.iter().map(|&d| d as usize).collect();
-    let tensor = match Tensor::from_vec(values, dims, &Device::Cpu) {
-        Ok(t) => t,
-        Err(e) => return (Some(cache), Err((ErrorKind::BadTensor, e.to_string()))),
-    };
-    match server.compute.run(tensor, cache).await {
-        Ok((cache, Ok(out))) => (Some(cache), Ok(out)),
-        Ok((cache, Err(e))) => {
-            let kind = match e {
-                ForwardError::ContextFull { .. } => ErrorKind::TooLong,
-                ForwardError::Shape { .. } | ForwardError::Batch { .. } => ErrorKind::BadTensor,
-                _ => ErrorKind::Internal,
-            };
-            (Some(cache), Err((kind, e.to_string())))
+    let hidden_size = server.shard.config().hidden_size;
+    let mut batch = cache.batch();
+    let mut total = 0usize;
+    let mut inputs = Vec::with_capacity(steps.len());
+    for step in steps {
+        let (b, seq) = match step.shape.as_slice() {
+            &[b, s, h] if b > 0 && s > 0 && h as usize == hidden_size => (b as usize, s as usize),
+            shape => {
+                let msg = format!(
+                    "hidden states have shape {shape:?}; expected [batch, seq, {hidden_size}]"
+                );
+                return Err((ErrorKind::BadTensor, msg));
+            }
+        };
+        if *batch.get_or_insert(b) != b {
+            return Err((
+                ErrorKind::BadTensor,
+                format!("batch {b} differs from the session's"),
+            ));
         }
-        Err(e) => (None, Err((ErrorKind::Internal, e.to_string()))),
+        total = total.saturating_add(seq);
+        if cache.len() + total > cache.max_len() {
+            let msg = format!(
+                "{total} more positions would exceed the session's maximum of {}",
+                cache.max_len()
+            );
+            return Err((ErrorKind::TooLong, msg));
+        }
+        let values = step
+            .to_f32()
+            .map_err(|e| (ErrorKind::BadTensor, e.to_string()))?;
+        let tensor = Tensor::from_vec(values, (b, seq, hidden_size), &Device::Cpu)
+            .map_err(|e| (ErrorKind::BadTensor, e.to_string()))?;
+        inputs.push(tensor);
+    }
+    Ok(inputs)
+}
+
+fn forward_error_kind(e: &ForwardError) -> ErrorKind {
+    match e {
+        ForwardError::ContextFull { .. } => ErrorKind::TooLong,
+        ForwardError::Shape { .. } | ForwardError::Batch { .. } => ErrorKind::BadTensor,
+        _ => ErrorKind::Internal,
     }
 }

@@ -108,3 +108,110 @@ pub fn json_of(out: &Output) -> serde_json::Value {
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     serde_json::from_value(v["token_ids"].clone()).expect("token_ids")
 }
+
+impl Node {
+    /// Sends SIGTERM: the graceful leave.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// `allmende status --json` until `ready` holds for its report (or `timeout` passes).
+pub fn wait_for_status(
+    bootstrap: &str,
+    timeout: Duration,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let report = json_of(&allmende(&[
+            "status",
+            "--bootstrap",
+            bootstrap,
+            "--no-mdns",
+            "--json",
+        ]));
+        if ready(&report) || std::time::Instant::now() >= deadline {
+            return report;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A `generate` process whose output is collected while it runs.
+pub struct Generation {
+    child: Child,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Generation {
+    pub fn start(args: &[&str]) -> Generation {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env("ALLMENDE_MODEL", super::model_path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("allmende generate starts");
+        let collect = |mut source: Box<dyn std::io::Read + Send>| {
+            let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = buffer.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = source.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+            buffer
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Generation {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits until the process has printed at least `bytes` bytes of text.
+    pub fn wait_for_text(&self, bytes: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while self.stdout.lock().unwrap().len() < bytes {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "generation printed nothing"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to end; returns its exit status, stdout and stderr.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String, String) {
+        let status = self.child.wait().expect("generate ends");
+        std::thread::sleep(Duration::from_millis(100));
+        let text = |b: &std::sync::Arc<std::sync::Mutex<Vec<u8>>>| {
+            String::from_utf8_lossy(&b.lock().unwrap()).into_owned()
+        };
+        (status, text(&self.stdout), text(&self.stderr))
+    }
+}

@@ -1,0 +1,251 @@
+//! A pipeline over remote servers: one inference session per route segment, each on
+//! its own long-lived stream. The client sends each segment the hidden states of the
+//! previous one, so servers only ever see hidden states, never tokens.
+//!
+//! Every step a segment was sent is kept, so when its server fails the client can
+//! route around it and replay the history on the new servers, which rebuilds their
+//! caches exactly; the generation continues with the same tokens ([`failover`]).
+
+mod failover;
+mod segment;
+
+use std::time::{Duration, Instant};
+
+use allmende_protocol::{ErrorKind, LayerRange, WireDType, WireTensor};
+use candle_core::{Device, Tensor};
+use libp2p::PeerId;
+use serde::Serialize;
+
+pub use segment::{RouteSegment, SegmentSession, STEP_TIMEOUT};
+
+use super::connect::ModelTarget;
+use super::pipeline::{Pipeline, PipelineError};
+use crate::network::Network;
+use crate::routing::{BanList, RouteError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    #[error("server {peer} (layers {range}) is busy: {reason}")]
+    Busy {
+        peer: PeerId,
+        range: LayerRange,
+        reason: String,
+    },
+    #[error("server {peer} (layers {range}) refused: {message} ({kind:?})")]
+    Refused {
+        peer: PeerId,
+        range: LayerRange,
+        kind: ErrorKind,
+        message: String,
+    },
+    #[error("lost server {peer} (layers {range}): {reason}")]
+    Connection {
+        peer: PeerId,
+        range: LayerRange,
+        reason: String,
+    },
+    #[error("server {peer} (layers {range}) sent an unexpected reply: {reason}")]
+    Protocol {
+        peer: PeerId,
+        range: LayerRange,
+        reason: String,
+    },
+    #[error("{route} of model {model_name} ({model}) after losing a server: {cause}")]
+    NoReplica {
+        route: RouteError,
+        model_name: String,
+        model: String,
+        cause: String,
+    },
+    #[error("cannot convert hidden states: {0}")]
+    Tensor(String),
+}
+
+impl RemoteError {
+    /// The server this error concerns, if any.
+    pub fn peer(&self) -> Option<PeerId> {
+        match self {
+            RemoteError::Busy { peer, .. }
+            | RemoteError::Refused { peer, .. }
+            | RemoteError::Connection { peer, .. }
+            | RemoteError::Protocol { peer, .. } => Some(*peer),
+            RemoteError::NoReplica { .. } | RemoteError::Tensor(_) => None,
+        }
+    }
+}
+
+/// A segment of the live route, with every step it was sent.
+pub struct Segment {
+    pub session: SegmentSession,
+    pub history: Vec<WireTensor>,
+}
+
+/// What the pipeline needs to open sessions anywhere in the swarm.
+#[derive(Clone)]
+pub struct RouteContext {
+    pub network: Network,
+    pub target: ModelTarget,
+    pub max_len: u32,
+    pub dtype: WireDType,
+    /// How long a failed segment may look for replacement servers before giving up.
+    pub failover_patience: Duration,
+}
+
+/// A server the session moved away from, and what it cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailoverEvent {
+    #[serde(serialize_with = "display_peer")]
+    pub peer: PeerId,
+    pub layers: [u32; 2],
+    /// `crash`: a step failed and waited for the new route; `drain`: the server was
+    /// leaving and the session moved while it still served.
+    pub kind: &'static str,
+    pub reason: String,
+    /// How long generation waited for the move.
+    pub stall_ms: f64,
+    pub replaced_by: Vec<RouteSegment>,
+}
+
+fn display_peer<S: serde::Serializer>(peer: &PeerId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(peer)
+}
+
+pub struct RemotePipeline {
+    runtime: tokio::runtime::Handle,
+    context: RouteContext,
+    segments: Vec<Segment>,
+    bans: BanList<PeerId>,
+    events: Vec<FailoverEvent>,
+    migration: Option<failover::Migration>,
+}
+
+impl RemotePipeline {
+    /// Opens one session per segment of `route`, in order.
+    pub async fn open(context: RouteContext, route: &[RouteSegment]) -> Result<Self, RemoteError> {
+        let mut segments = Vec::with_capacity(route.len());
+        for segment in route {
+            let session = SegmentSession::open(
+                &context.network,
+                context.target.id,
+                segment.clone(),
+                context.max_len,
+                context.dtype,
+            )
+            .await?;
+            segments.push(Segment {
+                session,
+                history: Vec::new(),
+            });
+        }
+        Ok(Self {
+            runtime: tokio::runtime::Handle::current(),
+            context,
+            segments,
+            bans: BanList::default(),
+            events: Vec::new(),
+            migration: None,
+        })
+    }
+
+    pub fn route(&self) -> Vec<RouteSegment> {
+        self.segments
+            .iter()
+            .map(|s| s.session.segment.clone())
+            .collect()
+    }
+
+    /// Servers this session moved away from.
+    pub fn failovers(&self) -> &[FailoverEvent] {
+        &self.events
+    }
+
+    async fn forward_async(&mut self, hidden: &Tensor) -> Result<Tensor, RemoteError> {
+        self.finish_migration().await;
+        let dims: Vec<u32> = hidden.dims().iter().map(|&d| d as u32).collect();
+        let tensor_err = |e: &dyn std::fmt::Display| RemoteError::Tensor(e.to_string());
+        let values = hidden
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| tensor_err(&e))?;
+        let mut wire =
+            WireTensor::from_f32(&dims, &values, self.context.dtype).map_err(|e| tensor_err(&e))?;
+        let mut i = 0;
+        while i < self.segments.len() {
+            match self.segments[i].session.step(wire.clone()).await {
+                Ok(output) if output.shape == dims => {
+                    self.segments[i].history.push(wire);
+                    wire = output;
+                    i += 1;
+                }
+                Ok(output) => {
+                    let segment = &self.segments[i].session.segment;
+                    let reason = format!("returned shape {:?} for input {dims:?}", output.shape);
+                    self.fail_over(
+                        i,
+                        RemoteError::Protocol {
+                            peer: segment.peer,
+                            range: segment.range,
+                            reason,
+                        },
+                    )
+                    .await?;
+                }
+                Err(e) => self.fail_over(i, e).await?,
+            }
+        }
+        self.start_migration();
+        let values = wire.to_f32().map_err(|e| tensor_err(&e))?;
+        let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| tensor_err(&e))
+    }
+
+    /// Replaces segment `i`, whose server just failed, and records the stall.
+    async fn fail_over(&mut self, i: usize, error: RemoteError) -> Result<(), RemoteError> {
+        let started = Instant::now();
+        let failed = self.segments.remove(i);
+        let (peer, range) = (failed.session.segment.peer, failed.session.segment.range);
+        tracing::warn!("{error}; rerouting layers {range}");
+        self.bans.ban(&peer, started);
+        let replacement = failover::reroute(
+            &self.context,
+            &mut self.bans,
+            range,
+            &failed.history,
+            &error,
+        )
+        .await?;
+        let replaced_by = replacement
+            .iter()
+            .map(|s| s.session.segment.clone())
+            .collect();
+        self.segments.splice(i..i, replacement);
+        self.events.push(FailoverEvent {
+            peer,
+            layers: [range.start, range.end],
+            kind: "crash",
+            reason: error.to_string(),
+            stall_ms: started.elapsed().as_secs_f64() * 1e3,
+            replaced_by,
+        });
+        Ok(())
+    }
+
+    /// Closes every session so servers free their caches at once.
+    pub async fn close(mut self) {
+        if let Some(m) = self.migration.take() {
+            m.abort();
+        }
+        for segment in self.segments {
+            segment.session.close().await;
+        }
+    }
+}
+
+impl Pipeline for RemotePipeline {
+    /// Must be called from a thread outside the async runtime (e.g. `spawn_blocking`).
+    fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, PipelineError> {
+        let runtime = self.runtime.clone();
+        Ok(runtime.block_on(self.forward_async(hidden))?)
+    }
+}

@@ -1,0 +1,284 @@
+//! One session on one server: a long-lived stream carrying the steps of one route
+//! segment.
+
+use std::time::Duration;
+
+use allmende_protocol::{
+    ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
+    MAX_MESSAGE_BYTES,
+};
+use libp2p::{PeerId, Stream};
+use serde::Serialize;
+
+use super::RemoteError;
+use crate::network::framing::{read_message, write_message, FrameIoError};
+use crate::network::Network;
+
+/// Longest wait for one server's reply to one message. A long replay on a slow server
+/// is the worst case; a dead server is usually noticed much sooner, by the connection.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Replays are sent in messages of at most this many bytes of hidden states.
+const REPLAY_CHUNK_BYTES: usize = MAX_MESSAGE_BYTES / 2;
+
+/// One segment of a route: a server and the layers it runs for this session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RouteSegment {
+    #[serde(serialize_with = "display")]
+    pub peer: PeerId,
+    pub range: LayerRange,
+}
+
+fn display<S: serde::Serializer>(peer: &PeerId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(peer)
+}
+
+pub struct SegmentSession {
+    pub segment: RouteSegment,
+    stream: Stream,
+    session: u64,
+    position: u32,
+    /// The server said it is shutting down: the session should move.
+    pub draining: bool,
+}
+
+impl SegmentSession {
+    /// Opens a session on `segment`'s server.
+    pub async fn open(
+        network: &Network,
+        model: ModelId,
+        segment: RouteSegment,
+        max_len: u32,
+        dtype: WireDType,
+    ) -> Result<Self, RemoteError> {
+        let stream = network
+            .open_stream(segment.peer)
+            .await
+            .map_err(|e| connection(&segment, e))?;
+        let mut session = Self {
+            segment,
+            stream,
+            session: 0,
+            position: 0,
+            draining: false,
+        };
+        let open = ClientMessage::Open {
+            model,
+            range: session.segment.range,
+            max_len,
+            dtype,
+        };
+        match session.exchange(&open).await? {
+            ServerMessage::Opened {
+                session: id,
+                max_len: granted,
+            } if granted >= max_len => {
+                session.session = id;
+                Ok(session)
+            }
+            ServerMessage::Opened {
+                max_len: granted, ..
+            } => Err(session.refused(
+                ErrorKind::TooLong,
+                format!("server allows {granted} positions, {max_len} needed"),
+            )),
+            ServerMessage::Busy { reason } => Err(RemoteError::Busy {
+                peer: session.segment.peer,
+                range: session.segment.range,
+                reason,
+            }),
+            other => Err(session.unexpected(other)),
+        }
+    }
+
+    fn refused(&self, kind: ErrorKind, message: String) -> RemoteError {
+        RemoteError::Refused {
+            peer: self.segment.peer,
+            range: self.segment.range,
+            kind,
+            message,
+        }
+    }
+
+    fn unexpected(&self, reply: ServerMessage) -> RemoteError {
+        match reply {
+            ServerMessage::Error { kind, message } => self.refused(kind, message),
+            other => RemoteError::Protocol {
+                peer: self.segment.peer,
+                range: self.segment.range,
+                reason: format!("{other:?}").chars().take(200).collect(),
+            },
+        }
+    }
+
+    async fn exchange(&mut self, message: &ClientMessage) -> Result<ServerMessage, RemoteError> {
+        let io = async {
+            write_message(&mut self.stream, message).await?;
+            read_message::<ServerMessage, _>(&mut self.stream).await
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, io).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(FrameIoError::Closed)) => {
+                Err(connection(&self.segment, "the server closed the session"))
+            }
+            Ok(Err(e)) => Err(connection(&self.segment, e)),
+            Err(_) => Err(connection(
+                &self.segment,
+                format!("no reply within {STEP_TIMEOUT:?}"),
+            )),
+        }
+    }
+
+    /// Sends one step; returns the segment's output.
+    pub async fn step(&mut self, hidden: WireTensor) -> Result<WireTensor, RemoteError> {
+        let seq = hidden.shape.get(1).copied().unwrap_or(0);
+        let message = ClientMessage::Step {
+            session: self.session,
+            position: self.position,
+            hidden,
+        };
+        let output = self.expect_hidden(&message).await?;
+        self.position += seq;
+        Ok(output)
+    }
+
+    /// Runs past steps again, exactly as they were first sent, and returns each one's
+    /// output. Rebuilds the server's cache bit for bit.
+    pub async fn replay(&mut self, steps: &[WireTensor]) -> Result<Vec<WireTensor>, RemoteError> {
+        let mut outputs = Vec::with_capacity(steps.len());
+        for chunk in byte_chunks(steps, REPLAY_CHUNK_BYTES) {
+            let positions: u32 = chunk
+                .iter()
+                .map(|s| s.shape.get(1).copied().unwrap_or(0))
+                .sum();
+            let message = ClientMessage::Replay {
+                session: self.session,
+                position: self.position,
+                steps: chunk.to_vec(),
+            };
+            let joined = self.expect_hidden(&message).await?;
+            outputs.extend(
+                split_steps(&joined, chunk).map_err(|e| self.refused(ErrorKind::BadTensor, e))?,
+            );
+            self.position += positions;
+        }
+        Ok(outputs)
+    }
+
+    async fn expect_hidden(&mut self, message: &ClientMessage) -> Result<WireTensor, RemoteError> {
+        match self.exchange(message).await? {
+            ServerMessage::Hidden {
+                position,
+                hidden,
+                draining,
+            } if position == self.position => {
+                self.draining |= draining;
+                Ok(hidden)
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Ends the session so the server frees its cache now.
+    pub async fn close(mut self) {
+        let close = ClientMessage::Close {
+            session: self.session,
+        };
+        let _ = write_message(&mut self.stream, &close).await;
+    }
+}
+
+fn connection(segment: &RouteSegment, reason: impl ToString) -> RemoteError {
+    RemoteError::Connection {
+        peer: segment.peer,
+        range: segment.range,
+        reason: reason.to_string(),
+    }
+}
+
+/// Consecutive runs of `steps` of at most `limit` bytes each (at least one step).
+fn byte_chunks(steps: &[WireTensor], limit: usize) -> Vec<&[WireTensor]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, step) in steps.iter().enumerate() {
+        if i > start && bytes + step.data.len() > limit {
+            chunks.push(&steps[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += step.data.len();
+    }
+    if start < steps.len() {
+        chunks.push(&steps[start..]);
+    }
+    chunks
+}
+
+/// Splits `[1, total, hidden]` outputs back into one tensor per input step.
+fn split_steps(joined: &WireTensor, steps: &[WireTensor]) -> Result<Vec<WireTensor>, String> {
+    let width = joined.shape.get(2).copied().unwrap_or(0) as usize;
+    let element = joined.dtype.size_in_bytes();
+    let total: u32 = steps
+        .iter()
+        .map(|s| s.shape.get(1).copied().unwrap_or(0))
+        .sum();
+    if joined.shape.first() != Some(&1) || joined.shape.get(1) != Some(&total) {
+        return Err(format!(
+            "replay returned shape {:?} for {total} positions",
+            joined.shape
+        ));
+    }
+    joined.validate().map_err(|e| e.to_string())?;
+    let mut offset = 0;
+    let mut out = Vec::with_capacity(steps.len());
+    for step in steps {
+        let seq = step.shape.get(1).copied().unwrap_or(0);
+        let len = seq as usize * width * element;
+        out.push(WireTensor {
+            shape: vec![1, seq, width as u32],
+            dtype: joined.dtype,
+            data: joined.data[offset..offset + len].to_vec(),
+        });
+        offset += len;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(seq: u32) -> WireTensor {
+        WireTensor::from_f32(
+            &[1, seq, 2],
+            &vec![seq as f32; 2 * seq as usize],
+            WireDType::F32,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn chunks_respect_the_byte_limit() {
+        let steps = [t(3), t(1), t(1), t(4)];
+        let sizes = |limit| {
+            byte_chunks(&steps, limit)
+                .iter()
+                .map(|c| c.len())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(1 << 20), vec![4]);
+        assert_eq!(sizes(40), vec![3, 1]);
+        assert_eq!(sizes(1), vec![1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn splits_replay_outputs_per_step() {
+        let steps = [t(2), t(1)];
+        let joined =
+            WireTensor::from_f32(&[1, 3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], WireDType::F32)
+                .unwrap();
+        let parts = split_steps(&joined, &steps).unwrap();
+        assert_eq!(parts[0].to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(parts[1].to_f32().unwrap(), vec![5.0, 6.0]);
+        assert!(split_steps(&joined, &[t(1)]).is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! Session limits: a full node says `Busy` and the client goes elsewhere; thousands of
+//! opened, closed and abandoned sessions leave no memory behind.
+
+mod support;
+
+use std::time::Duration;
+
+use allmende_protocol::{ClientMessage, LayerRange, ServerMessage};
+use support::raw::{ask, hidden, RawClient};
+use support::swarm::{allmende, ids, json_of, wait_for_status, Node};
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Linux /proc");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_says_busy_and_the_client_uses_another_replica() {
+    let full = Node::start("0..30", None, &["--max-sessions", "1"]);
+    let spare = Node::start("0..30", Some(&full.addr), &[]);
+    let client = RawClient::connect(&full).await;
+    let everything = LayerRange::new(0, 30);
+    let (_held, reply) = client.open(everything, 64).await;
+    assert!(matches!(reply, ServerMessage::Opened { .. }), "{reply:?}");
+    let (_, reply) = client.open(everything, 64).await;
+    assert!(matches!(reply, ServerMessage::Busy { .. }), "{reply:?}");
+
+    let addr = full.addr.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        allmende(&[
+            "generate",
+            "--bootstrap",
+            &addr,
+            "--no-mdns",
+            "--prompt",
+            "Hello there",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+        ])
+    })
+    .await
+    .unwrap();
+    let report = json_of(&out);
+    assert_eq!(ids(&report).len(), 4);
+    assert_eq!(report["route"][0]["peer"], spare.peer_id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_leave_no_memory_behind() {
+    // Three layers keep the compute cheap; each session still reserves a KV cache of
+    // 256 positions (1.2 MB), so 50 abandoned ones hold about 60 MB until they time out.
+    let node = Node::start(
+        "0..3",
+        None,
+        &["--max-sessions", "64", "--idle-timeout", "5"],
+    );
+    let pid = node.child.id();
+    let client = RawClient::connect(&node).await;
+    let everything = LayerRange::new(0, 3);
+
+    // One session's life: open, a prefill and a few decode steps, then close (or not).
+    let session = |close: bool| {
+        let client = &client;
+        async move {
+            let (mut stream, reply) = client.open(everything, 300).await;
+            let ServerMessage::Opened { session, .. } = reply else {
+                panic!("not opened: {reply:?}");
+            };
+            let mut position = 0;
+            for seq in [8, 1, 1] {
+                let step = ClientMessage::Step {
+                    session,
+                    position,
+                    hidden: hidden(seq, 576, 0.05),
+                };
+                assert!(matches!(
+                    ask(&mut stream, &step).await,
+                    ServerMessage::Hidden { .. }
+                ));
+                position += seq;
+            }
+            if close {
+                let _ = allmende_node::network::framing::write_message(
+                    &mut stream,
+                    &ClientMessage::Close { session },
+                )
+                .await;
+            }
+            stream
+        }
+    };
+    for _ in 0..10 {
+        drop(session(true).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = rss_bytes(pid);
+
+    for _ in 0..200 {
+        drop(session(true).await);
+    }
+    // Abandoned: the streams stay open, the client just goes silent.
+    let mut abandoned = Vec::new();
+    for _ in 0..50 {
+        abandoned.push(session(false).await);
+    }
+    let peak = rss_bytes(pid);
+    let status = wait_for_status(&node.addr, Duration::from_secs(1), |_| true);
+    let free = status["peers"][0]["free_sessions"].as_u64().unwrap();
+    assert!(
+        free < 64 - 25,
+        "the abandoned sessions are still held: {status}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let after = rss_bytes(pid);
+    let status = wait_for_status(&node.addr, Duration::from_secs(1), |_| true);
+    assert_eq!(
+        status["peers"][0]["free_sessions"], 64,
+        "idle sessions were freed"
+    );
+    eprintln!(
+        "RSS: baseline {:.1} MB, with 50 abandoned sessions {:.1} MB, after idle timeouts {:.1} MB",
+        baseline as f64 / 1e6,
+        peak as f64 / 1e6,
+        after as f64 / 1e6
+    );
+    assert!(
+        after as f64 <= baseline as f64 * 1.10,
+        "RSS {after} is more than 10% above the baseline {baseline}"
+    );
+    drop(abandoned);
+}

@@ -1,0 +1,72 @@
+//! A protocol-level client for tests: raw inference streams to a node, so tests can
+//! send exactly the messages (good or bad) they need.
+
+use std::time::Duration;
+
+use allmende_node::network::framing::{read_message, write_message};
+use allmende_node::network::{Network, NetworkConfig};
+use allmende_protocol::{ClientMessage, LayerRange, ModelId, ServerMessage, WireDType, WireTensor};
+use libp2p::{PeerId, Stream};
+
+use super::swarm::Node;
+
+pub struct RawClient {
+    pub network: Network,
+    pub peer: PeerId,
+    pub model: ModelId,
+}
+
+impl RawClient {
+    /// A client-mode node on the swarm, bootstrapped from `node`.
+    pub async fn connect(node: &Node) -> RawClient {
+        let model =
+            allmende_node::model::model_id(&super::model_path(), &indicatif::ProgressBar::hidden())
+                .unwrap();
+        let network = Network::start(NetworkConfig {
+            keypair: libp2p::identity::Keypair::generate_ed25519(),
+            listen: vec![],
+            bootstrap: vec![node.addr.parse().unwrap()],
+            mdns: false,
+            dht_server: false,
+        })
+        .await
+        .unwrap();
+        network
+            .wait_for_peers(Duration::from_secs(10), "node")
+            .await
+            .unwrap();
+        RawClient {
+            network,
+            peer: node.peer_id.parse().unwrap(),
+            model,
+        }
+    }
+
+    pub async fn stream(&self) -> Stream {
+        self.network.open_stream(self.peer).await.unwrap()
+    }
+
+    /// Opens a session over `range`; returns the stream and the server's reply.
+    pub async fn open(&self, range: LayerRange, max_len: u32) -> (Stream, ServerMessage) {
+        let mut stream = self.stream().await;
+        let open = ClientMessage::Open {
+            model: self.model,
+            range,
+            max_len,
+            dtype: WireDType::F32,
+        };
+        let reply = ask(&mut stream, &open).await;
+        (stream, reply)
+    }
+}
+
+pub async fn ask(stream: &mut Stream, message: &ClientMessage) -> ServerMessage {
+    write_message(stream, message).await.expect("request sent");
+    read_message(stream).await.expect("a reply")
+}
+
+/// Hidden states `[1, seq, width]` filled with `value`.
+pub fn hidden(seq: u32, width: u32, value: f32) -> WireTensor {
+    let values = vec![value; (seq * width) as usize];
+    WireTensor::from_f32(&[1, seq, width], &values, WireDType::F32).unwrap()
+}
