@@ -9,13 +9,17 @@
 //! - [`network`]: the libp2p swarm (DHT, discovery, streams) behind a cloneable handle.
 //! - [`server`]: serving a shard: inference sessions, the compute worker, announcements.
 //! - [`routing`]: pure route planning and layer assignment over a swarm snapshot.
+//! - [`api`]: the OpenAI-compatible HTTP API, the web page and `/metrics`.
+//! - [`metrics`]: the counters and histograms a node exposes.
 //! - [`cli`]: the `allmende` command line.
 //! - [`paths`]: where the model cache and data live.
 //!
 //! Wire types and limits live in the `allmende-protocol` crate.
 
+pub mod api;
 pub mod cli;
 pub mod client;
+pub mod metrics;
 pub mod model;
 pub mod network;
 pub mod paths;

@@ -206,6 +206,7 @@ fn stream_generation(
         // A closed stdout (e.g. `| head`) must not abort the generation with a panic.
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
+        std::ops::ControlFlow::Continue(())
     })?;
     writeln!(stdout)?;
     Ok(output)

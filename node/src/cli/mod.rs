@@ -1,5 +1,6 @@
 //! The `allmende` command line: argument parsing and the commands behind it.
 
+mod gateway;
 mod generate;
 mod serve;
 mod status;
@@ -29,6 +30,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Show which servers host which layers of a model, and what is missing.
     Status(status::StatusArgs),
+    /// Serve the OpenAI-compatible API and the web page for a swarm, hosting no layers.
+    Gateway(gateway::GatewayArgs),
 }
 
 /// Parses the command line, runs the command, and turns errors into a message and a
@@ -40,6 +43,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Status(args) => status::run(args),
+        Command::Gateway(args) => gateway::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use libp2p::Multiaddr;
 
+use super::gateway::{build_gateway, ApiArgs};
 use super::swarm::{join_swarm, model_file, SwarmArgs};
 use crate::model::shard::layer_bytes;
 use crate::model::{GgufFile, LlamaConfig, Shard};
@@ -57,6 +58,12 @@ pub struct ServeArgs {
     /// them elsewhere; a second signal exits at once.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Also serve the OpenAI-compatible API and the web page on this address, e.g.
+    /// 127.0.0.1:8080.
+    #[arg(long)]
+    api: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    api_args: ApiArgs,
     #[command(flatten)]
     swarm: SwarmArgs,
 }
@@ -153,6 +160,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map_or_else(default_kv_budget, |mb| mb << 20),
     };
     let announced: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let server = ShardServer::new(
         shard,
         model,
@@ -160,6 +168,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         throughput,
         announced,
+        metrics.clone(),
     );
     let accept = tokio::spawn(server.clone().run(network.clone()));
     tokio::spawn(announce_loop(server.clone(), network.clone()));
@@ -167,6 +176,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "serving layers {range} of {model_name} (model {}, {throughput:.1} tokens/s)",
         model.short()
     );
+    if let Some(addr) = args.api {
+        let listener = crate::api::bind(addr).await?;
+        // The API is a client of the swarm like any other, with its own peer identity:
+        // a node cannot open streams to itself, and its own layers are part of routes.
+        let own = SwarmArgs {
+            bootstrap: addrs.clone(),
+            no_mdns: true,
+        };
+        let client = join_swarm(&own, None, Vec::new(), false).await?;
+        let gateway = build_gateway(&model_path, client, metrics, &args.api_args)?;
+        println!("API and web page on http://{}", listener.local_addr()?);
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::serve(gateway, listener).await {
+                tracing::error!("the API stopped: {e}");
+            }
+        });
+    }
 
     let mut signals = Signals::new()?;
     tokio::select! {

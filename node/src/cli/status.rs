@@ -2,15 +2,14 @@
 
 use std::path::PathBuf;
 
-use allmende_protocol::{LayerRange, ModelId};
+use allmende_protocol::ModelId;
 use anyhow::bail;
 use clap::Args;
-use serde_json::json;
 
 use super::swarm::{join_as_client, model_file, SwarmArgs};
 use crate::model::{GgufFile, LlamaConfig};
-use crate::network::discovery::{discover, DiscoveredServer};
-use crate::routing::{coverage, missing_ranges};
+use crate::network::discovery::discover;
+use crate::network::report::swarm_report;
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -53,31 +52,12 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let name = local_name
         .or_else(|| servers.first().map(|s| s.info.model_name.clone()))
         .unwrap_or_else(|| "unknown model".into());
-    let ranges: Vec<(LayerRange, f64)> = servers
-        .iter()
-        .filter(|s| !s.info.draining)
-        .map(|s| (s.info.range, s.info.throughput as f64))
-        .collect();
-    let cover = block_count
-        .map(|n| coverage(&ranges, n))
-        .unwrap_or_default();
-    let missing = block_count
-        .map(|n| missing_ranges(ranges.iter().map(|r| r.0), n))
-        .unwrap_or_default();
-
+    let report = swarm_report(&model, &name, block_count, &servers);
     if args.json {
-        let peers: Vec<_> = servers.iter().map(peer_json).collect();
-        let report = json!({
-            "model": model.to_hex(),
-            "model_name": name,
-            "block_count": block_count,
-            "peers": peers,
-            "coverage": cover.iter().map(|c| c.0).collect::<Vec<_>>(),
-            "missing": missing.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
-        });
-        println!("{report}");
+        println!("{}", report.json);
         return Ok(());
     }
+    let (cover, missing) = (report.coverage, report.missing);
     println!("model {name} ({})", model.short());
     match block_count {
         Some(n) => println!("{n} layers, {} servers", servers.len()),
@@ -98,7 +78,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     if !cover.is_empty() {
         let bar: String = cover
             .iter()
-            .map(|c| match c.0 {
+            .map(|&c| match c {
                 0 => '.',
                 n @ 1..=9 => char::from_digit(n, 10).unwrap_or('+'),
                 _ => '+',
@@ -115,17 +95,4 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn peer_json(s: &DiscoveredServer) -> serde_json::Value {
-    json!({
-        "peer": s.peer.to_string(),
-        "layers": [s.info.range.start, s.info.range.end],
-        "throughput": s.info.throughput,
-        "free_sessions": s.info.free_sessions,
-        "max_sessions": s.info.max_sessions,
-        "rtt_ms": s.rtt_ms,
-        "draining": s.info.draining,
-        "addrs": s.info.addrs,
-    })
 }

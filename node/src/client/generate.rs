@@ -1,6 +1,7 @@
 //! The generation loop: prefill the prompt, then sample and feed back one token at a
 //! time until a stop token, `max_tokens`, or the session's length limit.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -90,13 +91,15 @@ pub fn check_prompt(model: &ClientModel, prompt_ids: &[u32]) -> Result<(), Gener
 }
 
 /// Generates from `prompt_ids` through `pipeline`, whose session must hold at least
-/// [`session_length`] positions. `on_text` receives printable text as it is produced.
+/// [`session_length`] positions. `on_text` receives printable text as it is produced,
+/// and may end the generation early (a stop sequence, a departed listener) by
+/// returning `Break`, which finishes it with [`FinishReason::Stop`].
 pub fn generate(
     model: &ClientModel,
     pipeline: &mut dyn Pipeline,
     prompt_ids: &[u32],
     params: &GenerationParams,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     check_prompt(model, prompt_ids)?;
     params.sampling.validate()?;
@@ -125,7 +128,9 @@ pub fn generate(
         ids.push(next);
         if let Some(piece) = stream.push(next)? {
             streamed += piece.len();
-            on_text(&piece);
+            if on_text(&piece).is_break() {
+                break FinishReason::Stop;
+            }
         }
         if ids.len() >= params.max_tokens || position >= max_len {
             break FinishReason::Length;
@@ -142,7 +147,7 @@ pub fn generate(
     let text = model.tokenizer.decode(&ids)?;
     // A trailing partial character held back by the stream is complete now.
     if let Some(rest) = text.get(streamed..).filter(|r| !r.is_empty()) {
-        on_text(rest);
+        let _ = on_text(rest);
     }
     Ok(Generation {
         token_ids: ids,

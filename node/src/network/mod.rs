@@ -12,6 +12,7 @@ mod event_loop;
 pub mod framing;
 pub mod identity;
 pub mod keys;
+pub mod report;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -18,6 +18,7 @@ use tokio::sync::{watch, Semaphore};
 pub use announce::{announce_loop, ANNOUNCE_INTERVAL, ANNOUNCE_TTL};
 pub use compute::ComputeQueue;
 
+use crate::metrics::Metrics;
 use crate::model::Shard;
 use crate::network::Network;
 
@@ -41,6 +42,7 @@ pub struct ShardServer {
     pub model_name: String,
     pub limits: ServerLimits,
     pub throughput: f32,
+    pub metrics: Arc<Metrics>,
     compute: ComputeQueue,
     sessions: Arc<Semaphore>,
     /// The KV-cache budget, in KiB.
@@ -61,6 +63,7 @@ impl ShardServer {
         limits: ServerLimits,
         throughput: f32,
         addrs: Vec<String>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let compute = ComputeQueue::start(shard.clone(), limits.max_sessions);
         let kv_kib = (limits.kv_cache_bytes / 1024).min(Semaphore::MAX_PERMITS as u64) as usize;
@@ -69,6 +72,7 @@ impl ShardServer {
             model,
             model_name,
             throughput,
+            metrics,
             compute,
             sessions: Arc::new(Semaphore::new(limits.max_sessions)),
             kv_budget: Arc::new(Semaphore::new(kv_kib)),

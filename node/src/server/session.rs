@@ -129,6 +129,7 @@ fn open(
         return Err((ErrorKind::WrongModel, msg));
     };
     let Ok(slot) = server.sessions.clone().try_acquire_owned() else {
+        server.metrics.busy_refusals.inc();
         return Ok(ServerMessage::Busy {
             reason: format!("all {} sessions are in use", server.limits.max_sessions),
         });
@@ -136,6 +137,7 @@ fn open(
     let bytes = server.kv_bytes_per_position(range.len()) * cache.max_len() as u64;
     let kib = bytes.div_ceil(1024).min(u32::MAX as u64) as u32;
     let Ok(kv_reservation) = server.kv_budget.clone().try_acquire_many_owned(kib) else {
+        server.metrics.busy_refusals.inc();
         return Ok(ServerMessage::Busy {
             reason: format!(
                 "the KV-cache budget of {} MiB cannot hold {} more positions",
@@ -144,6 +146,7 @@ fn open(
             ),
         });
     };
+    server.metrics.sessions_opened.inc();
     let id = server
         .next_session
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -188,11 +191,19 @@ async fn run(
     };
     let mut outputs = Vec::with_capacity(inputs.len());
     for input in inputs {
+        let positions = input.dim(1).unwrap_or(0) as u64;
+        let started = std::time::Instant::now();
         let (back, result) = match server.compute.run(input, cache).await {
             Ok(done) => done,
             Err(e) => return Err((ErrorKind::Internal, e.to_string())),
         };
         cache = back;
+        server.metrics.steps.inc();
+        server.metrics.positions.inc_by(positions);
+        server
+            .metrics
+            .step_seconds
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(out) => outputs.push(out),
             Err(e) => {

@@ -1,0 +1,409 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`, plain or streamed as
+//! server-sent events in OpenAI's chunk format.
+
+use std::convert::Infallible;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use allmende_protocol::WireDType;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::stop::StopMatcher;
+use super::{ApiError, Gateway};
+use crate::client::chat_template::ChatMessage;
+use crate::client::connect::connect;
+use crate::client::generate::session_length;
+use crate::client::{generate, FinishReason, GenerationParams, SamplingParams};
+
+/// Tokens generated when a request sets no `max_tokens`.
+const DEFAULT_MAX_TOKENS: u32 = 256;
+/// Text pieces buffered between the generation and a slow SSE reader.
+const STREAM_BUFFER: usize = 64;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The fields both endpoints share; unknown fields are ignored, as OpenAI's clients
+/// send many.
+#[derive(Deserialize)]
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    prompt: String,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// What every response and chunk of one request carries.
+#[derive(Clone)]
+struct Header {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+/// A request ready to run: checked, tokenized, with its sampling settings.
+struct Job {
+    header: Header,
+    prompt_ids: Vec<u32>,
+    params: GenerationParams,
+    stops: Vec<String>,
+}
+
+struct Outcome {
+    text: String,
+    finish_reason: &'static str,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+pub async fn chat(
+    State(gateway): State<Arc<Gateway>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
+    if request.messages.is_empty() {
+        return ApiError::bad_request("`messages` must not be empty")
+            .param("messages")
+            .into_response();
+    }
+    let prompt = match gateway.model.chat_prompt(&request.messages) {
+        Ok(p) => p,
+        Err(e) => {
+            return ApiError::bad_request(e.to_string())
+                .param("messages")
+                .into_response()
+        }
+    };
+    respond(gateway, Kind::Chat, prompt, request.common).await
+}
+
+pub async fn completion(
+    State(gateway): State<Arc<Gateway>>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(request)) => respond(gateway, Kind::Text, request.prompt, request.common).await,
+        Err(e) => ApiError::bad_request(e.body_text()).into_response(),
+    }
+}
+
+async fn respond(gateway: Arc<Gateway>, kind: Kind, prompt: String, common: Common) -> Response {
+    let stream = common.stream;
+    let job = match prepare(&gateway, kind, &prompt, common) {
+        Ok(job) => job,
+        Err(e) => return e.into_response(),
+    };
+    gateway.metrics.requests.inc();
+    match stream {
+        false => match run(&gateway, &job, None).await {
+            Ok(outcome) => Json(full_response(&job.header, &outcome)).into_response(),
+            Err(e) => e.into_response(),
+        },
+        true => stream_response(gateway, job).into_response(),
+    }
+}
+
+fn prepare(gateway: &Gateway, kind: Kind, prompt: &str, common: Common) -> Result<Job, ApiError> {
+    if let Some(model) = &common.model {
+        if !gateway.serves(model) {
+            return Err(ApiError::unknown_model(model));
+        }
+    }
+    let temperature = common.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad_request(format!(
+            "temperature must be between 0 and 2, got {temperature}"
+        ))
+        .param("temperature"));
+    }
+    let top_p = common.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(
+            ApiError::bad_request(format!("top_p must be in (0, 1], got {top_p}")).param("top_p"),
+        );
+    }
+    let prompt_ids = gateway
+        .model
+        .tokenizer
+        .encode(prompt)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if prompt_ids.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
+    }
+    let context = gateway.model.config.context_length;
+    let max_tokens = common
+        .max_completion_tokens
+        .or(common.max_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS) as usize;
+    if prompt_ids.len() + max_tokens > context {
+        return Err(ApiError::bad_request(format!(
+            "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            prompt_ids.len() + max_tokens,
+            prompt_ids.len()
+        ))
+        .param("max_tokens")
+        .code("context_length_exceeded"));
+    }
+    let stops = match common.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) if v.len() <= 4 => v,
+        Some(Stop::Many(_)) => {
+            return Err(ApiError::bad_request("at most 4 stop sequences are allowed").param("stop"))
+        }
+    };
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    Ok(Job {
+        header: Header {
+            kind,
+            id: format!("{prefix}-{:016x}", rand::random::<u64>()),
+            created,
+            model: gateway.model_name.clone(),
+        },
+        prompt_ids,
+        params: GenerationParams {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_k: 0,
+                top_p,
+                seed: common.seed.unwrap_or_else(rand::random),
+            },
+            ignore_eos: false,
+        },
+        stops,
+    })
+}
+
+/// Runs one generation through the swarm. Text pieces go to `sink` as they come; a
+/// closed sink (the client went away) ends the generation.
+async fn run(
+    gateway: &Arc<Gateway>,
+    job: &Job,
+    sink: Option<mpsc::Sender<String>>,
+) -> Result<Outcome, ApiError> {
+    let Ok(_permit) = gateway.generations.clone().try_acquire_owned() else {
+        return Err(ApiError::unavailable(
+            "this gateway is running as many generations as it allows; retry shortly",
+        ));
+    };
+    let max_len = session_length(&gateway.model, job.prompt_ids.len(), &job.params) as u32;
+    let mut pipeline = connect(
+        &gateway.network,
+        &gateway.target,
+        max_len,
+        WireDType::F32,
+        gateway.failover_patience,
+    )
+    .await
+    .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let model = gateway.model.clone();
+    let (prompt_ids, params, stops) = (
+        job.prompt_ids.clone(),
+        job.params.clone(),
+        job.stops.clone(),
+    );
+    let (result, pipeline) = tokio::task::spawn_blocking(move || {
+        let mut matcher = StopMatcher::new(stops);
+        let mut text = String::new();
+        let emit = |piece: String, text: &mut String| -> ControlFlow<()> {
+            if piece.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            text.push_str(&piece);
+            match &sink {
+                Some(sink) if sink.blocking_send(piece).is_err() => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }
+        };
+        let result = generate(&model, &mut pipeline, &prompt_ids, &params, &mut |piece| {
+            let shown = matcher.push(piece);
+            emit(shown, &mut text)?;
+            match matcher.is_stopped() {
+                true => ControlFlow::Break(()),
+                false => ControlFlow::Continue(()),
+            }
+        });
+        let _ = emit(matcher.finish(), &mut text);
+        (result.map(|g| (g, text, matcher.is_stopped())), pipeline)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    gateway
+        .metrics
+        .failovers
+        .inc_by(pipeline.failovers().len() as u64);
+    pipeline.close().await;
+    let (generation, text, stopped) = result.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    gateway
+        .metrics
+        .tokens_generated
+        .inc_by(generation.token_ids.len() as u64);
+    let finish_reason = match (stopped, generation.finish_reason) {
+        (true, _) | (_, FinishReason::Stop) => "stop",
+        (false, FinishReason::Length) => "length",
+    };
+    Ok(Outcome {
+        text,
+        finish_reason,
+        prompt_tokens: job.prompt_ids.len(),
+        completion_tokens: generation.token_ids.len(),
+    })
+}
+
+fn usage(outcome: &Outcome) -> Value {
+    json!({
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    })
+}
+
+fn full_response(header: &Header, outcome: &Outcome) -> Value {
+    let choice = match header.kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": outcome.text},
+            "finish_reason": outcome.finish_reason,
+            "logprobs": null,
+        }),
+        Kind::Text => json!({
+            "index": 0,
+            "text": outcome.text,
+            "finish_reason": outcome.finish_reason,
+            "logprobs": null,
+        }),
+    };
+    json!({
+        "id": header.id,
+        "object": if header.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": header.created,
+        "model": header.model,
+        "choices": [choice],
+        "usage": usage(outcome),
+    })
+}
+
+/// One streamed chunk; `finish` and `usage` only on the last.
+fn chunk(header: &Header, text: Option<&str>, first: bool, finish: Option<&str>) -> Value {
+    let choice = match header.kind {
+        Kind::Chat => {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(text) = text {
+                delta["content"] = json!(text);
+            }
+            json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+        }
+        Kind::Text => {
+            json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+        }
+    };
+    json!({
+        "id": header.id,
+        "object": if header.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": header.created,
+        "model": header.model,
+        "choices": [choice],
+    })
+}
+
+fn stream_response(
+    gateway: Arc<Gateway>,
+    job: Job,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let (events, receiver) = mpsc::channel::<Event>(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let data = |value: Value| Event::default().data(value.to_string());
+        let header = job.header.clone();
+        if header.kind == Kind::Chat
+            && events
+                .send(data(chunk(&header, None, true, None)))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let (pieces, mut texts) = mpsc::channel::<String>(STREAM_BUFFER);
+        let forward = {
+            let (events, header) = (events.clone(), header.clone());
+            tokio::spawn(async move {
+                while let Some(text) = texts.recv().await {
+                    if events
+                        .send(data(chunk(&header, Some(&text), false, None)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        };
+        let outcome = run(&gateway, &job, Some(pieces)).await;
+        let _ = forward.await;
+        let last = match outcome {
+            Ok(outcome) => {
+                let mut last = chunk(&header, None, false, Some(outcome.finish_reason));
+                last["usage"] = usage(&outcome);
+                last
+            }
+            Err(e) => e.body(),
+        };
+        let _ = events.send(data(last)).await;
+        let _ = events.send(Event::default().data("[DONE]")).await;
+    });
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|event| (Ok(event), receiver))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
