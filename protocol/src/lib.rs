@@ -7,10 +7,12 @@
 //! - [`codec`]: the one bounded bincode encoder/decoder every message goes through.
 //! - [`frame`]: length prefixes of stream frames, bounded before allocation.
 //! - [`inference`]: the session protocol's messages and the servers' announcements.
+//! - [`announcement`]: the signed envelope of a server's DHT announcement.
 //!
 //! This crate holds no I/O, no async runtime and no model compute: only what two
 //! peers must agree on byte for byte.
 
+pub mod announcement;
 pub mod codec;
 pub mod frame;
 pub mod inference;

@@ -2,6 +2,7 @@
 
 mod gateway;
 mod generate;
+mod keygen;
 mod serve;
 mod status;
 mod swarm;
@@ -32,6 +33,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Serve the OpenAI-compatible API and the web page for a swarm, hosting no layers.
     Gateway(gateway::GatewayArgs),
+    /// Write a new pre-shared key for a private swarm.
+    Keygen(keygen::KeygenArgs),
 }
 
 /// Parses the command line, runs the command, and turns errors into a message and a
@@ -44,6 +47,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Status(args) => status::run(args),
         Command::Gateway(args) => gateway::run(args),
+        Command::Keygen(args) => keygen::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

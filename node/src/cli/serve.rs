@@ -98,12 +98,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
 
-    let listen = match args.listen.is_empty() {
-        true => vec![
+    let listen = match (args.listen.is_empty(), args.swarm.is_private()) {
+        (true, false) => vec![
             "/ip4/0.0.0.0/tcp/0".parse()?,
             "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
         ],
-        false => args.listen.clone(),
+        (true, true) => vec!["/ip4/0.0.0.0/tcp/0".parse()?],
+        (false, _) => args.listen.clone(),
     };
     let identity = args
         .identity
@@ -183,6 +184,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let own = SwarmArgs {
             bootstrap: addrs.clone(),
             no_mdns: true,
+            swarm_key: args.swarm.swarm_key.clone(),
         };
         let client = join_swarm(&own, None, Vec::new(), false).await?;
         let gateway = build_gateway(&model_path, client, metrics, &args.api_args)?;

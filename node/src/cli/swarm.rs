@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 use libp2p::identity::Keypair;
+use libp2p::pnet::PreSharedKey;
 use libp2p::Multiaddr;
 
 use crate::network::{identity, Network, NetworkConfig};
@@ -23,6 +24,32 @@ pub struct SwarmArgs {
     /// Do not discover peers on the local network with mDNS.
     #[arg(long)]
     pub no_mdns: bool,
+    /// Join a private swarm: the pre-shared key file (from `allmende keygen`) every
+    /// member holds. Connections without it fail; QUIC is off.
+    #[arg(long, value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
+}
+
+impl SwarmArgs {
+    /// The private swarm's key, if one was given.
+    pub fn load_swarm_key(&self) -> anyhow::Result<Option<PreSharedKey>> {
+        let Some(path) = &self.swarm_key else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read swarm key {}: {e}", path.display()))?;
+        let key = text.parse::<PreSharedKey>().map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a swarm key file (/key/swarm/psk/1.0.0/ format): {e}",
+                path.display()
+            )
+        })?;
+        Ok(Some(key))
+    }
+
+    pub fn is_private(&self) -> bool {
+        self.swarm_key.is_some()
+    }
 }
 
 /// Starts a node on the swarm and waits until it knows a peer (when it has a way to
@@ -37,8 +64,16 @@ pub async fn join_swarm(
         Some(path) => identity::load_or_create(path)?,
         None => Keypair::generate_ed25519(),
     };
+    let swarm_key = args.load_swarm_key()?;
+    if swarm_key.is_some() {
+        let quic = listen.iter().chain(&args.bootstrap).find(|a| is_quic(a));
+        if let Some(addr) = quic {
+            bail!("{addr}: QUIC cannot carry a private swarm's key; use a /tcp address");
+        }
+    }
     let network = Network::start(NetworkConfig {
         keypair,
+        swarm_key,
         listen,
         bootstrap: args.bootstrap.clone(),
         mdns: !args.no_mdns,
@@ -46,12 +81,24 @@ pub async fn join_swarm(
     })
     .await?;
     if !args.bootstrap.is_empty() {
-        let what: Vec<String> = args.bootstrap.iter().map(|a| a.to_string()).collect();
-        network
-            .wait_for_peers(BOOTSTRAP_TIMEOUT, &what.join(", "))
-            .await?;
+        let addrs: Vec<String> = args.bootstrap.iter().map(|a| a.to_string()).collect();
+        let hint = match args.is_private() {
+            true => "does it hold the same swarm key?",
+            false => "if it is a private swarm, pass --swarm-key",
+        };
+        let what = format!("{} ({hint})", addrs.join(", "));
+        network.wait_for_peers(BOOTSTRAP_TIMEOUT, &what).await?;
     }
     Ok(network)
+}
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| {
+        matches!(
+            p,
+            libp2p::multiaddr::Protocol::QuicV1 | libp2p::multiaddr::Protocol::Quic
+        )
+    })
 }
 
 /// A client needs some way into a swarm: a bootstrap address or mDNS.

@@ -36,6 +36,9 @@ impl Behaviour {
             // Announcements are re-put by their servers with fresh load figures; the DHT
             // need not republish stale copies on its own.
             .set_publication_interval(None)
+            // Every record and provider record a peer asks us to store is checked first
+            // (signed, fresh, sane): see the event loop.
+            .set_record_filtering(kad::StoreInserts::FilterBoth)
             .set_query_timeout(Duration::from_secs(10));
         let kademlia = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), config);
         let mdns = match use_mdns {

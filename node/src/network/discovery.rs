@@ -45,17 +45,13 @@ async fn lookup(
     probe: bool,
 ) -> Option<DiscoveredServer> {
     let record = network.get_record(server_key(&peer)).await.ok()??;
-    let info: ServerInfo = match allmende_protocol::decode(&record) {
+    let info: ServerInfo = match super::record::verify(&peer, &record) {
         Ok(info) => info,
         Err(e) => {
-            tracing::debug!(%peer, "malformed announcement: {e}");
+            tracing::info!(%peer, "ignoring its announcement: {e}");
             return None;
         }
     };
-    if let Err(e) = info.validate() {
-        tracing::debug!(%peer, "invalid announcement: {e}");
-        return None;
-    }
     if info.model != *model {
         return None;
     }

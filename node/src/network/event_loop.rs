@@ -6,21 +6,28 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
+use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryId, QueryResult, Quorum, Record};
 use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{identify, mdns, noise, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::{identify, mdns, noise, tcp, yamux, Multiaddr, PeerId, Swarm, Transport};
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
-use super::{Command, NetworkError};
+use super::{keys, record, Command, NetworkError};
 
 /// How long an idle connection stays open. Sessions keep their streams busy; this
 /// only decides when an unused peer connection is dropped.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
+/// A peer with the wrong swarm key never completes the handshake (its bytes decrypt to
+/// noise); give up on it after this long.
+const PRIVATE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct NetworkConfig {
     pub keypair: Keypair,
+    /// Join only the private swarm that holds this pre-shared key.
+    pub swarm_key: Option<PreSharedKey>,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
@@ -32,27 +39,11 @@ pub(super) fn spawn(
     config: NetworkConfig,
     commands: mpsc::Receiver<Command>,
 ) -> Result<(PeerId, libp2p_stream::Control), NetworkError> {
-    let build = |e: &dyn std::fmt::Display| NetworkError::Build(e.to_string());
-    let use_mdns = config.mdns;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| build(&e))?
-        .with_quic()
-        .with_dns()
-        .map_err(|e| build(&e))?
-        .with_behaviour(|key| {
-            Behaviour::new(key, use_mdns)
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        })
-        .map_err(|e| build(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
-        .build();
-
+    let private = config.swarm_key.is_some();
+    let mut swarm = match config.swarm_key {
+        Some(key) => private_swarm(config.keypair, key, config.mdns)?,
+        None => public_swarm(config.keypair, config.mdns)?,
+    };
     let mode = if config.dht_server {
         kad::Mode::Server
     } else {
@@ -85,6 +76,8 @@ pub(super) fn spawn(
     let event_loop = EventLoop {
         swarm,
         commands,
+        private,
+        talking: HashSet::new(),
         listen_addrs: Vec::new(),
         listen_waiters: Vec::new(),
         peer_waiters: Vec::new(),
@@ -93,6 +86,68 @@ pub(super) fn spawn(
     };
     tokio::spawn(event_loop.run());
     Ok((peer_id, control))
+}
+
+fn build_error(e: impl std::fmt::Display) -> NetworkError {
+    NetworkError::Build(e.to_string())
+}
+
+fn behaviour(
+    key: &Keypair,
+    mdns: bool,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(Behaviour::new(key, mdns)?)
+}
+
+/// TCP (Noise, Yamux) and QUIC, with DNS names.
+fn public_swarm(keypair: Keypair, mdns: bool) -> Result<Swarm<Behaviour>, NetworkError> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(build_error)?
+        .with_quic()
+        .with_dns()
+        .map_err(build_error)?
+        .with_behaviour(|key| behaviour(key, mdns))
+        .map_err(build_error)?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build())
+}
+
+/// A private swarm: TCP only, every connection wrapped in the pre-shared key before
+/// Noise. QUIC cannot carry the key, so it is off: a peer without the key cannot
+/// complete any handshake.
+fn private_swarm(
+    keypair: Keypair,
+    swarm_key: PreSharedKey,
+    mdns: bool,
+) -> Result<Swarm<Behaviour>, NetworkError> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                let noise = noise::Config::new(key)?;
+                Ok(
+                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .and_then(move |socket, _| PnetConfig::new(swarm_key).handshake(socket))
+                        .upgrade(libp2p::core::upgrade::Version::V1)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .timeout(PRIVATE_HANDSHAKE_TIMEOUT),
+                )
+            },
+        )
+        .map_err(build_error)?
+        .with_dns()
+        .map_err(build_error)?
+        .with_behaviour(|key| behaviour(key, mdns))
+        .map_err(build_error)?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build())
 }
 
 pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -111,6 +166,11 @@ pub fn without_peer_id(addr: &Multiaddr) -> Multiaddr {
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
+    private: bool,
+    /// Peers that completed a handshake and identified as Allmende DHT nodes: the
+    /// proof that this node has joined a swarm (a bootstrap address in the routing
+    /// table proves nothing yet).
+    talking: HashSet<PeerId>,
     listen_addrs: Vec<Multiaddr>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     peer_waiters: Vec<oneshot::Sender<()>>,
@@ -132,17 +192,8 @@ impl EventLoop {
         }
     }
 
-    fn known_peers(&mut self) -> usize {
-        self.swarm
-            .behaviour_mut()
-            .kademlia
-            .kbuckets()
-            .map(|b| b.num_entries())
-            .sum()
-    }
-
     fn notify_peer_waiters(&mut self) {
-        if self.known_peers() > 0 {
+        if !self.talking.is_empty() {
             for waiter in self.peer_waiters.drain(..) {
                 let _ = waiter.send(());
             }
@@ -223,6 +274,7 @@ impl EventLoop {
                 info,
                 ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                self.talking.insert(peer_id);
                 for addr in info.listen_addrs.into_iter().filter(is_dialable) {
                     self.swarm
                         .behaviour_mut()
@@ -243,13 +295,63 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!("connection to {peer_id:?} failed: {error}");
             }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                if self.private {
+                    // This is how a peer without the swarm's key shows up.
+                    tracing::warn!(
+                        "refused a connection from {send_back_addr}: the handshake failed \
+                         (a peer without this private swarm's key?): {error}"
+                    );
+                } else {
+                    tracing::debug!("incoming connection from {send_back_addr} failed: {error}");
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.talking.remove(&peer_id);
+            }
             _ => {}
         }
     }
 
     fn handle_kad(&mut self, event: kad::Event) {
         match event {
-            kad::Event::RoutingUpdated { .. } => self.notify_peer_waiters(),
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => match record::verify_stored(&record.key, &record.value) {
+                Ok(_) => {
+                    if let Err(e) = self.swarm.behaviour_mut().kademlia.store_mut().put(record) {
+                        tracing::debug!("cannot store an announcement: {e}");
+                    }
+                }
+                Err(e) => tracing::info!(%source, "refused to store a record: {e}"),
+            },
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(record),
+                    },
+            } => {
+                // libp2p-kad already ensures a peer can only register itself.
+                if keys::is_model_key(&record.key) {
+                    let store = self.swarm.behaviour_mut().kademlia.store_mut();
+                    if let Err(e) = store.add_provider(record) {
+                        tracing::debug!("cannot store a provider record: {e}");
+                    }
+                }
+            }
             kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
             } => match result {

@@ -12,6 +12,7 @@ mod event_loop;
 pub mod framing;
 pub mod identity;
 pub mod keys;
+pub mod record;
 pub mod report;
 
 use std::collections::HashSet;
@@ -75,6 +76,8 @@ pub(crate) enum Command {
 #[derive(Clone)]
 pub struct Network {
     peer_id: PeerId,
+    /// Signs this node's announcements.
+    keypair: libp2p::identity::Keypair,
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
 }
@@ -83,9 +86,11 @@ impl Network {
     /// Builds the swarm, starts listening and dialling, and spawns the event loop.
     pub async fn start(config: NetworkConfig) -> Result<Self, NetworkError> {
         let (commands, receiver) = mpsc::channel(COMMAND_CAPACITY);
+        let keypair = config.keypair.clone();
         let (peer_id, control) = event_loop::spawn(config, receiver)?;
         let network = Self {
             peer_id,
+            keypair,
             commands,
             control,
         };
@@ -94,6 +99,14 @@ impl Network {
 
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// This node's announcement of `info`, signed with its key.
+    pub fn sign_announcement(
+        &self,
+        info: &allmende_protocol::ServerInfo,
+    ) -> Result<Vec<u8>, record::RecordError> {
+        record::sign(&self.keypair, info)
     }
 
     async fn send(&self, command: Command) -> Result<(), NetworkError> {

@@ -33,7 +33,7 @@ pub async fn announce_loop(server: Arc<ShardServer>, network: Network) {
             _ = server.drained() => break,
         }
         let info = server.info();
-        match allmende_protocol::encode(&info) {
+        match network.sign_announcement(&info) {
             Ok(value) => {
                 if network
                     .put_record(record_key.clone(), value, ANNOUNCE_TTL)

@@ -24,6 +24,7 @@ impl RawClient {
                 .unwrap();
         let network = Network::start(NetworkConfig {
             keypair: libp2p::identity::Keypair::generate_ed25519(),
+            swarm_key: None,
             listen: vec![],
             bootstrap: vec![node.addr.parse().unwrap()],
             mdns: false,
