@@ -192,3 +192,101 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     assert_eq!(ids(&json_of(&out)).len(), 4);
     node.kill();
 }
+
+/// Whether `client` can still open a stream to its node and get an answer.
+async fn still_served(client: &RawClient) -> bool {
+    let Ok(Ok(mut stream)) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.network.open_stream(client.peer),
+    )
+    .await
+    else {
+        return false;
+    };
+    let exchange = async {
+        allmende_node::network::framing::write_message(&mut stream, &ClientMessage::Info)
+            .await
+            .ok()?;
+        read_message::<ServerMessage, _>(&mut stream).await.ok()
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await,
+        Ok(Some(ServerMessage::Info(_)))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooding_and_oversized_frames_get_a_peer_cut_off_while_others_generate() {
+    let node = Node::start("0..30", None, &["--max-sessions-per-peer", "2"]);
+    let generation = support::swarm::Generation::start(&[
+        "generate",
+        "--bootstrap",
+        &node.addr,
+        "--no-mdns",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "48",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    generation.wait_for_text(1);
+
+    // One attacker floods session opens: two are allowed, then it is told it is busy,
+    // and after repeated attempts it is banned.
+    let flooder = RawClient::connect(&node).await;
+    assert!(still_served(&flooder).await);
+    let mut held = Vec::new();
+    let mut busy = 0;
+    for _ in 0..8 {
+        let Ok(mut stream) = flooder.network.open_stream(flooder.peer).await else {
+            break;
+        };
+        let open = ClientMessage::Open {
+            model: flooder.model,
+            range: LayerRange::new(0, 30),
+            max_len: 16,
+            dtype: WireDType::F32,
+        };
+        if allmende_node::network::framing::write_message(&mut stream, &open)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match read_message::<ServerMessage, _>(&mut stream).await {
+            Ok(ServerMessage::Busy { .. }) => busy += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        held.push(stream);
+    }
+    assert!(busy >= 1, "the flooder was told the node is busy");
+    assert!(!still_served(&flooder).await, "the flooder is cut off");
+
+    // Another sends frames over the size limit until it is cut off.
+    let oversized = RawClient::connect(&node).await;
+    for _ in 0..3 {
+        let Ok(mut s) = oversized.network.open_stream(oversized.peer).await else {
+            break;
+        };
+        let _ = s.write_all(&[0xff, 0xff, 0xff, 0x7f]).await;
+        let _ = s.flush().await;
+        let _ = read_message::<ServerMessage, _>(&mut s).await;
+    }
+    assert!(
+        !still_served(&oversized).await,
+        "the sender of oversized frames is cut off"
+    );
+
+    // Meanwhile the well-behaved client finished its generation.
+    let (status, stdout, stderr) = generation.finish();
+    assert!(status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(ids(&report).len(), 48);
+    // And a new well-behaved client is served.
+    let newcomer = RawClient::connect(&node).await;
+    assert!(still_served(&newcomer).await);
+}

@@ -100,6 +100,8 @@ pub enum ErrorKind {
     Internal,
     /// The server is shutting down.
     ShuttingDown,
+    /// The peer sent more requests than the server allows; it should slow down.
+    RateLimited,
 }
 
 /// What a server serves and how loaded it is: the body of its DHT announcement and of

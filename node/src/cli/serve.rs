@@ -54,6 +54,16 @@ pub struct ServeArgs {
     /// memory available at start].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_cache_mb: Option<u64>,
+    /// Sessions one peer may hold at once on this node.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    max_sessions_per_peer: u32,
+    /// Messages per second one peer may send (bursts of twice as many are allowed).
+    /// Peers that keep exceeding it, or send malformed frames, are banned for a while.
+    #[arg(long, default_value_t = 200.0)]
+    max_requests_per_second: f64,
+    /// Most positions one step may carry (a prefill chunk).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_step_positions: u32,
     /// On SIGINT/SIGTERM, seconds to keep serving open sessions while clients move
     /// them elsewhere; a second signal exits at once.
     #[arg(long, default_value_t = 30)]
@@ -156,6 +166,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .max_session_len
             .unwrap_or(shard.config().context_length),
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        max_step_positions: args.max_step_positions as usize,
+        peers: crate::server::guard::PeerLimits {
+            sessions_per_peer: args.max_sessions_per_peer as usize,
+            requests_per_second: args.max_requests_per_second.max(0.1),
+            burst: 2.0 * args.max_requests_per_second.max(0.5),
+            ..Default::default()
+        },
         kv_cache_bytes: args
             .max_cache_mb
             .map_or_else(default_kv_budget, |mb| mb << 20),

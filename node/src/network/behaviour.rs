@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use libp2p::allow_block_list::{self, BlockedPeers};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -19,6 +20,8 @@ pub const PROVIDER_REFRESH: Duration = Duration::from_secs(10);
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Peers banned for misbehaving: their connections are closed and refused.
+    pub blocked: allow_block_list::Behaviour<BlockedPeers>,
     pub kademlia: kad::Behaviour<MemoryStore>,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -49,6 +52,7 @@ impl Behaviour {
             false => None,
         };
         Ok(Self {
+            blocked: allow_block_list::Behaviour::default(),
             kademlia,
             identify: identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.to_string(),

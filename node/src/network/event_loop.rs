@@ -78,6 +78,7 @@ pub(super) fn spawn(
         commands,
         private,
         talking: HashSet::new(),
+        bans: Vec::new(),
         listen_addrs: Vec::new(),
         listen_waiters: Vec::new(),
         peer_waiters: Vec::new(),
@@ -171,6 +172,8 @@ struct EventLoop {
     /// proof that this node has joined a swarm (a bootstrap address in the routing
     /// table proves nothing yet).
     talking: HashSet<PeerId>,
+    /// Banned peers and when their bans end.
+    bans: Vec<(Instant, PeerId)>,
     listen_addrs: Vec<Multiaddr>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     peer_waiters: Vec<oneshot::Sender<()>>,
@@ -180,9 +183,11 @@ struct EventLoop {
 
 impl EventLoop {
     async fn run(mut self) {
+        let mut unban = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_event(event),
+                _ = unban.tick() => self.lift_expired_bans(),
                 command = self.commands.recv() => match command {
                     Some(command) => self.handle_command(command),
                     // Every handle is gone: nobody can use the network any more.
@@ -190,6 +195,18 @@ impl EventLoop {
                 },
             }
         }
+    }
+
+    fn lift_expired_bans(&mut self) {
+        let now = Instant::now();
+        let blocked = &mut self.swarm.behaviour_mut().blocked;
+        self.bans.retain(|(until, peer)| {
+            let expired = *until <= now;
+            if expired {
+                blocked.unblock_peer(*peer);
+            }
+            !expired
+        });
     }
 
     fn notify_peer_waiters(&mut self) {
@@ -252,6 +269,11 @@ impl EventLoop {
             Command::GetRecord(key, reply) => {
                 let id = kad.get_record(key);
                 self.pending_records.insert(id, reply);
+            }
+            Command::Ban(peer, duration) => {
+                tracing::warn!(%peer, "banned for {duration:?}");
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.bans.push((Instant::now() + duration, peer));
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());

@@ -70,6 +70,7 @@ pub(crate) enum Command {
     GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
     GetRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    Ban(PeerId, Duration),
 }
 
 /// A cloneable handle to the running network.
@@ -178,6 +179,11 @@ impl Network {
 
     pub async fn get_record(&self, key: RecordKey) -> Result<Option<Vec<u8>>, NetworkError> {
         self.ask(|tx| Command::GetRecord(key, tx)).await
+    }
+
+    /// Disconnects `peer` and refuses its connections for `duration`.
+    pub async fn ban(&self, peer: PeerId, duration: Duration) -> Result<(), NetworkError> {
+        self.send(Command::Ban(peer, duration)).await
     }
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {

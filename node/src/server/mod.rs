@@ -3,6 +3,7 @@
 
 mod announce;
 mod compute;
+pub mod guard;
 mod session;
 
 use std::sync::atomic::AtomicU64;
@@ -33,6 +34,9 @@ pub struct ServerLimits {
     /// Bytes all sessions' KV caches may reserve together. A session reserves room
     /// for its whole maximum length when it opens, so the node never over-commits.
     pub kv_cache_bytes: u64,
+    /// Most positions in one step (a prefill chunk).
+    pub max_step_positions: usize,
+    pub peers: guard::PeerLimits,
 }
 
 /// Everything the session handlers share.
@@ -51,6 +55,8 @@ pub struct ShardServer {
     /// memory or tasks; acquired before a stream is served.
     streams: Arc<Semaphore>,
     next_session: AtomicU64,
+    /// Per-peer rate, session and ban bookkeeping; never held across an await.
+    guard: std::sync::Mutex<guard::PeerGuard<libp2p::PeerId>>,
     draining: watch::Sender<bool>,
     addrs: Vec<String>,
 }
@@ -78,6 +84,7 @@ impl ShardServer {
             kv_budget: Arc::new(Semaphore::new(kv_kib)),
             streams: Arc::new(Semaphore::new(limits.max_sessions * 2 + 16)),
             next_session: AtomicU64::new(1),
+            guard: std::sync::Mutex::new(guard::PeerGuard::new(limits.peers.clone())),
             draining: watch::channel(false).0,
             addrs,
             limits,
@@ -126,21 +133,43 @@ impl ShardServer {
         self.limits.max_sessions - self.sessions.available_permits()
     }
 
+    /// Runs `f` on the peer guard. A poisoned lock (a panic elsewhere) still holds
+    /// valid bookkeeping, so it is used as is.
+    pub fn guard<T>(&self, f: impl FnOnce(&mut guard::PeerGuard<libp2p::PeerId>) -> T) -> T {
+        let mut guard = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
     /// Accepts inference streams until the network stops.
     pub async fn run(
         self: Arc<Self>,
         network: Network,
     ) -> Result<(), crate::network::NetworkError> {
         let mut incoming = network.accept()?;
-        while let Some((peer, stream)) = incoming.next().await {
+        let mut prune = tokio::time::interval(guard::OFFENCE_WINDOW);
+        loop {
+            let (peer, stream) = tokio::select! {
+                next = incoming.next() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
+                _ = prune.tick() => {
+                    self.guard(|g| g.prune(Instant::now()));
+                    continue;
+                }
+            };
+            if self.guard(|g| g.is_banned(&peer, Instant::now())) {
+                drop(stream);
+                continue;
+            }
             let Ok(permit) = self.streams.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "too many open streams; refusing one");
                 drop(stream);
                 continue;
             };
-            let server = self.clone();
+            let (server, network) = (self.clone(), network.clone());
             tokio::spawn(async move {
-                session::serve_stream(server, peer, stream).await;
+                session::serve_stream(server, network, peer, stream).await;
                 drop(permit);
             });
         }

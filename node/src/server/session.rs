@@ -6,6 +6,7 @@
 //! dropped with the stream.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
@@ -14,9 +15,11 @@ use candle_core::{Device, Tensor};
 use libp2p::{PeerId, Stream};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::guard::{Offence, Verdict};
 use super::ShardServer;
 use crate::model::{ForwardError, ShardCache};
 use crate::network::framing::{read_message, write_message, FrameIoError};
+use crate::network::Network;
 
 struct OpenSession {
     id: u64,
@@ -25,11 +28,40 @@ struct OpenSession {
     cache: Option<ShardCache>,
     _slot: OwnedSemaphorePermit,
     _kv_reservation: OwnedSemaphorePermit,
+    _peer_slot: PeerSlot,
+}
+
+/// One of a peer's sessions, counted in the per-peer limit until dropped.
+struct PeerSlot {
+    server: Arc<ShardServer>,
+    peer: PeerId,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        self.server.guard(|g| g.on_close(&self.peer));
+    }
+}
+
+/// Whether the stream should go on after a guard verdict; bans the peer if so ruled.
+async fn obey(verdict: Verdict, network: &Network, peer: PeerId) -> bool {
+    match verdict {
+        Verdict::Allow | Verdict::Refuse => true,
+        Verdict::Ban(duration) => {
+            let _ = network.ban(peer, duration).await;
+            false
+        }
+    }
 }
 
 type Refusal = (ErrorKind, String);
 
-pub async fn serve_stream(server: Arc<ShardServer>, peer: PeerId, mut stream: Stream) {
+pub async fn serve_stream(
+    server: Arc<ShardServer>,
+    network: Network,
+    peer: PeerId,
+    mut stream: Stream,
+) {
     let mut session: Option<OpenSession> = None;
     loop {
         let read = tokio::time::timeout(server.limits.idle_timeout, read_message(&mut stream));
@@ -48,10 +80,26 @@ pub async fn serve_stream(server: Arc<ShardServer>, peer: PeerId, mut stream: St
                 tracing::info!(%peer, "bad frame: {e}");
                 let reply = error(ErrorKind::BadRequest, e.to_string());
                 let _ = write_message(&mut stream, &reply).await;
+                let verdict = server.guard(|g| g.offend(&peer, Offence::BadFrame, Instant::now()));
+                obey(verdict, &network, peer).await;
                 break;
             }
             Ok(Ok(message)) => message,
         };
+        let verdict = server.guard(|g| g.on_request(&peer, Instant::now()));
+        if verdict == Verdict::Refuse {
+            let reply = error(
+                ErrorKind::RateLimited,
+                "too many requests; slow down".into(),
+            );
+            if write_message(&mut stream, &reply).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        if !obey(verdict, &network, peer).await {
+            break;
+        }
         let reply = match message {
             ClientMessage::Info => Ok(ServerMessage::Info(server.info())),
             ClientMessage::Open {
@@ -59,7 +107,27 @@ pub async fn serve_stream(server: Arc<ShardServer>, peer: PeerId, mut stream: St
                 range,
                 max_len,
                 dtype,
-            } => open(&server, &mut session, model, range, max_len, dtype),
+            } => {
+                let verdict = server.guard(|g| g.on_open(&peer, Instant::now()));
+                if !obey(verdict, &network, peer).await {
+                    break;
+                }
+                match verdict {
+                    Verdict::Allow => {
+                        let slot = PeerSlot {
+                            server: server.clone(),
+                            peer,
+                        };
+                        open(&server, &mut session, slot, model, range, max_len, dtype)
+                    }
+                    _ => Ok(ServerMessage::Busy {
+                        reason: format!(
+                            "this peer already holds {} sessions here",
+                            server.limits.peers.sessions_per_peer
+                        ),
+                    }),
+                }
+            }
             ClientMessage::Step {
                 session: id,
                 position,
@@ -96,6 +164,7 @@ fn error(kind: ErrorKind, message: String) -> ServerMessage {
 fn open(
     server: &ShardServer,
     session: &mut Option<OpenSession>,
+    peer_slot: PeerSlot,
     model: ModelId,
     range: LayerRange,
     max_len: u32,
@@ -157,6 +226,7 @@ fn open(
         cache: Some(cache),
         _slot: slot,
         _kv_reservation: kv_reservation,
+        _peer_slot: peer_slot,
     });
     Ok(ServerMessage::Opened {
         session: id,
@@ -247,6 +317,7 @@ fn validate(
         return Err((ErrorKind::BadRequest, msg));
     }
     let hidden_size = server.shard.config().hidden_size;
+    let max_step = server.limits.max_step_positions;
     let mut batch = cache.batch();
     let mut total = 0usize;
     let mut inputs = Vec::with_capacity(steps.len());
@@ -260,6 +331,11 @@ fn validate(
                 return Err((ErrorKind::BadTensor, msg));
             }
         };
+        if seq > max_step {
+            let msg =
+                format!("a step of {seq} positions exceeds this server's limit of {max_step}");
+            return Err((ErrorKind::TooLong, msg));
+        }
         if *batch.get_or_insert(b) != b {
             return Err((
                 ErrorKind::BadTensor,
