@@ -53,6 +53,26 @@ async fn a_full_node_says_busy_and_the_client_uses_another_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_cache_budget_is_never_over_committed() {
+    // A position costs 2 × 192 floats × 4 B × 30 layers = 45 KiB, so 8 MiB hold 182.
+    let node = Node::start("0..30", None, &["--max-cache-mb", "8"]);
+    let client = RawClient::connect(&node).await;
+    let everything = LayerRange::new(0, 30);
+    let (_first, reply) = client.open(everything, 100).await;
+    assert!(matches!(reply, ServerMessage::Opened { .. }), "{reply:?}");
+    let (_, reply) = client.open(everything, 100).await;
+    match reply {
+        ServerMessage::Busy { reason } => assert!(reason.contains("KV-cache budget"), "{reason}"),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    let (_, reply) = client.open(everything, 10).await;
+    assert!(
+        matches!(reply, ServerMessage::Opened { .. }),
+        "a small session still fits: {reply:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_leave_no_memory_behind() {
     // Three layers keep the compute cheap; each session still reserves a KV cache of
     // 256 positions (1.2 MB), so 50 abandoned ones hold about 60 MB until they time out.

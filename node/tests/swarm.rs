@@ -167,6 +167,34 @@ fn missing_layers_are_named_and_a_late_joiner_is_found() {
 }
 
 #[test]
+fn half_precision_hidden_states_travel_too() {
+    let a = Node::start("0..15", None, &[]);
+    let _b = Node::start("15..30", Some(&a.addr), &[]);
+    for dtype in ["f16", "bf16"] {
+        let report = json_of(&allmende(&[
+            "generate",
+            "--bootstrap",
+            &a.addr,
+            "--no-mdns",
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--wire-dtype",
+            dtype,
+            "--json",
+        ]));
+        // Rounding hidden states to 16 bits may change a near-tie, so only the first
+        // tokens, far from any tie here, are compared.
+        assert_eq!(ids(&report).len(), 8);
+        assert_eq!(ids(&report)[..2], local("2")[..]);
+    }
+}
+
+#[test]
 fn a_bootstrap_address_without_a_peer_id_works() {
     let a = Node::start("0..30", None, &[]);
     let bare = a.addr.split("/p2p/").next().unwrap().to_string();
