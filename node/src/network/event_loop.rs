@@ -360,18 +360,17 @@ impl EventLoop {
                 }
                 Err(e) => tracing::info!(%source, "refused to store a record: {e}"),
             },
+            // libp2p-kad already ensures a peer can only register itself as a provider;
+            // only model keys are accepted.
             kad::Event::InboundRequest {
                 request:
                     kad::InboundRequest::AddProvider {
                         record: Some(record),
                     },
-            } => {
-                // libp2p-kad already ensures a peer can only register itself.
-                if keys::is_model_key(&record.key) {
-                    let store = self.swarm.behaviour_mut().kademlia.store_mut();
-                    if let Err(e) = store.add_provider(record) {
-                        tracing::debug!("cannot store a provider record: {e}");
-                    }
+            } if keys::is_model_key(&record.key) => {
+                let store = self.swarm.behaviour_mut().kademlia.store_mut();
+                if let Err(e) = store.add_provider(record) {
+                    tracing::debug!("cannot store a provider record: {e}");
                 }
             }
             kad::Event::OutboundQueryProgressed {
