@@ -11,34 +11,12 @@ model="$(scripts/fetch-model.sh)"
 cargo build --release --quiet
 bin=./target/release/allmende
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/nodes.sh
 
-start_node() {
-    local name=$1 layers=$2
-    shift 2
-    "$bin" serve --model "$model" --layers "$layers" --listen /ip4/127.0.0.1/tcp/0 \
-        --identity "$work/$name.key" --no-mdns --threads "$threads" "$@" >"$work/$name.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 600); do
-        if grep -q "^serving layers" "$work/$name.log"; then
-            grep -m1 "^listening on" "$work/$name.log" | cut -d' ' -f3
-            return
-        fi
-        sleep 0.1
-    done
-    cat "$work/$name.log" >&2
-    exit 1
-}
-first=$(start_node a 0..10)
-start_node b 10..20 --bootstrap "$first" >/dev/null
-start_node c 20..30 --bootstrap "$first" >/dev/null
+start_node a 0..10
+first=$(addr_of a)
+start_node b 10..20 --bootstrap "$first"
+start_node c 20..30 --bootstrap "$first"
 
 prompt=$(python3 -c "print('The history of the city is long and full of events. ' * 18)")
 common=(--model "$model" --prompt "$prompt" --max-tokens 128 --ignore-eos --temperature 0

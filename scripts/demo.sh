@@ -12,40 +12,16 @@ model="$(scripts/fetch-model.sh)"
 echo "building ..." >&2
 cargo build --release --quiet
 bin=./target/release/allmende
+threads=1
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/nodes.sh
 
-# Starts a node and waits until it serves; prints its first listen address.
-start_node() {
-    local name=$1 layers=$2
-    shift 2
-    "$bin" serve --model "$model" --layers "$layers" --listen /ip4/127.0.0.1/tcp/0 \
-        --identity "$work/$name.key" --no-mdns --threads 1 "$@" >"$work/$name.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 600); do
-        if grep -q "^serving layers" "$work/$name.log"; then
-            grep -m1 "^listening on" "$work/$name.log" | cut -d' ' -f3
-            return
-        fi
-        sleep 0.1
-    done
-    echo "node $name did not start:" >&2
-    cat "$work/$name.log" >&2
-    exit 1
-}
-
-first=$(start_node a 0..10)
+start_node a 0..10
+first=$(addr_of a)
 echo "node a serves layers 0..10 at $first" >&2
-start_node b 10..20 --bootstrap "$first" >/dev/null
+start_node b 10..20 --bootstrap "$first"
 echo "node b serves layers 10..20" >&2
-start_node c 20..30 --bootstrap "$first" >/dev/null
+start_node c 20..30 --bootstrap "$first"
 echo "node c serves layers 20..30" >&2
 
 echo >&2

@@ -15,7 +15,7 @@ use libp2p::PeerId;
 use tokio::task::JoinHandle;
 
 use super::{
-    FailoverEvent, RemoteError, RemotePipeline, RouteContext, RouteSegment, Segment, SegmentSession,
+    open_route, FailoverEvent, RemoteError, RemotePipeline, RouteContext, RouteSegment, Segment,
 };
 use crate::client::connect::candidates;
 use crate::network::discovery::discover;
@@ -93,21 +93,7 @@ async fn rebuild(
     route: &[RouteSegment],
     history: &[WireTensor],
 ) -> Result<Vec<Segment>, RemoteError> {
-    let mut segments = Vec::with_capacity(route.len());
-    for segment in route {
-        let session = SegmentSession::open(
-            &context.network,
-            context.target.id,
-            segment.clone(),
-            context.max_len,
-            context.dtype,
-        )
-        .await?;
-        segments.push(Segment {
-            session,
-            history: Vec::new(),
-        });
-    }
+    let mut segments = open_route(context, route).await?;
     replay_chain(&mut segments, history.to_vec()).await?;
     Ok(segments)
 }

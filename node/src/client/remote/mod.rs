@@ -81,6 +81,29 @@ pub struct Segment {
     pub history: Vec<WireTensor>,
 }
 
+/// Opens a session on every segment of `route`, in order, with empty histories.
+async fn open_route(
+    context: &RouteContext,
+    route: &[RouteSegment],
+) -> Result<Vec<Segment>, RemoteError> {
+    let mut segments = Vec::with_capacity(route.len());
+    for segment in route {
+        let session = SegmentSession::open(
+            &context.network,
+            context.target.id,
+            segment.clone(),
+            context.max_len,
+            context.dtype,
+        )
+        .await?;
+        segments.push(Segment {
+            session,
+            history: Vec::new(),
+        });
+    }
+    Ok(segments)
+}
+
 /// What the pipeline needs to open sessions anywhere in the swarm.
 #[derive(Clone)]
 pub struct RouteContext {
@@ -123,21 +146,7 @@ pub struct RemotePipeline {
 impl RemotePipeline {
     /// Opens one session per segment of `route`, in order.
     pub async fn open(context: RouteContext, route: &[RouteSegment]) -> Result<Self, RemoteError> {
-        let mut segments = Vec::with_capacity(route.len());
-        for segment in route {
-            let session = SegmentSession::open(
-                &context.network,
-                context.target.id,
-                segment.clone(),
-                context.max_len,
-                context.dtype,
-            )
-            .await?;
-            segments.push(Segment {
-                session,
-                history: Vec::new(),
-            });
-        }
+        let segments = open_route(&context, route).await?;
         Ok(Self {
             runtime: tokio::runtime::Handle::current(),
             context,
