@@ -56,13 +56,12 @@ impl ClientModel {
             .tokenizer
             .chat_template()
             .ok_or(chat_template::ChatTemplateError::Missing)?;
-        let token = |id| self.tokenizer.token_text(id).unwrap_or_default();
-        chat_template::render(
-            template,
-            messages,
-            true,
-            &token(1),
-            &token(self.tokenizer.eos()),
-        )
+        let text = |id: Option<u32>| {
+            id.and_then(|id| self.tokenizer.token_text(id))
+                .unwrap_or_default()
+        };
+        let bos = text(self.tokenizer.bos());
+        let eos = text(Some(self.tokenizer.eos()));
+        chat_template::render(template, messages, true, &bos, &eos)
     }
 }

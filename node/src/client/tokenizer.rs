@@ -138,6 +138,10 @@ impl ModelTokenizer {
         self.eos
     }
 
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
