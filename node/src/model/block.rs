@@ -1,10 +1,11 @@
 //! One transformer block: pre-norm grouped-query attention, then a pre-norm SwiGLU MLP.
 //! Tensor names are llama.cpp's (`blk.N.attn_q.weight`, ...).
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{Result, Tensor};
 
 use super::gguf::{self, GgufFile};
+use super::kernels::Linear;
 use super::kv_cache::ShardCache;
 use super::rope::Rope;
 use super::{LlamaConfig, ModelError};
@@ -57,25 +58,25 @@ pub fn load_checked(
     gguf.tensor(name)
 }
 
-fn load_matmul(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> LoadResult<QMatMul> {
+fn load_matmul(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> LoadResult<Linear> {
     let q = load_checked(gguf, name, &[out, inp], gguf::is_supported_weight_type)?;
-    Ok(QMatMul::from_qtensor(q)?)
+    Ok(Linear::new(q)?)
 }
 
 pub struct Attention {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     head_count: usize,
     head_count_kv: usize,
     head_dim: usize,
 }
 
 pub struct Mlp {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 pub struct Block {

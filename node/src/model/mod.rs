@@ -8,6 +8,7 @@
 pub mod block;
 pub mod config;
 pub mod gguf;
+pub mod kernels;
 pub mod kv_cache;
 pub mod model_id;
 pub mod rope;
