@@ -9,16 +9,6 @@ use allmende_protocol::{ClientMessage, LayerRange, ServerMessage};
 use support::raw::{ask, hidden, RawClient};
 use support::swarm::{allmende, ids, json_of, wait_for_status, Node};
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Linux /proc");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_node_says_busy_and_the_client_uses_another_replica() {
     let full = Node::start("0..30", None, &["--max-sessions", "1"]);
@@ -129,7 +119,7 @@ async fn sessions_leave_no_memory_behind() {
         drop(session(true).await);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let baseline = rss_bytes(pid);
+    let baseline = support::rss_bytes(pid);
 
     for _ in 0..200 {
         drop(session(true).await);
@@ -139,7 +129,7 @@ async fn sessions_leave_no_memory_behind() {
     for _ in 0..50 {
         abandoned.push(session(false).await);
     }
-    let peak = rss_bytes(pid);
+    let peak = support::rss_bytes(pid);
     let status = wait_for_status(&node.addr, Duration::from_secs(1), |_| true);
     let free = status["peers"][0]["free_sessions"].as_u64().unwrap();
     assert!(
@@ -148,7 +138,7 @@ async fn sessions_leave_no_memory_behind() {
     );
 
     tokio::time::sleep(Duration::from_secs(7)).await;
-    let after = rss_bytes(pid);
+    let after = support::rss_bytes(pid);
     let status = wait_for_status(&node.addr, Duration::from_secs(1), |_| true);
     assert_eq!(
         status["peers"][0]["free_sessions"], 64,

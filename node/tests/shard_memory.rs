@@ -8,16 +8,6 @@ use allmende_node::model::{GgufFile, Shard};
 use allmende_protocol::LayerRange;
 use indicatif::ProgressBar;
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("Linux /proc");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
-    kb * 1024
-}
-
 #[test]
 fn ten_of_thirty_layers_cost_a_third_of_the_memory() {
     let path = support::model_path();
@@ -26,9 +16,9 @@ fn ten_of_thirty_layers_cost_a_third_of_the_memory() {
     let thirty: u64 = (0..30).map(|i| layer_bytes(&gguf, i)).sum();
     drop(gguf);
 
-    let before = rss_bytes();
+    let before = support::rss_bytes(std::process::id());
     let shard = Shard::load(&path, LayerRange::new(10, 20), &ProgressBar::hidden()).unwrap();
-    let held = rss_bytes().saturating_sub(before);
+    let held = support::rss_bytes(std::process::id()).saturating_sub(before);
     eprintln!(
         "10 of 30 layers: RSS grew by {:.1} MB; their weights are {:.1} MB of {:.1} MB",
         held as f64 / 1e6,

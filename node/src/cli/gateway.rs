@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::swarm::{join_as_client, model_file, SwarmArgs};
+use super::swarm::{join_as_client, model_file, model_target, SwarmArgs};
 use crate::api::{self, Gateway};
-use crate::client::connect::ModelTarget;
 use crate::client::ClientModel;
 use crate::metrics::Metrics;
 use crate::model::GgufFile;
@@ -80,20 +79,10 @@ pub fn build_gateway(
 ) -> anyhow::Result<Arc<Gateway>> {
     let mut gguf = GgufFile::open(model_path)?;
     let model = ClientModel::from_gguf(&mut gguf)?;
-    let bar = super::loading_bar("hashing model");
-    let id = crate::model::model_id(model_path, &bar)?;
-    bar.finish_and_clear();
-    let target = ModelTarget {
-        id,
-        name: gguf
-            .string("general.name")
-            .unwrap_or("unnamed model")
-            .to_string(),
-        block_count: model.config.block_count as u32,
-    };
+    let target = model_target(&gguf, model.config.block_count)?;
     let model_name = model_path
         .file_stem()
-        .map_or_else(|| id.short(), |s| s.to_string_lossy().into_owned());
+        .map_or_else(|| target.id.short(), |s| s.to_string_lossy().into_owned());
     Ok(Gateway::new(
         Arc::new(model),
         target,

@@ -10,9 +10,9 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use super::swarm::{join_as_client, model_file, SwarmArgs};
+use super::swarm::{join_as_client, model_file, model_target, SwarmArgs};
 use crate::client::chat_template::ChatMessage;
-use crate::client::connect::{connect, ModelTarget};
+use crate::client::connect::connect;
 use crate::client::generate::{check_prompt, session_length};
 use crate::client::{
     generate, ClientModel, Generation, GenerationParams, LocalPipeline, Pipeline, RouteSegment,
@@ -162,17 +162,7 @@ async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
         prompt_ids,
         params,
     } = p;
-    let bar = super::loading_bar("hashing model");
-    let id = crate::model::model_id(gguf.path(), &bar)?;
-    bar.finish_and_clear();
-    let target = ModelTarget {
-        id,
-        name: gguf
-            .string("general.name")
-            .unwrap_or("unnamed model")
-            .to_string(),
-        block_count: model.config.block_count as u32,
-    };
+    let target = model_target(&gguf, model.config.block_count)?;
     drop(gguf);
     let network = join_as_client(&args.swarm).await?;
     let max_len = session_length(&model, prompt_ids.len(), &params) as u32;

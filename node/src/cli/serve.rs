@@ -10,7 +10,7 @@ use clap::Args;
 use libp2p::Multiaddr;
 
 use super::gateway::{build_gateway, ApiArgs};
-use super::swarm::{join_swarm, model_file, SwarmArgs};
+use super::swarm::{join_swarm, model_file, model_target, SwarmArgs};
 use crate::model::shard::layer_bytes;
 use crate::model::{GgufFile, LlamaConfig, Shard};
 use crate::network::discovery::discover;
@@ -91,13 +91,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let model_path = model_file(args.model.as_deref())?;
     let mut gguf = GgufFile::open(&model_path)?;
     let config = LlamaConfig::from_gguf(&gguf)?;
-    let model_name = gguf
-        .string("general.name")
-        .unwrap_or("unnamed model")
-        .to_string();
-    let bar = super::loading_bar("hashing model");
-    let model = crate::model::model_id(&model_path, &bar)?;
-    bar.finish_and_clear();
+    let target = model_target(&gguf, config.block_count)?;
+    let (model, model_name) = (target.id, target.name);
 
     let explicit = match args.layers.as_str() {
         "auto" => None,

@@ -9,6 +9,8 @@ use libp2p::identity::Keypair;
 use libp2p::pnet::PreSharedKey;
 use libp2p::Multiaddr;
 
+use crate::client::connect::ModelTarget;
+use crate::model::GgufFile;
 use crate::network::{identity, Network, NetworkConfig};
 use crate::paths;
 
@@ -125,4 +127,20 @@ pub fn model_file(model: Option<&Path>) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// What the swarm knows the model by: its content hash (with a progress bar the first
+/// time a file is hashed), its name, and its layer count.
+pub fn model_target(gguf: &GgufFile, block_count: usize) -> anyhow::Result<ModelTarget> {
+    let bar = super::loading_bar("hashing model");
+    let id = crate::model::model_id(gguf.path(), &bar)?;
+    bar.finish_and_clear();
+    Ok(ModelTarget {
+        id,
+        name: gguf
+            .string("general.name")
+            .unwrap_or("unnamed model")
+            .to_string(),
+        block_count: block_count as u32,
+    })
 }
