@@ -4,6 +4,7 @@
 mod announce;
 mod compute;
 pub mod guard;
+mod memory;
 mod session;
 
 use std::sync::atomic::AtomicU64;
@@ -22,6 +23,9 @@ pub use compute::ComputeQueue;
 use crate::metrics::Metrics;
 use crate::model::Shard;
 use crate::network::Network;
+
+/// How often freed session memory is handed back to the system.
+const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Limits a server enforces on every session.
 #[derive(Clone, Debug)]
@@ -147,6 +151,7 @@ impl ShardServer {
     ) -> Result<(), crate::network::NetworkError> {
         let mut incoming = network.accept()?;
         let mut prune = tokio::time::interval(guard::OFFENCE_WINDOW);
+        let mut trim = tokio::time::interval(MEMORY_TRIM_INTERVAL);
         loop {
             let (peer, stream) = tokio::select! {
                 next = incoming.next() => match next {
@@ -155,6 +160,10 @@ impl ShardServer {
                 },
                 _ = prune.tick() => {
                     self.guard(|g| g.prune(Instant::now()));
+                    continue;
+                }
+                _ = trim.tick() => {
+                    memory::trim_if_needed();
                     continue;
                 }
             };

@@ -40,6 +40,7 @@ struct PeerSlot {
 impl Drop for PeerSlot {
     fn drop(&mut self) {
         self.server.guard(|g| g.on_close(&self.peer));
+        super::memory::session_ended();
     }
 }
 
