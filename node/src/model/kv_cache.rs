@@ -65,15 +65,6 @@ impl ShardCache {
         self.batch = Some(batch);
     }
 
-    /// Bytes held by the cache tensors.
-    pub fn size_in_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|l| 2 * l.k.elem_count() * DType::F32.size_in_bytes())
-            .sum()
-    }
-
     /// Makes room for `extra` more positions in every layer (growing by whole chunks).
     pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
         let needed = self.len + extra;

@@ -227,16 +227,6 @@ impl EventLoop {
                     let _ = reply.send(self.listen_addrs.clone());
                 }
             }
-            Command::Dial(addr, reply) => {
-                let result = self
-                    .swarm
-                    .dial(addr.clone())
-                    .map_err(|e| NetworkError::Dial {
-                        addr,
-                        reason: e.to_string(),
-                    });
-                let _ = reply.send(result);
-            }
             Command::WaitForPeers(reply) => {
                 self.peer_waiters.push(reply);
                 self.notify_peer_waiters();
@@ -274,9 +264,6 @@ impl EventLoop {
                 tracing::warn!(%peer, "banned for {duration:?}");
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 self.bans.push((Instant::now() + duration, peer));
-            }
-            Command::ConnectedPeers(reply) => {
-                let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
         }
     }

@@ -56,7 +56,6 @@ pub enum NetworkError {
 #[derive(Debug)]
 pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
-    Dial(Multiaddr, oneshot::Sender<Result<(), NetworkError>>),
     WaitForPeers(oneshot::Sender<()>),
     AddAddresses(PeerId, Vec<Multiaddr>),
     StartProviding(RecordKey),
@@ -69,7 +68,6 @@ pub(crate) enum Command {
     RemoveRecord(RecordKey),
     GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
     GetRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
-    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     Ban(PeerId, Duration),
 }
 
@@ -131,10 +129,6 @@ impl Network {
         self.ask(Command::ListenAddrs).await
     }
 
-    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
-        self.ask(|tx| Command::Dial(addr, tx)).await?
-    }
-
     /// Waits until the DHT knows at least one other peer, or `timeout` passes.
     pub async fn wait_for_peers(&self, timeout: Duration, what: &str) -> Result<(), NetworkError> {
         let wait = self.ask(Command::WaitForPeers);
@@ -184,10 +178,6 @@ impl Network {
     /// Disconnects `peer` and refuses its connections for `duration`.
     pub async fn ban(&self, peer: PeerId, duration: Duration) -> Result<(), NetworkError> {
         self.send(Command::Ban(peer, duration)).await
-    }
-
-    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
-        self.ask(Command::ConnectedPeers).await
     }
 
     /// Opens an inference-protocol stream to `peer` (dialling it if needed).

@@ -285,7 +285,11 @@ async fn run(
     }
     open.cache = Some(cache);
     let internal = |e: String| (ErrorKind::Internal, e);
-    let output = Tensor::cat(&outputs, 1).map_err(|e| internal(e.to_string()))?;
+    // A plain step (the common case) needs no concatenation copy.
+    let output = match outputs.len() {
+        1 => outputs.swap_remove(0),
+        _ => Tensor::cat(&outputs, 1).map_err(|e| internal(e.to_string()))?,
+    };
     let dims: Vec<u32> = output.dims().iter().map(|&d| d as u32).collect();
     let values = output
         .flatten_all()
