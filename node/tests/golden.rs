@@ -7,8 +7,12 @@
 //! f64 reference with dequantized weights differs by 0.14 rms, llama.cpp vs the same
 //! reference by 0.23 rms (0.75 max), and this crate vs llama.cpp by 0.25 rms. Rounding
 //! only the K/V cache to f16 (a 2^-11 relative change) moves this crate's logits by
-//! about as much. So tokens are compared exactly except where llama.cpp itself reports
-//! a near-tie, and logits within [`LOGIT_TOLERANCE`].
+//! about as much. Changing only the order in which the Q4_1 kernel sums (outputs
+//! differing by ~3e-7 relative, a few ulps) moved them to 0.38 rms from llama.cpp, 0.38
+//! at worst in its top-10; rounding the 8-bit activations as ggml does (half to even)
+//! instead of as candle does gave 0.44 rms, 0.21 at worst in the top-10. So tokens are
+//! compared exactly except where llama.cpp itself reports a near-tie, and logits within
+//! [`LOGIT_TOLERANCE`].
 
 mod support;
 
@@ -20,10 +24,11 @@ use allmende_node::model::{GgufFile, Shard};
 use allmende_protocol::LayerRange;
 use indicatif::ProgressBar;
 
-/// Largest accepted difference between a logit here and llama.cpp's: about twice the
-/// largest top-10 deviation measured (0.16), and well below the spread across the
-/// whole vocabulary between two correct implementations (0.75–0.84).
-const LOGIT_TOLERANCE: f32 = 0.35;
+/// Largest accepted difference between a logit here and llama.cpp's: above the top-10
+/// deviations that ulp-level changes of the arithmetic produced (0.16–0.38), and well
+/// below the spread across the whole vocabulary between two correct implementations
+/// (0.75–0.84).
+const LOGIT_TOLERANCE: f32 = 0.5;
 
 /// A greedy step whose top-2 log-probability margin is below this is a near-tie:
 /// implementations that differ by the noise above may pick either token.
@@ -140,7 +145,9 @@ fn last_logits_agree_with_llama_cpp() {
         .sum::<f32>()
         / logits.len() as f32)
         .sqrt();
-    assert!(rms < 0.35, "rms logit difference {rms}");
+    // Measured: 0.25–0.44 over the arithmetic variants above; llama.cpp itself is 0.23
+    // from an f64 reference.
+    assert!(rms < 0.5, "rms logit difference {rms}");
 }
 
 #[test]

@@ -3,17 +3,18 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::Tensor;
 
 use crate::model::block::{load_checked, RmsNorm};
 use crate::model::gguf::{self, GgufFile};
+use crate::model::kernels::Linear;
 use crate::model::{LlamaConfig, ModelError};
 
 pub struct ClientHead {
-    embedding: Arc<QTensor>,
+    embedding: Linear,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    /// `None`: the LM head is tied to the embedding.
+    output: Option<Linear>,
     vocab_size: usize,
     hidden_size: usize,
 }
@@ -21,27 +22,21 @@ pub struct ClientHead {
 impl ClientHead {
     pub fn load(gguf: &mut GgufFile, cfg: &LlamaConfig) -> Result<Self, ModelError> {
         let (vocab, d) = (cfg.vocab_size, cfg.hidden_size);
-        let embedding = Arc::new(load_checked(
-            gguf,
-            "token_embd.weight",
-            &[vocab, d],
-            gguf::is_supported_weight_type,
-        )?);
+        let matrix = |gguf: &mut GgufFile, name: &str| -> Result<Linear, ModelError> {
+            let q = load_checked(gguf, name, &[vocab, d], gguf::is_supported_weight_type)?;
+            Ok(Linear::new(Arc::new(q))?)
+        };
+        let embedding = matrix(gguf, "token_embd.weight")?;
         let norm = RmsNorm::load(gguf, "output_norm.weight", d, cfg.rms_eps)?;
         // Many small models tie the LM head to the embedding and ship no output.weight.
-        let lm_head = match gguf.tensor_info("output.weight") {
-            Some(_) => QMatMul::from_qtensor(load_checked(
-                gguf,
-                "output.weight",
-                &[vocab, d],
-                gguf::is_supported_weight_type,
-            )?)?,
-            None => QMatMul::from_arc(embedding.clone())?,
+        let output = match gguf.tensor_info("output.weight") {
+            Some(_) => Some(matrix(gguf, "output.weight")?),
+            None => None,
         };
         Ok(Self {
             embedding,
             norm,
-            lm_head,
+            output,
             vocab_size: vocab,
             hidden_size: d,
         })
@@ -59,8 +54,7 @@ impl ClientHead {
                 self.vocab_size
             )));
         }
-        let ids = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu)?;
-        Ok(self.embedding.embedding(&ids)?)
+        Ok(self.embedding.rows(ids)?.unsqueeze(0)?)
     }
 
     /// Logits of the last position of `hidden` (`[1, seq, hidden]`).
@@ -73,7 +67,9 @@ impl ClientHead {
             )));
         }
         let last = hidden.narrow(1, seq - 1, 1)?.contiguous()?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        let normed = self.norm.forward(&last)?;
+        let lm_head = self.output.as_ref().unwrap_or(&self.embedding);
+        let logits = candle_core::utils::with_threadpool(|| lm_head.forward(&normed))?;
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 }

@@ -60,7 +60,7 @@ pub fn load_checked(
 
 fn load_matmul(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> LoadResult<Linear> {
     let q = load_checked(gguf, name, &[out, inp], gguf::is_supported_weight_type)?;
-    Ok(Linear::new(q)?)
+    Ok(Linear::new(std::sync::Arc::new(q))?)
 }
 
 pub struct Attention {

@@ -84,7 +84,19 @@ impl Shard {
     /// Runs the layers of `cache`'s range over `hidden` (`[batch, seq, hidden_size]`)
     /// for the session whose history is `cache`, and returns hidden states of the same
     /// shape. On error the cache is left as it was.
+    ///
+    /// Runs on a thread of candle's compute pool, so that the parallel operations
+    /// inside (norms, softmax) split their work there instead of waking pool threads
+    /// from outside for every operation.
     pub fn forward(&self, hidden: &Tensor, cache: &mut ShardCache) -> Result<Tensor, ForwardError> {
+        candle_core::utils::with_threadpool(|| self.forward_in_pool(hidden, cache))
+    }
+
+    fn forward_in_pool(
+        &self,
+        hidden: &Tensor,
+        cache: &mut ShardCache,
+    ) -> Result<Tensor, ForwardError> {
         let (batch, seq) = match hidden.dims() {
             &[b, s, h] if h == self.config.hidden_size && b > 0 && s > 0 => (b, s),
             dims => {

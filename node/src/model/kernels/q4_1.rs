@@ -1,25 +1,21 @@
-//! Q4_1 weights times activations quantized to Q8_1, as ggml and candle compute it:
-//! per 32-value block, `sumi * d_w * d_x + m_w * s_x`, summed over blocks in order.
-//!
-//! The integer part `sumi` is exact whatever computes it, and the float part is done
-//! in the same order as candle's scalar `vec_dot`, so every output equals candle's bit
-//! for bit; only the integer part uses AVX2 when the CPU has it.
+//! Q4_1 weights (per 32 values: f16 scale `d`, f16 minimum `m`, 4-bit quants) times
+//! activations quantized to Q8_1 (scale, scale × sum of the quants, 8-bit quants):
+//! `acc += (d_w × d_x) × lanes` per block, `summs += m_w × s_x`, result
+//! `lane_sum(acc) + summs` — ggml's AVX2 `vec_dot_q4_1_q8_1`.
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{bail, Device, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
-const BLOCK: usize = 32;
-/// Output rows per parallel task.
-const ROWS_PER_TASK: usize = 32;
+use super::{f16_round, input_rows, lane_sum, parallel_rows, quantize_block, rows_into};
+use super::{BlockMatrix, Simd, BLOCK};
 
 /// One block of 32 weights as stored in the file (20 bytes): scale and minimum as f16
 /// bits, 32 nibbles. Kept compact: these blocks are most of a node's memory.
 #[derive(Clone, Copy, Debug)]
-struct BlockQ4_1 {
+pub struct BlockQ4_1 {
     d: u16,
     m: u16,
     qs: [u8; 16],
@@ -32,11 +28,20 @@ impl BlockQ4_1 {
             f16::from_bits(self.m).to_f32(),
         )
     }
+
+    /// Weight `j` of the block: low nibbles are weights 0..16, high ones 16..32.
+    fn weight(&self, j: usize) -> i32 {
+        if j < BLOCK / 2 {
+            (self.qs[j] & 0x0F) as i32
+        } else {
+            (self.qs[j - BLOCK / 2] >> 4) as i32
+        }
+    }
 }
 
 /// One block of 32 activations: scale, scale × sum of the quants, 32 signed bytes.
 #[derive(Clone, Copy, Debug)]
-struct BlockQ8_1 {
+pub struct BlockQ8_1 {
     d: f32,
     s: f32,
     qs: [i8; 32],
@@ -47,7 +52,7 @@ pub struct Q4_1Matrix {
     cols: usize,
     /// `rows × cols / 32` blocks, row-major.
     blocks: Vec<BlockQ4_1>,
-    avx2: bool,
+    simd: Simd,
 }
 
 impl Q4_1Matrix {
@@ -61,7 +66,7 @@ impl Q4_1Matrix {
             bail!("Q4_1 rows of {cols} values are not whole blocks");
         }
         let bytes = t.data()?;
-        // candle's BlockQ4_1 layout: f16 d, f16 m, 16 bytes of nibbles (20 bytes).
+        // ggml's block_q4_1: f16 d, f16 m, 16 bytes of nibbles (20 bytes).
         let blocks: Vec<BlockQ4_1> = bytes
             .chunks_exact(20)
             .map(|b| {
@@ -85,223 +90,165 @@ impl Q4_1Matrix {
             rows,
             cols,
             blocks,
-            avx2: has_avx2(),
+            simd: Simd::detect(),
         })
+    }
+
+    /// The same matrix computed without SIMD (for tests of the SIMD path).
+    #[cfg(test)]
+    pub fn portable(self) -> Self {
+        Self {
+            simd: Simd::Portable,
+            ..self
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Appends row `r`, dequantized, to `out`.
+    pub fn dequantize_row(&self, r: usize, out: &mut Vec<f32>) {
+        for x in self.row(r) {
+            let (d, m) = x.scales();
+            out.extend((0..BLOCK).map(|j| x.weight(j) as f32 * d + m));
+        }
     }
 
     /// `x`: `[..., cols]` → `[..., rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == self.cols => *last = self.rows,
-            _ => bail!(
-                "input of shape {:?} does not end in {}",
-                x.dims(),
-                self.cols
-            ),
-        }
-        let values = x.flatten_all()?.to_vec1::<f32>()?;
-        let tokens = values.len() / self.cols;
+        let (values, dims) = input_rows(x, self.cols, self.rows)?;
         let activations: Vec<Vec<BlockQ8_1>> =
             values.chunks_exact(self.cols).map(quantize_q8_1).collect();
-        let out = self.matmul(&activations);
-        let out = if tokens == 1 {
-            out
-        } else {
-            transpose(&out, self.rows, tokens)
-        };
-        Tensor::from_vec(out, dims, &Device::Cpu)
-    }
-
-    /// Row-major `[rows, tokens]` outputs.
-    fn matmul(&self, activations: &[Vec<BlockQ8_1>]) -> Vec<f32> {
-        let tokens = activations.len();
-        let per_row = self.cols / BLOCK;
-        let mut out = vec![0f32; self.rows * tokens];
-        candle_core::utils::with_threadpool(|| {
-            out.par_chunks_mut(ROWS_PER_TASK * tokens)
-                .enumerate()
-                .for_each(|(task, chunk)| {
-                    let first = task * ROWS_PER_TASK;
-                    for (i, row_out) in chunk.chunks_mut(tokens).enumerate() {
-                        let row = &self.blocks[(first + i) * per_row..(first + i + 1) * per_row];
-                        for (o, act) in row_out.iter_mut().zip(activations) {
-                            *o = self.dot(row, act);
-                        }
-                    }
-                });
-        });
-        out
-    }
-
-    fn dot(&self, row: &[BlockQ4_1], act: &[BlockQ8_1]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: the CPU supports AVX2 and F16C (checked at construction).
-            return unsafe { avx2::dot(row, act) };
-        }
-        dot_scalar(row, act)
+        parallel_rows(self.rows, activations.len(), dims, |first, out| {
+            rows_into(self, first, &activations, out)
+        })
     }
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-fn transpose(rows_by_tokens: &[f32], rows: usize, tokens: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * tokens];
-    for r in 0..rows {
-        for t in 0..tokens {
-            out[t * rows + r] = rows_by_tokens[r * tokens + t];
-        }
-    }
-    out
-}
-
-/// ggml's `quantize_row_q8_1`, with candle's roundings (the sum scaled in f16).
+/// ggml's `quantize_row_q8_1`: `s` is the unrounded scale times the quants' sum.
 fn quantize_q8_1(x: &[f32]) -> Vec<BlockQ8_1> {
     x.chunks_exact(BLOCK)
         .map(|xs| {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let d16 = f16::from_f32(d);
-            let mut qs = [0i8; 32];
-            let mut sum = 0i32;
-            for j in 0..BLOCK / 2 {
-                qs[j] = (xs[j] * id).round() as i8;
-                qs[j + BLOCK / 2] = (xs[j + BLOCK / 2] * id).round() as i8;
-                sum += qs[j] as i32 + qs[j + BLOCK / 2] as i32;
-            }
+            let (d, qs) = quantize_block(xs);
+            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
             BlockQ8_1 {
-                d: d16.to_f32(),
-                s: (f16::from_f32(sum as f32) * d16).to_f32(),
+                d: f16_round(d),
+                s: f16_round(d * sum as f32),
                 qs,
             }
         })
         .collect()
 }
 
-fn sumi_scalar(x: &BlockQ4_1, y: &BlockQ8_1) -> i32 {
-    let mut sumi = 0i32;
-    for j in 0..BLOCK / 2 {
-        let v0 = (x.qs[j] & 0x0F) as i32;
-        let v1 = (x.qs[j] >> 4) as i32;
-        sumi += v0 * y.qs[j] as i32 + v1 * y.qs[j + BLOCK / 2] as i32;
-    }
-    sumi
-}
+impl BlockMatrix for Q4_1Matrix {
+    type Weight = BlockQ4_1;
+    type Act = BlockQ8_1;
 
-fn dot_scalar(row: &[BlockQ4_1], act: &[BlockQ8_1]) -> f32 {
-    let mut sumf = 0f32;
-    for (x, y) in row.iter().zip(act) {
-        let (d, m) = x.scales();
-        sumf += sumi_scalar(x, y) as f32 * d * y.d + m * y.s;
+    fn simd(&self) -> Simd {
+        self.simd
     }
-    sumf
+
+    fn row(&self, r: usize) -> &[BlockQ4_1] {
+        let per_row = self.cols / BLOCK;
+        &self.blocks[r * per_row..(r + 1) * per_row]
+    }
+
+    fn dot_portable(row: &[BlockQ4_1], act: &[BlockQ8_1]) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut summs = 0f32;
+        for (x, y) in row.iter().zip(act) {
+            let (d, m) = x.scales();
+            let scale = d * y.d;
+            for (lane, acc) in acc.iter_mut().enumerate() {
+                let sumi: i32 = (4 * lane..4 * lane + 4)
+                    .map(|j| x.weight(j) * y.qs[j] as i32)
+                    .sum();
+                *acc = scale.mul_add(sumi as f32, *acc);
+            }
+            summs += m * y.s;
+        }
+        lane_sum(acc) + summs
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_avx2<const R: usize, const T: usize>(
+        rows: [&[BlockQ4_1]; R],
+        acts: [&[BlockQ8_1]; T],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { avx2::tile(rows, acts, out, stride) }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::lane_sum;
     use super::{BlockQ4_1, BlockQ8_1};
 
-    /// Same result as `dot_scalar`: the integer sums are exact, the float steps are
-    /// the same operations in the same order.
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn dot(row: &[BlockQ4_1], act: &[BlockQ8_1]) -> f32 {
+    /// How far ahead of the block in use to prefetch weights, in bytes: decode streams
+    /// every weight once per token, and waiting for them was most of its time.
+    const PREFETCH: usize = 4096;
+
+    /// `R` weight rows against `T` tokens into `out[r * stride + t]`; per row and
+    /// token the same operations as `dot_portable`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile<const R: usize, const T: usize>(
+        rows: [&[BlockQ4_1]; R],
+        acts: [&[BlockQ8_1]; T],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         let low = _mm_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let mut sumf = 0f32;
-        for (x, y) in row.iter().zip(act) {
-            // SAFETY: `qs` are 16 and 32 bytes; unaligned loads of exactly that size.
-            let packed = unsafe { _mm_loadu_si128(x.qs.as_ptr().cast()) };
-            let lo = _mm_and_si128(packed, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-            // Weights 0..16 are the low nibbles, 16..32 the high ones, as in ggml.
-            let w = _mm256_set_m128i(hi, lo);
-            let a = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
-            // u8 × i8 pairs summed to i16: at most 2 × 15 × 128, no saturation.
-            let pairs = _mm256_maddubs_epi16(w, a);
-            let quads = _mm256_madd_epi16(pairs, ones);
-            let sum128 = _mm_add_epi32(
-                _mm256_castsi256_si128(quads),
-                _mm256_extracti128_si256(quads, 1),
-            );
-            let sum64 = _mm_add_epi32(sum128, _mm_unpackhi_epi64(sum128, sum128));
-            let sum32 = _mm_add_epi32(sum64, _mm_shuffle_epi32(sum64, 1));
-            let sumi = _mm_cvtsi128_si32(sum32);
-            // Both f16 scales to f32 in one instruction (exact, as half's to_f32).
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((x.d as u32 | (x.m as u32) << 16) as i32));
-            let d = _mm_cvtss_f32(dm);
-            let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
-            sumf += sumi as f32 * d * y.d + m * y.s;
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let mut summs = [[0f32; T]; R];
+        for b in 0..rows[0].len() {
+            let mut w = [_mm256_setzero_si256(); R];
+            let mut d = [0f32; R];
+            let mut m = [0f32; R];
+            for r in 0..R {
+                let x = &rows[r][b];
+                _mm_prefetch::<_MM_HINT_T0>(x.qs.as_ptr().wrapping_add(PREFETCH).cast());
+                // SAFETY: `qs` is 16 bytes; an unaligned load of exactly that size.
+                let packed = unsafe { _mm_loadu_si128(x.qs.as_ptr().cast()) };
+                let lo = _mm_and_si128(packed, low);
+                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+                w[r] = _mm256_set_m128i(hi, lo);
+                // Both f16 scales to f32 in one instruction (exact, as half's to_f32).
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((x.d as u32 | (x.m as u32) << 16) as i32));
+                d[r] = _mm_cvtss_f32(dm);
+                m[r] = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+            }
+            for t in 0..T {
+                let y = &acts[t][b];
+                // SAFETY: `qs` is 32 bytes; an unaligned load of exactly that size.
+                let a = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
+                for r in 0..R {
+                    // u8 × i8 pairs summed to i16 (at most 2 × 15 × 128: no
+                    // saturation), then eight i32 lanes of four products each: exact.
+                    let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], a), ones);
+                    let scale = _mm256_set1_ps(d[r] * y.d);
+                    acc[r][t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(lanes), acc[r][t]);
+                    summs[r][t] += m[r] * y.s;
+                }
+            }
         }
-        sumf
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::quantized::QMatMul;
-    use candle_core::Module;
-
-    fn weights(rows: usize, cols: usize) -> QTensor {
-        let w = Tensor::randn(0f32, 0.5, (rows, cols), &Device::Cpu).unwrap();
-        QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()
-    }
-
-    #[test]
-    fn equals_candle_bit_for_bit() {
-        for (rows, cols, tokens) in [(96, 64, 1), (192, 576, 1), (70, 576, 5), (33, 128, 3)] {
-            let q = weights(rows, cols);
-            let ours = Q4_1Matrix::from_qtensor(&q).unwrap();
-            let theirs = QMatMul::from_qtensor(q).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (1, tokens, cols), &Device::Cpu).unwrap();
-            let a = ours
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let b = theirs
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(
-                same,
-                "{rows}x{cols}, {tokens} tokens: {:?} vs {:?}",
-                &a[..4],
-                &b[..4]
-            );
-        }
-    }
-
-    #[test]
-    fn simd_and_scalar_agree() {
-        let q = weights(64, 256);
-        let m = Q4_1Matrix::from_qtensor(&q).unwrap();
-        let x: Vec<f32> = (0..256)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let act = quantize_q8_1(&x);
-        for r in 0..64 {
-            let row = &m.blocks[r * 8..(r + 1) * 8];
-            assert_eq!(m.dot(row, &act).to_bits(), dot_scalar(row, &act).to_bits());
+        for r in 0..R {
+            for t in 0..T {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` is 8 floats; an unaligned store of exactly that size.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][t]) };
+                out[r * stride + t] = lane_sum(lanes) + summs[r][t];
+            }
         }
     }
 }
