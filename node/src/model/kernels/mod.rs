@@ -91,6 +91,11 @@ enum Simd {
 }
 
 impl Simd {
+    fn cached() -> Self {
+        static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *SIMD.get_or_init(Simd::detect)
+    }
+
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2")
@@ -241,14 +246,60 @@ fn lane_sum(v: [f32; 8]) -> f32 {
 
 /// ggml's activation quantization for 32 values (its AVX2 `quantize_row_q8_0/1`):
 /// quants `round_half_even(x × 127 / amax)`, scale `amax / 127`. Returns the scale
-/// unrounded; blocks store it as f16.
+/// unrounded; blocks store it as f16. Both paths give identical results.
 fn quantize_block(xs: &[f32]) -> (f32, [i8; BLOCK]) {
+    #[cfg(target_arch = "x86_64")]
+    if xs.len() == BLOCK && Simd::cached() == Simd::Avx2 {
+        // SAFETY: the CPU supports AVX2 (checked); `xs` holds 32 values.
+        return unsafe { quantize_avx2(xs) };
+    }
+    quantize_portable(xs)
+}
+
+fn quantize_portable(xs: &[f32]) -> (f32, [i8; BLOCK]) {
     let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut qs = [0i8; BLOCK];
     for (q, x) in qs.iter_mut().zip(xs) {
         *q = (x * id).round_ties_even() as i8;
     }
+    (amax / 127.0, qs)
+}
+
+/// # Safety
+/// The CPU must support AVX2; `xs` must hold 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2(xs: &[f32]) -> (f32, [i8; BLOCK]) {
+    use std::arch::x86_64::*;
+    // SAFETY (loads): `xs` holds 32 floats, read in four unaligned 8-float loads.
+    let v: [__m256; 4] =
+        std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) });
+    let sign = _mm256_set1_ps(-0.0);
+    let mut max = _mm256_andnot_ps(sign, v[0]);
+    for x in &v[1..] {
+        max = _mm256_max_ps(max, _mm256_andnot_ps(sign, *x));
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` is 8 floats; an unaligned store of exactly that size.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max) };
+    let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    // Round half to even (the default rounding mode), as `round_ties_even`.
+    let q: [__m256i; 4] = std::array::from_fn(|i| {
+        _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(_mm256_mul_ps(v[i], id)))
+    });
+    // Pack to bytes (the values are within ±127), then undo the packs' lane interleave.
+    let bytes = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let mut qs = [0i8; BLOCK];
+    // SAFETY: `qs` is 32 bytes; an unaligned store of exactly that size.
+    unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), ordered) };
     (amax / 127.0, qs)
 }
 
@@ -304,6 +355,22 @@ mod tests {
                     "token {t} differs when batched ({rows}x{cols})"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn quantization_paths_agree() {
+        let x = values(&Tensor::randn(0f32, 3.0, 32 * 64, &Device::Cpu).unwrap());
+        let mut cases: Vec<Vec<f32>> = x.chunks(32).map(<[f32]>::to_vec).collect();
+        cases.push(vec![0.0; 32]);
+        // Exact halves after scaling: 127 × k / 254 = k / 2 for amax 254.
+        cases.push(
+            (0..32)
+                .map(|k| if k == 0 { 254.0 } else { k as f32 })
+                .collect(),
+        );
+        for xs in &cases {
+            assert_eq!(quantize_block(xs), quantize_portable(xs), "{xs:?}");
         }
     }
 
