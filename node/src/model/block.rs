@@ -1,11 +1,13 @@
 //! One transformer block: pre-norm grouped-query attention, then a pre-norm SwiGLU MLP.
 //! Tensor names are llama.cpp's (`blk.N.attn_q.weight`, ...).
 
+use std::sync::Arc;
+
 use candle_core::quantized::QTensor;
 use candle_core::{Result, Tensor};
 
 use super::gguf::{self, GgufFile};
-use super::kernels::Linear;
+use super::kernels::{Linear, Stacked};
 use super::kv_cache::ShardCache;
 use super::rope::Rope;
 use super::{LlamaConfig, ModelError};
@@ -58,15 +60,23 @@ pub fn load_checked(
     gguf.tensor(name)
 }
 
-fn load_matmul(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> LoadResult<Linear> {
+fn load_weights(
+    gguf: &mut GgufFile,
+    name: &str,
+    out: usize,
+    inp: usize,
+) -> LoadResult<Arc<QTensor>> {
     let q = load_checked(gguf, name, &[out, inp], gguf::is_supported_weight_type)?;
-    Ok(Linear::new(std::sync::Arc::new(q))?)
+    Ok(Arc::new(q))
+}
+
+fn load_matmul(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> LoadResult<Linear> {
+    Ok(Linear::new(load_weights(gguf, name, out, inp)?)?)
 }
 
 pub struct Attention {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Q, K and V.
+    qkv: Stacked,
     wo: Linear,
     head_count: usize,
     head_count_kv: usize,
@@ -74,8 +84,8 @@ pub struct Attention {
 }
 
 pub struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// Gate and up.
+    gate_up: Stacked,
     down: Linear,
 }
 
@@ -93,9 +103,11 @@ impl Block {
         Ok(Self {
             attn_norm: RmsNorm::load(gguf, &name("attn_norm"), d, cfg.rms_eps)?,
             attn: Attention {
-                wq: load_matmul(gguf, &name("attn_q"), d, d)?,
-                wk: load_matmul(gguf, &name("attn_k"), kv, d)?,
-                wv: load_matmul(gguf, &name("attn_v"), kv, d)?,
+                qkv: Stacked::new(vec![
+                    load_weights(gguf, &name("attn_q"), d, d)?,
+                    load_weights(gguf, &name("attn_k"), kv, d)?,
+                    load_weights(gguf, &name("attn_v"), kv, d)?,
+                ])?,
                 wo: load_matmul(gguf, &name("attn_output"), d, d)?,
                 head_count: cfg.head_count,
                 head_count_kv: cfg.head_count_kv,
@@ -103,8 +115,10 @@ impl Block {
             },
             ffn_norm: RmsNorm::load(gguf, &name("ffn_norm"), d, cfg.rms_eps)?,
             mlp: Mlp {
-                gate: load_matmul(gguf, &name("ffn_gate"), ff, d)?,
-                up: load_matmul(gguf, &name("ffn_up"), ff, d)?,
+                gate_up: Stacked::new(vec![
+                    load_weights(gguf, &name("ffn_gate"), ff, d)?,
+                    load_weights(gguf, &name("ffn_up"), ff, d)?,
+                ])?,
                 down: load_matmul(gguf, &name("ffn_down"), d, ff)?,
             },
         })
@@ -129,8 +143,12 @@ impl Block {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(x)?.silu()?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gate and up expected".into()))?;
+        self.down.forward(&(gate.silu()? * up)?)
     }
 }
 
@@ -148,9 +166,14 @@ impl Attention {
         let pos = cache.len();
 
         let heads = |t: Tensor, n: usize| t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = rope.apply(&heads(self.wq.forward(x)?, nh)?, pos)?;
-        let k = rope.apply(&heads(self.wk.forward(x)?, nkv)?, pos)?;
-        let v = heads(self.wv.forward(x)?, nkv)?;
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("Q, K and V expected".into()))?;
+        let q = rope.apply(&heads(q, nh)?, pos)?;
+        let k = rope.apply(&heads(k, nkv)?, pos)?;
+        let v = heads(v, nkv)?;
         let (k, v) = cache.append(layer, &k, &v)?;
 
         // Grouped-query attention without materialising repeated K/V: query head h

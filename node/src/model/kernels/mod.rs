@@ -84,6 +84,87 @@ impl Linear {
     }
 }
 
+/// Weight matrices that share their input (attention's Q, K and V; the MLP's gate
+/// and up), multiplied as one stacked matrix when their type allows: one pass over
+/// the input and one parallel dispatch instead of several. Each output row is computed
+/// exactly as it would be alone.
+pub enum Stacked {
+    /// One matrix whose rows are the parts' rows in order; the parts' row counts.
+    One(Linear, Vec<usize>),
+    /// Parts of other types, multiplied one by one.
+    Each(Vec<Linear>),
+}
+
+impl Stacked {
+    pub fn new(parts: Vec<Arc<QTensor>>) -> Result<Self> {
+        let sizes: Vec<usize> = parts
+            .iter()
+            .map(|p| p.shape().dims2().map(|(rows, _)| rows))
+            .collect::<Result<_>>()?;
+        let dtype = parts.first().map(|p| p.dtype());
+        let same = |d: GgmlDType| parts.iter().all(|p| p.dtype() == d);
+        match dtype {
+            Some(GgmlDType::Q4_1) if same(GgmlDType::Q4_1) => {
+                let parts: Vec<_> = parts
+                    .iter()
+                    .map(|p| q4_1::Q4_1Matrix::from_qtensor(p))
+                    .collect::<Result<_>>()?;
+                Ok(Stacked::One(
+                    Linear::Q4_1(q4_1::Q4_1Matrix::stack(parts)?),
+                    sizes,
+                ))
+            }
+            Some(GgmlDType::Q8_0) if same(GgmlDType::Q8_0) => {
+                let parts: Vec<_> = parts
+                    .iter()
+                    .map(|p| q8_0::Q8_0Matrix::from_qtensor(p))
+                    .collect::<Result<_>>()?;
+                Ok(Stacked::One(
+                    Linear::Q8_0(q8_0::Q8_0Matrix::stack(parts)?),
+                    sizes,
+                ))
+            }
+            _ => Ok(Stacked::Each(
+                parts.into_iter().map(Linear::new).collect::<Result<_>>()?,
+            )),
+        }
+    }
+
+    /// `x`: `[..., in]` → one contiguous `[..., rows_i]` per part.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Stacked::Each(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Stacked::One(linear, sizes) => {
+                let y = linear.forward(x)?;
+                let last = y.rank() - 1;
+                let mut start = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        let part = y.narrow(last, start, n)?.contiguous();
+                        start += n;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Appends the rows of `parts` (each `(rows, cols, blocks)`) into one matrix.
+fn stack_blocks<B>(parts: Vec<(usize, usize, Vec<B>)>) -> Result<(usize, usize, Vec<B>)> {
+    let cols = match parts.first() {
+        Some(&(_, cols, _)) => cols,
+        None => bail!("nothing to stack"),
+    };
+    if parts.iter().any(|&(_, c, _)| c != cols) {
+        bail!("stacked matrices must have equal row lengths");
+    }
+    let rows = parts.iter().map(|p| p.0).sum();
+    let blocks = parts.into_iter().flat_map(|p| p.2).collect();
+    Ok((rows, cols, blocks))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Simd {
     Avx2,
@@ -354,6 +435,23 @@ mod tests {
                         .all(|(x, y)| x.to_bits() == y.to_bits()),
                     "token {t} differs when batched ({rows}x{cols})"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_parts_equal_separate_matrices() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let parts: Vec<Arc<QTensor>> = [64, 32, 32]
+                .into_iter()
+                .map(|rows| Arc::new(weights(dtype, rows, 128)))
+                .collect();
+            let stacked = Stacked::new(parts.clone()).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (1, 3, 128), &Device::Cpu).unwrap();
+            let outputs = stacked.forward(&x).unwrap();
+            for (part, out) in parts.into_iter().zip(outputs) {
+                let alone = Linear::new(part).unwrap().forward(&x).unwrap();
+                assert_eq!(values(&alone), values(&out), "{dtype:?}");
             }
         }
     }

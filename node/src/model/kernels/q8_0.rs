@@ -83,6 +83,23 @@ impl Q8_0Matrix {
         }
     }
 
+    /// One matrix holding the rows of `parts` in order.
+    pub fn stack(parts: Vec<Self>) -> Result<Self> {
+        let simd = Simd::detect();
+        let (rows, cols, blocks) = super::stack_blocks(
+            parts
+                .into_iter()
+                .map(|p| (p.rows, p.cols, p.blocks))
+                .collect(),
+        )?;
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            simd,
+        })
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
