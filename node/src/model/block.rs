@@ -124,21 +124,32 @@ impl Block {
         })
     }
 
-    /// `x`: `[batch, seq, hidden]`; `layer` indexes this block's slot in `cache`.
+    /// `x`: `[batch, tokens, hidden]`, the tokens of one or more sequences one after
+    /// another (`parts`, each with its own cache); `layer` indexes this block's slot in
+    /// the caches. Everything but attention runs once over all tokens; attention runs
+    /// per part. Each token's result is the same as if its sequence ran alone.
     pub fn forward(
         &self,
         x: &Tensor,
-        cache: &mut ShardCache,
+        parts: &mut [Part<'_>],
         layer: usize,
         rope: &Rope,
-        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let _span = tracing::trace_span!("block", layer).entered();
         let h = (x + self
             .attn
-            .forward(&self.attn_norm.forward(x)?, cache, layer, rope, mask)?)?;
+            .forward(&self.attn_norm.forward(x)?, parts, layer, rope)?)?;
         &h + self.mlp.forward(&self.ffn_norm.forward(&h)?)?
     }
+}
+
+/// One sequence's share of a batched forward: tokens `start..start + len` of the input,
+/// the sequence's cache and its causal mask (`None` for a single token).
+pub struct Part<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub cache: &'a mut ShardCache,
+    pub mask: Option<Tensor>,
 }
 
 impl Mlp {
@@ -156,25 +167,51 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        cache: &mut ShardCache,
+        parts: &mut [Part<'_>],
         layer: usize,
         rope: &Rope,
-        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, seq, hidden) = x.dims3()?;
-        let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
-        let pos = cache.len();
-
-        let heads = |t: Tensor, n: usize| t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous();
         let [q, k, v]: [Tensor; 3] = self
             .qkv
             .forward(x)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("Q, K and V expected".into()))?;
+        let y = match parts {
+            [part] => self.attend(&q, &k, &v, part, layer, rope)?,
+            parts => {
+                let ys = parts
+                    .iter_mut()
+                    .map(|part| {
+                        let rows = |t: &Tensor| t.narrow(1, part.start, part.len);
+                        self.attend(&rows(&q)?, &rows(&k)?, &rows(&v)?, part, layer, rope)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&ys, 1)?
+            }
+        };
+        self.wo.forward(&y)
+    }
+
+    /// Attention of one sequence: `q`, `k`, `v` are `[batch, seq, heads × head_dim]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        part: &mut Part<'_>,
+        layer: usize,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let (b, seq, _) = q.dims3()?;
+        let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
+        let pos = part.cache.len();
+
+        let heads =
+            |t: &Tensor, n: usize| t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous();
         let q = rope.apply(&heads(q, nh)?, pos)?;
         let k = rope.apply(&heads(k, nkv)?, pos)?;
         let v = heads(v, nkv)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
+        let (k, v) = part.cache.append(layer, &k, &v)?;
 
         // Grouped-query attention without materialising repeated K/V: query head h
         // uses KV head h / n_rep, so the n_rep query heads of one KV head are stacked
@@ -182,17 +219,15 @@ impl Attention {
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * seq, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = match mask {
+        let scores = match &part.mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let y = probs.matmul(&v)?; // [b, nkv, n_rep * seq, hd]
-        let y = y
-            .reshape((b, nh, seq, hd))?
+        y.reshape((b, nh, seq, hd))?
             .transpose(1, 2)?
-            .reshape((b, seq, hidden))?;
-        self.wo.forward(&y)
+            .reshape((b, seq, nh * hd))
     }
 }
 

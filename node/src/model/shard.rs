@@ -7,7 +7,7 @@ use allmende_protocol::LayerRange;
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use super::block::{causal_mask, Block};
+use super::block::{causal_mask, Block, Part};
 use super::gguf::GgufFile;
 use super::kv_cache::ShardCache;
 use super::rope::Rope;
@@ -84,19 +84,14 @@ impl Shard {
     /// Runs the layers of `cache`'s range over `hidden` (`[batch, seq, hidden_size]`)
     /// for the session whose history is `cache`, and returns hidden states of the same
     /// shape. On error the cache is left as it was.
-    ///
-    /// Runs on a thread of candle's compute pool, so that the parallel operations
-    /// inside (norms, softmax) split their work there instead of waking pool threads
-    /// from outside for every operation.
     pub fn forward(&self, hidden: &Tensor, cache: &mut ShardCache) -> Result<Tensor, ForwardError> {
-        candle_core::utils::with_threadpool(|| self.forward_in_pool(hidden, cache))
+        self.check(hidden, cache)?;
+        let mut outputs = self.forward_checked(&mut [(hidden, cache)])?;
+        Ok(outputs.remove(0))
     }
 
-    fn forward_in_pool(
-        &self,
-        hidden: &Tensor,
-        cache: &mut ShardCache,
-    ) -> Result<Tensor, ForwardError> {
+    /// Whether [`Shard::forward`] accepts `hidden` for `cache`.
+    pub fn check(&self, hidden: &Tensor, cache: &ShardCache) -> Result<(), ForwardError> {
         let (batch, seq) = match hidden.dims() {
             &[b, s, h] if h == self.config.hidden_size && b > 0 && s > 0 => (b, s),
             dims => {
@@ -129,22 +124,95 @@ impl Shard {
                 max: cache.max_len(),
             });
         }
-        cache.set_batch(batch);
-        cache.reserve(seq)?;
+        Ok(())
+    }
+
+    /// Whether steps for these caches can share one [`Shard::forward_batch`]: the
+    /// same layers, one sequence each.
+    pub fn can_batch(a: &ShardCache, b: &ShardCache) -> bool {
+        a.range() == b.range() && a.batch().unwrap_or(1) == 1 && b.batch().unwrap_or(1) == 1
+    }
+
+    /// Several sessions' steps as one forward (continuous batching): every job must
+    /// pass [`Shard::check`], have batch size 1, and share its layer range with the
+    /// others ([`Shard::can_batch`]). Each output equals what [`Shard::forward`] gives
+    /// for that job alone, bit for bit. On error no cache advances.
+    pub fn forward_batch(
+        &self,
+        jobs: &mut [(&Tensor, &mut ShardCache)],
+    ) -> Result<Vec<Tensor>, ForwardError> {
+        for (hidden, cache) in jobs.iter() {
+            self.check(hidden, cache)?;
+        }
+        let batchable = jobs.windows(2).all(|w| Self::can_batch(w[0].1, w[1].1))
+            && jobs.iter().all(|(h, _)| h.dims()[0] == 1);
+        if !batchable && jobs.len() > 1 {
+            return Err(ForwardError::Candle(candle_core::Error::Msg(
+                "steps of different layer ranges or batch sizes cannot share a forward".into(),
+            )));
+        }
+        self.forward_checked(jobs)
+    }
+
+    fn forward_checked(
+        &self,
+        jobs: &mut [(&Tensor, &mut ShardCache)],
+    ) -> Result<Vec<Tensor>, ForwardError> {
+        // Runs on a thread of candle's compute pool, so that the parallel operations
+        // inside (norms, softmax) split their work there instead of waking pool
+        // threads from outside for every operation.
+        candle_core::utils::with_threadpool(|| self.forward_in_pool(jobs))
+    }
+
+    fn forward_in_pool(
+        &self,
+        jobs: &mut [(&Tensor, &mut ShardCache)],
+    ) -> Result<Vec<Tensor>, ForwardError> {
+        let Some((first, _)) = jobs.first() else {
+            return Ok(Vec::new());
+        };
+        let batch = first.dims()[0];
+        let range = jobs[0].1.range();
         let n_rep = self.config.head_count / self.config.head_count_kv;
-        let mask = causal_mask(seq, cache.len(), n_rep)?;
-        let first = cache.range().start.saturating_sub(self.range.start) as usize;
+        let mut x = match &*jobs {
+            [(hidden, _)] => hidden.contiguous()?,
+            jobs => Tensor::cat(&jobs.iter().map(|(h, _)| *h).collect::<Vec<_>>(), 1)?,
+        };
+        let mut parts = Vec::with_capacity(jobs.len());
+        let mut start = 0;
+        for (hidden, cache) in jobs.iter_mut() {
+            let seq = hidden.dims()[1];
+            cache.set_batch(batch);
+            cache.reserve(seq)?;
+            let mask = causal_mask(seq, cache.len(), n_rep)?;
+            parts.push(Part {
+                start,
+                len: seq,
+                cache,
+                mask,
+            });
+            start += seq;
+        }
+        let first_layer = range.start.saturating_sub(self.range.start) as usize;
         let blocks = self
             .blocks
             .iter()
-            .skip(first)
-            .take(cache.range().len() as usize);
-        let mut x = hidden.contiguous()?;
+            .skip(first_layer)
+            .take(range.len() as usize);
         for (layer, block) in blocks.enumerate() {
-            x = block.forward(&x, cache, layer, &self.rope, mask.as_ref())?;
+            x = block.forward(&x, &mut parts, layer, &self.rope)?;
         }
-        cache.advance(seq);
-        Ok(x)
+        let outputs = match parts.as_slice() {
+            [_] => vec![x],
+            parts => parts
+                .iter()
+                .map(|p| x.narrow(1, p.start, p.len)?.contiguous())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        for part in parts {
+            part.cache.advance(part.len);
+        }
+        Ok(outputs)
     }
 }
 

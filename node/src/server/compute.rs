@@ -1,6 +1,12 @@
 //! The compute worker: a dedicated thread that runs shard forwards, fed by a bounded
 //! queue, so candle's compute never runs on (or blocks) the async runtime.
 //!
+//! Continuous batching: whenever the worker takes a job it also takes every job that
+//! is already waiting (up to [`MAX_BATCH`]) and runs the steps of different sessions
+//! as one forward, each with its own cache ([`Shard::forward_batch`]). Every weight
+//! is then read once for all of them, which is what decode time is spent on. Results
+//! are bit-identical to running each step alone.
+//!
 //! A job carries its session's cache in and out by value: no lock is held across an
 //! await, and the worker needs no table of sessions.
 
@@ -10,6 +16,12 @@ use candle_core::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{ForwardError, Shard, ShardCache};
+
+/// Most jobs run as one batch.
+pub const MAX_BATCH: usize = 32;
+/// Most positions in one batch: a long prefill waits for the next round rather than
+/// delaying many decode steps (unless it comes first).
+const MAX_BATCH_POSITIONS: usize = 512;
 
 pub struct ComputeJob {
     pub hidden: Tensor,
@@ -26,6 +38,58 @@ pub struct ComputeQueue {
     jobs: mpsc::Sender<ComputeJob>,
 }
 
+fn positions_of(job: &ComputeJob) -> usize {
+    job.hidden.dims().get(1).copied().unwrap_or(0)
+}
+
+/// Runs `jobs`: those that can share a forward together, the rest one by one; a job
+/// with bad input gets its own error and does not affect the others.
+fn run_batch(shard: &Shard, jobs: Vec<ComputeJob>) {
+    let _span = tracing::trace_span!("batch", jobs = jobs.len()).entered();
+    let mut groups: Vec<Vec<ComputeJob>> = Vec::new();
+    for job in jobs {
+        if let Err(e) = shard.check(&job.hidden, &job.cache) {
+            let _ = job.reply.send((job.cache, Err(e)));
+            continue;
+        }
+        let one_sequence = |j: &ComputeJob| j.hidden.dims().first() == Some(&1);
+        let group = groups.iter_mut().find(|g| {
+            one_sequence(&job) && one_sequence(&g[0]) && Shard::can_batch(&g[0].cache, &job.cache)
+        });
+        match group {
+            Some(group) => group.push(job),
+            None => groups.push(vec![job]),
+        }
+    }
+    for group in groups {
+        let (mut hiddens, mut caches, mut replies) = (vec![], vec![], vec![]);
+        for job in group {
+            hiddens.push(job.hidden);
+            caches.push(job.cache);
+            replies.push(job.reply);
+        }
+        let mut refs: Vec<(&Tensor, &mut ShardCache)> =
+            hiddens.iter().zip(caches.iter_mut()).collect();
+        let outputs = shard.forward_batch(&mut refs);
+        drop(refs);
+        match outputs {
+            Ok(outputs) => {
+                for ((cache, reply), output) in caches.into_iter().zip(replies).zip(outputs) {
+                    // The session may have gone away; its cache is dropped here.
+                    let _ = reply.send((cache, Ok(output)));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for (cache, reply) in caches.into_iter().zip(replies) {
+                    let error = candle_core::Error::Msg(message.clone());
+                    let _ = reply.send((cache, Err(ForwardError::Candle(error))));
+                }
+            }
+        }
+    }
+}
+
 impl ComputeQueue {
     /// Starts the worker thread. `capacity` bounds queued jobs: with one step in flight
     /// per session, the session limit is the natural size.
@@ -34,10 +98,20 @@ impl ComputeQueue {
         std::thread::Builder::new()
             .name("allmende-compute".into())
             .spawn(move || {
-                while let Some(mut job) = receiver.blocking_recv() {
-                    let output = shard.forward(&job.hidden, &mut job.cache);
-                    // The session may have gone away meanwhile; its cache is dropped here.
-                    let _ = job.reply.send((job.cache, output));
+                let mut waiting: Option<ComputeJob> = None;
+                while let Some(first) = waiting.take().or_else(|| receiver.blocking_recv()) {
+                    let mut jobs = vec![first];
+                    let mut positions = positions_of(&jobs[0]);
+                    while jobs.len() < MAX_BATCH {
+                        let Ok(job) = receiver.try_recv() else { break };
+                        if positions + positions_of(&job) > MAX_BATCH_POSITIONS {
+                            waiting = Some(job);
+                            break;
+                        }
+                        positions += positions_of(&job);
+                        jobs.push(job);
+                    }
+                    run_batch(&shard, jobs);
                 }
             })
             .map_or_else(
