@@ -1,5 +1,6 @@
 //! The `allmende` command line: argument parsing and the commands behind it.
 
+mod bench;
 mod gateway;
 mod generate;
 mod keygen;
@@ -35,6 +36,9 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// Write a new pre-shared key for a private swarm.
     Keygen(keygen::KeygenArgs),
+    /// Measure speed and memory (local, through a loopback swarm, concurrent sessions)
+    /// and write a JSON report.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line, runs the command, and turns errors into a message and a
@@ -48,6 +52,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Gateway(args) => gateway::run(args),
         Command::Keygen(args) => keygen::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,311 @@
+//! `allmende bench`: speed and memory in one run, as ratios of the same binary on the
+//! same machine, written as a JSON report.
+//!
+//! 1. Local: prefill, time to first token and decode of one process with all layers.
+//! 2. Swarm: the same generation through `--nodes` `serve` processes on loopback, and
+//!    from the two the overhead each node on the route adds per token.
+//! 3. Sessions: aggregate decode rate of 1, 4, 8 ... concurrent sessions against one
+//!    node hosting every layer (continuous batching), see [`load`].
+//! 4. Memory: every node's peak resident set against its layers' weights, its KV
+//!    caches and a 60 MB allowance.
+
+mod load;
+mod nodes;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allmende_protocol::{LayerRange, WireDType};
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::client::connect::connect;
+use crate::client::Timings;
+use crate::client::{generate, ClientModel, GenerationParams, LocalPipeline, SamplingParams};
+use crate::model::shard::layer_bytes;
+use crate::model::{GgufFile, LlamaConfig, Shard};
+
+use nodes::{split_layers, ServeProcess};
+
+/// What a node may hold beyond its weights and KV caches.
+const ALLOWANCE_BYTES: u64 = 60 * 1024 * 1024;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The GGUF model file [default: $ALLMENDE_MODEL, else the fetched SmolLM2 in the cache].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute threads, for this process and for every node.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
+    /// Nodes the model is split across for the swarm measurement.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    nodes: u32,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    prompt_tokens: u32,
+    /// Tokens generated per run (greedy, end-of-text ignored).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(2..))]
+    tokens: u32,
+    /// Runs of each single-session measurement; the report keeps the median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Concurrent session counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    sessions: Vec<usize>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-report.json")]
+    output: PathBuf,
+}
+
+/// Medians of a single session's runs.
+#[derive(Clone, Debug, Serialize)]
+struct Single {
+    time_to_first_token_ms: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct NodeMemory {
+    layers: [u32; 2],
+    peak_rss_bytes: u64,
+    peak_rss_per_layer_bytes: u64,
+    weight_bytes: u64,
+    kv_cache_bytes: u64,
+    /// Weights + KV caches + 60 MB.
+    budget_bytes: u64,
+    within_budget: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.sessions.is_empty() || args.sessions.contains(&0) {
+        anyhow::bail!("--sessions needs positive counts, e.g. 1,4,8");
+    }
+    super::set_compute_threads(usize::from(args.threads));
+    let model_path = super::swarm::model_file(args.model.as_deref())?;
+    let mut gguf = GgufFile::open(&model_path)?;
+    let model = Arc::new(ClientModel::from_gguf(&mut gguf)?);
+    let config = model.config.clone();
+    let prompt = bench_prompt(&model, args.prompt_tokens as usize)?;
+    let params = GenerationParams {
+        max_tokens: args.tokens as usize,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        ignore_eos: true,
+    };
+    let layers = config.block_count as u32;
+    let target = super::swarm::model_target(&gguf, config.block_count)?;
+
+    eprintln!("local: {} layers in this process", layers);
+    let all = LayerRange::new(0, layers);
+    let shard = Arc::new(Shard::from_gguf(
+        &mut gguf,
+        config.clone(),
+        all,
+        &indicatif::ProgressBar::hidden(),
+    )?);
+    let max_len = prompt.len() + params.max_tokens;
+    let local_runs = (0..args.runs)
+        .map(|_| {
+            let mut pipeline = LocalPipeline::new(vec![shard.clone()], max_len);
+            let g = generate(&model, &mut pipeline, &prompt, &params, &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })?;
+            Ok((g.timings, g.token_ids))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    drop(shard);
+    let local = median(&local_runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+
+    let runtime = super::runtime()?;
+    let threads = usize::from(args.threads);
+    let ranges = split_layers(layers, args.nodes);
+    eprintln!("swarm: {} nodes ({ranges:?})", ranges.len());
+    let (swarm_runs, swarm_memory) = runtime.block_on(async {
+        let nodes = start_nodes(&model_path, &ranges, threads)?;
+        let network = client_network(&nodes).await?;
+        let mut runs = Vec::new();
+        for _ in 0..args.runs {
+            let mut pipeline = connect(
+                &network,
+                &target,
+                max_len as u32,
+                WireDType::F32,
+                Duration::from_secs(20),
+            )
+            .await?;
+            let (model, prompt, params) = (model.clone(), prompt.clone(), params.clone());
+            let (g, pipeline) = tokio::task::spawn_blocking(move || {
+                let g = generate(&model, &mut pipeline, &prompt, &params, &mut |_| {
+                    std::ops::ControlFlow::Continue(())
+                });
+                (g, pipeline)
+            })
+            .await?;
+            pipeline.close().await;
+            let g = g?;
+            runs.push((g.timings, g.token_ids));
+        }
+        let kv = kv_bytes(&config, max_len, 1);
+        let memory = memory_of(&gguf, &nodes, kv);
+        anyhow::Ok((runs, memory))
+    })?;
+    let identical = swarm_runs.iter().all(|r| r.1 == local_runs[0].1);
+    let swarm = median(&swarm_runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+    // Each node on the route costs a request and a reply per token.
+    let per_node_overhead_ms =
+        (1e3 / swarm.decode_tokens_per_s - 1e3 / local.decode_tokens_per_s) / ranges.len() as f64;
+
+    let session_prompt: Vec<u32> = prompt.iter().copied().take(32).collect();
+    let steps = args.tokens as usize;
+    eprintln!(
+        "sessions: {:?} against one node with every layer",
+        args.sessions
+    );
+    let (load_results, load_memory) = runtime.block_on(async {
+        let nodes = start_nodes(&model_path, &[all], threads)?;
+        let network = client_network(&nodes).await?;
+        let mut results = Vec::new();
+        for &n in &args.sessions {
+            let r = load::run(&network, &target, &model, &session_prompt, n, steps).await?;
+            eprintln!(
+                "  {n} sessions: {:.1} tokens/s together",
+                r.aggregate_tokens_per_s
+            );
+            results.push(r);
+        }
+        let most = args.sessions.iter().copied().max().unwrap_or(1);
+        let kv = kv_bytes(&config, session_prompt.len() + steps + 1, most);
+        let memory = memory_of(&gguf, &nodes, kv);
+        anyhow::Ok((results, memory))
+    })?;
+    let one = load_results
+        .iter()
+        .find(|r| r.sessions == 1)
+        .map(|r| r.aggregate_tokens_per_s);
+
+    let report = json!({
+        "model": gguf.string("general.name").unwrap_or("unnamed model"),
+        "threads_per_process": threads,
+        "prompt_tokens": prompt.len(),
+        "generated_tokens": params.max_tokens,
+        "runs": args.runs,
+        "local": local,
+        "swarm": {
+            "nodes": ranges.len(),
+            "single": swarm,
+            "decode_ratio_to_local": swarm.decode_tokens_per_s / local.decode_tokens_per_s,
+            "prefill_ratio_to_local": swarm.prefill_tokens_per_s / local.prefill_tokens_per_s,
+            "overhead_per_node_per_token_ms": per_node_overhead_ms,
+            "tokens_identical_to_local": identical,
+            "memory": swarm_memory,
+        },
+        "sessions": {
+            "node_layers": [0, layers],
+            "prompt_tokens": session_prompt.len(),
+            "results": load_results.iter().map(|r| json!({
+                "sessions": r.sessions,
+                "steps_per_session": r.steps_per_session,
+                "aggregate_tokens_per_s": r.aggregate_tokens_per_s,
+                "per_session_tokens_per_s": r.per_session_tokens_per_s,
+                "ratio_to_one_session": one.map(|o| r.aggregate_tokens_per_s / o),
+            })).collect::<Vec<_>>(),
+            "memory": load_memory,
+        },
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&args.output, &text)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    println!("{text}");
+    eprintln!("report written to {}", args.output.display());
+    Ok(())
+}
+
+/// A prompt of exactly `n` tokens: ordinary text, repeated and cut.
+fn bench_prompt(model: &ClientModel, n: usize) -> anyhow::Result<Vec<u32>> {
+    let text = "The history of the city is long and full of events. ".repeat(n / 8 + 2);
+    let mut ids = model.tokenizer.encode(&text)?;
+    ids.truncate(n.min(model.config.context_length.saturating_sub(1)));
+    Ok(ids)
+}
+
+fn start_nodes(
+    model: &std::path::Path,
+    ranges: &[LayerRange],
+    threads: usize,
+) -> anyhow::Result<Vec<ServeProcess>> {
+    let mut nodes: Vec<ServeProcess> = Vec::new();
+    for &range in ranges {
+        let bootstrap = nodes.first().map(|n| n.addr.clone());
+        nodes.push(ServeProcess::start(
+            model,
+            range,
+            threads,
+            bootstrap.as_deref(),
+        )?);
+    }
+    Ok(nodes)
+}
+
+async fn client_network(nodes: &[ServeProcess]) -> anyhow::Result<crate::network::Network> {
+    let args = super::swarm::SwarmArgs {
+        bootstrap: nodes
+            .iter()
+            .map(|n| n.addr.parse())
+            .collect::<Result<_, _>>()?,
+        no_mdns: true,
+        swarm_key: None,
+    };
+    super::swarm::join_as_client(&args).await
+}
+
+/// KV cache bytes of `sessions` sessions of `positions` on every layer (f32 K and V).
+fn kv_bytes(config: &LlamaConfig, positions: usize, sessions: usize) -> u64 {
+    (sessions * positions * 2 * config.kv_size() * 4) as u64
+}
+
+/// `kv_per_layer`: KV bytes summed over all layers; each node holds its share.
+fn memory_of(gguf: &GgufFile, nodes: &[ServeProcess], kv_all_layers: u64) -> Vec<NodeMemory> {
+    let layers_total = nodes.iter().map(|n| n.range.len()).sum::<u32>().max(1) as u64;
+    nodes
+        .iter()
+        .map(|n| {
+            let hosted = n.range.len() as u64;
+            let weight_bytes: u64 = n.range.iter().map(|i| layer_bytes(gguf, i as usize)).sum();
+            let kv_cache_bytes = kv_all_layers / layers_total * hosted;
+            let peak = n.peak_rss().unwrap_or(0);
+            let budget = weight_bytes + kv_cache_bytes + ALLOWANCE_BYTES;
+            NodeMemory {
+                layers: [n.range.start, n.range.end],
+                peak_rss_bytes: peak,
+                peak_rss_per_layer_bytes: peak / hosted.max(1),
+                weight_bytes,
+                kv_cache_bytes,
+                budget_bytes: budget,
+                within_budget: peak > 0 && peak <= budget,
+            }
+        })
+        .collect()
+}
+
+/// Medians, field by field, of several runs' timings.
+fn median(runs: &[Timings]) -> Single {
+    let mid = |f: fn(&Timings) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Single {
+        time_to_first_token_ms: mid(|t| t.prefill_ms),
+        prefill_tokens_per_s: mid(|t| t.prefill_tokens_per_s),
+        decode_tokens_per_s: mid(|t| t.decode_tokens_per_s),
+    }
+}
