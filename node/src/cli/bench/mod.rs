@@ -195,6 +195,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = json!({
         "model": gguf.string("general.name").unwrap_or("unnamed model"),
         "threads_per_process": threads,
+        "kernels": crate::model::kernels::Simd::in_use().name(),
         "prompt_tokens": prompt.len(),
         "generated_tokens": params.max_tokens,
         "runs": args.runs,

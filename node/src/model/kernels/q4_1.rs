@@ -1,7 +1,6 @@
 //! Q4_1 weights (per 32 values: f16 scale `d`, f16 minimum `m`, 4-bit quants) times
 //! activations quantized to Q8_1 (scale, scale × sum of the quants, 8-bit quants):
-//! `acc += (d_w × d_x) × lanes` per block, `summs += m_w × s_x`, result
-//! `lane_sum(acc) + summs` — ggml's AVX2 `vec_dot_q4_1_q8_1`.
+//! per block `d_w × d_x × Σ w·x + m_w × s_x`, as ggml's `vec_dot_q4_1_q8_1`.
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
@@ -9,8 +8,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, Result, Tensor};
 use half::f16;
 
-use super::{f16_round, input_rows, lane_sum, parallel_rows, quantize_block, rows_into};
-use super::{BlockMatrix, Simd, BLOCK};
+use super::activations::{ActBlock, Acts};
+use super::driver::{finish, matmul, BlockMatrix};
+use super::{Simd, BLOCK};
 
 /// One block of 32 weights as stored in the file (20 bytes): scale and minimum as f16
 /// bits, 32 nibbles. Kept compact: these blocks are most of a node's memory.
@@ -37,14 +37,6 @@ impl BlockQ4_1 {
             (self.qs[j - BLOCK / 2] >> 4) as i32
         }
     }
-}
-
-/// One block of 32 activations: scale, scale × sum of the quants, 32 signed bytes.
-#[derive(Clone, Copy, Debug)]
-pub struct BlockQ8_1 {
-    d: f32,
-    s: f32,
-    qs: [i8; 32],
 }
 
 pub struct Q4_1Matrix {
@@ -90,22 +82,12 @@ impl Q4_1Matrix {
             rows,
             cols,
             blocks,
-            simd: Simd::detect(),
+            simd: Simd::cached(),
         })
-    }
-
-    /// The same matrix computed without SIMD (for tests of the SIMD path).
-    #[cfg(test)]
-    pub fn portable(self) -> Self {
-        Self {
-            simd: Simd::Portable,
-            ..self
-        }
     }
 
     /// One matrix holding the rows of `parts` in order.
     pub fn stack(parts: Vec<Self>) -> Result<Self> {
-        let simd = Simd::detect();
         let (rows, cols, blocks) = super::stack_blocks(
             parts
                 .into_iter()
@@ -116,8 +98,14 @@ impl Q4_1Matrix {
             rows,
             cols,
             blocks,
-            simd,
+            simd: Simd::cached(),
         })
+    }
+
+    /// The same matrix computed on `path` (for tests of each path).
+    #[cfg(test)]
+    pub fn on(self, path: Simd) -> Self {
+        Self { simd: path, ..self }
     }
 
     pub fn rows(&self) -> usize {
@@ -138,33 +126,13 @@ impl Q4_1Matrix {
 
     /// `x`: `[..., cols]` → `[..., rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (values, dims) = input_rows(x, self.cols, self.rows)?;
-        let activations: Vec<Vec<BlockQ8_1>> =
-            values.chunks_exact(self.cols).map(quantize_q8_1).collect();
-        parallel_rows(self.rows, activations.len(), dims, |first, out| {
-            rows_into(self, first, &activations, out)
-        })
+        matmul(self, x, self.rows, self.cols)
     }
-}
-
-/// ggml's `quantize_row_q8_1`: `s` is the unrounded scale times the quants' sum.
-fn quantize_q8_1(x: &[f32]) -> Vec<BlockQ8_1> {
-    x.chunks_exact(BLOCK)
-        .map(|xs| {
-            let (d, qs) = quantize_block(xs);
-            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
-            BlockQ8_1 {
-                d: f16_round(d),
-                s: f16_round(d * sum as f32),
-                qs,
-            }
-        })
-        .collect()
 }
 
 impl BlockMatrix for Q4_1Matrix {
     type Weight = BlockQ4_1;
-    type Act = BlockQ8_1;
+    const SUMS: bool = true;
 
     fn simd(&self) -> Simd {
         self.simd
@@ -175,96 +143,209 @@ impl BlockMatrix for Q4_1Matrix {
         &self.blocks[r * per_row..(r + 1) * per_row]
     }
 
-    fn dot_portable(row: &[BlockQ4_1], act: &[BlockQ8_1]) -> f32 {
-        let mut acc = [0f32; 8];
-        let mut summs = 0f32;
-        for (x, y) in row.iter().zip(act) {
+    fn dot_portable(row: &[BlockQ4_1], act: &Acts) -> f32 {
+        let mut acc = [0f32; 16];
+        let mut offsets = [0f32; 2];
+        for (b, (x, y)) in row.iter().zip(&act.blocks).enumerate() {
             let (d, m) = x.scales();
             let scale = d * y.d;
-            for (lane, acc) in acc.iter_mut().enumerate() {
+            let group = &mut acc[(b % 2) * 8..][..8];
+            for (lane, acc) in group.iter_mut().enumerate() {
                 let sumi: i32 = (4 * lane..4 * lane + 4)
                     .map(|j| x.weight(j) * y.qs[j] as i32)
                     .sum();
                 *acc = scale.mul_add(sumi as f32, *acc);
             }
-            summs += m * y.s;
+            offsets[b % 2] = m.mul_add(y.s, offsets[b % 2]);
         }
-        lane_sum(acc) + summs
+        finish(acc, offsets[0], offsets[1])
     }
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_avx2<const R: usize, const T: usize>(
         rows: [&[BlockQ4_1]; R],
-        acts: [&[BlockQ8_1]; T],
+        acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {
         // SAFETY: the caller guarantees the CPU features.
-        unsafe { avx2::tile(rows, acts, out, stride) }
+        unsafe { simd::tile_avx2(rows, acts, out, stride) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_avx512<const R: usize, const T: usize>(
+        rows: [&[BlockQ4_1]; R],
+        acts: [&Acts; T],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { simd::tile_avx512(rows, acts, out, stride) }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use std::arch::x86_64::*;
 
-    use super::super::lane_sum;
-    use super::{BlockQ4_1, BlockQ8_1};
+    use super::{ActBlock, Acts, BlockQ4_1};
+    use crate::model::kernels::activations::ActPair;
+    use crate::model::kernels::driver::finish;
 
     /// How far ahead of the block in use to prefetch weights, in bytes: decode streams
     /// every weight once per token, and waiting for them was most of its time.
     const PREFETCH: usize = 4096;
 
-    /// `R` weight rows against `T` tokens into `out[r * stride + t]`; per row and
-    /// token the same operations as `dot_portable`.
+    /// The block's 32 weights as bytes (0..16), low nibbles first.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn unpack(x: &BlockQ4_1) -> __m256i {
+        let low = _mm_set1_epi8(0x0F);
+        _mm_prefetch::<_MM_HINT_T0>(x.qs.as_ptr().wrapping_add(PREFETCH).cast());
+        // SAFETY: `qs` is 16 bytes; an unaligned load of exactly that size.
+        let packed = unsafe { _mm_loadu_si128(x.qs.as_ptr().cast()) };
+        let lo = _mm_and_si128(packed, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// The block's scale and minimum (exact, as half's to_f32).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn scales(x: &BlockQ4_1) -> (f32, f32) {
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((x.d as u32 | (x.m as u32) << 16) as i32));
+        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+    }
+
+    /// Eight lanes, each the exact sum of four adjacent u8 × i8 products.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes(w: __m256i, y: &ActBlock) -> __m256 {
+        // SAFETY: `qs` is 32 bytes; an unaligned load of exactly that size.
+        let a = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
+        // Pairs to i16: at most 2 × 15 × 128, no saturation.
+        let pairs = _mm256_maddubs_epi16(w, a);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile<const R: usize, const T: usize>(
+    pub fn tile_avx2<const R: usize, const T: usize>(
         rows: [&[BlockQ4_1]; R],
-        acts: [&[BlockQ8_1]; T],
+        acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {
-        let low = _mm_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        let mut summs = [[0f32; T]; R];
-        for b in 0..rows[0].len() {
+        let blocks = rows[0].len();
+        let rows: [&[BlockQ4_1]; R] = rows.map(|r| &r[..blocks]);
+        let acts: [&[ActBlock]; T] = acts.map(|a| &a.blocks[..blocks]);
+        // [group][row][token]: group 0 takes even blocks, group 1 odd ones.
+        let mut acc = [[[_mm256_setzero_ps(); T]; R]; 2];
+        let mut offsets = [[[0f32; T]; R]; 2];
+        for b in 0..blocks {
+            let g = b % 2;
             let mut w = [_mm256_setzero_si256(); R];
-            let mut d = [0f32; R];
-            let mut m = [0f32; R];
+            let mut dm = [(0f32, 0f32); R];
             for r in 0..R {
-                let x = &rows[r][b];
-                _mm_prefetch::<_MM_HINT_T0>(x.qs.as_ptr().wrapping_add(PREFETCH).cast());
-                // SAFETY: `qs` is 16 bytes; an unaligned load of exactly that size.
-                let packed = unsafe { _mm_loadu_si128(x.qs.as_ptr().cast()) };
-                let lo = _mm_and_si128(packed, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-                w[r] = _mm256_set_m128i(hi, lo);
-                // Both f16 scales to f32 in one instruction (exact, as half's to_f32).
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((x.d as u32 | (x.m as u32) << 16) as i32));
-                d[r] = _mm_cvtss_f32(dm);
-                m[r] = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+                w[r] = unpack(&rows[r][b]);
+                dm[r] = scales(&rows[r][b]);
             }
             for t in 0..T {
                 let y = &acts[t][b];
-                // SAFETY: `qs` is 32 bytes; an unaligned load of exactly that size.
-                let a = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
                 for r in 0..R {
-                    // u8 × i8 pairs summed to i16 (at most 2 × 15 × 128: no
-                    // saturation), then eight i32 lanes of four products each: exact.
-                    let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], a), ones);
-                    let scale = _mm256_set1_ps(d[r] * y.d);
-                    acc[r][t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(lanes), acc[r][t]);
-                    summs[r][t] += m[r] * y.s;
+                    let scale = _mm256_set1_ps(dm[r].0 * y.d);
+                    acc[g][r][t] = _mm256_fmadd_ps(scale, lanes(w[r], y), acc[g][r][t]);
+                    offsets[g][r][t] = dm[r].1.mul_add(y.s, offsets[g][r][t]);
                 }
             }
         }
         for r in 0..R {
             for t in 0..T {
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` is 8 floats; an unaligned store of exactly that size.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][t]) };
-                out[r * stride + t] = lane_sum(lanes) + summs[r][t];
+                let mut all = [0f32; 16];
+                // SAFETY: `all` is 16 floats; two unaligned 8-float stores into it.
+                unsafe {
+                    _mm256_storeu_ps(all.as_mut_ptr(), acc[0][r][t]);
+                    _mm256_storeu_ps(all.as_mut_ptr().add(8), acc[1][r][t]);
+                }
+                out[r * stride + t] = finish(all, offsets[0][r][t], offsets[1][r][t]);
+            }
+        }
+    }
+
+    /// Two blocks per 512-bit vector: the even block in lanes 0..8, the odd one in
+    /// 8..16; the same operations per lane as [`tile_avx2`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub fn tile_avx512<const R: usize, const T: usize>(
+        rows: [&[BlockQ4_1]; R],
+        acts: [&Acts; T],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let blocks = rows[0].len();
+        let pairs = blocks / 2;
+        let rows: [&[BlockQ4_1]; R] = rows.map(|r| &r[..blocks]);
+        let act_pairs: [&[ActPair]; T] = acts.map(|a| &a.pairs[..pairs]);
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let mut offsets = [[_mm512_setzero_ps(); T]; R];
+        let d_index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+        let m_index = _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);
+        for p in 0..pairs {
+            let mut w = [_mm512_setzero_si512(); R];
+            let mut d = [_mm512_setzero_ps(); R];
+            let mut m = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let (x0, x1) = (&rows[r][2 * p], &rows[r][2 * p + 1]);
+                w[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(unpack(x0)), unpack(x1));
+                // d0, m0, d1, m1 as f32 in one conversion, then spread over the halves.
+                let bits = (x0.d as i64) | (x0.m as i64) << 16 | (x1.d as i64) << 32 | (x1.m as i64) << 48;
+                let dm = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(bits)));
+                d[r] = _mm512_permutexvar_ps(d_index, dm);
+                m[r] = _mm512_permutexvar_ps(m_index, dm);
+            }
+            for t in 0..T {
+                let y = &act_pairs[t][p];
+                // SAFETY: the pair holds 64 quants and 16-float arrays: unaligned
+                // loads of exactly those sizes.
+                let (a, dy, sy) = unsafe {
+                    (
+                        _mm512_loadu_si512(y.qs.as_ptr().cast()),
+                        _mm512_loadu_ps(y.d.as_ptr()),
+                        _mm512_loadu_ps(y.s.as_ptr()),
+                    )
+                };
+                for r in 0..R {
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], a);
+                    let scale = _mm512_mul_ps(d[r], dy);
+                    acc[r][t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(lanes), acc[r][t]);
+                    // Lanes 0 and 8 carry the offsets; elsewhere m × 0 + 0 stays 0.
+                    offsets[r][t] = _mm512_fmadd_ps(m[r], sy, offsets[r][t]);
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                let mut all = [0f32; 16];
+                let mut sums = [0f32; 16];
+                // SAFETY: both arrays are 16 floats; unaligned stores of that size.
+                unsafe {
+                    _mm512_storeu_ps(all.as_mut_ptr(), acc[r][t]);
+                    _mm512_storeu_ps(sums.as_mut_ptr(), offsets[r][t]);
+                }
+                let (mut even_offset, odd_offset) = (sums[0], sums[8]);
+                if blocks % 2 == 1 {
+                    // The last block is even: continue lanes 0..8 as the AVX2 path does.
+                    let b = blocks - 1;
+                    let (x, y) = (&rows[r][b], &acts[t].blocks[b]);
+                    let (dw, mw) = scales(x);
+                    let scale = _mm256_set1_ps(dw * y.d);
+                    // SAFETY: unaligned load and store of the first 8 of 16 floats.
+                    unsafe {
+                        let group = _mm256_loadu_ps(all.as_ptr());
+                        let group = _mm256_fmadd_ps(scale, lanes(unpack(x), y), group);
+                        _mm256_storeu_ps(all.as_mut_ptr(), group);
+                    }
+                    even_offset = mw.mul_add(y.s, even_offset);
+                }
+                out[r * stride + t] = finish(all, even_offset, odd_offset);
             }
         }
     }

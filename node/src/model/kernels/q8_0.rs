@@ -1,7 +1,7 @@
 //! Q8_0 weights (per 32 values: f16 scale, 8-bit quants) times activations quantized
-//! to Q8_0: `acc += (d_w × d_x) × lanes` per block, result `lane_sum(acc)` — ggml's
-//! AVX2 `vec_dot_q8_0_q8_0`. The test model's embedding, and so its tied LM head, is
-//! Q8_0: the largest matrix a client multiplies.
+//! to Q8_0: per block `d_w × d_x × Σ w·x`, as ggml's `vec_dot_q8_0_q8_0`. The test
+//! model's embedding, and so its tied LM head, is Q8_0: the largest matrix a client
+//! multiplies.
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
@@ -9,20 +9,14 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, Result, Tensor};
 use half::f16;
 
-use super::{f16_round, input_rows, lane_sum, parallel_rows, quantize_block, rows_into};
-use super::{BlockMatrix, Simd, BLOCK};
+use super::activations::{ActBlock, Acts};
+use super::driver::{finish, matmul, BlockMatrix};
+use super::{Simd, BLOCK};
 
 /// One block of 32 weights as stored in the file (34 bytes): f16 scale bits, quants.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockQ8_0 {
     d: u16,
-    qs: [i8; 32],
-}
-
-/// One block of 32 activations: the scale (an f16 value), 32 signed bytes.
-#[derive(Clone, Copy, Debug)]
-pub struct ActQ8_0 {
-    d: f32,
     qs: [i8; 32],
 }
 
@@ -70,22 +64,12 @@ impl Q8_0Matrix {
             rows,
             cols,
             blocks,
-            simd: Simd::detect(),
+            simd: Simd::cached(),
         })
-    }
-
-    /// The same matrix computed without SIMD (for tests of the SIMD path).
-    #[cfg(test)]
-    pub fn portable(self) -> Self {
-        Self {
-            simd: Simd::Portable,
-            ..self
-        }
     }
 
     /// One matrix holding the rows of `parts` in order.
     pub fn stack(parts: Vec<Self>) -> Result<Self> {
-        let simd = Simd::detect();
         let (rows, cols, blocks) = super::stack_blocks(
             parts
                 .into_iter()
@@ -96,8 +80,14 @@ impl Q8_0Matrix {
             rows,
             cols,
             blocks,
-            simd,
+            simd: Simd::cached(),
         })
+    }
+
+    /// The same matrix computed on `path` (for tests of each path).
+    #[cfg(test)]
+    pub fn on(self, path: Simd) -> Self {
+        Self { simd: path, ..self }
     }
 
     pub fn rows(&self) -> usize {
@@ -118,30 +108,13 @@ impl Q8_0Matrix {
 
     /// `x`: `[..., cols]` → `[..., rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (values, dims) = input_rows(x, self.cols, self.rows)?;
-        let activations: Vec<Vec<ActQ8_0>> = values
-            .chunks_exact(self.cols)
-            .map(|row| {
-                row.chunks_exact(BLOCK)
-                    .map(|xs| {
-                        let (d, qs) = quantize_block(xs);
-                        ActQ8_0 {
-                            d: f16_round(d),
-                            qs,
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        parallel_rows(self.rows, activations.len(), dims, |first, out| {
-            rows_into(self, first, &activations, out)
-        })
+        matmul(self, x, self.rows, self.cols)
     }
 }
 
 impl BlockMatrix for Q8_0Matrix {
     type Weight = BlockQ8_0;
-    type Act = ActQ8_0;
+    const SUMS: bool = false;
 
     fn simd(&self) -> Simd {
         self.simd
@@ -152,85 +125,188 @@ impl BlockMatrix for Q8_0Matrix {
         &self.blocks[r * per_row..(r + 1) * per_row]
     }
 
-    fn dot_portable(row: &[BlockQ8_0], act: &[ActQ8_0]) -> f32 {
-        let mut acc = [0f32; 8];
-        for (x, y) in row.iter().zip(act) {
+    fn dot_portable(row: &[BlockQ8_0], act: &Acts) -> f32 {
+        let mut acc = [0f32; 16];
+        for (b, (x, y)) in row.iter().zip(&act.blocks).enumerate() {
             let scale = f16::from_bits(x.d).to_f32() * y.d;
-            for (lane, acc) in acc.iter_mut().enumerate() {
+            let group = &mut acc[(b % 2) * 8..][..8];
+            for (lane, acc) in group.iter_mut().enumerate() {
                 let sumi: i32 = (4 * lane..4 * lane + 4)
                     .map(|j| x.qs[j] as i32 * y.qs[j] as i32)
                     .sum();
                 *acc = scale.mul_add(sumi as f32, *acc);
             }
         }
-        lane_sum(acc)
+        finish(acc, 0.0, 0.0)
     }
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_avx2<const R: usize, const T: usize>(
         rows: [&[BlockQ8_0]; R],
-        acts: [&[ActQ8_0]; T],
+        acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {
         // SAFETY: the caller guarantees the CPU features.
-        unsafe { avx2::tile(rows, acts, out, stride) }
+        unsafe { simd::tile_avx2(rows, acts, out, stride) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_avx512<const R: usize, const T: usize>(
+        rows: [&[BlockQ8_0]; R],
+        acts: [&Acts; T],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { simd::tile_avx512(rows, acts, out, stride) }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use std::arch::x86_64::*;
 
-    use super::super::lane_sum;
-    use super::{ActQ8_0, BlockQ8_0};
+    use super::{ActBlock, Acts, BlockQ8_0};
+    use crate::model::kernels::activations::ActPair;
+    use crate::model::kernels::driver::finish;
 
     /// How far ahead of the block in use to prefetch weights, in bytes.
     const PREFETCH: usize = 4096;
 
-    /// `R` weight rows against `T` tokens into `out[r * stride + t]`; per row and
-    /// token the same operations as `dot_portable`.
+    /// The block's quants.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load(x: &BlockQ8_0) -> __m256i {
+        _mm_prefetch::<_MM_HINT_T0>(x.qs.as_ptr().wrapping_add(PREFETCH).cast());
+        // SAFETY: `qs` is 32 bytes; an unaligned load of exactly that size.
+        unsafe { _mm256_loadu_si256(x.qs.as_ptr().cast()) }
+    }
+
+    /// The block's scale (exact, as half's to_f32).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn scale(x: &BlockQ8_0) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(x.d as i32)))
+    }
+
+    /// Eight lanes, each the exact sum of four adjacent i8 × i8 products.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes(w: __m256i, y: &ActBlock) -> __m256 {
+        // SAFETY: `qs` is 32 bytes; an unaligned load of exactly that size.
+        let a = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
+        // |w| × (a with w's sign) = w × a; pairs to i16: at most 2 × 128 × 127.
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile<const R: usize, const T: usize>(
+    pub fn tile_avx2<const R: usize, const T: usize>(
         rows: [&[BlockQ8_0]; R],
-        acts: [&[ActQ8_0]; T],
+        acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        for b in 0..rows[0].len() {
+        let blocks = rows[0].len();
+        let rows: [&[BlockQ8_0]; R] = rows.map(|r| &r[..blocks]);
+        let acts: [&[ActBlock]; T] = acts.map(|a| &a.blocks[..blocks]);
+        // [group][row][token]: group 0 takes even blocks, group 1 odd ones.
+        let mut acc = [[[_mm256_setzero_ps(); T]; R]; 2];
+        for b in 0..blocks {
+            let g = b % 2;
             let mut w = [_mm256_setzero_si256(); R];
-            let mut abs = [_mm256_setzero_si256(); R];
             let mut d = [0f32; R];
             for r in 0..R {
-                let x = &rows[r][b];
-                _mm_prefetch::<_MM_HINT_T0>(x.qs.as_ptr().wrapping_add(PREFETCH).cast());
-                // SAFETY: `qs` is 32 bytes; an unaligned load of exactly that size.
-                w[r] = unsafe { _mm256_loadu_si256(x.qs.as_ptr().cast()) };
-                abs[r] = _mm256_sign_epi8(w[r], w[r]);
-                d[r] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(x.d as i32)));
+                w[r] = load(&rows[r][b]);
+                d[r] = scale(&rows[r][b]);
             }
             for t in 0..T {
                 let y = &acts[t][b];
-                // SAFETY: `qs` is 32 bytes; an unaligned load of exactly that size.
-                let a = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
                 for r in 0..R {
-                    // |w| × (a with w's sign) = w × a; pairs to i16 (at most
-                    // 2 × 128 × 127: no saturation), then lanes of four: exact.
-                    let signed = _mm256_sign_epi8(a, w[r]);
-                    let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(abs[r], signed), ones);
-                    let scale = _mm256_set1_ps(d[r] * y.d);
-                    acc[r][t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(lanes), acc[r][t]);
+                    let s = _mm256_set1_ps(d[r] * y.d);
+                    acc[g][r][t] = _mm256_fmadd_ps(s, lanes(w[r], y), acc[g][r][t]);
                 }
             }
         }
         for r in 0..R {
             for t in 0..T {
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` is 8 floats; an unaligned store of exactly that size.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][t]) };
-                out[r * stride + t] = lane_sum(lanes);
+                let mut all = [0f32; 16];
+                // SAFETY: `all` is 16 floats; two unaligned 8-float stores into it.
+                unsafe {
+                    _mm256_storeu_ps(all.as_mut_ptr(), acc[0][r][t]);
+                    _mm256_storeu_ps(all.as_mut_ptr().add(8), acc[1][r][t]);
+                }
+                out[r * stride + t] = finish(all, 0.0, 0.0);
+            }
+        }
+    }
+
+    /// Two blocks per 512-bit vector: the even block in lanes 0..8, the odd one in
+    /// 8..16; the same operations per lane as [`tile_avx2`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub fn tile_avx512<const R: usize, const T: usize>(
+        rows: [&[BlockQ8_0]; R],
+        acts: [&Acts; T],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let blocks = rows[0].len();
+        let pairs = blocks / 2;
+        let rows: [&[BlockQ8_0]; R] = rows.map(|r| &r[..blocks]);
+        let act_pairs: [&[ActPair]; T] = acts.map(|a| &a.pairs[..pairs]);
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let d_index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        for p in 0..pairs {
+            let mut abs = [_mm512_setzero_si512(); R];
+            let mut negative = [0 as __mmask64; R];
+            let mut d = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let (x0, x1) = (&rows[r][2 * p], &rows[r][2 * p + 1]);
+                let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load(x0)), load(x1));
+                abs[r] = _mm512_abs_epi8(w);
+                negative[r] = _mm512_movepi8_mask(w);
+                let bits = (x0.d as i32) | (x1.d as i32) << 16;
+                let both = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+                d[r] = _mm512_permutexvar_ps(d_index, both);
+            }
+            for t in 0..T {
+                let y = &act_pairs[t][p];
+                // SAFETY: the pair holds 64 quants and 16 scales: unaligned loads of
+                // exactly those sizes.
+                let (a, dy) = unsafe {
+                    (
+                        _mm512_loadu_si512(y.qs.as_ptr().cast()),
+                        _mm512_loadu_ps(y.d.as_ptr()),
+                    )
+                };
+                for r in 0..R {
+                    // |w| × (a negated where w < 0) = w × a, summed exactly in i32.
+                    let signed = _mm512_mask_sub_epi8(a, negative[r], _mm512_setzero_si512(), a);
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), abs[r], signed);
+                    let s = _mm512_mul_ps(d[r], dy);
+                    acc[r][t] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(lanes), acc[r][t]);
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                let mut all = [0f32; 16];
+                // SAFETY: `all` is 16 floats; an unaligned store of that size.
+                unsafe { _mm512_storeu_ps(all.as_mut_ptr(), acc[r][t]) };
+                if blocks % 2 == 1 {
+                    // The last block is even: continue lanes 0..8 as the AVX2 path does.
+                    let b = blocks - 1;
+                    let (x, y) = (&rows[r][b], &acts[t].blocks[b]);
+                    let s = _mm256_set1_ps(scale(x) * y.d);
+                    // SAFETY: unaligned load and store of the first 8 of 16 floats.
+                    unsafe {
+                        let group = _mm256_loadu_ps(all.as_ptr());
+                        let group = _mm256_fmadd_ps(s, lanes(load(x), y), group);
+                        _mm256_storeu_ps(all.as_mut_ptr(), group);
+                    }
+                }
+                out[r * stride + t] = finish(all, 0.0, 0.0);
             }
         }
     }
