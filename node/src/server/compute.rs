@@ -11,11 +11,18 @@
 //! await, and the worker needs no table of sessions.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{ForwardError, Shard, ShardCache};
+
+/// Longest wait for the steps of sessions that stepped together last time.
+const GATHER_WINDOW: Duration = Duration::from_millis(2);
+/// How often to look for them meanwhile.
+const GATHER_POLL: Duration = Duration::from_micros(50);
 
 /// Most jobs run as one batch.
 pub const MAX_BATCH: usize = 32;
@@ -38,6 +45,16 @@ pub struct ComputeQueue {
     jobs: mpsc::Sender<ComputeJob>,
 }
 
+/// Whether to wait for more steps before computing: while fewer have arrived than the
+/// previous batch held, for at most [`GATHER_WINDOW`]. Sessions stepping together send
+/// their next steps a network round trip after their replies, at slightly different
+/// times; without waiting, the first to arrive would run alone and the sessions would
+/// split into alternating smaller batches. When a session ends, one batch waits the
+/// window out and the next expects one step fewer.
+pub fn keep_gathering(collected: usize, last_batch: usize, waited: Duration) -> bool {
+    collected < last_batch && waited < GATHER_WINDOW
+}
+
 fn positions_of(job: &ComputeJob) -> usize {
     job.hidden.dims().get(1).copied().unwrap_or(0)
 }
@@ -45,7 +62,8 @@ fn positions_of(job: &ComputeJob) -> usize {
 /// Runs `jobs`: those that can share a forward together, the rest one by one; a job
 /// with bad input gets its own error and does not affect the others.
 fn run_batch(shard: &Shard, jobs: Vec<ComputeJob>) {
-    let _span = tracing::trace_span!("batch", jobs = jobs.len()).entered();
+    let positions: usize = jobs.iter().map(positions_of).sum();
+    tracing::debug!(jobs = jobs.len(), positions, "compute batch");
     let mut groups: Vec<Vec<ComputeJob>> = Vec::new();
     for job in jobs {
         if let Err(e) = shard.check(&job.hidden, &job.cache) {
@@ -99,11 +117,22 @@ impl ComputeQueue {
             .name("allmende-compute".into())
             .spawn(move || {
                 let mut waiting: Option<ComputeJob> = None;
+                let mut last_batch = 1;
                 while let Some(first) = waiting.take().or_else(|| receiver.blocking_recv()) {
+                    let started = Instant::now();
                     let mut jobs = vec![first];
                     let mut positions = positions_of(&jobs[0]);
                     while jobs.len() < MAX_BATCH {
-                        let Ok(job) = receiver.try_recv() else { break };
+                        let job = match receiver.try_recv() {
+                            Ok(job) => job,
+                            Err(TryRecvError::Empty)
+                                if keep_gathering(jobs.len(), last_batch, started.elapsed()) =>
+                            {
+                                std::thread::sleep(GATHER_POLL);
+                                continue;
+                            }
+                            Err(_) => break,
+                        };
                         if positions + positions_of(&job) > MAX_BATCH_POSITIONS {
                             waiting = Some(job);
                             break;
@@ -111,6 +140,7 @@ impl ComputeQueue {
                         positions += positions_of(&job);
                         jobs.push(job);
                     }
+                    last_batch = jobs.len();
                     run_batch(&shard, jobs);
                 }
             })
@@ -137,5 +167,21 @@ impl ComputeQueue {
             .await
             .map_err(|_| WorkerStopped)?;
         result.await.map_err(|_| WorkerStopped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathers_until_last_batch_size_or_window() {
+        let short = Duration::from_micros(300);
+        // One session: never waits.
+        assert!(!keep_gathering(1, 1, Duration::ZERO));
+        // Eight stepped together: wait for the rest, but not past the window.
+        assert!(keep_gathering(3, 8, short));
+        assert!(!keep_gathering(8, 8, short));
+        assert!(!keep_gathering(3, 8, GATHER_WINDOW));
     }
 }

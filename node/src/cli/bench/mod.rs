@@ -268,12 +268,13 @@ async fn client_network(nodes: &[ServeProcess]) -> anyhow::Result<crate::network
     super::swarm::join_as_client(&args).await
 }
 
-/// KV cache bytes of `sessions` sessions of `positions` on every layer (f32 K and V).
+/// KV cache bytes of `sessions` sessions of `positions`, summed over all layers (f32
+/// K and V).
 fn kv_bytes(config: &LlamaConfig, positions: usize, sessions: usize) -> u64 {
-    (sessions * positions * 2 * config.kv_size() * 4) as u64
+    (sessions * positions * config.block_count * 2 * config.kv_size() * 4) as u64
 }
 
-/// `kv_per_layer`: KV bytes summed over all layers; each node holds its share.
+/// `kv_all_layers`: KV bytes summed over all layers; each node holds its share.
 fn memory_of(gguf: &GgufFile, nodes: &[ServeProcess], kv_all_layers: u64) -> Vec<NodeMemory> {
     let layers_total = nodes.iter().map(|n| n.range.len()).sum::<u32>().max(1) as u64;
     nodes
