@@ -39,7 +39,9 @@ fn json_line(out: &Output) -> Value {
 
 #[test]
 fn greedy_generation_reports_ids_text_and_timings() {
-    let golden = &support::golden().outputs[4];
+    // A prompt whose continuation has no near-tie in its first tokens (golden.rs shows
+    // which prompts do), so the ids must equal llama.cpp's.
+    let golden = &support::golden().outputs[0];
     let out = allmende(&[
         "generate",
         "--local",

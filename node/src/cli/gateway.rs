@@ -51,6 +51,7 @@ pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
         args.threads
             .map_or_else(super::default_threads, usize::from),
     );
+    super::share_cores();
     super::runtime()?.block_on(async {
         let model_path = model_file(args.model.as_deref())?;
         let listener = api::bind(args.api).await?;

@@ -129,6 +129,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         args.threads
             .map_or_else(super::default_threads, usize::from),
     );
+    if !args.local {
+        super::share_cores();
+    }
     let prepared = prepare(&args)?;
     match args.local {
         true => run_local(&args, prepared),

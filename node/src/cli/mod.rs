@@ -83,13 +83,14 @@ pub fn default_threads() -> usize {
         .max(1)
 }
 
-/// How many times an idle compute thread checks for work before it sleeps, unless
-/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` says otherwise. candle's default (25,000) keeps
-/// idle threads busy long enough to starve the other processes of a swarm sharing the
-/// cores: measured with `allmende bench` (3 nodes and the client on 2 cores, 2 threads
-/// each), swarm decode went from 0.60× to 0.87× of one process with 2,000, while one
-/// process alone kept its speed (100 → 103 tokens/s).
-const SPIN_LIMIT: &str = "2000";
+/// How many times an idle compute thread of a swarm process checks for work before it
+/// sleeps, unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` says otherwise. candle's default
+/// (25,000) keeps idle threads busy long enough to starve the other processes sharing
+/// the cores: measured with `allmende bench` (3 nodes and the client on 2 cores, 2
+/// threads each), swarm decode went from 0.60× to 0.87× of one process with 2,000.
+/// A single process (`generate --local`) keeps candle's default: there, 2,000 cost
+/// about 7%.
+const SWARM_SPIN_LIMIT: &str = "2000";
 
 /// Sizes candle's compute pool. Must run before the first tensor operation: candle
 /// reads these variables once, when it builds its pool.
@@ -97,8 +98,13 @@ pub fn set_compute_threads(threads: usize) {
     let n = threads.max(1).to_string();
     std::env::set_var("RAYON_NUM_THREADS", &n);
     std::env::set_var("CANDLE_NUM_THREADS", &n);
+}
+
+/// For processes of a swarm, which often share cores with other nodes or the client:
+/// idle compute threads sleep sooner. Must run before the first tensor operation.
+pub fn share_cores() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", SPIN_LIMIT);
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", SWARM_SPIN_LIMIT);
     }
 }
 

@@ -83,6 +83,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.threads
             .map_or_else(super::default_threads, usize::from),
     );
+    super::share_cores();
     let runtime = super::runtime()?;
     runtime.block_on(serve(args))
 }

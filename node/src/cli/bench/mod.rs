@@ -86,6 +86,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!("--sessions needs positive counts, e.g. 1,4,8");
     }
     super::set_compute_threads(usize::from(args.threads));
+    // This process is the swarm's client too: it runs as a swarm process, and the
+    // local measurement with the same setting.
+    super::share_cores();
     let model_path = super::swarm::model_file(args.model.as_deref())?;
     let mut gguf = GgufFile::open(&model_path)?;
     let model = Arc::new(ClientModel::from_gguf(&mut gguf)?);

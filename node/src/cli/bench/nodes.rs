@@ -45,7 +45,10 @@ impl ServeProcess {
             .args(["--max-requests-per-second", "1000000"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(match std::env::var_os("ALLMENDE_BENCH_NODE_LOG") { Some(_) => Stdio::inherit(), None => Stdio::null() });
+            .stderr(match std::env::var_os("ALLMENDE_BENCH_NODE_LOG") {
+                Some(_) => Stdio::inherit(),
+                None => Stdio::null(),
+            });
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }

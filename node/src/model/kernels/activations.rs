@@ -121,12 +121,15 @@ unsafe fn quantize_avx2(xs: &[f32]) -> (f32, [i8; BLOCK]) {
     let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
     // Round half to even (the default rounding mode), as `round_ties_even`.
     let q: [__m256i; 4] = std::array::from_fn(|i| {
-        _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(v[i], id),
-        ))
+        _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(_mm256_mul_ps(v[i], id)))
     });
     // Pack to bytes (the values are within ±127), then undo the packs' lane interleave.
-    let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    let bytes = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
     let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     let mut qs = [0i8; BLOCK];
     // SAFETY: `qs` is 32 bytes; an unaligned store of exactly that size.
@@ -149,7 +152,11 @@ mod tests {
             .collect();
         cases.push(vec![0.0; 32]);
         // Exact halves after scaling: 127 × k / 254 = k / 2 for amax 254.
-        cases.push((0..32).map(|k| if k == 0 { 254.0 } else { k as f32 }).collect());
+        cases.push(
+            (0..32)
+                .map(|k| if k == 0 { 254.0 } else { k as f32 })
+                .collect(),
+        );
         for xs in &cases {
             assert_eq!(quantize_block(xs), quantize_portable(xs), "{xs:?}");
         }

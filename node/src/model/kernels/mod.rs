@@ -246,12 +246,20 @@ mod tests {
 
     /// `build(weights, path)` makes the kernel's matrix computed on `path`.
     fn check(dtype: GgmlDType, build: impl Fn(&QTensor, Simd) -> Linear) {
-        let shapes = [(96, 64, 1), (192, 576, 1), (70, 576, 5), (33, 96, 9), (8, 32, 2)];
+        let shapes = [
+            (96, 64, 1),
+            (192, 576, 1),
+            (70, 576, 5),
+            (33, 96, 9),
+            (8, 32, 2),
+        ];
         for (rows, cols, tokens) in shapes {
             let q = weights(dtype, rows, cols);
             let ours = build(&q, Simd::cached());
-            let others: Vec<(Simd, Linear)> =
-                Simd::available().into_iter().map(|s| (s, build(&q, s))).collect();
+            let others: Vec<(Simd, Linear)> = Simd::available()
+                .into_iter()
+                .map(|s| (s, build(&q, s)))
+                .collect();
             let w = values(&q.dequantize(&Device::Cpu).unwrap());
             let x = Tensor::randn(0f32, 1.0, (1, tokens, cols), &Device::Cpu).unwrap();
             let a = values(&ours.forward(&x).unwrap());
@@ -269,8 +277,11 @@ mod tests {
                     for (wb, xb) in wr.chunks(32).zip(xt.chunks(32)) {
                         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
                         let size: f64 = wb.iter().map(|w| w.abs() as f64).sum();
-                        let magnitude: f64 =
-                            wb.iter().zip(xb).map(|(&w, &x)| (w as f64 * x as f64).abs()).sum();
+                        let magnitude: f64 = wb
+                            .iter()
+                            .zip(xb)
+                            .map(|(&w, &x)| (w as f64 * x as f64).abs())
+                            .sum();
                         bound += size * amax / 254.0 + magnitude / 1024.0;
                     }
                     let ours = a[t * rows + r] as f64;
@@ -292,7 +303,10 @@ mod tests {
                 let alone = values(&ours.forward(&x.narrow(1, t, 1).unwrap()).unwrap());
                 let batched = &a[t * rows..(t + 1) * rows];
                 assert!(
-                    alone.iter().zip(batched).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    alone
+                        .iter()
+                        .zip(batched)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
                     "token {t} differs when batched ({rows}x{cols})"
                 );
             }

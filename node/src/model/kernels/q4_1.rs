@@ -296,7 +296,8 @@ mod simd {
                 let (x0, x1) = (&rows[r][2 * p], &rows[r][2 * p + 1]);
                 w[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(unpack(x0)), unpack(x1));
                 // d0, m0, d1, m1 as f32 in one conversion, then spread over the halves.
-                let bits = (x0.d as i64) | (x0.m as i64) << 16 | (x1.d as i64) << 32 | (x1.m as i64) << 48;
+                let bits =
+                    (x0.d as i64) | (x0.m as i64) << 16 | (x1.d as i64) << 32 | (x1.m as i64) << 48;
                 let dm = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(bits)));
                 d[r] = _mm512_permutexvar_ps(d_index, dm);
                 m[r] = _mm512_permutexvar_ps(m_index, dm);
