@@ -1,5 +1,5 @@
-# Starting and stopping local `allmende serve` nodes; sourced by demo.sh and
-# bench-swarm.sh. The caller sets: bin (the binary), model (the GGUF file), and
+# Starting and stopping local `allmende serve` nodes; sourced by demo.sh.
+# The caller sets: bin (the binary), model (the GGUF file), and
 # threads (compute threads per node).
 
 work=$(mktemp -d)

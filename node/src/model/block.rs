@@ -212,6 +212,9 @@ impl Attention {
         let k = rope.apply(&heads(k, nkv)?, pos)?;
         let v = heads(v, nkv)?;
         let (k, v) = part.cache.append(layer, &k, &v)?;
+        if seq == 1 {
+            return super::attention::single_position(&q, &k, &v);
+        }
 
         // Grouped-query attention without materialising repeated K/V: query head h
         // uses KV head h / n_rep, so the n_rep query heads of one KV head are stacked

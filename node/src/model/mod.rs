@@ -5,6 +5,7 @@
 //! (attention + MLP) → [`shard`]. KV caches live in [`kv_cache`], outside the
 //! weights, one per session, so many sessions share one loaded shard.
 
+mod attention;
 pub mod block;
 pub mod config;
 pub mod gguf;
