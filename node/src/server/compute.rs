@@ -62,8 +62,6 @@ fn positions_of(job: &ComputeJob) -> usize {
 /// Runs `jobs`: those that can share a forward together, the rest one by one; a job
 /// with bad input gets its own error and does not affect the others.
 fn run_batch(shard: &Shard, jobs: Vec<ComputeJob>) {
-    let positions: usize = jobs.iter().map(positions_of).sum();
-    tracing::debug!(jobs = jobs.len(), positions, "compute batch");
     let mut groups: Vec<Vec<ComputeJob>> = Vec::new();
     for job in jobs {
         if let Err(e) = shard.check(&job.hidden, &job.cache) {
@@ -141,6 +139,7 @@ impl ComputeQueue {
                         jobs.push(job);
                     }
                     last_batch = jobs.len();
+                    tracing::debug!(jobs = jobs.len(), positions, "compute batch");
                     run_batch(&shard, jobs);
                 }
             })

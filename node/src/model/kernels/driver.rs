@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use candle_core::{bail, Device, Result, Tensor};
 
 use super::activations::Acts;
+use super::matrix::{Matrix, WeightBlock};
 use super::Simd;
 
 /// Output rows per unit of work handed to a compute thread.
@@ -17,48 +18,13 @@ const ROWS_PER_TASK: usize = 16;
 /// Tokens computed against one pass over a weight row.
 pub const TOKENS_PER_TILE: usize = 4;
 
-/// A matrix of quantized blocks, row-major: what the driver needs from a kernel.
-///
-/// The arithmetic every path performs, per row and token: block `b` adds to one of two
-/// groups of eight f32 lanes (`b % 2`); lane `l` of a block is the exact integer sum of
-/// its products `4l..4l + 4`, added as `acc = fma(d_w × d_x, lane, acc)`. Per-block
-/// offsets (Q4_1's `m_w × s_x`) go to two scalars the same way, as `fma(m, s, acc)`.
-/// [`finish`] adds the groups. So the result is one fixed sequence of operations.
-pub trait BlockMatrix: Sync {
-    type Weight: Sync;
-    /// Whether activations carry Q8_1 block sums.
-    const SUMS: bool;
-
-    fn simd(&self) -> Simd;
-    fn row(&self, r: usize) -> &[Self::Weight];
-    /// One output, in plain Rust.
-    fn dot_portable(row: &[Self::Weight], act: &Acts) -> f32;
-    /// `R` rows against `T` tokens into `out[r * stride + t]`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_avx2<const R: usize, const T: usize>(
-        rows: [&[Self::Weight]; R],
-        acts: [&Acts; T],
-        out: &mut [f32],
-        stride: usize,
-    );
-    /// As [`BlockMatrix::tile_avx2`], two blocks per 512-bit vector.
-    ///
-    /// # Safety
-    /// The CPU must support what [`Simd::Avx512`] requires.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_avx512<const R: usize, const T: usize>(
-        rows: [&[Self::Weight]; R],
-        acts: [&Acts; T],
-        out: &mut [f32],
-        stride: usize,
-    );
-}
-
 /// `x @ m^T`: `x` is `[..., cols]`, the result `[..., rows]`.
-pub fn matmul<M: BlockMatrix>(m: &M, x: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
+pub fn matmul<B: WeightBlock>(
+    m: &Matrix<B>,
+    x: &Tensor,
+    rows: usize,
+    cols: usize,
+) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     match dims.last_mut() {
         Some(last) if *last == cols => *last = rows,
@@ -67,7 +33,7 @@ pub fn matmul<M: BlockMatrix>(m: &M, x: &Tensor, rows: usize, cols: usize) -> Re
     let values = x.flatten_all()?.to_vec1::<f32>()?;
     let acts: Vec<Acts> = values
         .chunks_exact(cols)
-        .map(|row| Acts::quantize(row, M::SUMS, m.simd()))
+        .map(|row| Acts::quantize(row, B::SUMS, m.simd()))
         .collect();
     let tokens = acts.len();
     let mut out = vec![0f32; rows * tokens];
@@ -96,7 +62,7 @@ pub fn matmul<M: BlockMatrix>(m: &M, x: &Tensor, rows: usize, cols: usize) -> Re
 
 /// Rows from `first` on, `out.len() / tokens` of them, row-major into `out`: pairs of
 /// rows against tiles of up to [`TOKENS_PER_TILE`] tokens.
-fn rows_into<M: BlockMatrix>(m: &M, first: usize, acts: &[Acts], out: &mut [f32]) {
+fn rows_into<B: WeightBlock>(m: &Matrix<B>, first: usize, acts: &[Acts], out: &mut [f32]) {
     let tokens = acts.len();
     let count = out.len() / tokens;
     let mut r = 0;
@@ -115,9 +81,9 @@ fn rows_into<M: BlockMatrix>(m: &M, first: usize, acts: &[Acts], out: &mut [f32]
     }
 }
 
-fn tile<M: BlockMatrix, const R: usize>(
-    m: &M,
-    rows: [&[M::Weight]; R],
+fn tile<B: WeightBlock, const R: usize>(
+    m: &Matrix<B>,
+    rows: [&[B]; R],
     acts: &[Acts],
     out: &mut [f32],
     stride: usize,
@@ -129,10 +95,10 @@ fn tile<M: BlockMatrix, const R: usize>(
                 // SAFETY: the CPU supports the kernel's features (checked at detection).
                 unsafe {
                     match acts {
-                        [a] => M::$kernel::<R, 1>(rows, [a], out, stride),
-                        [a, b] => M::$kernel::<R, 2>(rows, [a, b], out, stride),
-                        [a, b, c] => M::$kernel::<R, 3>(rows, [a, b, c], out, stride),
-                        [a, b, c, d] => M::$kernel::<R, 4>(rows, [a, b, c, d], out, stride),
+                        [a] => B::$kernel::<R, 1>(rows, [a], out, stride),
+                        [a, b] => B::$kernel::<R, 2>(rows, [a, b], out, stride),
+                        [a, b, c] => B::$kernel::<R, 3>(rows, [a, b, c], out, stride),
+                        [a, b, c, d] => B::$kernel::<R, 4>(rows, [a, b, c, d], out, stride),
                         _ => unreachable!("tiles hold 1 to {TOKENS_PER_TILE} tokens"),
                     }
                 }
@@ -146,7 +112,7 @@ fn tile<M: BlockMatrix, const R: usize>(
     }
     for (i, row) in rows.iter().enumerate() {
         for (t, act) in acts.iter().enumerate() {
-            out[i * stride + t] = M::dot_portable(row, act);
+            out[i * stride + t] = B::dot_portable(row, act);
         }
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! Both kernels follow ggml's arithmetic (activations quantized to 8 bits per block,
 //! integer block dot products, f32 accumulation with fused multiply-adds by the block
-//! scales), in one fixed order described in [`driver::BlockMatrix`]. Every output is
+//! scales), in one fixed order described in [`WeightBlock`]. Every output is
 //! the same sequence of float operations whatever the tile, thread count, batch or
 //! SIMD width it is computed with: results are bit-identical on every path (portable,
 //! AVX2, AVX-512), and a token's result does not depend on which other tokens share
@@ -12,13 +12,16 @@
 
 mod activations;
 mod driver;
+mod matrix;
 pub mod q4_1;
 pub mod q8_0;
+
+pub use matrix::{Matrix, WeightBlock};
 
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{bail, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 
 /// Values per quantized block.
 const BLOCK: usize = 32;
@@ -27,44 +30,43 @@ const BLOCK: usize = 32;
 pub enum Linear {
     /// Any quantization candle supports, computed by candle.
     Candle(QMatMul),
-    /// Q4_1, computed by [`q4_1::Q4_1Matrix`].
-    Q4_1(q4_1::Q4_1Matrix),
-    /// Q8_0, computed by [`q8_0::Q8_0Matrix`].
-    Q8_0(q8_0::Q8_0Matrix),
+    /// Q4_1, computed by [`q4_1`]'s kernels.
+    Q4_1(Matrix<q4_1::BlockQ4_1>),
+    /// Q8_0, computed by [`q8_0`]'s kernels.
+    Q8_0(Matrix<q8_0::BlockQ8_0>),
 }
 
 impl Linear {
     pub fn new(weights: Arc<QTensor>) -> Result<Self> {
-        match weights.dtype() {
-            GgmlDType::Q4_1 => Ok(Linear::Q4_1(q4_1::Q4_1Matrix::from_qtensor(&weights)?)),
-            GgmlDType::Q8_0 => Ok(Linear::Q8_0(q8_0::Q8_0Matrix::from_qtensor(&weights)?)),
-            _ => Ok(Linear::Candle(QMatMul::from_arc(weights)?)),
+        match Self::ours(&[&weights])? {
+            Some(linear) => Ok(linear),
+            None => Ok(Linear::Candle(QMatMul::from_arc(weights)?)),
         }
+    }
+
+    /// The rows of `parts` as one matrix for this module's kernels, if they all have
+    /// one type the kernels cover.
+    fn ours(parts: &[&QTensor]) -> Result<Option<Self>> {
+        let Some(dtype) = parts.first().map(|p| p.dtype()) else {
+            return Ok(None);
+        };
+        if parts.iter().any(|p| p.dtype() != dtype) {
+            return Ok(None);
+        }
+        Ok(match dtype {
+            GgmlDType::Q4_1 => Some(Linear::Q4_1(Matrix::stack(parts)?)),
+            GgmlDType::Q8_0 => Some(Linear::Q8_0(Matrix::stack(parts)?)),
+            _ => None,
+        })
     }
 
     /// Rows `ids` of the matrix, dequantized: `[ids.len(), in]` (an embedding lookup).
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let (rows, cols) = match self {
-            Linear::Candle(m) => {
-                let ids = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
-                return m.embedding(&ids);
-            }
-            Linear::Q4_1(m) => (m.rows(), m.cols()),
-            Linear::Q8_0(m) => (m.rows(), m.cols()),
-        };
-        let mut out = Vec::with_capacity(ids.len() * cols);
-        for &id in ids {
-            let id = id as usize;
-            if id >= rows {
-                bail!("row {id} of a matrix of {rows} rows");
-            }
-            match self {
-                Linear::Q4_1(m) => m.dequantize_row(id, &mut out),
-                Linear::Q8_0(m) => m.dequantize_row(id, &mut out),
-                Linear::Candle(_) => unreachable!("handled above"),
-            }
+        match self {
+            Linear::Candle(m) => m.embedding(&Tensor::from_slice(ids, ids.len(), &Device::Cpu)?),
+            Linear::Q4_1(m) => m.rows_of(ids),
+            Linear::Q8_0(m) => m.rows_of(ids),
         }
-        Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)
     }
 
     /// `x`: `[..., in]` → `[..., out]`.
@@ -94,30 +96,10 @@ impl Stacked {
             .iter()
             .map(|p| p.shape().dims2().map(|(rows, _)| rows))
             .collect::<Result<_>>()?;
-        let dtype = parts.first().map(|p| p.dtype());
-        let same = |d: GgmlDType| parts.iter().all(|p| p.dtype() == d);
-        match dtype {
-            Some(GgmlDType::Q4_1) if same(GgmlDType::Q4_1) => {
-                let parts: Vec<_> = parts
-                    .iter()
-                    .map(|p| q4_1::Q4_1Matrix::from_qtensor(p))
-                    .collect::<Result<_>>()?;
-                Ok(Stacked::One(
-                    Linear::Q4_1(q4_1::Q4_1Matrix::stack(parts)?),
-                    sizes,
-                ))
-            }
-            Some(GgmlDType::Q8_0) if same(GgmlDType::Q8_0) => {
-                let parts: Vec<_> = parts
-                    .iter()
-                    .map(|p| q8_0::Q8_0Matrix::from_qtensor(p))
-                    .collect::<Result<_>>()?;
-                Ok(Stacked::One(
-                    Linear::Q8_0(q8_0::Q8_0Matrix::stack(parts)?),
-                    sizes,
-                ))
-            }
-            _ => Ok(Stacked::Each(
+        let refs: Vec<&QTensor> = parts.iter().map(|p| p.as_ref()).collect();
+        match Linear::ours(&refs)? {
+            Some(linear) => Ok(Stacked::One(linear, sizes)),
+            None => Ok(Stacked::Each(
                 parts.into_iter().map(Linear::new).collect::<Result<_>>()?,
             )),
         }
@@ -142,20 +124,6 @@ impl Stacked {
             }
         }
     }
-}
-
-/// Appends the rows of `parts` (each `(rows, cols, blocks)`) into one matrix.
-fn stack_blocks<B>(parts: Vec<(usize, usize, Vec<B>)>) -> Result<(usize, usize, Vec<B>)> {
-    let cols = match parts.first() {
-        Some(&(_, cols, _)) => cols,
-        None => bail!("nothing to stack"),
-    };
-    if parts.iter().any(|&(_, c, _)| c != cols) {
-        bail!("stacked matrices must have equal row lengths");
-    }
-    let rows = parts.iter().map(|p| p.0).sum();
-    let blocks = parts.into_iter().flat_map(|p| p.2).collect();
-    Ok((rows, cols, blocks))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -346,14 +314,14 @@ mod tests {
     #[test]
     fn q4_1_agrees_with_candle_and_is_the_same_on_every_path() {
         check(GgmlDType::Q4_1, |q, path| {
-            Linear::Q4_1(q4_1::Q4_1Matrix::from_qtensor(q).unwrap().on(path))
+            Linear::Q4_1(Matrix::from_qtensor(q).unwrap().on(path))
         });
     }
 
     #[test]
     fn q8_0_agrees_with_candle_and_is_the_same_on_every_path() {
         check(GgmlDType::Q8_0, |q, path| {
-            Linear::Q8_0(q8_0::Q8_0Matrix::from_qtensor(q).unwrap().on(path))
+            Linear::Q8_0(Matrix::from_qtensor(q).unwrap().on(path))
         });
     }
 }

@@ -4,13 +4,13 @@
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{bail, Result, Tensor};
+use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::activations::{ActBlock, Acts};
-use super::driver::{finish, matmul, BlockMatrix};
-use super::{Simd, BLOCK};
+use super::driver::finish;
+use super::matrix::WeightBlock;
+use super::BLOCK;
 
 /// One block of 32 weights as stored in the file (20 bytes): scale and minimum as f16
 /// bits, 32 nibbles. Kept compact: these blocks are most of a node's memory.
@@ -39,108 +39,25 @@ impl BlockQ4_1 {
     }
 }
 
-pub struct Q4_1Matrix {
-    rows: usize,
-    cols: usize,
-    /// `rows × cols / 32` blocks, row-major.
-    blocks: Vec<BlockQ4_1>,
-    simd: Simd,
-}
-
-impl Q4_1Matrix {
-    /// Takes the blocks of a Q4_1 tensor of shape `[rows, cols]`.
-    pub fn from_qtensor(t: &QTensor) -> Result<Self> {
-        if t.dtype() != GgmlDType::Q4_1 {
-            bail!("expected a Q4_1 tensor, got {:?}", t.dtype());
-        }
-        let (rows, cols) = t.shape().dims2()?;
-        if cols % BLOCK != 0 {
-            bail!("Q4_1 rows of {cols} values are not whole blocks");
-        }
-        let bytes = t.data()?;
-        // ggml's block_q4_1: f16 d, f16 m, 16 bytes of nibbles (20 bytes).
-        let blocks: Vec<BlockQ4_1> = bytes
-            .chunks_exact(20)
-            .map(|b| {
-                let mut qs = [0u8; 16];
-                qs.copy_from_slice(&b[4..20]);
-                BlockQ4_1 {
-                    d: u16::from_le_bytes([b[0], b[1]]),
-                    m: u16::from_le_bytes([b[2], b[3]]),
-                    qs,
-                }
-            })
-            .collect();
-        if blocks.len() != rows * cols / BLOCK {
-            bail!(
-                "Q4_1 tensor holds {} blocks, expected {}",
-                blocks.len(),
-                rows * cols / BLOCK
-            );
-        }
-        Ok(Self {
-            rows,
-            cols,
-            blocks,
-            simd: Simd::cached(),
-        })
-    }
-
-    /// One matrix holding the rows of `parts` in order.
-    pub fn stack(parts: Vec<Self>) -> Result<Self> {
-        let (rows, cols, blocks) = super::stack_blocks(
-            parts
-                .into_iter()
-                .map(|p| (p.rows, p.cols, p.blocks))
-                .collect(),
-        )?;
-        Ok(Self {
-            rows,
-            cols,
-            blocks,
-            simd: Simd::cached(),
-        })
-    }
-
-    /// The same matrix computed on `path` (for tests of each path).
-    #[cfg(test)]
-    pub fn on(self, path: Simd) -> Self {
-        Self { simd: path, ..self }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Appends row `r`, dequantized, to `out`.
-    pub fn dequantize_row(&self, r: usize, out: &mut Vec<f32>) {
-        for x in self.row(r) {
-            let (d, m) = x.scales();
-            out.extend((0..BLOCK).map(|j| x.weight(j) as f32 * d + m));
-        }
-    }
-
-    /// `x`: `[..., cols]` → `[..., rows]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul(self, x, self.rows, self.cols)
-    }
-}
-
-impl BlockMatrix for Q4_1Matrix {
-    type Weight = BlockQ4_1;
+impl WeightBlock for BlockQ4_1 {
+    const DTYPE: GgmlDType = GgmlDType::Q4_1;
+    const BYTES: usize = 20;
     const SUMS: bool = true;
 
-    fn simd(&self) -> Simd {
-        self.simd
+    /// ggml's block_q4_1: f16 d, f16 m, 16 bytes of nibbles.
+    fn parse(b: &[u8]) -> Self {
+        let mut qs = [0u8; 16];
+        qs.copy_from_slice(&b[4..20]);
+        BlockQ4_1 {
+            d: u16::from_le_bytes([b[0], b[1]]),
+            m: u16::from_le_bytes([b[2], b[3]]),
+            qs,
+        }
     }
 
-    fn row(&self, r: usize) -> &[BlockQ4_1] {
-        let per_row = self.cols / BLOCK;
-        &self.blocks[r * per_row..(r + 1) * per_row]
+    fn dequantize(&self, out: &mut Vec<f32>) {
+        let (d, m) = self.scales();
+        out.extend((0..BLOCK).map(|j| self.weight(j) as f32 * d + m));
     }
 
     fn dot_portable(row: &[BlockQ4_1], act: &Acts) -> f32 {

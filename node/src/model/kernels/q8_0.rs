@@ -5,13 +5,12 @@
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{bail, Result, Tensor};
+use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::activations::{ActBlock, Acts};
-use super::driver::{finish, matmul, BlockMatrix};
-use super::{Simd, BLOCK};
+use super::driver::finish;
+use super::matrix::WeightBlock;
 
 /// One block of 32 weights as stored in the file (34 bytes): f16 scale bits, quants.
 #[derive(Clone, Copy, Debug)]
@@ -20,109 +19,26 @@ pub struct BlockQ8_0 {
     qs: [i8; 32],
 }
 
-pub struct Q8_0Matrix {
-    rows: usize,
-    cols: usize,
-    /// `rows × cols / 32` blocks, row-major.
-    blocks: Vec<BlockQ8_0>,
-    simd: Simd,
-}
-
-impl Q8_0Matrix {
-    /// Takes the blocks of a Q8_0 tensor of shape `[rows, cols]`.
-    pub fn from_qtensor(t: &QTensor) -> Result<Self> {
-        if t.dtype() != GgmlDType::Q8_0 {
-            bail!("expected a Q8_0 tensor, got {:?}", t.dtype());
-        }
-        let (rows, cols) = t.shape().dims2()?;
-        if cols % BLOCK != 0 {
-            bail!("Q8_0 rows of {cols} values are not whole blocks");
-        }
-        let bytes = t.data()?;
-        // ggml's block_q8_0: f16 d, 32 signed bytes (34 bytes).
-        let blocks: Vec<BlockQ8_0> = bytes
-            .chunks_exact(34)
-            .map(|b| {
-                let mut qs = [0i8; 32];
-                for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
-                    *q = byte as i8;
-                }
-                BlockQ8_0 {
-                    d: u16::from_le_bytes([b[0], b[1]]),
-                    qs,
-                }
-            })
-            .collect();
-        if blocks.len() != rows * cols / BLOCK {
-            bail!(
-                "Q8_0 tensor holds {} blocks, expected {}",
-                blocks.len(),
-                rows * cols / BLOCK
-            );
-        }
-        Ok(Self {
-            rows,
-            cols,
-            blocks,
-            simd: Simd::cached(),
-        })
-    }
-
-    /// One matrix holding the rows of `parts` in order.
-    pub fn stack(parts: Vec<Self>) -> Result<Self> {
-        let (rows, cols, blocks) = super::stack_blocks(
-            parts
-                .into_iter()
-                .map(|p| (p.rows, p.cols, p.blocks))
-                .collect(),
-        )?;
-        Ok(Self {
-            rows,
-            cols,
-            blocks,
-            simd: Simd::cached(),
-        })
-    }
-
-    /// The same matrix computed on `path` (for tests of each path).
-    #[cfg(test)]
-    pub fn on(self, path: Simd) -> Self {
-        Self { simd: path, ..self }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Appends row `r`, dequantized, to `out`.
-    pub fn dequantize_row(&self, r: usize, out: &mut Vec<f32>) {
-        for x in self.row(r) {
-            let d = f16::from_bits(x.d).to_f32();
-            out.extend(x.qs.iter().map(|&q| q as f32 * d));
-        }
-    }
-
-    /// `x`: `[..., cols]` → `[..., rows]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul(self, x, self.rows, self.cols)
-    }
-}
-
-impl BlockMatrix for Q8_0Matrix {
-    type Weight = BlockQ8_0;
+impl WeightBlock for BlockQ8_0 {
+    const DTYPE: GgmlDType = GgmlDType::Q8_0;
+    const BYTES: usize = 34;
     const SUMS: bool = false;
 
-    fn simd(&self) -> Simd {
-        self.simd
+    /// ggml's block_q8_0: f16 d, 32 signed bytes.
+    fn parse(b: &[u8]) -> Self {
+        let mut qs = [0i8; 32];
+        for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
+            *q = byte as i8;
+        }
+        BlockQ8_0 {
+            d: u16::from_le_bytes([b[0], b[1]]),
+            qs,
+        }
     }
 
-    fn row(&self, r: usize) -> &[BlockQ8_0] {
-        let per_row = self.cols / BLOCK;
-        &self.blocks[r * per_row..(r + 1) * per_row]
+    fn dequantize(&self, out: &mut Vec<f32>) {
+        let d = f16::from_bits(self.d).to_f32();
+        out.extend(self.qs.iter().map(|&q| q as f32 * d));
     }
 
     fn dot_portable(row: &[BlockQ8_0], act: &Acts) -> f32 {
