@@ -96,13 +96,13 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
         error_kind(ask(&mut s, &step(0, hidden(9, 576, 0.1))).await),
         ErrorKind::TooLong
     );
-    let bad_bytes = WireTensor {
+    let wrong_length = WireTensor {
         shape: vec![1, 1, 576],
         dtype: WireDType::F32,
-        data: vec![0; 10],
+        values: vec![0.0; 10].into(),
     };
     assert_eq!(
-        error_kind(ask(&mut s, &step(0, bad_bytes)).await),
+        error_kind(ask(&mut s, &step(0, wrong_length)).await),
         ErrorKind::BadTensor
     );
     match ask(&mut s, &step(0, hidden(2, 576, 0.1))).await {

@@ -4,7 +4,10 @@
 //! process on allocation. With `with_limit` the decoder refuses it before allocating.
 
 use bincode::config::{self, Configuration, Limit, LittleEndian, Varint};
+use bincode::enc::write::SizeWriter;
 use serde::{de::DeserializeOwned, Serialize};
+
+use crate::frame::{self, PREFIX_BYTES};
 
 /// Largest encoded message accepted from a peer: room for a 16k-token prefill of a
 /// 4096-wide model in f32 (256 MiB would be too generous for one frame; 64 MiB
@@ -38,12 +41,28 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, CodecError> {
     Ok(bytes)
 }
 
+/// `message` as a whole frame: the length prefix, then the message encoded straight
+/// after it. The size is measured first, so the message's bytes (a tensor's values)
+/// are written once, into a buffer of the right size.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, CodecError> {
+    let mut size = SizeWriter::default();
+    bincode::serde::encode_into_writer(message, &mut size, bounded())?;
+    let len = size.bytes_written;
+    let prefix = frame::prefix(len).map_err(|_| CodecError::TooLarge(len))?;
+    let mut bytes = Vec::with_capacity(PREFIX_BYTES + len);
+    bytes.extend_from_slice(&prefix);
+    bincode::serde::encode_into_std_write(message, &mut bytes, bounded())?;
+    Ok(bytes)
+}
+
 /// Decodes exactly one message from `bytes`, bounded by [`MAX_MESSAGE_BYTES`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(CodecError::TooLarge(bytes.len()));
     }
-    let (message, used) = bincode::serde::decode_from_slice(bytes, bounded())?;
+    // Borrowing decoding hands byte strings to the message's own decoding (a tensor
+    // converts them to values directly) instead of copying them into a buffer first.
+    let (message, used) = bincode::serde::borrow_decode_from_slice(bytes, bounded())?;
     if used != bytes.len() {
         return Err(CodecError::TrailingBytes(bytes.len() - used));
     }
@@ -61,6 +80,16 @@ mod tests {
         let msg = (LayerRange::new(0, 10), t);
         let back: (LayerRange, WireTensor) = decode(&encode(&msg).unwrap()).unwrap();
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn frames_are_the_prefix_then_the_message() {
+        let msg = (LayerRange::new(0, 10), "frame".to_string());
+        let frame = encode_frame(&msg).unwrap();
+        let payload = encode(&msg).unwrap();
+        assert_eq!(frame[..PREFIX_BYTES], (payload.len() as u32).to_le_bytes());
+        assert_eq!(frame[PREFIX_BYTES..], payload[..]);
+        assert_eq!(frame.capacity(), frame.len());
     }
 
     #[test]

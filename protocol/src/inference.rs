@@ -30,7 +30,7 @@ pub const PROTOCOL_NAME: &str = "/allmende/inference/1";
 pub const PROTOCOL_VERSION: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum ClientMessage {
+pub enum ClientMessage<'a> {
     /// Ask what the server serves and how loaded it is.
     Info,
     /// Start a session over `range` of `model` holding at most `max_len` positions;
@@ -46,21 +46,21 @@ pub enum ClientMessage {
     Step {
         session: u64,
         position: u32,
-        hidden: WireTensor,
+        hidden: WireTensor<'a>,
     },
     /// Several steps at once, starting at `position`, run in order as if sent one by
     /// one. Used to rebuild a session's cache after a failover.
     Replay {
         session: u64,
         position: u32,
-        steps: Vec<WireTensor>,
+        steps: Vec<WireTensor<'a>>,
     },
     /// End the session and free its cache.
     Close { session: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum ServerMessage {
+pub enum ServerMessage<'a> {
     Info(ServerInfo),
     Opened {
         session: u64,
@@ -70,7 +70,7 @@ pub enum ServerMessage {
     /// the sequence axis). `draining`: the server is leaving; move the session soon.
     Hidden {
         position: u32,
-        hidden: WireTensor,
+        hidden: WireTensor<'a>,
         draining: bool,
     },
     /// The server cannot take the session now; try another replica.

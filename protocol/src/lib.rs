@@ -20,7 +20,7 @@ pub mod layers;
 pub mod model;
 pub mod tensor;
 
-pub use codec::{decode, encode, CodecError, MAX_MESSAGE_BYTES};
+pub use codec::{decode, encode, encode_frame, CodecError, MAX_MESSAGE_BYTES};
 pub use inference::{ClientMessage, ErrorKind, ServerInfo, ServerMessage, PROTOCOL_NAME};
 pub use layers::{LayerRange, LayerRangeError};
 pub use model::ModelId;

@@ -17,7 +17,7 @@ fn dtype() -> impl Strategy<Value = WireDType> {
     ]
 }
 
-fn tensor() -> impl Strategy<Value = WireTensor> {
+fn tensor() -> impl Strategy<Value = WireTensor<'static>> {
     (1u32..3, 1u32..5, 1u32..9, dtype()).prop_flat_map(|(b, s, h, dtype)| {
         let n = (b * s * h) as usize;
         proptest::collection::vec(-1e4f32..1e4, n)
@@ -33,7 +33,7 @@ fn model() -> impl Strategy<Value = ModelId> {
     any::<[u8; 32]>().prop_map(ModelId)
 }
 
-fn client_message() -> impl Strategy<Value = ClientMessage> {
+fn client_message() -> impl Strategy<Value = ClientMessage<'static>> {
     prop_oneof![
         Just(ClientMessage::Info),
         (model(), range(), any::<u32>(), dtype()).prop_map(|(model, range, max_len, dtype)| {
@@ -91,7 +91,7 @@ fn info() -> impl Strategy<Value = ServerInfo> {
         )
 }
 
-fn server_message() -> impl Strategy<Value = ServerMessage> {
+fn server_message() -> impl Strategy<Value = ServerMessage<'static>> {
     prop_oneof![
         info().prop_map(ServerMessage::Info),
         (any::<u64>(), any::<u32>())

@@ -78,6 +78,24 @@ pub fn candle_message(e: &candle_core::Error) -> String {
     text.lines().next().unwrap_or_default().trim().to_string()
 }
 
+/// Calls `f` with the f32 values of `t` in row-major order, read in place from the
+/// tensor's memory (copied only if `t` is not contiguous).
+pub fn with_values<R>(
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("the tensor is not in CPU memory");
+    };
+    let all = cpu.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(f(&all[start..end])),
+        None => candle_core::bail!("the tensor is not contiguous"),
+    }
+}
+
 /// Errors of one forward pass: bad input from a caller, or a compute failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

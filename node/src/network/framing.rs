@@ -22,7 +22,8 @@ pub enum FrameIoError {
     Codec(#[from] CodecError),
 }
 
-/// Reads one message. A clean end of stream before a prefix is [`FrameIoError::Closed`].
+/// Reads one message. A tensor's values are decoded straight from the frame's bytes
+/// (their one copy on the way in). A clean end of stream before a prefix is [`FrameIoError::Closed`].
 pub async fn read_message<T, S>(stream: &mut S) -> Result<T, FrameIoError>
 where
     T: DeserializeOwned,
@@ -43,17 +44,23 @@ where
     Ok(allmende_protocol::decode(&payload)?)
 }
 
-/// Writes one message and flushes it.
+/// Writes one message and flushes it. The message is encoded straight into the frame,
+/// so a tensor's values are copied once on their way out.
 pub async fn write_message<T, S>(stream: &mut S, message: &T) -> Result<(), FrameIoError>
 where
     T: Serialize,
     S: AsyncWrite + Unpin,
 {
-    let payload = allmende_protocol::encode(message)?;
-    let mut frame = Vec::with_capacity(PREFIX_BYTES + payload.len());
-    frame.extend_from_slice(&frame::prefix(payload.len())?);
-    frame.extend_from_slice(&payload);
-    stream.write_all(&frame).await?;
+    let frame = allmende_protocol::encode_frame(message)?;
+    write_frame(stream, &frame).await
+}
+
+/// Writes a frame made by [`allmende_protocol::encode_frame`] and flushes it.
+pub async fn write_frame<S>(stream: &mut S, frame: &[u8]) -> Result<(), FrameIoError>
+where
+    S: AsyncWrite + Unpin,
+{
+    stream.write_all(frame).await?;
     stream.flush().await?;
     Ok(())
 }

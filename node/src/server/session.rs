@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use allmende_protocol::{
-    ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
+    encode_frame, ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType,
+    WireTensor,
 };
 use candle_core::{Device, Tensor};
 use libp2p::{PeerId, Stream};
@@ -17,8 +18,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::guard::{Offence, Verdict};
 use super::ShardServer;
-use crate::model::{ForwardError, ShardCache};
-use crate::network::framing::{read_message, write_message, FrameIoError};
+use crate::model::{candle_message, with_values, ForwardError, ShardCache};
+use crate::network::framing::{read_message, write_frame, write_message, FrameIoError};
 use crate::network::Network;
 
 struct OpenSession {
@@ -56,6 +57,50 @@ async fn obey(verdict: Verdict, network: &Network, peer: PeerId) -> bool {
 }
 
 type Refusal = (ErrorKind, String);
+
+/// What the server answers a request with.
+enum Reply {
+    Message(ServerMessage<'static>),
+    /// A step's output, sent as hidden states in the session's wire type.
+    Hidden {
+        position: u32,
+        output: Tensor,
+        dtype: WireDType,
+        draining: bool,
+    },
+}
+
+impl Reply {
+    /// The reply as a frame. An output's values are encoded straight from the
+    /// tensor's memory: their one copy on the way out.
+    fn frame(self) -> Result<Vec<u8>, Refusal> {
+        let internal = |e: String| (ErrorKind::Internal, e);
+        match self {
+            Reply::Message(message) => encode_frame(&message).map_err(|e| internal(e.to_string())),
+            Reply::Hidden {
+                position,
+                output,
+                dtype,
+                draining,
+            } => {
+                let dims: Vec<u32> = output.dims().iter().map(|&d| d as u32).collect();
+                let encoded = with_values(&output, |values| {
+                    let hidden = WireTensor::new(&dims, values, dtype)?;
+                    Ok::<_, Box<dyn std::error::Error>>(encode_frame(&ServerMessage::Hidden {
+                        position,
+                        hidden,
+                        draining,
+                    })?)
+                });
+                match encoded {
+                    Ok(Ok(frame)) => Ok(frame),
+                    Ok(Err(e)) => Err(internal(e.to_string())),
+                    Err(e) => Err(internal(candle_message(&e))),
+                }
+            }
+        }
+    }
+}
 
 pub async fn serve_stream(
     server: Arc<ShardServer>,
@@ -102,7 +147,7 @@ pub async fn serve_stream(
             break;
         }
         let reply = match message {
-            ClientMessage::Info => Ok(ServerMessage::Info(server.info())),
+            ClientMessage::Info => Ok(Reply::Message(ServerMessage::Info(server.info()))),
             ClientMessage::Open {
                 model,
                 range,
@@ -120,13 +165,14 @@ pub async fn serve_stream(
                             peer,
                         };
                         open(&server, &mut session, slot, model, range, max_len, dtype)
+                            .map(Reply::Message)
                     }
-                    _ => Ok(ServerMessage::Busy {
+                    _ => Ok(Reply::Message(ServerMessage::Busy {
                         reason: format!(
                             "this peer already holds {} sessions here",
                             server.limits.peers.sessions_per_peer
                         ),
-                    }),
+                    })),
                 }
             }
             ClientMessage::Step {
@@ -150,15 +196,25 @@ pub async fn serve_stream(
                 ))
             }
         };
-        let reply = reply.unwrap_or_else(|(kind, message)| error(kind, message));
-        if let Err(e) = write_message(&mut stream, &reply).await {
+        let frame = match reply.and_then(Reply::frame) {
+            Ok(frame) => Ok(frame),
+            Err((kind, message)) => encode_frame(&error(kind, message)),
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::error!(%peer, "cannot encode a reply: {e}");
+                break;
+            }
+        };
+        if let Err(e) = write_frame(&mut stream, &frame).await {
             tracing::debug!(%peer, "cannot reply: {e}");
             break;
         }
     }
 }
 
-fn error(kind: ErrorKind, message: String) -> ServerMessage {
+fn error(kind: ErrorKind, message: String) -> ServerMessage<'static> {
     ServerMessage::Error { kind, message }
 }
 
@@ -170,7 +226,7 @@ fn open(
     range: LayerRange,
     max_len: u32,
     dtype: WireDType,
-) -> Result<ServerMessage, Refusal> {
+) -> Result<ServerMessage<'static>, Refusal> {
     if session.is_some() {
         return Err((
             ErrorKind::BadRequest,
@@ -242,8 +298,8 @@ async fn run(
     session: &mut Option<OpenSession>,
     id: u64,
     position: u32,
-    steps: Vec<WireTensor>,
-) -> Result<ServerMessage, Refusal> {
+    steps: Vec<WireTensor<'_>>,
+) -> Result<Reply, Refusal> {
     let Some(open) = session.as_mut().filter(|s| s.id == id) else {
         return Err((
             ErrorKind::UnknownSession,
@@ -253,7 +309,7 @@ async fn run(
     let Some(mut cache) = open.cache.take() else {
         return Err((ErrorKind::Internal, "the session lost its cache".into()));
     };
-    let inputs = match validate(server, &cache, position, &steps) {
+    let inputs = match validate(server, &cache, position, steps) {
         Ok(inputs) => inputs,
         Err(refusal) => {
             open.cache = Some(cache);
@@ -290,16 +346,10 @@ async fn run(
         1 => outputs.swap_remove(0),
         _ => Tensor::cat(&outputs, 1).map_err(|e| internal(e.to_string()))?,
     };
-    let dims: Vec<u32> = output.dims().iter().map(|&d| d as u32).collect();
-    let values = output
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| internal(e.to_string()))?;
-    let hidden =
-        WireTensor::from_f32(&dims, &values, open.dtype).map_err(|e| internal(e.to_string()))?;
-    Ok(ServerMessage::Hidden {
+    Ok(Reply::Hidden {
         position,
-        hidden,
+        output,
+        dtype: open.dtype,
         draining: server.is_draining(),
     })
 }
@@ -309,7 +359,7 @@ fn validate(
     server: &ShardServer,
     cache: &ShardCache,
     position: u32,
-    steps: &[WireTensor],
+    steps: Vec<WireTensor<'_>>,
 ) -> Result<Vec<Tensor>, Refusal> {
     if steps.is_empty() {
         return Err((ErrorKind::BadRequest, "no hidden states to process".into()));
@@ -355,6 +405,7 @@ fn validate(
             );
             return Err((ErrorKind::TooLong, msg));
         }
+        // The values were decoded from the frame; they move into the tensor uncopied.
         let values = step
             .to_f32()
             .map_err(|e| (ErrorKind::BadTensor, e.to_string()))?;

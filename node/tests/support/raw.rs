@@ -48,7 +48,7 @@ impl RawClient {
     }
 
     /// Opens a session over `range`; returns the stream and the server's reply.
-    pub async fn open(&self, range: LayerRange, max_len: u32) -> (Stream, ServerMessage) {
+    pub async fn open(&self, range: LayerRange, max_len: u32) -> (Stream, ServerMessage<'static>) {
         let mut stream = self.stream().await;
         let open = ClientMessage::Open {
             model: self.model,
@@ -61,13 +61,13 @@ impl RawClient {
     }
 }
 
-pub async fn ask(stream: &mut Stream, message: &ClientMessage) -> ServerMessage {
+pub async fn ask(stream: &mut Stream, message: &ClientMessage<'_>) -> ServerMessage<'static> {
     write_message(stream, message).await.expect("request sent");
     read_message(stream).await.expect("a reply")
 }
 
 /// Hidden states `[1, seq, width]` filled with `value`.
-pub fn hidden(seq: u32, width: u32, value: f32) -> WireTensor {
+pub fn hidden(seq: u32, width: u32, value: f32) -> WireTensor<'static> {
     let values = vec![value; (seq * width) as usize];
     WireTensor::from_f32(&[1, seq, width], &values, WireDType::F32).unwrap()
 }

@@ -32,7 +32,7 @@ pub async fn reroute(
     context: &RouteContext,
     bans: &mut BanList<PeerId>,
     range: LayerRange,
-    history: &[WireTensor],
+    history: &[WireTensor<'static>],
     cause: &RemoteError,
 ) -> Result<Vec<Segment>, RemoteError> {
     let deadline = Instant::now() + context.failover_patience;
@@ -91,7 +91,7 @@ pub async fn reroute(
 async fn rebuild(
     context: &RouteContext,
     route: &[RouteSegment],
-    history: &[WireTensor],
+    history: &[WireTensor<'static>],
 ) -> Result<Vec<Segment>, RemoteError> {
     let mut segments = open_route(context, route).await?;
     replay_chain(&mut segments, history.to_vec()).await?;
@@ -102,7 +102,7 @@ async fn rebuild(
 /// inputs, and each one's history grows by what it was sent.
 async fn replay_chain(
     segments: &mut [Segment],
-    mut steps: Vec<WireTensor>,
+    mut steps: Vec<WireTensor<'static>>,
 ) -> Result<(), RemoteError> {
     if steps.is_empty() {
         return Ok(());

@@ -78,7 +78,7 @@ impl RemoteError {
 /// A segment of the live route, with every step it was sent.
 pub struct Segment {
     pub session: SegmentSession,
-    pub history: Vec<WireTensor>,
+    pub history: Vec<WireTensor<'static>>,
 }
 
 /// Opens a session on every segment of `route`, in order, with empty histories.
@@ -173,15 +173,17 @@ impl RemotePipeline {
         self.finish_migration().await;
         let dims: Vec<u32> = hidden.dims().iter().map(|&d| d as u32).collect();
         let tensor_err = |e: &dyn std::fmt::Display| RemoteError::Tensor(e.to_string());
+        // The one copy the client keeps: each segment's inputs stay in its history,
+        // for replay on a replacement server. Steps are encoded from them in place.
         let values = hidden
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| tensor_err(&e))?;
         let mut wire =
-            WireTensor::from_f32(&dims, &values, self.context.dtype).map_err(|e| tensor_err(&e))?;
+            WireTensor::from_vec(&dims, values, self.context.dtype).map_err(|e| tensor_err(&e))?;
         let mut i = 0;
         while i < self.segments.len() {
-            match self.segments[i].session.step(wire.clone()).await {
+            match self.segments[i].session.step(wire.view()).await {
                 Ok(output) if output.shape == dims => {
                     self.segments[i].history.push(wire);
                     wire = output;

@@ -100,7 +100,7 @@ impl SegmentSession {
         }
     }
 
-    fn unexpected(&self, reply: ServerMessage) -> RemoteError {
+    fn unexpected(&self, reply: ServerMessage<'_>) -> RemoteError {
         match reply {
             ServerMessage::Error { kind, message } => self.refused(kind, message),
             other => RemoteError::Protocol {
@@ -111,7 +111,10 @@ impl SegmentSession {
         }
     }
 
-    async fn exchange(&mut self, message: &ClientMessage) -> Result<ServerMessage, RemoteError> {
+    async fn exchange(
+        &mut self,
+        message: &ClientMessage<'_>,
+    ) -> Result<ServerMessage<'static>, RemoteError> {
         let io = async {
             write_message(&mut self.stream, message).await?;
             read_message::<ServerMessage, _>(&mut self.stream).await
@@ -130,7 +133,10 @@ impl SegmentSession {
     }
 
     /// Sends one step; returns the segment's output.
-    pub async fn step(&mut self, hidden: WireTensor) -> Result<WireTensor, RemoteError> {
+    pub async fn step(
+        &mut self,
+        hidden: WireTensor<'_>,
+    ) -> Result<WireTensor<'static>, RemoteError> {
         let seq = hidden.shape.get(1).copied().unwrap_or(0);
         let message = ClientMessage::Step {
             session: self.session,
@@ -144,7 +150,10 @@ impl SegmentSession {
 
     /// Runs past steps again, exactly as they were first sent, and returns each one's
     /// output. Rebuilds the server's cache bit for bit.
-    pub async fn replay(&mut self, steps: &[WireTensor]) -> Result<Vec<WireTensor>, RemoteError> {
+    pub async fn replay(
+        &mut self,
+        steps: &[WireTensor<'static>],
+    ) -> Result<Vec<WireTensor<'static>>, RemoteError> {
         let mut outputs = Vec::with_capacity(steps.len());
         for chunk in byte_chunks(steps, REPLAY_CHUNK_BYTES) {
             let positions: u32 = chunk
@@ -154,7 +163,7 @@ impl SegmentSession {
             let message = ClientMessage::Replay {
                 session: self.session,
                 position: self.position,
-                steps: chunk.to_vec(),
+                steps: chunk.iter().map(WireTensor::view).collect(),
             };
             let joined = self.expect_hidden(&message).await?;
             outputs.extend(
@@ -165,7 +174,10 @@ impl SegmentSession {
         Ok(outputs)
     }
 
-    async fn expect_hidden(&mut self, message: &ClientMessage) -> Result<WireTensor, RemoteError> {
+    async fn expect_hidden(
+        &mut self,
+        message: &ClientMessage<'_>,
+    ) -> Result<WireTensor<'static>, RemoteError> {
         match self.exchange(message).await? {
             ServerMessage::Hidden {
                 position,
@@ -197,15 +209,15 @@ fn connection(segment: &RouteSegment, reason: impl ToString) -> RemoteError {
 }
 
 /// Consecutive runs of `steps` of at most `limit` bytes each (at least one step).
-fn byte_chunks(steps: &[WireTensor], limit: usize) -> Vec<&[WireTensor]> {
+fn byte_chunks<'s, 'a>(steps: &'s [WireTensor<'a>], limit: usize) -> Vec<&'s [WireTensor<'a>]> {
     let mut chunks = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, step) in steps.iter().enumerate() {
-        if i > start && bytes + step.data.len() > limit {
+        if i > start && bytes + step.wire_bytes() > limit {
             chunks.push(&steps[start..i]);
             (start, bytes) = (i, 0);
         }
-        bytes += step.data.len();
+        bytes += step.wire_bytes();
     }
     if start < steps.len() {
         chunks.push(&steps[start..]);
@@ -214,9 +226,11 @@ fn byte_chunks(steps: &[WireTensor], limit: usize) -> Vec<&[WireTensor]> {
 }
 
 /// Splits `[1, total, hidden]` outputs back into one tensor per input step.
-fn split_steps(joined: &WireTensor, steps: &[WireTensor]) -> Result<Vec<WireTensor>, String> {
+fn split_steps(
+    joined: &WireTensor<'_>,
+    steps: &[WireTensor<'_>],
+) -> Result<Vec<WireTensor<'static>>, String> {
     let width = joined.shape.get(2).copied().unwrap_or(0) as usize;
-    let element = joined.dtype.size_in_bytes();
     let total: u32 = steps
         .iter()
         .map(|s| s.shape.get(1).copied().unwrap_or(0))
@@ -232,11 +246,11 @@ fn split_steps(joined: &WireTensor, steps: &[WireTensor]) -> Result<Vec<WireTens
     let mut out = Vec::with_capacity(steps.len());
     for step in steps {
         let seq = step.shape.get(1).copied().unwrap_or(0);
-        let len = seq as usize * width * element;
+        let len = seq as usize * width;
         out.push(WireTensor {
             shape: vec![1, seq, width as u32],
             dtype: joined.dtype,
-            data: joined.data[offset..offset + len].to_vec(),
+            values: joined.values[offset..offset + len].to_vec().into(),
         });
         offset += len;
     }
@@ -247,7 +261,7 @@ fn split_steps(joined: &WireTensor, steps: &[WireTensor]) -> Result<Vec<WireTens
 mod tests {
     use super::*;
 
-    fn t(seq: u32) -> WireTensor {
+    fn t(seq: u32) -> WireTensor<'static> {
         WireTensor::from_f32(
             &[1, seq, 2],
             &vec![seq as f32; 2 * seq as usize],
@@ -277,8 +291,8 @@ mod tests {
             WireTensor::from_f32(&[1, 3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], WireDType::F32)
                 .unwrap();
         let parts = split_steps(&joined, &steps).unwrap();
-        assert_eq!(parts[0].to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(parts[1].to_f32().unwrap(), vec![5.0, 6.0]);
+        assert_eq!(*parts[0].values, vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(*parts[1].values, vec![5.0, 6.0]);
         assert!(split_steps(&joined, &[t(1)]).is_err());
     }
 }
