@@ -4,6 +4,8 @@
 //! and dispatch) it cost more than its arithmetic, and the more so the longer the
 //! history and the more sessions share a batch.
 
+use std::sync::Mutex;
+
 use candle_core::{bail, Device, Result, Storage, Tensor};
 
 /// `q`: `[batch, heads, 1, head_dim]`; `k`, `v`: `[batch, kv_heads, positions,
@@ -73,6 +75,34 @@ pub fn single_position(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         }
     }
     Tensor::from_vec(out, (b, 1, nh * hd), &Device::Cpu)
+}
+
+/// [`single_position`] for each `Some` of `inputs` (`q`, `k`, `v`), spread over the
+/// compute threads; `None` where the input is `None`.
+pub fn single_positions(
+    inputs: &[Option<&(Tensor, Tensor, Tensor)>],
+) -> Result<Vec<Option<Tensor>>> {
+    let slots: Vec<Mutex<Option<Result<Tensor>>>> =
+        inputs.iter().map(|_| Mutex::new(None)).collect();
+    candle_core::utils::barrier_pool().execute_chunked(inputs.len(), |range| {
+        for i in range {
+            if let Some((q, k, v)) = inputs[i] {
+                let result = single_position(q, k, v);
+                // Each slot is written once, by one thread: never contended.
+                match slots[i].lock() {
+                    Ok(mut slot) => *slot = Some(result),
+                    Err(poisoned) => *poisoned.into_inner() = Some(result),
+                }
+            }
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| match slot.into_inner() {
+            Ok(result) => result.transpose(),
+            Err(poisoned) => poisoned.into_inner().transpose(),
+        })
+        .collect()
 }
 
 /// A dot product in eight independent partial sums (which the compiler vectorizes).

@@ -177,23 +177,45 @@ impl Attention {
             .try_into()
             .map_err(|_| candle_core::Error::Msg("Q, K and V expected".into()))?;
         let y = match parts {
-            [part] => self.attend(&q, &k, &v, part, layer, rope)?,
+            [part] => {
+                let (q, k, v) = self.rotate_and_cache(&q, &k, &v, part, layer, rope)?;
+                self.attend(&q, &k, &v, part)?
+            }
             parts => {
-                let ys = parts
-                    .iter_mut()
-                    .map(|part| {
-                        let rows = |t: &Tensor| t.narrow(1, part.start, part.len);
-                        self.attend(&rows(&q)?, &rows(&k)?, &rows(&v)?, part, layer, rope)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&ys, 1)?
+                // Each sequence's rows, rotated and appended to its cache (cheap), then
+                // the one-position attentions of all of them at once across the
+                // compute threads; longer steps (prefills) one after another.
+                let mut inputs = Vec::with_capacity(parts.len());
+                for part in parts.iter_mut() {
+                    let rows = |t: &Tensor| t.narrow(1, part.start, part.len);
+                    inputs.push(self.rotate_and_cache(
+                        &rows(&q)?,
+                        &rows(&k)?,
+                        &rows(&v)?,
+                        part,
+                        layer,
+                        rope,
+                    )?);
+                }
+                let singles: Vec<_> = (parts.iter().zip(&inputs))
+                    .map(|(part, qkv)| (part.len == 1).then_some(qkv))
+                    .collect();
+                let mut ys = super::attention::single_positions(&singles)?;
+                for ((y, part), (q, k, v)) in ys.iter_mut().zip(parts.iter()).zip(&inputs) {
+                    if y.is_none() {
+                        *y = Some(self.attend(q, k, v, part)?);
+                    }
+                }
+                Tensor::cat(&ys.into_iter().flatten().collect::<Vec<_>>(), 1)?
             }
         };
         self.wo.forward(&y)
     }
 
-    /// Attention of one sequence: `q`, `k`, `v` are `[batch, seq, heads × head_dim]`.
-    fn attend(
+    /// One sequence's `q`, `k`, `v` (`[batch, seq, heads × head_dim]`) as heads with
+    /// RoPE applied to `q` and `k`, and `k`, `v` appended to its cache: returns `q`
+    /// and the cache's keys and values so far.
+    fn rotate_and_cache(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -201,19 +223,27 @@ impl Attention {
         part: &mut Part<'_>,
         layer: usize,
         rope: &Rope,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, seq, _) = q.dims3()?;
         let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
         let pos = part.cache.len();
-
         let heads =
             |t: &Tensor, n: usize| t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous();
         let q = rope.apply(&heads(q, nh)?, pos)?;
         let k = rope.apply(&heads(k, nkv)?, pos)?;
         let v = heads(v, nkv)?;
         let (k, v) = part.cache.append(layer, &k, &v)?;
+        Ok((q, k, v))
+    }
+
+    /// Attention of one sequence: `q` is `[batch, heads, seq, head_dim]`, `k` and `v`
+    /// the cache's `[batch, kv_heads, positions, head_dim]`. Returns
+    /// `[batch, seq, heads × head_dim]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, part: &Part<'_>) -> Result<Tensor> {
+        let (b, _, seq, _) = q.dims4()?;
+        let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
         if seq == 1 {
-            return super::attention::single_position(&q, &k, &v);
+            return super::attention::single_position(q, k, v);
         }
 
         // Grouped-query attention without materialising repeated K/V: query head h

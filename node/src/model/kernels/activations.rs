@@ -17,7 +17,7 @@ pub struct ActBlock {
 
 /// Two consecutive blocks laid out for 512-bit kernels: the quants of both, the even
 /// block's scale in lanes 0..8 and the odd one's in 8..16, and their `s` in lanes 0
-/// and 8 (zeros elsewhere).
+/// and 8 (zeros elsewhere). An odd last block has a zero block as its partner.
 #[derive(Clone, Copy, Debug)]
 pub struct ActPair {
     pub qs: [i8; 64],
@@ -52,18 +52,25 @@ impl Acts {
             .collect();
         let pairs = match simd {
             Simd::Avx512 => blocks
-                .chunks_exact(2)
+                .chunks(2)
                 .map(|two| {
+                    // An odd last block is paired with a zero block.
+                    let zero = ActBlock {
+                        d: 0.0,
+                        s: 0.0,
+                        qs: [0; 32],
+                    };
+                    let (even, odd) = (&two[0], two.get(1).unwrap_or(&zero));
                     let mut pair = ActPair {
                         qs: [0; 64],
-                        d: [two[0].d; 16],
+                        d: [even.d; 16],
                         s: [0.0; 16],
                     };
-                    pair.qs[..32].copy_from_slice(&two[0].qs);
-                    pair.qs[32..].copy_from_slice(&two[1].qs);
-                    pair.d[8..].fill(two[1].d);
-                    pair.s[0] = two[0].s;
-                    pair.s[8] = two[1].s;
+                    pair.qs[..32].copy_from_slice(&even.qs);
+                    pair.qs[32..].copy_from_slice(&odd.qs);
+                    pair.d[8..].fill(odd.d);
+                    pair.s[0] = even.s;
+                    pair.s[8] = odd.s;
                     pair
                 })
                 .collect(),

@@ -1,6 +1,7 @@
 //! A weight matrix of quantized blocks, whatever the block type: reading it from GGUF
 //! tensors, dequantizing rows, and multiplying it with activations through the
-//! block type's kernels ([`WeightBlock`]).
+//! block type's kernels ([`WeightBlock`]). A block type may hold more than one of the
+//! file's 32-value blocks, laid out for its kernels (Q4_1 keeps pairs).
 
 // The SIMD kernels of a block type are `unsafe` to call (CPU features).
 #![allow(unsafe_code)]
@@ -12,7 +13,8 @@ use super::activations::Acts;
 use super::driver::matmul;
 use super::{Simd, BLOCK};
 
-/// One block of 32 quantized weights, and the kernels that multiply rows of them.
+/// A unit of quantized weights (one or more 32-value blocks of the file), and the
+/// kernels that multiply rows of them.
 ///
 /// The arithmetic every path performs, per row and token: block `b` adds to one of two
 /// groups of eight f32 lanes (`b % 2`); lane `l` of a block is the exact integer sum of
@@ -22,14 +24,17 @@ use super::{Simd, BLOCK};
 /// operations.
 pub trait WeightBlock: Copy + Send + Sync + 'static {
     const DTYPE: GgmlDType;
-    /// Bytes of one block in the file.
+    /// Bytes of one 32-value block in the file.
     const BYTES: usize;
+    /// Values one unit holds: a row of `cols` values takes `cols.div_ceil(VALUES)`
+    /// units, the last one padded with zero blocks.
+    const VALUES: usize;
     /// Whether activations carry Q8_1 block sums.
     const SUMS: bool;
 
-    /// A block from its `BYTES` bytes in the file.
-    fn parse(bytes: &[u8]) -> Self;
-    /// Appends the block's 32 values.
+    /// Appends the units of one row, from its whole blocks as stored in the file.
+    fn parse_row(bytes: &[u8], out: &mut Vec<Self>);
+    /// Appends the unit's `VALUES` values.
     fn dequantize(&self, out: &mut Vec<f32>);
     /// One output, in plain Rust.
     fn dot_portable(row: &[Self], act: &Acts) -> f32;
@@ -44,7 +49,8 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
         out: &mut [f32],
         stride: usize,
     );
-    /// As [`WeightBlock::tile_avx2`], two blocks per 512-bit vector.
+    /// As [`WeightBlock::tile_avx2`], two blocks per 512-bit vector; `sums` as in
+    /// [`super::driver::Tile`].
     ///
     /// # Safety
     /// The CPU must support what [`Simd::Avx512`] requires.
@@ -52,6 +58,7 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     unsafe fn tile_avx512<const R: usize, const T: usize>(
         rows: [&[Self]; R],
         acts: [&Acts; T],
+        sums: &[[f32; 16]],
         out: &mut [f32],
         stride: usize,
     );
@@ -60,7 +67,7 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
 pub struct Matrix<B> {
     rows: usize,
     cols: usize,
-    /// `rows × cols / 32` blocks, row-major.
+    /// `rows × cols.div_ceil(B::VALUES)` units, row-major.
     blocks: Vec<B>,
     simd: Simd,
 }
@@ -101,7 +108,9 @@ impl<B: WeightBlock> Matrix<B> {
                     expected
                 );
             }
-            blocks.extend(bytes.chunks_exact(B::BYTES).map(B::parse));
+            for row in bytes.chunks_exact(cols / BLOCK * B::BYTES) {
+                B::parse_row(row, &mut blocks);
+            }
             rows += part_rows;
         }
         Ok(Self {
@@ -123,7 +132,7 @@ impl<B: WeightBlock> Matrix<B> {
     }
 
     pub fn row(&self, r: usize) -> &[B] {
-        let per_row = self.cols / BLOCK;
+        let per_row = self.cols.div_ceil(B::VALUES);
         &self.blocks[r * per_row..(r + 1) * per_row]
     }
 
@@ -135,9 +144,11 @@ impl<B: WeightBlock> Matrix<B> {
             if id >= self.rows {
                 bail!("row {id} of a matrix of {} rows", self.rows);
             }
+            let end = out.len() + self.cols;
             for block in self.row(id) {
                 block.dequantize(&mut out);
             }
+            out.truncate(end);
         }
         Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)
     }

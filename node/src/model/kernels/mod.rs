@@ -31,7 +31,7 @@ pub enum Linear {
     /// Any quantization candle supports, computed by candle.
     Candle(QMatMul),
     /// Q4_1, computed by [`q4_1`]'s kernels.
-    Q4_1(Matrix<q4_1::BlockQ4_1>),
+    Q4_1(Matrix<q4_1::PairQ4_1>),
     /// Q8_0, computed by [`q8_0`]'s kernels.
     Q8_0(Matrix<q8_0::BlockQ8_0>),
 }

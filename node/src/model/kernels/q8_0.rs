@@ -22,18 +22,21 @@ pub struct BlockQ8_0 {
 impl WeightBlock for BlockQ8_0 {
     const DTYPE: GgmlDType = GgmlDType::Q8_0;
     const BYTES: usize = 34;
+    const VALUES: usize = 32;
     const SUMS: bool = false;
 
-    /// ggml's block_q8_0: f16 d, 32 signed bytes.
-    fn parse(b: &[u8]) -> Self {
-        let mut qs = [0i8; 32];
-        for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
-            *q = byte as i8;
-        }
-        BlockQ8_0 {
-            d: u16::from_le_bytes([b[0], b[1]]),
-            qs,
-        }
+    /// ggml's block_q8_0: f16 d, 32 signed bytes; kept as they are.
+    fn parse_row(bytes: &[u8], out: &mut Vec<Self>) {
+        out.extend(bytes.chunks_exact(Self::BYTES).map(|b| {
+            let mut qs = [0i8; 32];
+            for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
+                *q = byte as i8;
+            }
+            BlockQ8_0 {
+                d: u16::from_le_bytes([b[0], b[1]]),
+                qs,
+            }
+        }));
     }
 
     fn dequantize(&self, out: &mut Vec<f32>) {
@@ -71,6 +74,7 @@ impl WeightBlock for BlockQ8_0 {
     unsafe fn tile_avx512<const R: usize, const T: usize>(
         rows: [&[BlockQ8_0]; R],
         acts: [&Acts; T],
+        _sums: &[[f32; 16]],
         out: &mut [f32],
         stride: usize,
     ) {
