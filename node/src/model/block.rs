@@ -257,7 +257,7 @@ impl Attention {
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v)?; // [b, nkv, n_rep * seq, hd]
+        let y = probs.matmul(v)?; // [b, nkv, n_rep * seq, hd]
         y.reshape((b, nh, seq, hd))?
             .transpose(1, 2)?
             .reshape((b, seq, nh * hd))
