@@ -89,7 +89,12 @@ impl<B: WeightBlock> Matrix<B> {
             bail!("{:?} rows of {cols} values are not whole blocks", B::DTYPE);
         }
         let mut rows = 0;
-        let mut blocks = Vec::new();
+        // Sized exactly up front: these blocks are most of a node's memory.
+        let total_rows: usize = parts
+            .iter()
+            .map(|p| p.shape().dims2().map_or(0, |(r, _)| r))
+            .sum();
+        let mut blocks = Vec::with_capacity(total_rows * cols.div_ceil(B::VALUES));
         for part in parts {
             if part.dtype() != B::DTYPE {
                 bail!("expected a {:?} tensor, got {:?}", B::DTYPE, part.dtype());
