@@ -193,6 +193,37 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     node.kill();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tensor_of_ragged_bytes_is_a_bad_frame() {
+    let mut node = Node::start("0..30", None, &[]);
+    let client = RawClient::connect(&node).await;
+    let (network, peer) = (&client.network, client.peer);
+
+    // A step whose tensor bytes are not whole f32 values: a malformed message, refused
+    // while its values are being decoded.
+    let step_bytes = allmende_protocol::encode(&ClientMessage::Step {
+        session: 999,
+        position: 0,
+        hidden: WireTensor::from_f32(&[1, 1, 1], &[1.0], WireDType::F32).unwrap(),
+    })
+    .unwrap();
+    let (head, data) = step_bytes.split_at(step_bytes.len() - 5);
+    assert_eq!(data[0], 4, "a 4-byte data field ends the message");
+    let mut ragged = head.to_vec();
+    ragged.push(3);
+    ragged.extend_from_slice(&data[1..4]);
+    let mut s = network.open_stream(peer).await.unwrap();
+    s.write_all(&(ragged.len() as u32).to_le_bytes())
+        .await
+        .unwrap();
+    s.write_all(&ragged).await.unwrap();
+    s.flush().await.unwrap();
+    expect_error_then_close(&mut s).await;
+
+    assert!(still_served(&client).await, "one bad frame is not a ban");
+    node.kill();
+}
+
 /// Whether `client` can still open a stream to its node and get an answer.
 async fn still_served(client: &RawClient) -> bool {
     let Ok(Ok(mut stream)) = tokio::time::timeout(
