@@ -63,6 +63,9 @@ pub fn matmul<B: WeightBlock>(
     let acts =
         crate::model::with_values(x, |values| quantize_tokens(values, cols, B::SUMS, m.simd()))?;
     let tokens = acts.len();
+    if tokens == 0 {
+        return Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu);
+    }
     let gather_sums = B::SUMS && m.simd() == Simd::Avx512;
     let tiles: Vec<Tile> = acts
         .chunks(TOKENS_PER_TILE)

@@ -299,6 +299,15 @@ mod tests {
     }
 
     #[test]
+    fn no_tokens_give_an_empty_product() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let linear = Linear::new(Arc::new(weights(dtype, 48, 96))).unwrap();
+            let x = Tensor::zeros((1, 0, 96), candle_core::DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(linear.forward(&x).unwrap().dims(), &[1, 0, 48]);
+        }
+    }
+
+    #[test]
     fn rows_equal_candles_dequantization() {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let q = Arc::new(weights(dtype, 10, 64));
