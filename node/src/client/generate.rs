@@ -4,7 +4,7 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::sampling::{Sampler, SamplingError};
 use super::stream::TextStream;
@@ -29,7 +29,7 @@ pub enum FinishReason {
     Length,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Timings {
     /// From the start to the logits of the first new token: prompt processing.
     pub prefill_ms: f64,

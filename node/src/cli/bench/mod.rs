@@ -1,7 +1,9 @@
 //! `allmende bench`: speed and memory in one run, as ratios of the same binary on the
 //! same machine, written as a JSON report.
 //!
-//! 1. Local: prefill, time to first token and decode of one process with all layers.
+//! 1. Local: prefill, time to first token and decode of one process with all layers,
+//!    run as a child process with `generate --local`'s settings (this process runs as
+//!    a swarm process, whose compute threads give up their cores sooner).
 //! 2. Swarm: the same generation through `--nodes` `serve` processes on loopback, and
 //!    from the two the overhead each node on the route adds per token.
 //! 3. Sessions: aggregate decode rate of 1, 4, 8 ... concurrent sessions against one
@@ -59,6 +61,17 @@ pub struct BenchArgs {
     /// Where to write the JSON report.
     #[arg(long, default_value = "bench-report.json")]
     output: PathBuf,
+    /// Internal: only the local runs, printed as one JSON line (the child process of
+    /// step 1).
+    #[arg(long, hide = true)]
+    local_only: bool,
+}
+
+/// One local run, as the child process reports it.
+#[derive(Serialize, serde::Deserialize)]
+struct LocalRun {
+    timings: Timings,
+    token_ids: Vec<u32>,
 }
 
 /// Medians of a single session's runs.
@@ -86,47 +99,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!("--sessions needs positive counts, e.g. 1,4,8");
     }
     super::set_compute_threads(usize::from(args.threads));
-    // This process is the swarm's client too: it runs as a swarm process, and the
-    // local measurement with the same setting.
-    super::share_cores();
     let model_path = super::swarm::model_file(args.model.as_deref())?;
+    if args.local_only {
+        let runs = local_runs(&model_path, &args)?;
+        println!("{}", serde_json::to_string(&runs)?);
+        return Ok(());
+    }
+    eprintln!("local: every layer in a child process");
+    let local_runs = local_runs_in_child(&model_path, &args)?;
+    // This process is the swarm's client: its compute threads must not hold the
+    // cores the nodes need.
+    super::share_cores();
     let mut gguf = GgufFile::open(&model_path)?;
     let model = Arc::new(ClientModel::from_gguf(&mut gguf)?);
     let config = model.config.clone();
     let prompt = bench_prompt(&model, args.prompt_tokens as usize)?;
-    let params = GenerationParams {
-        max_tokens: args.tokens as usize,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        },
-        ignore_eos: true,
-    };
+    let params = bench_params(&args);
     let layers = config.block_count as u32;
     let target = super::swarm::model_target(&gguf, config.block_count)?;
-
-    eprintln!("local: {} layers in this process", layers);
     let all = LayerRange::new(0, layers);
-    let shard = Arc::new(Shard::from_gguf(
-        &mut gguf,
-        config.clone(),
-        all,
-        &indicatif::ProgressBar::hidden(),
-    )?);
     let max_len = prompt.len() + params.max_tokens;
-    let local_runs = (0..args.runs)
-        .map(|_| {
-            let mut pipeline = LocalPipeline::new(vec![shard.clone()], max_len);
-            let g = generate(&model, &mut pipeline, &prompt, &params, &mut |_| {
-                std::ops::ControlFlow::Continue(())
-            })?;
-            Ok((g.timings, g.token_ids))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    drop(shard);
-    let local = median(&local_runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+    let local = median(
+        &local_runs
+            .iter()
+            .map(|r| r.timings.clone())
+            .collect::<Vec<_>>(),
+    );
 
     let runtime = super::runtime()?;
     let threads = usize::from(args.threads);
@@ -161,7 +159,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let memory = memory_of(&gguf, &nodes, kv);
         anyhow::Ok((runs, memory))
     })?;
-    let identical = swarm_runs.iter().all(|r| r.1 == local_runs[0].1);
+    let identical = swarm_runs.iter().all(|r| r.1 == local_runs[0].token_ids);
     let swarm = median(&swarm_runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
     // Each node on the route costs a request and a reply per token.
     let per_node_overhead_ms =
@@ -231,6 +229,78 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("{text}");
     eprintln!("report written to {}", args.output.display());
     Ok(())
+}
+
+/// Greedy generation of `--tokens` tokens, end-of-text ignored.
+fn bench_params(args: &BenchArgs) -> GenerationParams {
+    GenerationParams {
+        max_tokens: args.tokens as usize,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        ignore_eos: true,
+    }
+}
+
+/// The local runs: every layer in this process.
+fn local_runs(model_path: &std::path::Path, args: &BenchArgs) -> anyhow::Result<Vec<LocalRun>> {
+    let mut gguf = GgufFile::open(model_path)?;
+    let model = ClientModel::from_gguf(&mut gguf)?;
+    let prompt = bench_prompt(&model, args.prompt_tokens as usize)?;
+    let params = bench_params(args);
+    let shard = Arc::new(Shard::from_gguf(
+        &mut gguf,
+        model.config.clone(),
+        LayerRange::new(0, model.config.block_count as u32),
+        &indicatif::ProgressBar::hidden(),
+    )?);
+    let max_len = prompt.len() + params.max_tokens;
+    (0..args.runs)
+        .map(|_| {
+            let mut pipeline = LocalPipeline::new(vec![shard.clone()], max_len);
+            let g = generate(&model, &mut pipeline, &prompt, &params, &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })?;
+            Ok(LocalRun {
+                timings: g.timings,
+                token_ids: g.token_ids,
+            })
+        })
+        .collect()
+}
+
+/// [`local_runs`] in a child process of this binary, with default settings.
+fn local_runs_in_child(
+    model_path: &std::path::Path,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<LocalRun>> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let out = std::process::Command::new(exe)
+        .arg("bench")
+        .arg("--local-only")
+        .arg("--model")
+        .arg(model_path)
+        .args(["--threads", &args.threads.to_string()])
+        .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
+        .args(["--tokens", &args.tokens.to_string()])
+        .args(["--runs", &args.runs.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running the local measurement")?;
+    if !out.status.success() {
+        anyhow::bail!("the local measurement failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    let runs: Vec<LocalRun> =
+        serde_json::from_str(last).context("reading the local measurement's report")?;
+    if runs.is_empty() {
+        anyhow::bail!("the local measurement reported no runs");
+    }
+    Ok(runs)
 }
 
 /// A prompt of exactly `n` tokens: ordinary text, repeated and cut.
