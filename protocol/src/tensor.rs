@@ -76,20 +76,25 @@ impl<'a> WireTensor<'a> {
     /// `values` (row-major, of `shape`), sent as `dtype`: borrowed as they are for
     /// `F32`, rounded to what the receiver will see for the half types.
     pub fn new(shape: &[u32], values: &'a [f32], dtype: WireDType) -> Result<Self, TensorError> {
+        Self::from_cow(shape, Cow::Borrowed(values), dtype)
+    }
+
+    fn from_cow(
+        shape: &[u32],
+        values: Cow<'a, [f32]>,
+        dtype: WireDType,
+    ) -> Result<Self, TensorError> {
         if element_count(shape)? != values.len() {
             return Err(TensorError::ShapeMismatch {
                 shape: shape.to_vec(),
                 values: values.len(),
             });
         }
+        let round = |f: fn(f32) -> f32| Cow::Owned(values.iter().map(|&v| f(v)).collect());
         let values = match dtype {
-            WireDType::F32 => Cow::Borrowed(values),
-            WireDType::F16 => {
-                Cow::Owned(values.iter().map(|&v| f16::from_f32(v).to_f32()).collect())
-            }
-            WireDType::BF16 => {
-                Cow::Owned(values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect())
-            }
+            WireDType::F32 => values,
+            WireDType::F16 => round(|v| f16::from_f32(v).to_f32()),
+            WireDType::BF16 => round(|v| bf16::from_f32(v).to_f32()),
         };
         Ok(Self {
             shape: shape.to_vec(),
@@ -157,15 +162,7 @@ impl WireTensor<'static> {
         values: Vec<f32>,
         dtype: WireDType,
     ) -> Result<Self, TensorError> {
-        if dtype != WireDType::F32 {
-            return Self::from_f32(shape, &values, dtype);
-        }
-        WireTensor::new(shape, &values, dtype)?;
-        Ok(WireTensor {
-            shape: shape.to_vec(),
-            dtype,
-            values: Cow::Owned(values),
-        })
+        Self::from_cow(shape, Cow::Owned(values), dtype)
     }
 }
 

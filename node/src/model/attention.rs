@@ -4,8 +4,6 @@
 //! and dispatch) it cost more than its arithmetic, and the more so the longer the
 //! history and the more sessions share a batch.
 
-use std::sync::Mutex;
-
 use candle_core::{bail, Device, Result, Storage, Tensor};
 
 /// `q`: `[batch, heads, 1, head_dim]`; `k`, `v`: `[batch, kv_heads, positions,
@@ -82,27 +80,11 @@ pub fn single_position(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 pub fn single_positions(
     inputs: &[Option<&(Tensor, Tensor, Tensor)>],
 ) -> Result<Vec<Option<Tensor>>> {
-    let slots: Vec<Mutex<Option<Result<Tensor>>>> =
-        inputs.iter().map(|_| Mutex::new(None)).collect();
-    candle_core::utils::barrier_pool().execute_chunked(inputs.len(), |range| {
-        for i in range {
-            if let Some((q, k, v)) = inputs[i] {
-                let result = single_position(q, k, v);
-                // Each slot is written once, by one thread: never contended.
-                match slots[i].lock() {
-                    Ok(mut slot) => *slot = Some(result),
-                    Err(poisoned) => *poisoned.into_inner() = Some(result),
-                }
-            }
-        }
-    });
-    slots
-        .into_iter()
-        .map(|slot| match slot.into_inner() {
-            Ok(result) => result.transpose(),
-            Err(poisoned) => poisoned.into_inner().transpose(),
-        })
-        .collect()
+    super::parallel_map(inputs, |input| {
+        input.map(|(q, k, v)| single_position(q, k, v)).transpose()
+    })
+    .into_iter()
+    .collect()
 }
 
 /// A dot product in eight independent partial sums (which the compiler vectorizes).

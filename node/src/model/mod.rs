@@ -96,6 +96,30 @@ pub fn with_values<R>(
     }
 }
 
+/// `f` of each item, the items spread over candle's compute threads; results in order.
+pub fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let slots: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+        for i in range {
+            let result = f(&items[i]);
+            // Each slot is written once, by one thread: never contended.
+            match slots[i].lock() {
+                Ok(mut slot) => *slot = Some(result),
+                Err(poisoned) => *poisoned.into_inner() = Some(result),
+            }
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| match slot.into_inner() {
+            Ok(result) => result,
+            Err(poisoned) => poisoned.into_inner(),
+        })
+        .map(|result| result.expect("the pool runs every item"))
+        .collect()
+}
+
 /// Errors of one forward pass: bad input from a caller, or a compute failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -84,19 +84,19 @@ impl Reply {
                 draining,
             } => {
                 let dims: Vec<u32> = output.dims().iter().map(|&d| d as u32).collect();
-                let encoded = with_values(&output, |values| {
-                    let hidden = WireTensor::new(&dims, values, dtype)?;
-                    Ok::<_, Box<dyn std::error::Error>>(encode_frame(&ServerMessage::Hidden {
+                let frame = with_values(&output, |values| {
+                    let hidden =
+                        WireTensor::new(&dims, values, dtype).map_err(|e| e.to_string())?;
+                    let message = ServerMessage::Hidden {
                         position,
                         hidden,
                         draining,
-                    })?)
+                    };
+                    encode_frame(&message).map_err(|e| e.to_string())
                 });
-                match encoded {
-                    Ok(Ok(frame)) => Ok(frame),
-                    Ok(Err(e)) => Err(internal(e.to_string())),
-                    Err(e) => Err(internal(candle_message(&e))),
-                }
+                frame
+                    .map_err(|e| internal(candle_message(&e)))?
+                    .map_err(internal)
             }
         }
     }

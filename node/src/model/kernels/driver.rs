@@ -5,8 +5,6 @@
 // The SIMD dispatch calls `unsafe` kernels after checking the CPU's features.
 #![allow(unsafe_code)]
 
-use std::sync::Mutex;
-
 use candle_core::{bail, Device, Result, Tensor};
 
 use super::activations::Acts;
@@ -81,10 +79,14 @@ pub fn matmul<B: WeightBlock>(
     candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
         for task in range {
             let first = task * ROWS_PER_TASK;
-            let mut chunk = vec![0f32; (rows - first).min(ROWS_PER_TASK) * tokens];
-            rows_into(m, first, &tiles, tokens, &mut chunk);
-            // SAFETY: rows `first..first + ROWS_PER_TASK` belong to this task alone.
-            unsafe { target.put(first, &chunk) };
+            let count = (rows - first).min(ROWS_PER_TASK);
+            // Tiles outermost: the task's rows (a few KiB) stay in cache across them.
+            for (t, tile) in tiles.iter().enumerate() {
+                let mut block = [0f32; ROWS_PER_TASK * TOKENS_PER_TILE];
+                rows_into(m, first, tile, &mut block[..count * TOKENS_PER_TILE]);
+                // SAFETY: rows `first..first + count` belong to this task alone.
+                unsafe { target.put(first, t * TOKENS_PER_TILE, tile.acts.len(), &block) };
+            }
         }
     });
     Tensor::from_vec(out, dims, &Device::Cpu)
@@ -101,16 +103,23 @@ struct TokenMajor {
 unsafe impl Sync for TokenMajor {}
 
 impl TokenMajor {
-    /// Stores rows `first..` from `chunk` (row-major, `tokens` values per row).
+    /// Stores a tile's results: rows `first..` of `block` (row-major,
+    /// [`TOKENS_PER_TILE`] values per row, `len` of them used) for tokens `token..`.
     ///
     /// # Safety
     /// No other thread may access these rows while this runs.
-    unsafe fn put(&self, first: usize, chunk: &[f32]) {
-        for (i, row) in chunk.chunks_exact(self.tokens).enumerate() {
-            assert!(first + i < self.rows, "row {} of {}", first + i, self.rows);
-            for (t, &v) in row.iter().enumerate() {
-                // SAFETY: in bounds (row < rows, t < tokens); this task's row only.
-                unsafe { *self.out.add(t * self.rows + first + i) = v };
+    unsafe fn put(&self, first: usize, token: usize, len: usize, block: &[f32]) {
+        let count = (self.rows - first).min(ROWS_PER_TASK);
+        assert!(
+            token + len <= self.tokens,
+            "tokens {token}..{} of {}",
+            token + len,
+            self.tokens
+        );
+        for (i, row) in block.chunks_exact(TOKENS_PER_TILE).take(count).enumerate() {
+            for (j, &v) in row[..len].iter().enumerate() {
+                // SAFETY: in bounds (row < rows, token < tokens); this task's row only.
+                unsafe { *self.out.add((token + j) * self.rows + first + i) = v };
             }
         }
     }
@@ -119,55 +128,27 @@ impl TokenMajor {
 /// Each token's activations quantized, several tokens across the compute threads.
 fn quantize_tokens(values: &[f32], cols: usize, sums: bool, simd: Simd) -> Vec<Acts> {
     let tokens: Vec<&[f32]> = values.chunks_exact(cols).collect();
-    if tokens.len() < 4 {
-        return tokens
-            .iter()
-            .map(|x| Acts::quantize(x, sums, simd))
-            .collect();
+    let quantize = |x: &&[f32]| Acts::quantize(x, sums, simd);
+    match tokens.len() {
+        0..4 => tokens.iter().map(quantize).collect(),
+        _ => crate::model::parallel_map(&tokens, quantize),
     }
-    let slots: Vec<Mutex<Option<Acts>>> = tokens.iter().map(|_| Mutex::new(None)).collect();
-    candle_core::utils::barrier_pool().execute_chunked(tokens.len(), |range| {
-        for t in range {
-            let acts = Acts::quantize(tokens[t], sums, simd);
-            // Each slot is written once, by one thread: never contended.
-            match slots[t].lock() {
-                Ok(mut slot) => *slot = Some(acts),
-                Err(poisoned) => *poisoned.into_inner() = Some(acts),
-            }
-        }
-    });
-    slots
-        .into_iter()
-        .filter_map(|slot| match slot.into_inner() {
-            Ok(acts) => acts,
-            Err(poisoned) => poisoned.into_inner(),
-        })
-        .collect()
 }
 
-/// Rows from `first` on, `out.len() / tokens` of them, row-major into `out`: pairs of
-/// rows against tiles of tokens. Tiles go outermost, so a task's rows (a few KiB) and
-/// one tile's activations stay in cache while the other tiles reuse them.
-fn rows_into<B: WeightBlock>(
-    m: &Matrix<B>,
-    first: usize,
-    tiles: &[Tile],
-    tokens: usize,
-    out: &mut [f32],
-) {
-    let count = out.len() / tokens;
-    for (t, tile_acts) in tiles.iter().enumerate() {
-        let mut r = 0;
-        while r < count {
-            let dst = &mut out[r * tokens + t * TOKENS_PER_TILE..];
-            if count - r >= 2 {
-                let rows = [m.row(first + r), m.row(first + r + 1)];
-                tile(m, rows, tile_acts, dst, tokens);
-                r += 2;
-            } else {
-                tile(m, [m.row(first + r)], tile_acts, dst, tokens);
-                r += 1;
-            }
+/// Rows from `first` on, `out.len() / TOKENS_PER_TILE` of them, against one tile of
+/// tokens into `out[r * TOKENS_PER_TILE + t]`: pairs of rows, then a last single one.
+fn rows_into<B: WeightBlock>(m: &Matrix<B>, first: usize, tile_acts: &Tile, out: &mut [f32]) {
+    let count = out.len() / TOKENS_PER_TILE;
+    let mut r = 0;
+    while r < count {
+        let dst = &mut out[r * TOKENS_PER_TILE..];
+        if count - r >= 2 {
+            let rows = [m.row(first + r), m.row(first + r + 1)];
+            tile(m, rows, tile_acts, dst, TOKENS_PER_TILE);
+            r += 2;
+        } else {
+            tile(m, [m.row(first + r)], tile_acts, dst, TOKENS_PER_TILE);
+            r += 1;
         }
     }
 }
