@@ -1,15 +1,94 @@
 //! Attention of one new position against a session's cached keys and values: the
-//! decode step. Written out as loops over the cache in place, because as candle
-//! operations (two small matrix products, a scale, a softmax, with their allocations
-//! and dispatch) it cost more than its arithmetic, and the more so the longer the
-//! history and the more sessions share a batch.
+//! decode step, for one sequence or the sequences of a batch at once. The query heads
+//! that share a KV head, over one chunk of the positions, are one task on the compute
+//! threads ([`kernels::attend`](super::kernels::attend), reading the cache in place,
+//! each key and value row once per group of heads). As candle operations (two small
+//! matrix products, a scale, a softmax, with their allocations and dispatch) it cost
+//! more than its arithmetic, on one thread while the others waited.
 
-use candle_core::{bail, Device, Result, Storage, Tensor};
+use std::ops::Deref;
 
-/// `q`: `[batch, heads, 1, head_dim]`; `k`, `v`: `[batch, kv_heads, positions,
-/// head_dim]` (views into a cache); query head `h` attends with KV head
-/// `h / (heads / kv_heads)`. Returns `[batch, 1, heads × head_dim]`.
+use candle_core::{bail, Device, Layout, Result, Storage, Tensor};
+
+use super::kernels::attend::{self, Partial, Rows, CHUNK};
+use super::kernels::Simd;
+
+/// One sequence's new position: `q` is `[batch, heads, 1, head_dim]`; `k`, `v` are
+/// `[batch, kv_heads, positions, head_dim]` (views into a cache); query head `h`
+/// attends with KV head `h / (heads / kv_heads)`.
+pub type Step<'a> = (&'a Tensor, &'a Tensor, &'a Tensor);
+
+/// The attention of one step: `[batch, 1, heads × head_dim]`.
 pub fn single_position(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    match single_positions(&[Some((q, k, v))])?.pop() {
+        Some(Some(y)) => Ok(y),
+        _ => bail!("no attention output"),
+    }
+}
+
+/// [`single_position`] for each `Some` of `steps`, all their heads spread over the
+/// compute threads; `None` where the step is `None`.
+pub fn single_positions(steps: &[Option<Step<'_>>]) -> Result<Vec<Option<Tensor>>> {
+    let checked: Vec<Option<Checked<_>>> = steps
+        .iter()
+        .map(|step| step.map(|(q, k, v)| check(q, k, v)).transpose())
+        .collect::<Result<_>>()?;
+    let mut tasks = Vec::new();
+    for step in checked.iter().flatten() {
+        step.tasks(&mut tasks)?;
+    }
+    let simd = Simd::in_use();
+    let partials = super::parallel_map(&tasks, |t| {
+        attend::partial(t.q, t.hd, t.keys, t.values, t.scale, simd)
+    });
+    let mut partials: &[Partial] = &partials;
+    checked
+        .iter()
+        .map(|step| {
+            step.as_ref()
+                .map(|step| {
+                    let (groups, chunks) = (step.b * step.nkv, step.positions.div_ceil(CHUNK));
+                    let mut out = vec![0f32; step.b * step.nh * step.hd];
+                    let (mine, rest) = partials.split_at(groups * chunks);
+                    partials = rest;
+                    let group_len = step.nh / step.nkv * step.hd;
+                    for (y, parts) in out.chunks_exact_mut(group_len).zip(mine.chunks(chunks)) {
+                        attend::merge(parts, y);
+                    }
+                    Tensor::from_vec(out, (step.b, 1, step.nh * step.hd), &Device::Cpu)
+                })
+                .transpose()
+        })
+        .collect()
+}
+
+/// A step whose shapes fit, with its cache read-locked for the computation.
+struct Checked<'a, G> {
+    q: Vec<f32>,
+    k: (G, &'a Layout),
+    v: (G, &'a Layout),
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    positions: usize,
+}
+
+/// The query heads of one KV head of one batch row, over one chunk of positions.
+struct Task<'a> {
+    q: &'a [f32],
+    hd: usize,
+    keys: Rows<'a>,
+    values: Rows<'a>,
+    scale: f32,
+}
+
+/// `q`, `k`, `v` checked, their cache storage locked for reading.
+fn check<'a>(
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+) -> Result<Checked<'a, impl Deref<Target = Storage> + 'a>> {
     let (b, nh, one, hd) = q.dims4()?;
     let (kb, nkv, positions, khd) = k.dims4()?;
     if one != 1 || kb != b || khd != hd || v.dims4()? != (b, nkv, positions, hd) {
@@ -23,86 +102,74 @@ pub fn single_position(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if nkv == 0 || nh % nkv != 0 {
         bail!("{nh} query heads cannot share {nkv} key/value heads");
     }
-    let n_rep = nh / nkv;
-    let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let (k_guard, k_layout) = k.storage_and_layout();
-    let (v_guard, v_layout) = v.storage_and_layout();
-    let (Storage::Cpu(k_storage), Storage::Cpu(v_storage)) = (&*k_guard, &*v_guard) else {
-        bail!("the cache is not in main memory");
-    };
-    let (keys, values) = (k_storage.as_slice::<f32>()?, v_storage.as_slice::<f32>()?);
-    // A cache view: rows of `hd` contiguous values, `stride[2]` apart.
-    let strides = |l: &candle_core::Layout| -> Result<(usize, [usize; 3])> {
-        let s = l.stride();
-        if s[3] != 1 {
-            bail!("cache rows are not contiguous");
-        }
-        Ok((l.start_offset(), [s[0], s[1], s[2]]))
-    };
-    let (k_start, ks) = strides(k_layout)?;
-    let (v_start, vs) = strides(v_layout)?;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; b * nh * hd];
-    let mut scores = vec![0f32; positions];
-    for bi in 0..b {
-        for h in 0..nh {
-            let g = h / n_rep;
-            let qh = &q[(bi * nh + h) * hd..][..hd];
-            let k_base = k_start + bi * ks[0] + g * ks[1];
-            let v_base = v_start + bi * vs[0] + g * vs[1];
-            let mut max = f32::NEG_INFINITY;
-            for (j, score) in scores.iter_mut().enumerate() {
-                let kj = &keys[k_base + j * ks[2]..][..hd];
-                *score = dot(qh, kj) * scale;
-                max = max.max(*score);
-            }
-            let mut sum = 0f32;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
-            }
-            let y = &mut out[(bi * nh + h) * hd..][..hd];
-            for (j, &p) in scores.iter().enumerate() {
-                let vj = &values[v_base + j * vs[2]..][..hd];
-                for (y, &v) in y.iter_mut().zip(vj) {
-                    *y += p * v;
+    if positions == 0 || hd == 0 {
+        bail!("attention over an empty cache");
+    }
+    Ok(Checked {
+        q: q.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+        k: k.storage_and_layout(),
+        v: v.storage_and_layout(),
+        b,
+        nh,
+        nkv,
+        hd,
+        positions,
+    })
+}
+
+impl<G: Deref<Target = Storage>> Checked<'_, G> {
+    /// This step's tasks, by batch row, KV head and chunk, appended to `tasks`.
+    fn tasks<'s>(&'s self, tasks: &mut Vec<Task<'s>>) -> Result<()> {
+        let group = self.nh / self.nkv * self.hd;
+        let scale = 1.0 / (self.hd as f32).sqrt();
+        let (keys, ks) = cache_rows(&self.k, self.positions)?;
+        let (values, vs) = cache_rows(&self.v, self.positions)?;
+        for bi in 0..self.b {
+            for g in 0..self.nkv {
+                let rows = |base: Rows<'s>, s: [usize; 2]| Rows {
+                    start: base.start + bi * s[0] + g * s[1],
+                    ..base
+                };
+                for first in (0..self.positions).step_by(CHUNK) {
+                    let n = CHUNK.min(self.positions - first);
+                    let cut = |r: Rows<'s>| Rows {
+                        count: n,
+                        ..r.skip(first)
+                    };
+                    tasks.push(Task {
+                        q: &self.q[(bi * self.nkv + g) * group..][..group],
+                        hd: self.hd,
+                        keys: cut(rows(keys, ks)),
+                        values: cut(rows(values, vs)),
+                        scale,
+                    });
                 }
             }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|y| *y *= inv);
         }
+        Ok(())
     }
-    Tensor::from_vec(out, (b, 1, nh * hd), &Device::Cpu)
 }
 
-/// [`single_position`] for each `Some` of `inputs` (`q`, `k`, `v`), spread over the
-/// compute threads; `None` where the input is `None`.
-pub fn single_positions(
-    inputs: &[Option<&(Tensor, Tensor, Tensor)>],
-) -> Result<Vec<Option<Tensor>>> {
-    super::parallel_map(inputs, |input| {
-        input.map(|(q, k, v)| single_position(q, k, v)).transpose()
-    })
-    .into_iter()
-    .collect()
-}
-
-/// A dot product in eight independent partial sums (which the compiler vectorizes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
-        }
+/// A cache view as rows of `head_dim` contiguous values (those of batch row 0, KV
+/// head 0), and its strides for batch rows and KV heads.
+fn cache_rows<'s, G: Deref<Target = Storage>>(
+    (storage, layout): &'s (G, &Layout),
+    positions: usize,
+) -> Result<(Rows<'s>, [usize; 2])> {
+    let Storage::Cpu(cpu) = &**storage else {
+        bail!("the cache is not in main memory");
+    };
+    let s = layout.stride();
+    if s[3] != 1 {
+        bail!("cache rows are not contiguous");
     }
-    let tail: f32 = a
-        .chunks_exact(8)
-        .remainder()
-        .iter()
-        .zip(b.chunks_exact(8).remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    acc.iter().sum::<f32>() + tail
+    let rows = Rows {
+        data: cpu.as_slice::<f32>()?,
+        start: layout.start_offset(),
+        stride: s[2],
+        count: positions,
+    };
+    Ok((rows, [s[0], s[1]]))
 }
 
 #[cfg(test)]

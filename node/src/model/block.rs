@@ -154,13 +154,36 @@ pub struct Part<'a> {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = self
-            .gate_up
-            .forward(x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("gate and up expected".into()))?;
-        self.down.forward(&(gate.silu()? * up)?)
+        let gate_up = self.gate_up.forward(x)?;
+        self.down.forward(&swiglu(&gate_up)?)
     }
+}
+
+/// `silu(gate) × up` for `[..., gate ‖ up]` (two halves of the last dimension), in one
+/// pass: `silu(g) = g / (1 + exp(-g))`, as candle computes it.
+fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    let mut dims = gate_up.dims().to_vec();
+    let width = dims.last().copied().unwrap_or(0);
+    if width % 2 != 0 {
+        candle_core::bail!("gate and up expected side by side, got width {width}");
+    }
+    let ff = width / 2;
+    if let Some(last) = dims.last_mut() {
+        *last = ff;
+    }
+    let values = super::with_values(gate_up, |values| {
+        let mut out = Vec::with_capacity(values.len() / 2);
+        for row in values.chunks_exact(width) {
+            let (gate, up) = row.split_at(ff);
+            out.extend(
+                gate.iter()
+                    .zip(up)
+                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
+            );
+        }
+        out
+    })?;
+    Tensor::from_vec(values, dims, &candle_core::Device::Cpu)
 }
 
 impl Attention {
@@ -171,14 +194,10 @@ impl Attention {
         layer: usize,
         rope: &Rope,
     ) -> Result<Tensor> {
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv
-            .forward(x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("Q, K and V expected".into()))?;
+        let qkv = self.qkv.forward(x)?;
         let y = match parts {
             [part] => {
-                let (q, k, v) = self.rotate_and_cache(&q, &k, &v, part, layer, rope)?;
+                let (q, k, v) = self.rotate_and_cache(&qkv, part, layer, rope)?;
                 self.attend(&q, &k, &v, part)?
             }
             parts => {
@@ -187,18 +206,11 @@ impl Attention {
                 // compute threads; longer steps (prefills) one after another.
                 let mut inputs = Vec::with_capacity(parts.len());
                 for part in parts.iter_mut() {
-                    let rows = |t: &Tensor| t.narrow(1, part.start, part.len);
-                    inputs.push(self.rotate_and_cache(
-                        &rows(&q)?,
-                        &rows(&k)?,
-                        &rows(&v)?,
-                        part,
-                        layer,
-                        rope,
-                    )?);
+                    let rows = qkv.narrow(1, part.start, part.len)?;
+                    inputs.push(self.rotate_and_cache(&rows, part, layer, rope)?);
                 }
                 let singles: Vec<_> = (parts.iter().zip(&inputs))
-                    .map(|(part, qkv)| (part.len == 1).then_some(qkv))
+                    .map(|(part, (q, k, v))| (part.len == 1).then_some((q, k, v)))
                     .collect();
                 let mut ys = super::attention::single_positions(&singles)?;
                 for ((y, part), (q, k, v)) in ys.iter_mut().zip(parts.iter()).zip(&inputs) {
@@ -212,26 +224,49 @@ impl Attention {
         self.wo.forward(&y)
     }
 
-    /// One sequence's `q`, `k`, `v` (`[batch, seq, heads × head_dim]`) as heads with
-    /// RoPE applied to `q` and `k`, and `k`, `v` appended to its cache: returns `q`
-    /// and the cache's keys and values so far.
+    /// One sequence's Q, K and V side by side (`[batch, seq, (heads + 2 kv_heads) ×
+    /// head_dim]`) as heads, `[batch, heads, seq, head_dim]`, with RoPE applied to Q
+    /// and K, and K, V appended to its cache: returns Q and the cache's keys and values
+    /// so far. One pass over the values instead of a copy per split, transpose and
+    /// rotation.
     fn rotate_and_cache(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         part: &mut Part<'_>,
         layer: usize,
         rope: &Rope,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, seq, _) = q.dims3()?;
+        let (b, seq, width) = qkv.dims3()?;
         let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
+        if width != (nh + 2 * nkv) * hd {
+            candle_core::bail!("Q, K and V expected side by side, got width {width}");
+        }
         let pos = part.cache.len();
-        let heads =
-            |t: &Tensor, n: usize| t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = rope.apply(&heads(q, nh)?, pos)?;
-        let k = rope.apply(&heads(k, nkv)?, pos)?;
-        let v = heads(v, nkv)?;
+        // Heads `first..first + n` of every row, head-major: `[b, n, seq, hd]`.
+        let heads = |values: &[f32], first: usize, n: usize| {
+            let mut out = Vec::with_capacity(b * n * seq * hd);
+            for bi in 0..b {
+                for h in first..first + n {
+                    for t in 0..seq {
+                        out.extend_from_slice(&values[(bi * seq + t) * width + h * hd..][..hd]);
+                    }
+                }
+            }
+            out
+        };
+        let (mut q, mut k, v) = super::with_values(qkv, |values| {
+            (
+                heads(values, 0, nh),
+                heads(values, nh, nkv),
+                heads(values, nh + nkv, nkv),
+            )
+        })?;
+        rope.rotate(&mut q, seq, hd, pos)?;
+        rope.rotate(&mut k, seq, hd, pos)?;
+        let dev = &candle_core::Device::Cpu;
+        let q = Tensor::from_vec(q, (b, nh, seq, hd), dev)?;
+        let k = Tensor::from_vec(k, (b, nkv, seq, hd), dev)?;
+        let v = Tensor::from_vec(v, (b, nkv, seq, hd), dev)?;
         let (k, v) = part.cache.append(layer, &k, &v)?;
         Ok((q, k, v))
     }

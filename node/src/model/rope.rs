@@ -32,11 +32,33 @@ impl Rope {
         })
     }
 
-    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` whose first position is `pos`.
-    pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let (_, _, seq, _) = x.dims4()?;
+    /// Rotates `x`, heads of `seq` positions (the first is `pos`) of `head_dim`
+    /// values each, one after another, in place: the pair `(x0, x1)` becomes
+    /// `(x0 cos - x1 sin, x0 sin + x1 cos)`, as candle's `rope_i` computes it.
+    pub fn rotate(&self, x: &mut [f32], seq: usize, head_dim: usize, pos: usize) -> Result<()> {
+        let half = head_dim / 2;
+        let (_, table_half) = self.cos.dims2()?;
+        if half != table_half || seq == 0 || !x.len().is_multiple_of(seq * head_dim) {
+            candle_core::bail!(
+                "cannot rotate {} values as heads of {seq} × {head_dim}",
+                x.len()
+            );
+        }
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
-        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+        super::with_values(&cos, |cos| {
+            super::with_values(&sin, |sin| {
+                for head in x.chunks_exact_mut(seq * head_dim) {
+                    for (t, row) in head.chunks_exact_mut(head_dim).enumerate() {
+                        let (cos, sin) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                        for ((pair, &c), &s) in row.chunks_exact_mut(2).zip(cos).zip(sin) {
+                            let (x0, x1) = (pair[0], pair[1]);
+                            pair[0] = x0 * c - x1 * s;
+                            pair[1] = x0 * s + x1 * c;
+                        }
+                    }
+                }
+            })
+        })?
     }
 }

@@ -11,6 +11,7 @@
 //! its batch, which batched decode relies on. The path is chosen at run time.
 
 mod activations;
+pub mod attend;
 mod driver;
 mod matrix;
 pub mod q4_1;
@@ -84,43 +85,30 @@ impl Linear {
 /// the input and one parallel dispatch instead of several. Each output row is computed
 /// exactly as it would be alone.
 pub enum Stacked {
-    /// One matrix whose rows are the parts' rows in order; the parts' row counts.
-    One(Linear, Vec<usize>),
+    /// One matrix whose rows are the parts' rows in order.
+    One(Linear),
     /// Parts of other types, multiplied one by one.
     Each(Vec<Linear>),
 }
 
 impl Stacked {
     pub fn new(parts: Vec<Arc<QTensor>>) -> Result<Self> {
-        let sizes: Vec<usize> = parts
-            .iter()
-            .map(|p| p.shape().dims2().map(|(rows, _)| rows))
-            .collect::<Result<_>>()?;
         let refs: Vec<&QTensor> = parts.iter().map(|p| p.as_ref()).collect();
         match Linear::ours(&refs)? {
-            Some(linear) => Ok(Stacked::One(linear, sizes)),
+            Some(linear) => Ok(Stacked::One(linear)),
             None => Ok(Stacked::Each(
                 parts.into_iter().map(Linear::new).collect::<Result<_>>()?,
             )),
         }
     }
 
-    /// `x`: `[..., in]` → one contiguous `[..., rows_i]` per part.
-    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    /// `x`: `[..., in]` → `[..., Σ rows_i]`, the parts' outputs side by side.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Stacked::Each(parts) => parts.iter().map(|p| p.forward(x)).collect(),
-            Stacked::One(linear, sizes) => {
-                let y = linear.forward(x)?;
-                let last = y.rank() - 1;
-                let mut start = 0;
-                sizes
-                    .iter()
-                    .map(|&n| {
-                        let part = y.narrow(last, start, n)?.contiguous();
-                        start += n;
-                        part
-                    })
-                    .collect()
+            Stacked::One(linear) => linear.forward(x),
+            Stacked::Each(parts) => {
+                let ys: Vec<Tensor> = parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?;
+                Tensor::cat(&ys, x.rank().saturating_sub(1))
             }
         }
     }
@@ -188,7 +176,7 @@ impl Simd {
 
     /// The paths this CPU can run, best first.
     #[cfg(test)]
-    fn available() -> Vec<Simd> {
+    pub(crate) fn available() -> Vec<Simd> {
         [Simd::Avx512, Simd::Avx2, Simd::Portable]
             .into_iter()
             .filter(|&s| s as u8 >= Simd::detect() as u8)
@@ -290,11 +278,16 @@ mod tests {
                 .collect();
             let stacked = Stacked::new(parts.clone()).unwrap();
             let x = Tensor::randn(0f32, 1.0, (1, 3, 128), &Device::Cpu).unwrap();
-            let outputs = stacked.forward(&x).unwrap();
-            for (part, out) in parts.into_iter().zip(outputs) {
+            let joined = stacked.forward(&x).unwrap();
+            let mut start = 0;
+            for part in parts {
                 let alone = Linear::new(part).unwrap().forward(&x).unwrap();
+                let n = alone.dims()[2];
+                let out = joined.narrow(2, start, n).unwrap();
                 assert_eq!(values(&alone), values(&out), "{dtype:?}");
+                start += n;
             }
+            assert_eq!(start, joined.dims()[2]);
         }
     }
 
