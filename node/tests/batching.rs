@@ -1,5 +1,7 @@
 //! Continuous batching is exact: steps of several sessions computed as one forward
-//! give each session the same hidden states, bit for bit, as computing it alone.
+//! give each session the same hidden states, bit for bit, as computing it alone; and a
+//! prompt computed at once gives, position by position, what its tokens give one step
+//! at a time.
 
 mod support;
 
@@ -63,6 +65,34 @@ fn batched_steps_equal_steps_alone() {
     }
     for (b, a) in batched.iter().zip(&alone) {
         assert_eq!(b.len(), a.len());
+    }
+}
+
+#[test]
+fn a_prompt_at_once_equals_its_tokens_one_at_a_time() {
+    let mut gguf = GgufFile::open(&support::model_path()).unwrap();
+    let model = ClientModel::from_gguf(&mut gguf).unwrap();
+    let shard = Shard::from_gguf(
+        &mut gguf,
+        model.config.clone(),
+        LayerRange::new(0, 8),
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    // Longer than one attention chunk (128 positions), so prefixes span chunks.
+    let ids: Vec<u32> = (0..150u32).map(|i| (i * 7919) % 40_000 + 10).collect();
+    let hidden = model.head.embed(&ids).unwrap();
+    let at_once = shard.forward(&hidden, &mut shard.new_cache(256)).unwrap();
+    let mut cache = shard.new_cache(256);
+    for t in 0..ids.len() {
+        let step = shard
+            .forward(&hidden.narrow(1, t, 1).unwrap(), &mut cache)
+            .unwrap();
+        assert_eq!(
+            bits(&at_once.narrow(1, t, 1).unwrap()),
+            bits(&step),
+            "position {t}"
+        );
     }
 }
 

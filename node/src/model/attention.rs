@@ -1,10 +1,13 @@
-//! Attention of one new position against a session's cached keys and values: the
-//! decode step, for one sequence or the sequences of a batch at once. The query heads
-//! that share a KV head, over one chunk of the positions, are one task on the compute
-//! threads ([`kernels::attend`](super::kernels::attend), reading the cache in place,
-//! each key and value row once per group of heads). As candle operations (two small
-//! matrix products, a scale, a softmax, with their allocations and dispatch) it cost
-//! more than its arithmetic, on one thread while the others waited.
+//! Attention of new positions against a session's cached keys and values: every
+//! position of a prompt (against its causal prefix) and every decode step of a batch,
+//! all at once. The query heads that share a KV head, over one chunk of a position's
+//! visible history, are one task on the compute threads
+//! ([`kernels::attend`](super::kernels::attend), reading the cache in place, each key
+//! and value row once per group of heads). A prompt's position gets exactly the
+//! arithmetic it would get as a decode step. As candle operations (two matrix
+//! products, a mask, a scale, a softmax, with their allocations) it cost more than
+//! its arithmetic: one thread for decode steps while the others waited, and for
+//! prompts score matrices of positions² × heads to allocate, clear and mask.
 
 use std::ops::Deref;
 
@@ -13,28 +16,20 @@ use candle_core::{bail, Device, Layout, Result, Storage, Tensor};
 use super::kernels::attend::{self, Partial, Rows, CHUNK};
 use super::kernels::Simd;
 
-/// One sequence's new position: `q` is `[batch, heads, 1, head_dim]`; `k`, `v` are
-/// `[batch, kv_heads, positions, head_dim]` (views into a cache); query head `h`
-/// attends with KV head `h / (heads / kv_heads)`.
+/// One new position: `q` is `[batch, heads, 1, head_dim]`; `k`, `v` are `[batch,
+/// kv_heads, positions, head_dim]`, the cache it sees (views into it, ending with its
+/// own position); query head `h` attends with KV head `h / (heads / kv_heads)`.
 pub type Step<'a> = (&'a Tensor, &'a Tensor, &'a Tensor);
 
-/// The attention of one step: `[batch, 1, heads × head_dim]`.
-pub fn single_position(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    match single_positions(&[Some((q, k, v))])?.pop() {
-        Some(Some(y)) => Ok(y),
-        _ => bail!("no attention output"),
-    }
-}
-
-/// [`single_position`] for each `Some` of `steps`, all their heads spread over the
-/// compute threads; `None` where the step is `None`.
-pub fn single_positions(steps: &[Option<Step<'_>>]) -> Result<Vec<Option<Tensor>>> {
-    let checked: Vec<Option<Checked<_>>> = steps
+/// The attention of each step, `[batch, 1, heads × head_dim]`, all of their heads
+/// spread over the compute threads.
+pub fn single_positions(steps: &[Step<'_>]) -> Result<Vec<Tensor>> {
+    let checked: Vec<Checked<_>> = steps
         .iter()
-        .map(|step| step.map(|(q, k, v)| check(q, k, v)).transpose())
+        .map(|&(q, k, v)| check(q, k, v))
         .collect::<Result<_>>()?;
     let mut tasks = Vec::new();
-    for step in checked.iter().flatten() {
+    for step in &checked {
         step.tasks(&mut tasks)?;
     }
     let simd = Simd::in_use();
@@ -45,19 +40,15 @@ pub fn single_positions(steps: &[Option<Step<'_>>]) -> Result<Vec<Option<Tensor>
     checked
         .iter()
         .map(|step| {
-            step.as_ref()
-                .map(|step| {
-                    let (groups, chunks) = (step.b * step.nkv, step.positions.div_ceil(CHUNK));
-                    let mut out = vec![0f32; step.b * step.nh * step.hd];
-                    let (mine, rest) = partials.split_at(groups * chunks);
-                    partials = rest;
-                    let group_len = step.nh / step.nkv * step.hd;
-                    for (y, parts) in out.chunks_exact_mut(group_len).zip(mine.chunks(chunks)) {
-                        attend::merge(parts, y);
-                    }
-                    Tensor::from_vec(out, (step.b, 1, step.nh * step.hd), &Device::Cpu)
-                })
-                .transpose()
+            let (groups, chunks) = (step.b * step.nkv, step.positions.div_ceil(CHUNK));
+            let mut out = vec![0f32; step.b * step.nh * step.hd];
+            let (mine, rest) = partials.split_at(groups * chunks);
+            partials = rest;
+            let group_len = step.nh / step.nkv * step.hd;
+            for (y, parts) in out.chunks_exact_mut(group_len).zip(mine.chunks(chunks)) {
+                attend::merge(parts, y);
+            }
+            Tensor::from_vec(out, (step.b, 1, step.nh * step.hd), &Device::Cpu)
         })
         .collect()
 }
@@ -204,7 +195,7 @@ mod tests {
             let vc = Tensor::randn(0f32, 1.0, (b, nkv, capacity, hd), dev).unwrap();
             let k = kc.narrow(2, 0, positions).unwrap();
             let v = vc.narrow(2, 0, positions).unwrap();
-            let ours = single_position(&q, &k, &v).unwrap();
+            let ours = single_positions(&[(&q, &k, &v)]).unwrap().remove(0);
             let theirs = reference(&q, &k, &v, nh / nkv);
             let a = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let c = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -219,9 +210,9 @@ mod tests {
         let dev = &Device::Cpu;
         let q = Tensor::zeros((1, 4, 1, 8), candle_core::DType::F32, dev).unwrap();
         let k = Tensor::zeros((1, 3, 5, 8), candle_core::DType::F32, dev).unwrap();
-        assert!(single_position(&q, &k, &k).is_err());
+        assert!(single_positions(&[(&q, &k, &k)]).is_err());
         let q2 = Tensor::zeros((1, 4, 2, 8), candle_core::DType::F32, dev).unwrap();
         let k2 = Tensor::zeros((1, 2, 5, 8), candle_core::DType::F32, dev).unwrap();
-        assert!(single_position(&q2, &k2, &k2).is_err());
+        assert!(single_positions(&[(&q2, &k2, &k2)]).is_err());
     }
 }

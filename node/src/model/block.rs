@@ -143,13 +143,12 @@ impl Block {
     }
 }
 
-/// One sequence's share of a batched forward: tokens `start..start + len` of the input,
-/// the sequence's cache and its causal mask (`None` for a single token).
+/// One sequence's share of a batched forward: tokens `start..start + len` of the input
+/// and the sequence's cache.
 pub struct Part<'a> {
     pub start: usize,
     pub len: usize,
     pub cache: &'a mut ShardCache,
-    pub mask: Option<Tensor>,
 }
 
 impl Mlp {
@@ -195,31 +194,33 @@ impl Attention {
         rope: &Rope,
     ) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?;
-        let y = match parts {
-            [part] => {
-                let (q, k, v) = self.rotate_and_cache(&qkv, part, layer, rope)?;
-                self.attend(&q, &k, &v, part)?
+        // Each sequence's rows rotated and appended to its cache, then the attention
+        // of every new position (against its causal prefix of the cache) of every
+        // sequence at once across the compute threads: a prompt's positions and a
+        // batch's decode steps alike, with the same arithmetic as one decode step.
+        let mut inputs = Vec::with_capacity(parts.len());
+        for part in parts.iter_mut() {
+            let rows = qkv.narrow(1, part.start, part.len)?;
+            inputs.push(self.rotate_and_cache(&rows, part, layer, rope)?);
+        }
+        let mut views = Vec::with_capacity(x.dim(1)?);
+        for (q, k, v) in &inputs {
+            let (seq, filled) = (q.dim(2)?, k.dim(2)?);
+            for t in 0..seq {
+                // Position `filled - seq + t` sees the cache up to itself.
+                let visible = filled - seq + t + 1;
+                views.push((
+                    q.narrow(2, t, 1)?,
+                    k.narrow(2, 0, visible)?,
+                    v.narrow(2, 0, visible)?,
+                ));
             }
-            parts => {
-                // Each sequence's rows, rotated and appended to its cache (cheap), then
-                // the one-position attentions of all of them at once across the
-                // compute threads; longer steps (prefills) one after another.
-                let mut inputs = Vec::with_capacity(parts.len());
-                for part in parts.iter_mut() {
-                    let rows = qkv.narrow(1, part.start, part.len)?;
-                    inputs.push(self.rotate_and_cache(&rows, part, layer, rope)?);
-                }
-                let singles: Vec<_> = (parts.iter().zip(&inputs))
-                    .map(|(part, (q, k, v))| (part.len == 1).then_some((q, k, v)))
-                    .collect();
-                let mut ys = super::attention::single_positions(&singles)?;
-                for ((y, part), (q, k, v)) in ys.iter_mut().zip(parts.iter()).zip(&inputs) {
-                    if y.is_none() {
-                        *y = Some(self.attend(q, k, v, part)?);
-                    }
-                }
-                Tensor::cat(&ys.into_iter().flatten().collect::<Vec<_>>(), 1)?
-            }
+        }
+        let steps: Vec<_> = views.iter().map(|(q, k, v)| (q, k, v)).collect();
+        let mut ys = super::attention::single_positions(&steps)?;
+        let y = match ys.len() {
+            1 => ys.remove(0),
+            _ => Tensor::cat(&ys, 1)?,
         };
         self.wo.forward(&y)
     }
@@ -270,53 +271,4 @@ impl Attention {
         let (k, v) = part.cache.append(layer, &k, &v)?;
         Ok((q, k, v))
     }
-
-    /// Attention of one sequence: `q` is `[batch, heads, seq, head_dim]`, `k` and `v`
-    /// the cache's `[batch, kv_heads, positions, head_dim]`. Returns
-    /// `[batch, seq, heads × head_dim]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, part: &Part<'_>) -> Result<Tensor> {
-        let (b, _, seq, _) = q.dims4()?;
-        let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
-        if seq == 1 {
-            return super::attention::single_position(q, k, v);
-        }
-
-        // Grouped-query attention without materialising repeated K/V: query head h
-        // uses KV head h / n_rep, so the n_rep query heads of one KV head are stacked
-        // along the row axis, giving [b, nkv, n_rep * seq, hd] against [b, nkv, T, hd].
-        let n_rep = nh / nkv;
-        let q = q.reshape((b, nkv, n_rep * seq, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = match &part.mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(v)?; // [b, nkv, n_rep * seq, hd]
-        y.reshape((b, nh, seq, hd))?
-            .transpose(1, 2)?
-            .reshape((b, seq, nh * hd))
-    }
-}
-
-/// Additive causal mask for `seq` new positions after `past` cached ones, laid out for
-/// the stacked query rows of [`Attention::forward`]: row `r` is position `past + r % seq`.
-pub fn causal_mask(seq: usize, past: usize, n_rep: usize) -> Result<Option<Tensor>> {
-    if seq <= 1 {
-        return Ok(None);
-    }
-    let total = past + seq;
-    let mut mask = Vec::with_capacity(n_rep * seq * total);
-    for _ in 0..n_rep {
-        for i in 0..seq {
-            mask.extend((0..total).map(|j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }));
-        }
-    }
-    // Leading unit dims broadcast over [batch, kv_heads].
-    let shape = (1, 1, n_rep * seq, total);
-    Ok(Some(Tensor::from_vec(
-        mask,
-        shape,
-        &candle_core::Device::Cpu,
-    )?))
 }

@@ -7,7 +7,7 @@ use allmende_protocol::LayerRange;
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use super::block::{causal_mask, Block, Part};
+use super::block::{Block, Part};
 use super::gguf::GgufFile;
 use super::kv_cache::ShardCache;
 use super::rope::Rope;
@@ -173,7 +173,6 @@ impl Shard {
         };
         let batch = first.dims()[0];
         let range = jobs[0].1.range();
-        let n_rep = self.config.head_count / self.config.head_count_kv;
         let mut x = match &*jobs {
             [(hidden, _)] => hidden.contiguous()?,
             jobs => Tensor::cat(&jobs.iter().map(|(h, _)| *h).collect::<Vec<_>>(), 1)?,
@@ -184,12 +183,10 @@ impl Shard {
             let seq = hidden.dims()[1];
             cache.set_batch(batch);
             cache.reserve(seq)?;
-            let mask = causal_mask(seq, cache.len(), n_rep)?;
             parts.push(Part {
                 start,
                 len: seq,
                 cache,
-                mask,
             });
             start += seq;
         }
