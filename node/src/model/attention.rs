@@ -21,6 +21,11 @@ use super::kernels::Simd;
 /// own position); query head `h` attends with KV head `h / (heads / kv_heads)`.
 pub type Step<'a> = (&'a Tensor, &'a Tensor, &'a Tensor);
 
+/// Most tasks (and chunk results, ~1 KB each) in one round over the compute threads:
+/// bounds the memory of a long prompt (a 4,096-position prompt has 200,000 tasks per
+/// layer).
+const MAX_TASKS_PER_ROUND: usize = 8192;
+
 /// The attention of each step, `[batch, 1, heads × head_dim]`, all of their heads
 /// spread over the compute threads.
 pub fn single_positions(steps: &[Step<'_>]) -> Result<Vec<Tensor>> {
@@ -28,29 +33,35 @@ pub fn single_positions(steps: &[Step<'_>]) -> Result<Vec<Tensor>> {
         .iter()
         .map(|&(q, k, v)| check(q, k, v))
         .collect::<Result<_>>()?;
-    let mut tasks = Vec::new();
-    for step in &checked {
-        step.tasks(&mut tasks)?;
-    }
     let simd = Simd::in_use();
-    let partials = super::parallel_map(&tasks, |t| {
-        attend::partial(t.q, t.hd, t.keys, t.values, t.scale, simd)
-    });
-    let mut partials: &[Partial] = &partials;
-    checked
-        .iter()
-        .map(|step| {
-            let (groups, chunks) = (step.b * step.nkv, step.positions.div_ceil(CHUNK));
-            let mut out = vec![0f32; step.b * step.nh * step.hd];
-            let (mine, rest) = partials.split_at(groups * chunks);
-            partials = rest;
-            let group_len = step.nh / step.nkv * step.hd;
-            for (y, parts) in out.chunks_exact_mut(group_len).zip(mine.chunks(chunks)) {
-                attend::merge(parts, y);
-            }
-            Tensor::from_vec(out, (step.b, 1, step.nh * step.hd), &Device::Cpu)
-        })
-        .collect()
+    let mut outputs = Vec::with_capacity(checked.len());
+    let mut rest = &checked[..];
+    while !rest.is_empty() {
+        // As many steps as fit in a round (at least one).
+        let (mut take, mut tasks) = (0, 0);
+        while take < rest.len()
+            && (take == 0 || tasks + rest[take].task_count() <= MAX_TASKS_PER_ROUND)
+        {
+            tasks += rest[take].task_count();
+            take += 1;
+        }
+        let (round, later) = rest.split_at(take);
+        rest = later;
+        let mut tasks = Vec::with_capacity(tasks);
+        for step in round {
+            step.tasks(&mut tasks)?;
+        }
+        let partials = super::parallel_map(&tasks, |t| {
+            attend::partial(t.q, t.hd, t.keys, t.values, t.scale, simd)
+        });
+        let mut partials: &[Partial] = &partials;
+        for step in round {
+            let (mine, others) = partials.split_at(step.task_count());
+            partials = others;
+            outputs.push(step.merge(mine)?);
+        }
+    }
+    Ok(outputs)
 }
 
 /// A step whose shapes fit, with its cache read-locked for the computation.
@@ -109,6 +120,22 @@ fn check<'a>(
 }
 
 impl<G: Deref<Target = Storage>> Checked<'_, G> {
+    /// Tasks of this step: one per batch row, KV head and chunk of positions.
+    fn task_count(&self) -> usize {
+        self.b * self.nkv * self.positions.div_ceil(CHUNK)
+    }
+
+    /// The step's output from its tasks' results, in task order.
+    fn merge(&self, partials: &[Partial]) -> Result<Tensor> {
+        let chunks = self.positions.div_ceil(CHUNK);
+        let mut out = vec![0f32; self.b * self.nh * self.hd];
+        let group_len = self.nh / self.nkv * self.hd;
+        for (y, parts) in out.chunks_exact_mut(group_len).zip(partials.chunks(chunks)) {
+            attend::merge(parts, y);
+        }
+        Tensor::from_vec(out, (self.b, 1, self.nh * self.hd), &Device::Cpu)
+    }
+
     /// This step's tasks, by batch row, KV head and chunk, appended to `tasks`.
     fn tasks<'s>(&'s self, tasks: &mut Vec<Task<'s>>) -> Result<()> {
         let group = self.nh / self.nkv * self.hd;
@@ -202,6 +229,30 @@ mod tests {
             for (x, y) in a.iter().zip(&c) {
                 assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
             }
+        }
+    }
+
+    #[test]
+    fn many_steps_run_in_rounds_with_the_same_results() {
+        let dev = &Device::Cpu;
+        let step = |i: usize| {
+            let t = |n: usize| {
+                (Tensor::ones((1, n, 1, 16), candle_core::DType::F32, dev).unwrap() * i as f64)
+                    .unwrap()
+            };
+            (t(6), t(3), t(3))
+        };
+        // 3,000 steps × 3 KV heads: more tasks than one round takes.
+        let steps: Vec<_> = (0..3000).map(step).collect();
+        assert!(steps.len() * 3 > MAX_TASKS_PER_ROUND);
+        let refs: Vec<Step> = steps.iter().map(|(q, k, v)| (q, k, v)).collect();
+        let together = single_positions(&refs).unwrap();
+        assert_eq!(together.len(), steps.len());
+        for i in [0, 2730, 2731, 2999] {
+            let alone = single_positions(&refs[i..=i]).unwrap().remove(0);
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(bits(&together[i]), bits(&alone), "step {i}");
+            assert!(bits(&alone).iter().all(|&y| y == i as f32));
         }
     }
 
