@@ -162,17 +162,16 @@ impl Mlp {
 /// pass: `silu(g) = g / (1 + exp(-g))`, as candle computes it.
 fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     let mut dims = gate_up.dims().to_vec();
-    let width = dims.last().copied().unwrap_or(0);
-    if width % 2 != 0 {
-        candle_core::bail!("gate and up expected side by side, got width {width}");
-    }
-    let ff = width / 2;
-    if let Some(last) = dims.last_mut() {
-        *last = ff;
-    }
+    let ff = match dims.last_mut() {
+        Some(width) if *width > 0 && width.is_multiple_of(2) => {
+            *width /= 2;
+            *width
+        }
+        _ => candle_core::bail!("gate and up expected side by side, got {dims:?}"),
+    };
     let values = super::with_values(gate_up, |values| {
         let mut out = Vec::with_capacity(values.len() / 2);
-        for row in values.chunks_exact(width) {
+        for row in values.chunks_exact(2 * ff) {
             let (gate, up) = row.split_at(ff);
             out.extend(
                 gate.iter()

@@ -309,10 +309,8 @@ async fn run(
     let Some(mut cache) = open.cache.take() else {
         return Err((ErrorKind::Internal, "the session lost its cache".into()));
     };
-    let inputs = match validate(server, &cache, position, steps) {
-        Ok(inputs) => join_steps(inputs, MAX_JOINED_POSITIONS),
-        Err(refusal) => Err(refusal),
-    };
+    let inputs = validate(server, &cache, position, steps)
+        .and_then(|inputs| join_steps(inputs, MAX_JOINED_POSITIONS));
     let inputs = match inputs {
         Ok(inputs) => inputs,
         Err(refusal) => {
