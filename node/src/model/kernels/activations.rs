@@ -16,25 +16,25 @@ pub struct ActBlock {
 }
 
 /// Two consecutive blocks laid out for 512-bit kernels: the quants of both, the even
-/// block's scale in lanes 0..8 and the odd one's in 8..16, and their `s` in lanes 0
-/// and 8 (zeros elsewhere). An odd last block has a zero block as its partner.
+/// block's scale in lanes 0..8 and the odd one's in 8..16. An odd last block has a
+/// zero block as its partner.
 #[derive(Clone, Copy, Debug)]
 pub struct ActPair {
     pub qs: [i8; 64],
     pub d: [f32; 16],
-    pub s: [f32; 16],
 }
 
 /// One token's activations.
 pub struct Acts {
     pub blocks: Vec<ActBlock>,
-    /// Filled for [`Simd::Avx512`] only.
+    /// Filled only when asked for (the Q8_0 kernel's AVX-512 layout).
     pub pairs: Vec<ActPair>,
 }
 
 impl Acts {
-    /// Quantizes `x` (whole blocks); `sums`: also the Q8_1 block sums.
-    pub fn quantize(x: &[f32], sums: bool, simd: Simd) -> Self {
+    /// Quantizes `x` (whole blocks); `sums`: also the Q8_1 block sums; `pairs`: also
+    /// the blocks as [`ActPair`]s.
+    pub fn quantize(x: &[f32], sums: bool, pairs: bool) -> Self {
         let blocks: Vec<ActBlock> = x
             .chunks_exact(BLOCK)
             .map(|xs| {
@@ -50,8 +50,8 @@ impl Acts {
                 }
             })
             .collect();
-        let pairs = match simd {
-            Simd::Avx512 => blocks
+        let pairs = match pairs {
+            true => blocks
                 .chunks(2)
                 .map(|two| {
                     // An odd last block is paired with a zero block.
@@ -64,17 +64,14 @@ impl Acts {
                     let mut pair = ActPair {
                         qs: [0; 64],
                         d: [even.d; 16],
-                        s: [0.0; 16],
                     };
                     pair.qs[..32].copy_from_slice(&even.qs);
                     pair.qs[32..].copy_from_slice(&odd.qs);
                     pair.d[8..].fill(odd.d);
-                    pair.s[0] = even.s;
-                    pair.s[8] = odd.s;
                     pair
                 })
                 .collect(),
-            _ => Vec::new(),
+            false => Vec::new(),
         };
         Acts { blocks, pairs }
     }

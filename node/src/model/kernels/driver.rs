@@ -18,34 +18,6 @@ pub const TOKENS_PER_TILE: usize = 8;
 /// AVX2 has sixteen vector registers: its tiles take at most this many tokens.
 const AVX2_TOKENS: usize = 4;
 
-/// Up to [`TOKENS_PER_TILE`] tokens' activations, and for Q4_1 on AVX-512 their
-/// block sums gathered per pair of blocks: `s` of the even block for each token in
-/// lanes 0..8, of the odd one in 8..16 (zeros past the tile's tokens and blocks).
-pub struct Tile<'a> {
-    pub acts: &'a [Acts],
-    pub sums: Vec<[f32; 16]>,
-}
-
-impl<'a> Tile<'a> {
-    fn new(acts: &'a [Acts], gather_sums: bool) -> Self {
-        let blocks = acts[0].blocks.len();
-        let sums = match gather_sums {
-            false => Vec::new(),
-            true => (0..blocks.div_ceil(2))
-                .map(|p| {
-                    let mut lanes = [0f32; 16];
-                    for (t, act) in acts.iter().enumerate() {
-                        lanes[t] = act.blocks[2 * p].s;
-                        lanes[8 + t] = act.blocks.get(2 * p + 1).map_or(0.0, |b| b.s);
-                    }
-                    lanes
-                })
-                .collect(),
-        };
-        Tile { acts, sums }
-    }
-}
-
 /// `x @ m^T`: `x` is `[..., cols]`, the result `[..., rows]`.
 pub fn matmul<B: WeightBlock>(
     m: &Matrix<B>,
@@ -58,17 +30,14 @@ pub fn matmul<B: WeightBlock>(
         Some(last) if *last == cols => *last = rows,
         _ => bail!("input of shape {:?} does not end in {cols}", x.dims()),
     }
+    let pairs = B::PAIRS && m.simd() == Simd::Avx512;
     let acts =
-        crate::model::with_values(x, |values| quantize_tokens(values, cols, B::SUMS, m.simd()))?;
+        crate::model::with_values(x, |values| quantize_tokens(values, cols, B::SUMS, pairs))?;
     let tokens = acts.len();
     if tokens == 0 {
         return Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu);
     }
-    let gather_sums = B::SUMS && m.simd() == Simd::Avx512;
-    let tiles: Vec<Tile> = acts
-        .chunks(TOKENS_PER_TILE)
-        .map(|chunk| Tile::new(chunk, gather_sums))
-        .collect();
+    let tiles: Vec<&[Acts]> = acts.chunks(TOKENS_PER_TILE).collect();
     let mut out = vec![0f32; rows * tokens];
     let target = TokenMajor {
         out: out.as_mut_ptr(),
@@ -83,9 +52,9 @@ pub fn matmul<B: WeightBlock>(
             // Tiles outermost: the task's rows (a few KiB) stay in cache across them.
             for (t, tile) in tiles.iter().enumerate() {
                 let mut block = [0f32; ROWS_PER_TASK * TOKENS_PER_TILE];
-                rows_into(m, first, tile, &mut block[..count * TOKENS_PER_TILE]);
+                rows_into(m, first, count, tile, &mut block);
                 // SAFETY: rows `first..first + count` belong to this task alone.
-                unsafe { target.put(first, t * TOKENS_PER_TILE, tile.acts.len(), &block) };
+                unsafe { target.put(first, t * TOKENS_PER_TILE, tile.len(), &block) };
             }
         }
     });
@@ -126,29 +95,41 @@ impl TokenMajor {
 }
 
 /// Each token's activations quantized, several tokens across the compute threads.
-fn quantize_tokens(values: &[f32], cols: usize, sums: bool, simd: Simd) -> Vec<Acts> {
+fn quantize_tokens(values: &[f32], cols: usize, sums: bool, pairs: bool) -> Vec<Acts> {
     let tokens: Vec<&[f32]> = values.chunks_exact(cols).collect();
-    let quantize = |x: &&[f32]| Acts::quantize(x, sums, simd);
+    let quantize = |x: &&[f32]| Acts::quantize(x, sums, pairs);
     match tokens.len() {
         0..4 => tokens.iter().map(quantize).collect(),
         _ => crate::model::parallel_map(&tokens, quantize),
     }
 }
 
-/// Rows from `first` on, `out.len() / TOKENS_PER_TILE` of them, against one tile of
-/// tokens into `out[r * TOKENS_PER_TILE + t]`: pairs of rows, then a last single one.
-fn rows_into<B: WeightBlock>(m: &Matrix<B>, first: usize, tile_acts: &Tile, out: &mut [f32]) {
-    let count = out.len() / TOKENS_PER_TILE;
-    let mut r = 0;
-    while r < count {
-        let dst = &mut out[r * TOKENS_PER_TILE..];
-        if count - r >= 2 {
-            let rows = [m.row(first + r), m.row(first + r + 1)];
+/// Rows `first..first + count` (within one task) against one tile of tokens into
+/// `out[r * TOKENS_PER_TILE + t]`: pairs of unit rows, then a last single one.
+fn rows_into<B: WeightBlock>(
+    m: &Matrix<B>,
+    first: usize,
+    count: usize,
+    tile_acts: &[Acts],
+    out: &mut [f32; ROWS_PER_TASK * TOKENS_PER_TILE],
+) {
+    const {
+        assert!(
+            ROWS_PER_TASK.is_multiple_of(B::ROWS),
+            "tasks hold whole unit rows"
+        )
+    };
+    let (units, first) = (count.div_ceil(B::ROWS), first / B::ROWS);
+    let mut u = 0;
+    while u < units {
+        let dst = &mut out[u * B::ROWS * TOKENS_PER_TILE..];
+        if units - u >= 2 {
+            let rows = [m.unit_row(first + u), m.unit_row(first + u + 1)];
             tile(m, rows, tile_acts, dst, TOKENS_PER_TILE);
-            r += 2;
+            u += 2;
         } else {
-            tile(m, [m.row(first + r)], tile_acts, dst, TOKENS_PER_TILE);
-            r += 1;
+            tile(m, [m.unit_row(first + u)], tile_acts, dst, TOKENS_PER_TILE);
+            u += 1;
         }
     }
 }
@@ -156,53 +137,40 @@ fn rows_into<B: WeightBlock>(m: &Matrix<B>, first: usize, tile_acts: &Tile, out:
 fn tile<B: WeightBlock, const R: usize>(
     m: &Matrix<B>,
     rows: [&[B]; R],
-    tile: &Tile,
+    acts: &[Acts],
     out: &mut [f32],
     stride: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! dispatch {
-            ($kernel:ident, $acts:expr, $out:expr $(, $sums:expr)?) => {
+            ($kernel:ident, $acts:expr, $out:expr) => {
                 // SAFETY: the CPU supports the kernel's features (checked at detection).
                 unsafe {
                     match $acts {
-                        [a] => B::$kernel::<R, 1>(rows, [a] $(, $sums)?, $out, stride),
-                        [a, b] => B::$kernel::<R, 2>(rows, [a, b] $(, $sums)?, $out, stride),
-                        [a, b, c] => B::$kernel::<R, 3>(rows, [a, b, c] $(, $sums)?, $out, stride),
-                        [a, b, c, d] => {
-                            B::$kernel::<R, 4>(rows, [a, b, c, d] $(, $sums)?, $out, stride)
+                        [a] => B::$kernel::<R, 1>(rows, [a], $out, stride),
+                        [a, b] => B::$kernel::<R, 2>(rows, [a, b], $out, stride),
+                        [a, b, c] => B::$kernel::<R, 3>(rows, [a, b, c], $out, stride),
+                        [a, b, c, d] => B::$kernel::<R, 4>(rows, [a, b, c, d], $out, stride),
+                        [a, b, c, d, e] => B::$kernel::<R, 5>(rows, [a, b, c, d, e], $out, stride),
+                        [a, b, c, d, e, f] => {
+                            B::$kernel::<R, 6>(rows, [a, b, c, d, e, f], $out, stride)
                         }
-                        [a, b, c, d, e] => {
-                            B::$kernel::<R, 5>(rows, [a, b, c, d, e] $(, $sums)?, $out, stride)
+                        [a, b, c, d, e, f, g] => {
+                            B::$kernel::<R, 7>(rows, [a, b, c, d, e, f, g], $out, stride)
                         }
-                        [a, b, c, d, e, f] => B::$kernel::<R, 6>(
-                            rows,
-                            [a, b, c, d, e, f] $(, $sums)?,
-                            $out,
-                            stride,
-                        ),
-                        [a, b, c, d, e, f, g] => B::$kernel::<R, 7>(
-                            rows,
-                            [a, b, c, d, e, f, g] $(, $sums)?,
-                            $out,
-                            stride,
-                        ),
-                        [a, b, c, d, e, f, g, h] => B::$kernel::<R, 8>(
-                            rows,
-                            [a, b, c, d, e, f, g, h] $(, $sums)?,
-                            $out,
-                            stride,
-                        ),
+                        [a, b, c, d, e, f, g, h] => {
+                            B::$kernel::<R, 8>(rows, [a, b, c, d, e, f, g, h], $out, stride)
+                        }
                         _ => unreachable!("tiles hold 1 to {TOKENS_PER_TILE} tokens"),
                     }
                 }
             };
         }
         match m.simd() {
-            Simd::Avx512 => return dispatch!(tile_avx512, tile.acts, out, &tile.sums),
+            Simd::Avx512 => return dispatch!(tile_avx512, acts, out),
             Simd::Avx2 => {
-                for (i, acts) in tile.acts.chunks(AVX2_TOKENS).enumerate() {
+                for (i, acts) in acts.chunks(AVX2_TOKENS).enumerate() {
                     dispatch!(tile_avx2, acts, &mut out[i * AVX2_TOKENS..]);
                 }
                 return;
@@ -210,14 +178,16 @@ fn tile<B: WeightBlock, const R: usize>(
             Simd::Portable => {}
         }
     }
-    for (i, row) in rows.iter().enumerate() {
-        for (t, act) in tile.acts.iter().enumerate() {
-            out[i * stride + t] = B::dot_portable(row, act);
+    for (u, row) in rows.iter().enumerate() {
+        for lane in 0..B::ROWS {
+            for (t, act) in acts.iter().enumerate() {
+                out[(u * B::ROWS + lane) * stride + t] = B::dot_portable(row, lane, act);
+            }
         }
     }
 }
 
-/// The result from the two lane groups (`acc[..8]` for even blocks, `acc[8..]` for odd
+/// Q8_0's result from the two lane groups (`acc[..8]` for even blocks, `acc[8..]` for odd
 /// ones) and the two offset sums, in the one order every path uses.
 pub fn finish(acc: [f32; 16], even: f32, odd: f32) -> f32 {
     let v: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);

@@ -1,7 +1,7 @@
 //! A weight matrix of quantized blocks, whatever the block type: reading it from GGUF
 //! tensors, dequantizing rows, and multiplying it with activations through the
-//! block type's kernels ([`WeightBlock`]). A block type may hold more than one of the
-//! file's 32-value blocks, laid out for its kernels (Q4_1 keeps pairs).
+//! block type's kernels ([`WeightBlock`]). A block type may hold blocks of several
+//! rows side by side, laid out for its kernels (Q4_1 keeps groups of 16 rows).
 
 // The SIMD kernels of a block type are `unsafe` to call (CPU features).
 #![allow(unsafe_code)]
@@ -13,32 +13,29 @@ use super::activations::Acts;
 use super::driver::matmul;
 use super::{Simd, BLOCK};
 
-/// A unit of quantized weights (one or more 32-value blocks of the file), and the
-/// kernels that multiply rows of them.
-///
-/// The arithmetic every path performs, per row and token: block `b` adds to one of two
-/// groups of eight f32 lanes (`b % 2`); lane `l` of a block is the exact integer sum of
-/// its products `4l..4l + 4`, added as `acc = fma(d_w × d_x, lane, acc)`. Per-block
-/// offsets (Q4_1's `m_w × s_x`) go to two scalars the same way, as `fma(m, s, acc)`.
-/// [`super::driver::finish`] adds the groups. So the result is one fixed sequence of
-/// operations.
+/// A unit of quantized weights (one 32-value block of each of `ROWS` rows), and the
+/// kernels that multiply rows of them. Each type documents the fixed sequence of float
+/// operations every path performs per output.
 pub trait WeightBlock: Copy + Send + Sync + 'static {
     const DTYPE: GgmlDType;
     /// Bytes of one 32-value block in the file.
     const BYTES: usize;
-    /// Values one unit holds: a row of `cols` values takes `cols.div_ceil(VALUES)`
-    /// units, the last one padded with zero blocks.
-    const VALUES: usize;
+    /// Rows one unit holds: a matrix is `rows.div_ceil(ROWS)` rows of units (unit
+    /// rows), each `cols / 32` units long; the rows past the last are zero.
+    const ROWS: usize;
     /// Whether activations carry Q8_1 block sums.
     const SUMS: bool;
+    /// Whether the AVX-512 kernel reads activations as pairs of blocks.
+    const PAIRS: bool;
 
-    /// Appends the units of one row, from its whole blocks as stored in the file.
-    fn parse_row(bytes: &[u8], out: &mut Vec<Self>);
-    /// Appends the unit's `VALUES` values.
-    fn dequantize(&self, out: &mut Vec<f32>);
-    /// One output, in plain Rust.
-    fn dot_portable(row: &[Self], act: &Acts) -> f32;
-    /// `R` rows against `T` tokens into `out[r * stride + t]`.
+    /// Appends one unit row from up to `ROWS` rows of whole blocks as stored in the
+    /// file (all of one length).
+    fn parse_rows(rows: &[&[u8]], out: &mut Vec<Self>);
+    /// Appends the 32 values of row `lane` of the unit.
+    fn dequantize(&self, lane: usize, out: &mut Vec<f32>);
+    /// One output: row `lane` of a unit row, in plain Rust.
+    fn dot_portable(row: &[Self], lane: usize, act: &Acts) -> f32;
+    /// `R` unit rows (`R × ROWS` rows) against `T` tokens into `out[r * stride + t]`.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
@@ -49,8 +46,7 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
         out: &mut [f32],
         stride: usize,
     );
-    /// As [`WeightBlock::tile_avx2`], two blocks per 512-bit vector; `sums` as in
-    /// [`super::driver::Tile`].
+    /// As [`WeightBlock::tile_avx2`], with 512-bit vectors.
     ///
     /// # Safety
     /// The CPU must support what [`Simd::Avx512`] requires.
@@ -58,7 +54,6 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     unsafe fn tile_avx512<const R: usize, const T: usize>(
         rows: [&[Self]; R],
         acts: [&Acts; T],
-        sums: &[[f32; 16]],
         out: &mut [f32],
         stride: usize,
     );
@@ -67,7 +62,7 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
 pub struct Matrix<B> {
     rows: usize,
     cols: usize,
-    /// `rows × cols.div_ceil(B::VALUES)` units, row-major.
+    /// `rows.div_ceil(B::ROWS) × cols / 32` units, unit row by unit row.
     blocks: Vec<B>,
     simd: Simd,
 }
@@ -85,25 +80,25 @@ impl<B: WeightBlock> Matrix<B> {
             bail!("no matrices to stack");
         };
         let cols = first.shape().dims2()?.1;
-        if cols % BLOCK != 0 {
+        if cols == 0 || cols % BLOCK != 0 {
             bail!("{:?} rows of {cols} values are not whole blocks", B::DTYPE);
         }
-        let mut rows = 0;
         // Sized exactly up front: these blocks are most of a node's memory.
         let total_rows: usize = parts
             .iter()
             .map(|p| p.shape().dims2().map_or(0, |(r, _)| r))
             .sum();
-        let mut blocks = Vec::with_capacity(total_rows * cols.div_ceil(B::VALUES));
-        for part in parts {
-            if part.dtype() != B::DTYPE {
-                bail!("expected a {:?} tensor, got {:?}", B::DTYPE, part.dtype());
-            }
+        let mut blocks = Vec::with_capacity(total_rows.div_ceil(B::ROWS) * cols / BLOCK);
+        let mut all_rows: Vec<&[u8]> = Vec::with_capacity(total_rows);
+        if let Some(part) = parts.iter().find(|p| p.dtype() != B::DTYPE) {
+            bail!("expected a {:?} tensor, got {:?}", B::DTYPE, part.dtype());
+        }
+        let datas = parts.iter().map(|p| p.data()).collect::<Result<Vec<_>>>()?;
+        for (part, bytes) in parts.iter().zip(&datas) {
             let (part_rows, part_cols) = part.shape().dims2()?;
             if part_cols != cols {
                 bail!("stacked matrices must have equal row lengths");
             }
-            let bytes = part.data()?;
             let expected = part_rows * cols / BLOCK;
             if bytes.len() != expected * B::BYTES {
                 bail!(
@@ -113,11 +108,12 @@ impl<B: WeightBlock> Matrix<B> {
                     expected
                 );
             }
-            for row in bytes.chunks_exact(cols / BLOCK * B::BYTES) {
-                B::parse_row(row, &mut blocks);
-            }
-            rows += part_rows;
+            all_rows.extend(bytes.chunks_exact(cols / BLOCK * B::BYTES));
         }
+        for unit_row in all_rows.chunks(B::ROWS) {
+            B::parse_rows(unit_row, &mut blocks);
+        }
+        let rows = all_rows.len();
         Ok(Self {
             rows,
             cols,
@@ -136,9 +132,10 @@ impl<B: WeightBlock> Matrix<B> {
         self.simd
     }
 
-    pub fn row(&self, r: usize) -> &[B] {
-        let per_row = self.cols.div_ceil(B::VALUES);
-        &self.blocks[r * per_row..(r + 1) * per_row]
+    /// Unit row `i`: rows `i × B::ROWS..` of the matrix.
+    pub fn unit_row(&self, i: usize) -> &[B] {
+        let per_row = self.cols / BLOCK;
+        &self.blocks[i * per_row..(i + 1) * per_row]
     }
 
     /// Rows `ids`, dequantized: `[ids.len(), cols]` (an embedding lookup).
@@ -149,11 +146,9 @@ impl<B: WeightBlock> Matrix<B> {
             if id >= self.rows {
                 bail!("row {id} of a matrix of {} rows", self.rows);
             }
-            let end = out.len() + self.cols;
-            for block in self.row(id) {
-                block.dequantize(&mut out);
+            for block in self.unit_row(id / B::ROWS) {
+                block.dequantize(id % B::ROWS, &mut out);
             }
-            out.truncate(end);
         }
         Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)
     }

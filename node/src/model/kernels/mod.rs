@@ -4,7 +4,7 @@
 //!
 //! Both kernels follow ggml's arithmetic (activations quantized to 8 bits per block,
 //! integer block dot products, f32 accumulation with fused multiply-adds by the block
-//! scales), in one fixed order described in [`WeightBlock`]. Every output is
+//! scales), each in one fixed order its module describes ([`q4_1`], [`q8_0`]). Every output is
 //! the same sequence of float operations whatever the tile, thread count, batch or
 //! SIMD width it is computed with: results are bit-identical on every path (portable,
 //! AVX2, AVX-512), and a token's result does not depend on which other tokens share
@@ -32,7 +32,7 @@ pub enum Linear {
     /// Any quantization candle supports, computed by candle.
     Candle(QMatMul),
     /// Q4_1, computed by [`q4_1`]'s kernels.
-    Q4_1(Matrix<q4_1::PairQ4_1>),
+    Q4_1(Matrix<q4_1::GroupQ4_1>),
     /// Q8_0, computed by [`q8_0`]'s kernels.
     Q8_0(Matrix<q8_0::BlockQ8_0>),
 }
@@ -116,7 +116,7 @@ impl Stacked {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
-    /// AVX-512 with VNNI (and BW), two blocks per vector; implies AVX2.
+    /// AVX-512 with VNNI (and BW); implies AVX2.
     Avx512,
     /// AVX2 with FMA and F16C.
     Avx2,
@@ -185,7 +185,7 @@ impl Simd {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Shared checks for both kernels, run on random weights.
     //! (candle's own Q4_1/Q8_0 products quantize activations differently, so the
     //! reference is the exact product instead.)

@@ -2,6 +2,11 @@
 //! to Q8_0: per block `d_w × d_x × Σ w·x`, as ggml's `vec_dot_q8_0_q8_0`. The test
 //! model's embedding, and so its tied LM head, is Q8_0: the largest matrix a client
 //! multiplies.
+//!
+//! The arithmetic every path performs, per row and token: block `b` adds to one of two
+//! groups of eight f32 lanes (`b % 2`); lane `l` of a block is the exact integer sum of
+//! its products `4l..4l + 4`, added as `acc = fma(d_w × d_x, lane, acc)`;
+//! [`super::driver::finish`] adds the groups in a fixed order.
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
@@ -22,11 +27,13 @@ pub struct BlockQ8_0 {
 impl WeightBlock for BlockQ8_0 {
     const DTYPE: GgmlDType = GgmlDType::Q8_0;
     const BYTES: usize = 34;
-    const VALUES: usize = 32;
+    const ROWS: usize = 1;
+    const PAIRS: bool = true;
     const SUMS: bool = false;
 
     /// ggml's block_q8_0: f16 d, 32 signed bytes; kept as they are.
-    fn parse_row(bytes: &[u8], out: &mut Vec<Self>) {
+    fn parse_rows(rows: &[&[u8]], out: &mut Vec<Self>) {
+        let bytes = rows.first().copied().unwrap_or_default();
         out.extend(bytes.chunks_exact(Self::BYTES).map(|b| {
             let mut qs = [0i8; 32];
             for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
@@ -39,12 +46,12 @@ impl WeightBlock for BlockQ8_0 {
         }));
     }
 
-    fn dequantize(&self, out: &mut Vec<f32>) {
+    fn dequantize(&self, _lane: usize, out: &mut Vec<f32>) {
         let d = f16::from_bits(self.d).to_f32();
         out.extend(self.qs.iter().map(|&q| q as f32 * d));
     }
 
-    fn dot_portable(row: &[BlockQ8_0], act: &Acts) -> f32 {
+    fn dot_portable(row: &[BlockQ8_0], _lane: usize, act: &Acts) -> f32 {
         let mut acc = [0f32; 16];
         for (b, (x, y)) in row.iter().zip(&act.blocks).enumerate() {
             let scale = f16::from_bits(x.d).to_f32() * y.d;
@@ -74,7 +81,6 @@ impl WeightBlock for BlockQ8_0 {
     unsafe fn tile_avx512<const R: usize, const T: usize>(
         rows: [&[BlockQ8_0]; R],
         acts: [&Acts; T],
-        _sums: &[[f32; 16]],
         out: &mut [f32],
         stride: usize,
     ) {
