@@ -37,7 +37,6 @@ pub fn matmul<B: WeightBlock>(
     if tokens == 0 {
         return Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu);
     }
-    let tiles: Vec<&[Acts]> = acts.chunks(TOKENS_PER_TILE).collect();
     let mut out = vec![0f32; rows * tokens];
     let target = TokenMajor {
         out: out.as_mut_ptr(),
@@ -50,7 +49,7 @@ pub fn matmul<B: WeightBlock>(
             let first = task * ROWS_PER_TASK;
             let count = (rows - first).min(ROWS_PER_TASK);
             // Tiles outermost: the task's rows (a few KiB) stay in cache across them.
-            for (t, tile) in tiles.iter().enumerate() {
+            for (t, tile) in acts.chunks(TOKENS_PER_TILE).enumerate() {
                 let mut block = [0f32; ROWS_PER_TASK * TOKENS_PER_TILE];
                 rows_into(m, first, count, tile, &mut block);
                 // SAFETY: rows `first..first + count` belong to this task alone.

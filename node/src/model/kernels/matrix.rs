@@ -83,16 +83,16 @@ impl<B: WeightBlock> Matrix<B> {
         if cols == 0 || cols % BLOCK != 0 {
             bail!("{:?} rows of {cols} values are not whole blocks", B::DTYPE);
         }
-        // Sized exactly up front: these blocks are most of a node's memory.
+        if let Some(part) = parts.iter().find(|p| p.dtype() != B::DTYPE) {
+            bail!("expected a {:?} tensor, got {:?}", B::DTYPE, part.dtype());
+        }
+        // Every row's bytes in order, then unit rows from them; sized exactly up front:
+        // these blocks are most of a node's memory.
         let total_rows: usize = parts
             .iter()
             .map(|p| p.shape().dims2().map_or(0, |(r, _)| r))
             .sum();
-        let mut blocks = Vec::with_capacity(total_rows.div_ceil(B::ROWS) * cols / BLOCK);
         let mut all_rows: Vec<&[u8]> = Vec::with_capacity(total_rows);
-        if let Some(part) = parts.iter().find(|p| p.dtype() != B::DTYPE) {
-            bail!("expected a {:?} tensor, got {:?}", B::DTYPE, part.dtype());
-        }
         let datas = parts.iter().map(|p| p.data()).collect::<Result<Vec<_>>>()?;
         for (part, bytes) in parts.iter().zip(&datas) {
             let (part_rows, part_cols) = part.shape().dims2()?;
@@ -110,6 +110,7 @@ impl<B: WeightBlock> Matrix<B> {
             }
             all_rows.extend(bytes.chunks_exact(cols / BLOCK * B::BYTES));
         }
+        let mut blocks = Vec::with_capacity(all_rows.len().div_ceil(B::ROWS) * cols / BLOCK);
         for unit_row in all_rows.chunks(B::ROWS) {
             B::parse_rows(unit_row, &mut blocks);
         }

@@ -4,9 +4,9 @@
 //!
 //! Both kernels follow ggml's arithmetic (activations quantized to 8 bits per block,
 //! integer block dot products, f32 accumulation with fused multiply-adds by the block
-//! scales), each in one fixed order its module describes ([`q4_1`], [`q8_0`]). Every output is
-//! the same sequence of float operations whatever the tile, thread count, batch or
-//! SIMD width it is computed with: results are bit-identical on every path (portable,
+//! scales), each in one fixed order its module describes ([`q4_1`], [`q8_0`]). Every
+//! output is the same sequence of float operations whatever the tile, thread count,
+//! batch or SIMD width it is computed with: results are bit-identical on every path (portable,
 //! AVX2, AVX-512), and a token's result does not depend on which other tokens share
 //! its batch, which batched decode relies on. The path is chosen at run time.
 
