@@ -170,16 +170,19 @@ fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
         _ => candle_core::bail!("gate and up expected side by side, got {dims:?}"),
     };
     let values = super::with_values(gate_up, |values| {
-        let mut out = Vec::with_capacity(values.len() / 2);
-        for row in values.chunks_exact(2 * ff) {
+        let row = |row: &&[f32]| -> Vec<f32> {
             let (gate, up) = row.split_at(ff);
-            out.extend(
-                gate.iter()
-                    .zip(up)
-                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
-            );
+            gate.iter()
+                .zip(up)
+                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                .collect()
+        };
+        let rows: Vec<&[f32]> = values.chunks_exact(2 * ff).collect();
+        // Each token's row on its own; several tokens across the compute threads.
+        match rows.len() {
+            0 | 1 => rows.iter().flat_map(row).collect(),
+            _ => super::parallel_map(&rows, row).concat(),
         }
-        out
     })?;
     Tensor::from_vec(values, dims, &candle_core::Device::Cpu)
 }

@@ -158,10 +158,15 @@ impl Shard {
         &self,
         jobs: &mut [(&Tensor, &mut ShardCache)],
     ) -> Result<Vec<Tensor>, ForwardError> {
-        // Runs on a thread of candle's compute pool, so that the parallel operations
-        // inside (norms, softmax) split their work there instead of waking pool
-        // threads from outside for every operation.
-        candle_core::utils::with_threadpool(|| self.forward_in_pool(jobs))
+        // Runs on a thread of a compute pool, so that the parallel operations inside
+        // (norms) split their work there instead of waking pool threads from outside
+        // for every operation: on the caller's thread when it is one (a node's compute
+        // worker), else on one of candle's (a hand-off each way).
+        if rayon::current_thread_index().is_some() {
+            self.forward_in_pool(jobs)
+        } else {
+            candle_core::utils::with_threadpool(|| self.forward_in_pool(jobs))
+        }
     }
 
     fn forward_in_pool(

@@ -1,5 +1,7 @@
 //! The compute worker: a dedicated thread that runs shard forwards, fed by a bounded
-//! queue, so candle's compute never runs on (or blocks) the async runtime.
+//! queue, so candle's compute never runs on (or blocks) the async runtime. The thread
+//! belongs to a compute pool of its own, so a forward starts on it directly instead of
+//! being handed to another pool's thread and back (two thread wake-ups per step).
 //!
 //! Continuous batching: whenever the worker takes a job it also takes every job that
 //! is already waiting (up to [`MAX_BATCH`]) and runs the steps of different sessions
@@ -43,6 +45,9 @@ pub struct WorkerStopped;
 #[derive(Clone)]
 pub struct ComputeQueue {
     jobs: mpsc::Sender<ComputeJob>,
+    /// The worker's pool, kept while the queue lives (the worker runs on one of its
+    /// threads and shares work with the others).
+    _pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 /// Whether to wait for more steps before computing: while fewer have arrived than the
@@ -106,48 +111,62 @@ fn run_batch(shard: &Shard, jobs: Vec<ComputeJob>) {
     }
 }
 
-impl ComputeQueue {
-    /// Starts the worker thread. `capacity` bounds queued jobs: with one step in flight
-    /// per session, the session limit is the natural size.
-    pub fn start(shard: Arc<Shard>, capacity: usize) -> Self {
-        let (jobs, mut receiver) = mpsc::channel::<ComputeJob>(capacity.max(1));
-        std::thread::Builder::new()
-            .name("allmende-compute".into())
-            .spawn(move || {
-                let mut waiting: Option<ComputeJob> = None;
-                let mut last_batch = 1;
-                while let Some(first) = waiting.take().or_else(|| receiver.blocking_recv()) {
-                    let started = Instant::now();
-                    let mut jobs = vec![first];
-                    let mut positions = positions_of(&jobs[0]);
-                    while jobs.len() < MAX_BATCH {
-                        let job = match receiver.try_recv() {
-                            Ok(job) => job,
-                            Err(TryRecvError::Empty)
-                                if keep_gathering(jobs.len(), last_batch, started.elapsed()) =>
-                            {
-                                std::thread::sleep(GATHER_POLL);
-                                continue;
-                            }
-                            Err(_) => break,
-                        };
-                        if positions + positions_of(&job) > MAX_BATCH_POSITIONS {
-                            waiting = Some(job);
-                            break;
-                        }
-                        positions += positions_of(&job);
-                        jobs.push(job);
-                    }
-                    last_batch = jobs.len();
-                    tracing::debug!(jobs = jobs.len(), positions, "compute batch");
-                    run_batch(&shard, jobs);
+/// The worker's loop: takes a job and every job already waiting, runs them, until
+/// every sender is gone.
+fn work(shard: &Shard, mut receiver: mpsc::Receiver<ComputeJob>) {
+    let mut waiting: Option<ComputeJob> = None;
+    let mut last_batch = 1;
+    while let Some(first) = waiting.take().or_else(|| receiver.blocking_recv()) {
+        let started = Instant::now();
+        let mut jobs = vec![first];
+        let mut positions = positions_of(&jobs[0]);
+        while jobs.len() < MAX_BATCH {
+            let job = match receiver.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Empty)
+                    if keep_gathering(jobs.len(), last_batch, started.elapsed()) =>
+                {
+                    std::thread::sleep(GATHER_POLL);
+                    continue;
                 }
-            })
-            .map_or_else(
-                |e| tracing::error!("cannot start the compute thread: {e}"),
-                |_| (),
-            );
-        Self { jobs }
+                Err(_) => break,
+            };
+            if positions + positions_of(&job) > MAX_BATCH_POSITIONS {
+                waiting = Some(job);
+                break;
+            }
+            positions += positions_of(&job);
+            jobs.push(job);
+        }
+        last_batch = jobs.len();
+        tracing::debug!(jobs = jobs.len(), positions, "compute batch");
+        run_batch(shard, jobs);
+    }
+}
+
+impl ComputeQueue {
+    /// Starts the worker on a pool of its own (as many threads as the compute
+    /// threads setting; the worker occupies one). `capacity` bounds queued jobs: with
+    /// one step in flight per session, the session limit is the natural size.
+    pub fn start(shard: Arc<Shard>, capacity: usize) -> Self {
+        let (jobs, receiver) = mpsc::channel::<ComputeJob>(capacity.max(1));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("allmende-compute-{i}"))
+            // As a plain thread would: the worker stops, its queue reports
+            // `WorkerStopped`, the process goes on.
+            .panic_handler(|_| tracing::error!("the compute worker stopped on a panic"))
+            .build();
+        let pool = match pool {
+            Ok(pool) => {
+                pool.spawn(move || work(&shard, receiver));
+                Some(Arc::new(pool))
+            }
+            Err(e) => {
+                tracing::error!("cannot start the compute threads: {e}");
+                None
+            }
+        };
+        Self { jobs, _pool: pool }
     }
 
     /// Runs `hidden` through the session's layers; returns the cache with the result.

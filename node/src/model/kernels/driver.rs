@@ -15,6 +15,8 @@ use super::Simd;
 const ROWS_PER_TASK: usize = 16;
 /// Tokens computed against one pass over a weight row.
 pub const TOKENS_PER_TILE: usize = 8;
+/// Tokens whose activations are quantized by the calling thread alone.
+const QUANTIZE_ALONE: usize = 16;
 /// AVX2 has sixteen vector registers: its tiles take at most this many tokens.
 const AVX2_TOKENS: usize = 4;
 
@@ -97,8 +99,9 @@ impl TokenMajor {
 fn quantize_tokens(values: &[f32], cols: usize, sums: bool, pairs: bool) -> Vec<Acts> {
     let tokens: Vec<&[f32]> = values.chunks_exact(cols).collect();
     let quantize = |x: &&[f32]| Acts::quantize(x, sums, pairs);
+    // A few tokens take less time than waking the other threads.
     match tokens.len() {
-        0..4 => tokens.iter().map(quantize).collect(),
+        0..QUANTIZE_ALONE => tokens.iter().map(quantize).collect(),
         _ => crate::model::parallel_map(&tokens, quantize),
     }
 }
