@@ -46,6 +46,10 @@ fn bench_writes_a_complete_report() {
     // Greedy through the swarm equals greedy in one process.
     assert_eq!(r["swarm"]["tokens_identical_to_local"], true);
     assert!(r["swarm"]["overhead_per_node_per_token_ms"].is_number());
+    // One paired ratio per run: local and swarm runs alternate.
+    let ratios = r["swarm"]["decode_ratios_per_run"].as_array().unwrap();
+    assert_eq!(ratios.len(), 1);
+    assert_eq!(ratios[0], r["swarm"]["decode_ratio_to_local"]);
     let memory = r["swarm"]["memory"].as_array().unwrap();
     assert_eq!(memory.len(), 2);
     assert_eq!(memory[0]["layers"], serde_json::json!([0, 15]));

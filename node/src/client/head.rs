@@ -69,7 +69,12 @@ impl ClientHead {
         let last = hidden.narrow(1, seq - 1, 1)?.contiguous()?;
         let normed = self.norm.forward(&last)?;
         let lm_head = self.output.as_ref().unwrap_or(&self.embedding);
-        let logits = candle_core::utils::with_threadpool(|| lm_head.forward(&normed))?;
+        let logits = match lm_head {
+            // candle's own products run best on a thread of its pool (a hand-off there
+            // and back); this project's kernels spread their work from any thread.
+            Linear::Candle(_) => candle_core::utils::with_threadpool(|| lm_head.forward(&normed))?,
+            Linear::Q4_1(_) | Linear::Q8_0(_) => lm_head.forward(&normed)?,
+        };
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 }

@@ -5,7 +5,9 @@
 //!    run as a child process with `generate --local`'s settings (this process runs as
 //!    a swarm process, whose compute threads give up their cores sooner).
 //! 2. Swarm: the same generation through `--nodes` `serve` processes on loopback, and
-//!    from the two the overhead each node on the route adds per token.
+//!    from the two the overhead each node on the route adds per token. Local and
+//!    swarm runs alternate, and ratios are the medians of each pair's ratio: the
+//!    machine's speed may drift more between minutes than the ratio itself.
 //! 3. Sessions: aggregate decode rate of 1, 4, 8 ... concurrent sessions against one
 //!    node hosting every layer (continuous batching), see [`load`].
 //! 4. Memory: every node's peak resident set against its layers' weights, its KV
@@ -32,10 +34,13 @@ use crate::model::{GgufFile, LlamaConfig, Shard};
 
 use nodes::{split_layers, ServeProcess};
 
+/// candle's setting for how long idle compute threads spin ([`super::share_cores`]).
+const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
 /// What a node may hold beyond its weights and KV caches.
 const ALLOWANCE_BYTES: u64 = 60 * 1024 * 1024;
 
-#[derive(Args, Debug)]
+#[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
     /// The GGUF model file [default: $ALLMENDE_MODEL, else the fetched SmolLM2 in the cache].
     #[arg(long)]
@@ -105,8 +110,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&runs)?);
         return Ok(());
     }
-    eprintln!("local: every layer in a child process");
-    let local_runs = local_runs_in_child(&model_path, &args)?;
+    // The local runs' child keeps candle's spin limit unless the user set one.
+    let user_spin_limit = std::env::var_os(SPIN_LIMIT_VAR).is_some();
     // This process is the swarm's client: its compute threads must not hold the
     // cores the nodes need.
     super::share_cores();
@@ -119,22 +124,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let target = super::swarm::model_target(&gguf, config.block_count)?;
     let all = LayerRange::new(0, layers);
     let max_len = prompt.len() + params.max_tokens;
-    let local = median(
-        &local_runs
-            .iter()
-            .map(|r| r.timings.clone())
-            .collect::<Vec<_>>(),
-    );
 
     let runtime = super::runtime()?;
     let threads = usize::from(args.threads);
     let ranges = split_layers(layers, args.nodes);
-    eprintln!("swarm: {} nodes ({ranges:?})", ranges.len());
-    let (swarm_runs, swarm_memory) = runtime.block_on(async {
+    eprintln!(
+        "local (every layer, in a child process) and swarm ({} nodes: {ranges:?}), alternating",
+        ranges.len()
+    );
+    let (pairs, swarm_memory) = runtime.block_on(async {
         let nodes = start_nodes(&model_path, &ranges, threads)?;
         let network = client_network(&nodes).await?;
-        let mut runs = Vec::new();
+        let mut pairs = Vec::new();
         for _ in 0..args.runs {
+            // Each local run next to a swarm run, so that their ratio is measured in
+            // the same minute: this machine's speed drifts more than the ratio.
+            let child = (model_path.clone(), args.clone());
+            let local = tokio::task::spawn_blocking(move || {
+                local_run_in_child(&child.0, &child.1, user_spin_limit)
+            })
+            .await??;
             let mut pipeline = connect(
                 &network,
                 &target,
@@ -153,17 +162,33 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .await?;
             pipeline.close().await;
             let g = g?;
-            runs.push((g.timings, g.token_ids));
+            pairs.push((local, (g.timings, g.token_ids)));
         }
         let kv = kv_bytes(&config, max_len, 1);
         let memory = memory_of(&gguf, &nodes, kv);
-        anyhow::Ok((runs, memory))
+        anyhow::Ok((pairs, memory))
     })?;
-    let identical = swarm_runs.iter().all(|r| r.1 == local_runs[0].token_ids);
-    let swarm = median(&swarm_runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+    let identical = pairs.iter().all(|(l, s)| s.1 == l.token_ids);
+    let local = median(
+        &pairs
+            .iter()
+            .map(|p| p.0.timings.clone())
+            .collect::<Vec<_>>(),
+    );
+    let swarm = median(&pairs.iter().map(|p| p.1 .0.clone()).collect::<Vec<_>>());
+    let paired = |f: fn(&Timings) -> f64| -> Vec<f64> {
+        pairs.iter().map(|(l, s)| f(&s.0) / f(&l.timings)).collect()
+    };
+    let decode_ratios = paired(|t| t.decode_tokens_per_s);
+    let prefill_ratios = paired(|t| t.prefill_tokens_per_s);
     // Each node on the route costs a request and a reply per token.
-    let per_node_overhead_ms =
-        (1e3 / swarm.decode_tokens_per_s - 1e3 / local.decode_tokens_per_s) / ranges.len() as f64;
+    let overheads: Vec<f64> = pairs
+        .iter()
+        .map(|(l, s)| {
+            let (s, l) = (s.0.decode_tokens_per_s, l.timings.decode_tokens_per_s);
+            (1e3 / s - 1e3 / l) / ranges.len() as f64
+        })
+        .collect();
 
     let session_prompt: Vec<u32> = prompt.iter().copied().take(32).collect();
     let steps = args.tokens as usize;
@@ -204,9 +229,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "swarm": {
             "nodes": ranges.len(),
             "single": swarm,
-            "decode_ratio_to_local": swarm.decode_tokens_per_s / local.decode_tokens_per_s,
-            "prefill_ratio_to_local": swarm.prefill_tokens_per_s / local.prefill_tokens_per_s,
-            "overhead_per_node_per_token_ms": per_node_overhead_ms,
+            "decode_ratio_to_local": middle(&decode_ratios),
+            "decode_ratios_per_run": decode_ratios,
+            "prefill_ratio_to_local": middle(&prefill_ratios),
+            "overhead_per_node_per_token_ms": middle(&overheads),
             "tokens_identical_to_local": identical,
             "memory": swarm_memory,
         },
@@ -272,13 +298,19 @@ fn local_runs(model_path: &std::path::Path, args: &BenchArgs) -> anyhow::Result<
         .collect()
 }
 
-/// [`local_runs`] in a child process of this binary, with default settings.
-fn local_runs_in_child(
+/// One of [`local_runs`] in a child process of this binary, with `generate --local`'s
+/// settings: candle's spin limit unless the user set one (`user_spin_limit`).
+fn local_run_in_child(
     model_path: &std::path::Path,
     args: &BenchArgs,
-) -> anyhow::Result<Vec<LocalRun>> {
+    user_spin_limit: bool,
+) -> anyhow::Result<LocalRun> {
     let exe = std::env::current_exe().context("locating this binary")?;
-    let out = std::process::Command::new(exe)
+    let mut child = std::process::Command::new(exe);
+    if !user_spin_limit {
+        child.env_remove(SPIN_LIMIT_VAR);
+    }
+    let out = child
         .arg("bench")
         .arg("--local-only")
         .arg("--model")
@@ -286,7 +318,7 @@ fn local_runs_in_child(
         .args(["--threads", &args.threads.to_string()])
         .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
         .args(["--tokens", &args.tokens.to_string()])
-        .args(["--runs", &args.runs.to_string()])
+        .args(["--runs", "1"])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running the local measurement")?;
@@ -297,10 +329,9 @@ fn local_runs_in_child(
     let last = text.lines().last().unwrap_or_default();
     let runs: Vec<LocalRun> =
         serde_json::from_str(last).context("reading the local measurement's report")?;
-    if runs.is_empty() {
-        anyhow::bail!("the local measurement reported no runs");
-    }
-    Ok(runs)
+    runs.into_iter()
+        .next()
+        .context("the local measurement reported no runs")
 }
 
 /// A prompt of exactly `n` tokens: ordinary text, repeated and cut.
@@ -371,13 +402,16 @@ fn memory_of(gguf: &GgufFile, nodes: &[ServeProcess], kv_all_layers: u64) -> Vec
         .collect()
 }
 
+/// The median of `values` (not empty).
+fn middle(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Medians, field by field, of several runs' timings.
 fn median(runs: &[Timings]) -> Single {
-    let mid = |f: fn(&Timings) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let mid = |f: fn(&Timings) -> f64| middle(&runs.iter().map(f).collect::<Vec<_>>());
     Single {
         time_to_first_token_ms: mid(|t| t.prefill_ms),
         prefill_tokens_per_s: mid(|t| t.prefill_tokens_per_s),
