@@ -180,7 +180,7 @@ fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
         let rows: Vec<&[f32]> = values.chunks_exact(2 * ff).collect();
         // Each token's row on its own; several tokens across the compute threads.
         match rows.len() {
-            0 | 1 => rows.iter().flat_map(row).collect(),
+            0 | 1 => rows.first().map(row).unwrap_or_default(),
             _ => super::parallel_map(&rows, row).concat(),
         }
     })?;

@@ -14,9 +14,7 @@ use allmende_protocol::{LayerRange, WireTensor};
 use libp2p::PeerId;
 use tokio::task::JoinHandle;
 
-use super::{
-    open_route, FailoverEvent, RemoteError, RemotePipeline, RouteContext, RouteSegment, Segment,
-};
+use super::{open_route, FailoverEvent, RemoteError, Route, RouteContext, RouteSegment, Segment};
 use crate::client::connect::candidates;
 use crate::network::discovery::discover;
 use crate::routing::{plan_route_over, BanList};
@@ -129,7 +127,7 @@ impl Migration {
     }
 }
 
-impl RemotePipeline {
+impl Route {
     /// Starts moving the first draining segment, if any and none is moving yet.
     pub(super) fn start_migration(&mut self) {
         if self.migration.is_some() {

@@ -140,6 +140,12 @@ fn display_peer<S: serde::Serializer>(peer: &PeerId, s: S) -> Result<S::Ok, S::E
 
 pub struct RemotePipeline {
     runtime: tokio::runtime::Handle,
+    /// Moves into each step's task and back; `None` only if a step's task was lost.
+    route: Option<Route>,
+}
+
+/// The session's live route and what it has been through.
+struct Route {
     context: RouteContext,
     segments: Vec<Segment>,
     bans: BanList<PeerId>,
@@ -153,26 +159,38 @@ impl RemotePipeline {
         let segments = open_route(&context, route).await?;
         Ok(Self {
             runtime: tokio::runtime::Handle::current(),
-            context,
-            segments,
-            bans: BanList::default(),
-            events: Vec::new(),
-            migration: None,
+            route: Some(Route {
+                context,
+                segments,
+                bans: BanList::default(),
+                events: Vec::new(),
+                migration: None,
+            }),
         })
     }
 
     pub fn route(&self) -> Vec<RouteSegment> {
-        self.segments
+        self.route
             .iter()
+            .flat_map(|r| &r.segments)
             .map(|s| s.session.segment.clone())
             .collect()
     }
 
     /// Servers this session moved away from.
     pub fn failovers(&self) -> &[FailoverEvent] {
-        &self.events
+        self.route.as_ref().map_or(&[], |r| &r.events)
     }
 
+    /// Closes every session so servers free their caches at once.
+    pub async fn close(self) {
+        if let Some(route) = self.route {
+            route.close().await;
+        }
+    }
+}
+
+impl Route {
     async fn forward_async(&mut self, hidden: &Tensor) -> Result<Tensor, RemoteError> {
         self.finish_migration().await;
         let dims: Vec<u32> = hidden.dims().iter().map(|&d| d as u32).collect();
@@ -246,8 +264,7 @@ impl RemotePipeline {
         Ok(())
     }
 
-    /// Closes every session so servers free their caches at once.
-    pub async fn close(mut self) {
+    async fn close(mut self) {
         if let Some(m) = self.migration.take() {
             m.abort();
         }
@@ -265,28 +282,18 @@ impl Pipeline for RemotePipeline {
     /// is woken once per step instead of twice per server (each a wake-up of a
     /// sleeping thread, tens of microseconds on an idle core).
     fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, PipelineError> {
-        if self.segments.is_empty() {
-            return Err(RemoteError::Lost("an earlier step did not come back".into()).into());
-        }
-        let runtime = self.runtime.clone();
-        // The route moves into the task and back; meanwhile `self` holds no segments.
-        let detached = Self {
-            runtime: runtime.clone(),
-            context: self.context.clone(),
-            segments: Vec::new(),
-            bans: BanList::default(),
-            events: Vec::new(),
-            migration: None,
-        };
-        let mut route = std::mem::replace(self, detached);
+        let mut route = self
+            .route
+            .take()
+            .ok_or_else(|| RemoteError::Lost("an earlier step did not come back".into()))?;
         let hidden = hidden.clone();
-        let step = runtime.spawn(async move {
+        let step = self.runtime.spawn(async move {
             let result = route.forward_async(&hidden).await;
             (route, result)
         });
-        match runtime.block_on(step) {
+        match self.runtime.block_on(step) {
             Ok((route, result)) => {
-                *self = route;
+                self.route = Some(route);
                 Ok(result?)
             }
             Err(e) => Err(RemoteError::Lost(e.to_string()).into()),

@@ -50,8 +50,8 @@ impl Acts {
                 }
             })
             .collect();
-        let pairs = match pairs {
-            true => blocks
+        let pairs = if pairs {
+            blocks
                 .chunks(2)
                 .map(|two| {
                     // An odd last block is paired with a zero block.
@@ -70,8 +70,9 @@ impl Acts {
                     pair.d[8..].fill(odd.d);
                     pair
                 })
-                .collect(),
-            false => Vec::new(),
+                .collect()
+        } else {
+            Vec::new()
         };
         Acts { blocks, pairs }
     }

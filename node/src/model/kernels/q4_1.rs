@@ -244,9 +244,12 @@ mod simd {
                 )
             };
             // Weights 4e..4e + 4 of every row (e < 8).
-            let w: [__m512i; 8] = std::array::from_fn(|e| match e < 4 {
-                true => _mm512_and_si512(raw[e], low),
-                false => _mm512_and_si512(_mm512_srli_epi16(raw[e - 4], 4), low),
+            let w: [__m512i; 8] = std::array::from_fn(|e| {
+                if e < 4 {
+                    _mm512_and_si512(raw[e], low)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16(raw[e - 4], 4), low)
+                }
             });
             for t in 0..T {
                 let y = &acts[t][b];
