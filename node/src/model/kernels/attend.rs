@@ -467,6 +467,9 @@ unsafe fn weighted_pass<const C: usize, const G: usize>(
     G
 }
 
+/// Scores of four positions at once (eight independent chains of fused multiply-adds,
+/// where one position alone waits on two), then a tail one by one.
+///
 /// # Safety
 /// AVX2 and FMA; as [`scores_avx512`].
 #[cfg(target_arch = "x86_64")]
@@ -474,7 +477,28 @@ unsafe fn weighted_pass<const C: usize, const G: usize>(
 unsafe fn scores_avx2(q: &[f32], keys: Rows, scale: f32, scores: &mut [f32]) {
     let chunks = q.len() / LANES;
     let base = keys.data.as_ptr().add(keys.start);
-    for (j, score) in scores.iter_mut().enumerate() {
+    let mut j = 0;
+    while j + 4 <= scores.len() {
+        let k: [*const f32; 4] = std::array::from_fn(|p| base.add((j + p) * keys.stride));
+        let (mut lo, mut hi) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+        for c in 0..chunks {
+            let qc = q.as_ptr().add(c * LANES);
+            let (ql, qh) = (_mm256_loadu_ps(qc), _mm256_loadu_ps(qc.add(8)));
+            for p in 0..4 {
+                let kc = k[p].add(c * LANES);
+                lo[p] = _mm256_fmadd_ps(ql, _mm256_loadu_ps(kc), lo[p]);
+                hi[p] = _mm256_fmadd_ps(qh, _mm256_loadu_ps(kc.add(8)), hi[p]);
+            }
+        }
+        let v = [0, 1, 2, 3].map(|p| _mm256_add_ps(lo[p], hi[p]));
+        let sums = sum_lanes_4x8(v);
+        _mm_storeu_ps(
+            scores.as_mut_ptr().add(j),
+            _mm_mul_ps(sums, _mm_set1_ps(scale)),
+        );
+        j += 4;
+    }
+    for (j, score) in scores.iter_mut().enumerate().skip(j) {
         let k = base.add(j * keys.stride);
         let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for c in 0..chunks {
@@ -488,16 +512,53 @@ unsafe fn scores_avx2(q: &[f32], keys: Rows, scale: f32, scores: &mut [f32]) {
     }
 }
 
+/// The eight lanes of each of four vectors summed as [`sum_lanes`] ends (after its
+/// halves): `v[i] + v[i + 4]`, then `(0 + 2) + (1 + 3)`; lane `p` of the result is
+/// `v[p]`'s sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum_lanes_4x8(v: [__m256; 4]) -> __m128 {
+    // Quarters: [v0's four | v1's four], [v2's | v3's].
+    let x = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+        _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+    );
+    let y = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+        _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+    );
+    // Per 128-bit half: [x0 + x2, x1 + x3, y0 + y2, y1 + y3].
+    let pairs = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b01_00_01_00>(x, y),
+        _mm256_shuffle_ps::<0b11_10_11_10>(x, y),
+    );
+    // Per half: [x, y, x, y]; the low half holds v0 and v2, the high one v1 and v3.
+    let sums = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(pairs, pairs),
+        _mm256_shuffle_ps::<0b11_01_11_01>(pairs, pairs),
+    );
+    _mm_unpacklo_ps(
+        _mm256_castps256_ps128(sums),
+        _mm256_extractf128_ps::<1>(sums),
+    )
+}
+
+/// Eight accumulators where the head size allows (eight independent chains keep both
+/// multiply-add units busy; four waited on their latency).
+///
 /// # Safety
 /// AVX2 and FMA; as [`weighted_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn weighted_avx2(weights: &[f32], values: Rows, out: &mut [f32]) {
     let chunks = out.len() / 8;
-    let group = if chunks.is_multiple_of(4) { 4 } else { 1 };
+    let group = [8, 4, 1]
+        .into_iter()
+        .find(|g| chunks.is_multiple_of(*g))
+        .unwrap_or(1);
     let base = values.data.as_ptr().add(values.start);
     for first in (0..chunks).step_by(group) {
-        let mut y = [_mm256_setzero_ps(); 4];
+        let mut y = [_mm256_setzero_ps(); 8];
         for (c, y) in y.iter_mut().enumerate().take(group) {
             *y = _mm256_loadu_ps(out.as_ptr().add((first + c) * 8));
         }
