@@ -8,8 +8,8 @@
 //! - a score is `dot(q, k) × scale`, the dot product in sixteen lane accumulators
 //!   (element `i` into lane `i % 16`, fused multiply-adds in element order) summed in
 //!   one fixed tree ([`sum_lanes`]);
-//! - a chunk's weights are `exp(score - max)` over the chunk, summed in position
-//!   order, and its output accumulates `weight × v` per element with fused
+//! - a chunk's weights are `exp(score - max)` over the chunk, with the exp and sum of
+//!   [`super::softmax`], and its output accumulates `weight × v` per element with fused
 //!   multiply-adds in position order;
 //! - the merge scales each chunk's sum and output by `exp(max_chunk - max)`, adds them
 //!   in chunk order and multiplies the output by `1 / sum`. With one chunk this is the
@@ -21,6 +21,7 @@
 // The SIMD paths are `unsafe` functions called after checking the CPU's features.
 #![allow(unsafe_code)]
 
+use super::softmax::softmax_rows;
 use super::Simd;
 
 /// Positions per task.
@@ -86,15 +87,9 @@ pub fn partial(q: &[f32], hd: usize, keys: Rows, values: Rows, scale: f32, simd:
             return partial;
         }
     }
-    for first in (0..positions).step_by(BLOCK) {
-        let n = BLOCK.min(positions - first);
-        for (r, q) in q.chunks_exact(hd).enumerate() {
-            let scores = &mut scores[r * positions + first..][..n];
-            // SAFETY: as checked above; the path's features at detection.
-            unsafe { scores_into(simd, q, keys.skip(first), scale, scores) };
-        }
-    }
-    let (max, sum) = softmax_rows(&mut scores, positions);
+    // SAFETY: as checked above.
+    unsafe { all_scores(q, hd, keys, values, scale, simd, &mut scores) };
+    let (max, sum) = softmax_rows(&mut scores, positions, simd);
     let mut out = vec![0f32; heads * hd];
     for first in (0..positions).step_by(BLOCK) {
         let n = BLOCK.min(positions - first);
@@ -105,6 +100,36 @@ pub fn partial(q: &[f32], hd: usize, keys: Rows, values: Rows, scale: f32, simd:
         }
     }
     Partial { max, sum, out }
+}
+
+/// Every head's scores over every position (`scores`: `heads × positions`).
+///
+/// # Safety
+/// As checked in [`partial`]; `simd`'s features are present.
+unsafe fn all_scores(
+    q: &[f32],
+    hd: usize,
+    keys: Rows,
+    values: Rows,
+    scale: f32,
+    simd: Simd,
+    scores: &mut [f32],
+) {
+    let positions = scores.len() / (q.len() / hd);
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 {
+        // SAFETY: the caller's guarantees.
+        return unsafe { scores_heads_avx2(q, hd, keys, values, scale, positions, scores) };
+    }
+    let _ = values;
+    for first in (0..positions).step_by(BLOCK) {
+        let n = BLOCK.min(positions - first);
+        for (r, q) in q.chunks_exact(hd).enumerate() {
+            let scores = &mut scores[r * positions + first..][..n];
+            // SAFETY: the caller's guarantees.
+            unsafe { scores_into(simd, q, keys.skip(first), scale, scores) };
+        }
+    }
 }
 
 /// The chunks of one group of heads, in position order, merged into `out`
@@ -126,30 +151,6 @@ pub fn merge(parts: &[Partial], out: &mut [f32]) {
         let inv = 1.0 / sum;
         y.iter_mut().for_each(|y| *y *= inv);
     }
-}
-
-/// Each head's row of `positions` scores → weights ([`softmax_weights`]): the heads'
-/// maxima and sums.
-fn softmax_rows(scores: &mut [f32], positions: usize) -> (Vec<f32>, Vec<f32>) {
-    let heads = scores.len() / positions;
-    let (mut max, mut sum) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
-    for scores in scores.chunks_exact_mut(positions) {
-        let (m, s) = softmax_weights(scores);
-        max.push(m);
-        sum.push(s);
-    }
-    (max, sum)
-}
-
-/// Scores → `exp(score - max)` in place; returns the max and the weights' sum.
-fn softmax_weights(scores: &mut [f32]) -> (f32, f32) {
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0f32;
-    for score in scores.iter_mut() {
-        *score = (*score - max).exp();
-        sum += *score;
-    }
-    (max, sum)
 }
 
 /// `scores[j] = dot(q, keys row j) × scale`.
@@ -298,7 +299,7 @@ unsafe fn group_avx512(
         128 => unsafe { scores_heads_avx512::<8>(q, keys, values, scale, positions, scores) },
         _ => return None,
     }
-    let (max, sum) = softmax_rows(scores, positions);
+    let (max, sum) = softmax_rows(scores, positions, Simd::Avx512);
     let mut out = vec![0f32; heads * hd];
     match hd {
         64 => unsafe { weighted_heads_avx512::<4>(scores, values, positions, &mut out) },
@@ -467,9 +468,89 @@ unsafe fn weighted_pass<const C: usize, const G: usize>(
     G
 }
 
-/// Scores of four positions at once (eight independent chains of fused multiply-adds,
-/// where one position alone waits on two), then a tail one by one.
+/// `scores[h × positions + j]` for every head, four positions at a time: each group
+/// of four key rows is fetched from memory once for all heads (prefetched
+/// [`PREFETCH_ROWS`] rows ahead), and the value rows the weighted sum will read are
+/// prefetched meanwhile.
 ///
+/// # Safety
+/// AVX2 and FMA; `hd` a multiple of 16; `keys` and `values` hold `positions` rows of
+/// `hd` values; `scores.len() == q.len() / hd × positions`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_heads_avx2(
+    q: &[f32],
+    hd: usize,
+    keys: Rows,
+    values: Rows,
+    scale: f32,
+    positions: usize,
+    scores: &mut [f32],
+) {
+    let lines = hd / LANES;
+    let kb = keys.data.as_ptr().add(keys.start);
+    let vb = values.data.as_ptr().add(values.start);
+    let full = positions / 4 * 4;
+    for j in (0..full).step_by(4) {
+        for p in 0..4 {
+            prefetch_lines(
+                kb.wrapping_add((j + p + PREFETCH_ROWS) * keys.stride),
+                lines,
+            );
+            prefetch_lines(vb.wrapping_add((j + p) * values.stride), lines);
+        }
+        for (h, qh) in q.chunks_exact(hd).enumerate() {
+            let four = scores4_avx2(qh, kb.add(j * keys.stride), keys.stride, scale);
+            _mm_storeu_ps(scores.as_mut_ptr().add(h * positions + j), four);
+        }
+    }
+    if full < positions {
+        for (h, qh) in q.chunks_exact(hd).enumerate() {
+            let tail = &mut scores[h * positions + full..(h + 1) * positions];
+            scores_avx2(qh, keys.skip(full), scale, tail);
+        }
+    }
+}
+
+/// Requests the `lines` cache lines (16 values each) of the row at `row`.
+///
+/// # Safety
+/// SSE (prefetches never fault, so `row` may point past the cache).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_lines(row: *const f32, lines: usize) {
+    for c in 0..lines {
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(c * LANES) as *const i8);
+    }
+}
+
+/// Scores of the four rows from `k` (`stride` apart) against `q`: eight independent
+/// chains of fused multiply-adds, where one position alone waits on two.
+///
+/// # Safety
+/// AVX2 and FMA; `q.len()` a multiple of 16; the four rows in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores4_avx2(q: &[f32], k: *const f32, stride: usize, scale: f32) -> __m128 {
+    let (mut lo, mut hi) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+    for c in 0..q.len() / LANES {
+        let qc = q.as_ptr().add(c * LANES);
+        let (ql, qh) = (_mm256_loadu_ps(qc), _mm256_loadu_ps(qc.add(8)));
+        for p in 0..4 {
+            let kc = k.add(p * stride + c * LANES);
+            lo[p] = _mm256_fmadd_ps(ql, _mm256_loadu_ps(kc), lo[p]);
+            hi[p] = _mm256_fmadd_ps(qh, _mm256_loadu_ps(kc.add(8)), hi[p]);
+        }
+    }
+    let v = [
+        _mm256_add_ps(lo[0], hi[0]),
+        _mm256_add_ps(lo[1], hi[1]),
+        _mm256_add_ps(lo[2], hi[2]),
+        _mm256_add_ps(lo[3], hi[3]),
+    ];
+    _mm_mul_ps(sum_lanes_4x8(v), _mm_set1_ps(scale))
+}
+
 /// # Safety
 /// AVX2 and FMA; as [`scores_avx512`].
 #[cfg(target_arch = "x86_64")]
@@ -477,28 +558,12 @@ unsafe fn weighted_pass<const C: usize, const G: usize>(
 unsafe fn scores_avx2(q: &[f32], keys: Rows, scale: f32, scores: &mut [f32]) {
     let chunks = q.len() / LANES;
     let base = keys.data.as_ptr().add(keys.start);
-    let mut j = 0;
-    while j + 4 <= scores.len() {
-        let k: [*const f32; 4] = std::array::from_fn(|p| base.add((j + p) * keys.stride));
-        let (mut lo, mut hi) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
-        for c in 0..chunks {
-            let qc = q.as_ptr().add(c * LANES);
-            let (ql, qh) = (_mm256_loadu_ps(qc), _mm256_loadu_ps(qc.add(8)));
-            for p in 0..4 {
-                let kc = k[p].add(c * LANES);
-                lo[p] = _mm256_fmadd_ps(ql, _mm256_loadu_ps(kc), lo[p]);
-                hi[p] = _mm256_fmadd_ps(qh, _mm256_loadu_ps(kc.add(8)), hi[p]);
-            }
-        }
-        let v = [0, 1, 2, 3].map(|p| _mm256_add_ps(lo[p], hi[p]));
-        let sums = sum_lanes_4x8(v);
-        _mm_storeu_ps(
-            scores.as_mut_ptr().add(j),
-            _mm_mul_ps(sums, _mm_set1_ps(scale)),
-        );
-        j += 4;
+    let full = scores.len() / 4 * 4;
+    for j in (0..full).step_by(4) {
+        let four = scores4_avx2(q, base.add(j * keys.stride), keys.stride, scale);
+        _mm_storeu_ps(scores.as_mut_ptr().add(j), four);
     }
-    for (j, score) in scores.iter_mut().enumerate().skip(j) {
+    for (j, score) in scores.iter_mut().enumerate().skip(full) {
         let k = base.add(j * keys.stride);
         let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for c in 0..chunks {

@@ -16,6 +16,7 @@ mod driver;
 mod matrix;
 pub mod q4_1;
 pub mod q8_0;
+mod softmax;
 
 pub use matrix::{Matrix, WeightBlock};
 
