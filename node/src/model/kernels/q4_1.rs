@@ -108,10 +108,15 @@ impl WeightBlock for GroupQ4_1 {
         stride: usize,
     ) {
         for (r, group) in rows.into_iter().enumerate() {
-            for half in 0..2 {
-                let out = &mut out[(r * GROUP + 8 * half) * stride..];
+            let out = &mut out[r * GROUP * stride..];
+            if T == 1 {
                 // SAFETY: the caller guarantees the CPU features.
-                unsafe { simd::half_avx2(group, half, acts, out, stride) }
+                unsafe { simd::group_avx2(group, acts[0], out, stride) }
+                continue;
+            }
+            for half in 0..2 {
+                // SAFETY: the caller guarantees the CPU features.
+                unsafe { simd::half_avx2(group, half, acts, &mut out[8 * half * stride..], stride) }
             }
         }
     }
@@ -217,6 +222,58 @@ mod simd {
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
             for (row, v) in lanes.into_iter().enumerate() {
                 out[row * stride + t] = v;
+            }
+        }
+    }
+
+    /// All sixteen rows of a group against one token (a decode step), both halves per
+    /// block: the token's quants are broadcast once for all rows, and one call covers
+    /// the group. The same operations per row as [`half_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn group_avx2(group: &[GroupQ4_1], act: &Acts, out: &mut [f32], stride: usize) {
+        let blocks = act.blocks.len();
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for (x, y) in group[..blocks].iter().zip(&act.blocks) {
+            prefetch(x);
+            let mut pairs = [_mm256_setzero_si256(); 2];
+            for k in 0..4 {
+                let (qa, qc) = (
+                    _mm256_set1_epi32(quad(y, k)),
+                    _mm256_set1_epi32(quad(y, k + 4)),
+                );
+                for (half, pairs) in pairs.iter_mut().enumerate() {
+                    // SAFETY: 32 of the 256 quant bytes; an unaligned load.
+                    let raw =
+                        unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(64 * k + 32 * half).cast()) };
+                    let lo = _mm256_and_si256(raw, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    let a = _mm256_maddubs_epi16(lo, qa);
+                    let c = _mm256_maddubs_epi16(hi, qc);
+                    *pairs = _mm256_add_epi16(*pairs, _mm256_add_epi16(a, c));
+                }
+            }
+            for (half, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: 8 of the 16 f16 values each; unaligned 16-byte loads.
+                let (d, m) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(x.d.as_ptr().add(8 * half).cast())),
+                        _mm256_cvtph_ps(_mm_loadu_si128(x.m.as_ptr().add(8 * half).cast())),
+                    )
+                };
+                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[half], ones));
+                *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), *acc);
+                let scaled = _mm256_mul_ps(sum, _mm256_set1_ps(y.d));
+                *acc = _mm256_fmadd_ps(scaled, d, *acc);
+            }
+        }
+        for (half, acc) in acc.iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` is 8 floats; an unaligned store of that size.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
+            for (row, v) in lanes.into_iter().enumerate() {
+                out[(8 * half + row) * stride] = v;
             }
         }
     }
