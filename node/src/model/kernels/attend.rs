@@ -312,14 +312,14 @@ unsafe fn group_avx512(
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_ROWS: usize = 8;
 
-/// Requests the `C` cache lines of a row of `C × 16` values.
+/// Requests the `lines` cache lines (16 values each) of the row at `row`.
 ///
 /// # Safety
 /// SSE (prefetches never fault, so `row` may point past the cache).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn prefetch_row<const C: usize>(row: *const f32) {
-    for c in 0..C {
+unsafe fn prefetch_lines(row: *const f32, lines: usize) {
+    for c in 0..lines {
         _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(c * LANES) as *const i8);
     }
 }
@@ -353,8 +353,8 @@ unsafe fn scores_heads_avx512<const C: usize>(
             for (c, v) in row.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(k.add(c * LANES));
             }
-            prefetch_row::<C>(kb.wrapping_add((j + p + PREFETCH_ROWS) * keys.stride));
-            prefetch_row::<C>(vb.wrapping_add((j + p) * values.stride));
+            prefetch_lines(kb.wrapping_add((j + p + PREFETCH_ROWS) * keys.stride), C);
+            prefetch_lines(vb.wrapping_add((j + p) * values.stride), C);
         }
         for h in 0..heads {
             let qh = q.as_ptr().add(h * hd);
@@ -448,7 +448,7 @@ unsafe fn weighted_pass<const C: usize, const G: usize>(
     let mut y = [[_mm512_setzero_ps(); C]; G];
     for j in 0..positions {
         let row = vb.add(j * values.stride);
-        prefetch_row::<C>(row.wrapping_add(PREFETCH_ROWS * values.stride));
+        prefetch_lines(row.wrapping_add(PREFETCH_ROWS * values.stride), C);
         let mut v = [_mm512_setzero_ps(); C];
         for (c, v) in v.iter_mut().enumerate() {
             *v = _mm512_loadu_ps(row.add(c * LANES));
@@ -509,18 +509,6 @@ unsafe fn scores_heads_avx2(
             let tail = &mut scores[h * positions + full..(h + 1) * positions];
             scores_avx2(qh, keys.skip(full), scale, tail);
         }
-    }
-}
-
-/// Requests the `lines` cache lines (16 values each) of the row at `row`.
-///
-/// # Safety
-/// SSE (prefetches never fault, so `row` may point past the cache).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn prefetch_lines(row: *const f32, lines: usize) {
-    for c in 0..lines {
-        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(c * LANES) as *const i8);
     }
 }
 

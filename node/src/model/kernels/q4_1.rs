@@ -167,6 +167,50 @@ mod simd {
         unsafe { four.as_ptr().cast::<i32>().read_unaligned() }
     }
 
+    /// Weights `4k..4k + 4` (low nibbles) and `16 + 4k..20 + 4k` (high ones) of rows
+    /// `8 × half..8 × half + 8` of a group's block, one row per 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn nibbles(x: &GroupQ4_1, k: usize, half: usize) -> (__m256i, __m256i) {
+        let low = _mm256_set1_epi8(0x0F);
+        // SAFETY: 32 of the 256 quant bytes; an unaligned load.
+        let raw = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(64 * k + 32 * half).cast()) };
+        (
+            _mm256_and_si256(raw, low),
+            _mm256_and_si256(_mm256_srli_epi16(raw, 4), low),
+        )
+    }
+
+    /// One block of eight rows added to their accumulator: `pairs` holds the block's
+    /// products against token `y` as i16 pairs, `half` selects the rows' scales.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn add_block(acc: __m256, pairs: __m256i, x: &GroupQ4_1, half: usize, y: &ActBlock) -> __m256 {
+        // SAFETY: 8 of the 16 f16 values each; unaligned 16-byte loads.
+        let (d, m) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(x.d.as_ptr().add(8 * half).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(x.m.as_ptr().add(8 * half).cast())),
+            )
+        };
+        let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+        let acc = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc);
+        let scaled = _mm256_mul_ps(sum, _mm256_set1_ps(y.d));
+        _mm256_fmadd_ps(scaled, d, acc)
+    }
+
+    /// Eight rows' results into `out[row * stride]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store_rows(acc: __m256, out: &mut [f32], stride: usize) {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 8 floats; an unaligned store of that size.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        for (row, v) in lanes.into_iter().enumerate() {
+            out[row * stride] = v;
+        }
+    }
+
     /// Rows `8 × half..8 × half + 8` of a group of rows against `T` tokens, one row
     /// per lane, into `out[row * stride + t]`.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -180,27 +224,14 @@ mod simd {
         let blocks = acts[0].blocks.len();
         let group = &group[..blocks];
         let acts: [&[ActBlock]; T] = acts.map(|a| &a.blocks[..blocks]);
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); T];
         for (b, x) in group.iter().enumerate() {
             prefetch(x);
-            // SAFETY: 8 of the 16 f16 values each; unaligned 16-byte loads.
-            let (d, m) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(x.d.as_ptr().add(8 * half).cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(x.m.as_ptr().add(8 * half).cast())),
-                )
-            };
             // Pairs of products in i16: each lane sums 16 products of at most
             // 15 × 127, so no pair saturates and no sum overflows.
             let mut pairs = [_mm256_setzero_si256(); T];
             for k in 0..4 {
-                // SAFETY: 32 of the 256 quant bytes; an unaligned load.
-                let raw =
-                    unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(64 * k + 32 * half).cast()) };
-                let lo = _mm256_and_si256(raw, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                let (lo, hi) = nibbles(x, k, half);
                 for t in 0..T {
                     let y = &acts[t][b];
                     let a = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(y, k)));
@@ -209,20 +240,11 @@ mod simd {
                 }
             }
             for t in 0..T {
-                let y = &acts[t][b];
-                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[t], ones));
-                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), acc[t]);
-                let scaled = _mm256_mul_ps(sum, _mm256_set1_ps(y.d));
-                acc[t] = _mm256_fmadd_ps(scaled, d, acc[t]);
+                acc[t] = add_block(acc[t], pairs[t], x, half, &acts[t][b]);
             }
         }
-        for (t, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` is 8 floats; an unaligned store of that size.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
-            for (row, v) in lanes.into_iter().enumerate() {
-                out[row * stride + t] = v;
-            }
+        for (t, acc) in acc.into_iter().enumerate() {
+            store_rows(acc, &mut out[t..], stride);
         }
     }
 
@@ -232,8 +254,6 @@ mod simd {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn group_avx2(group: &[GroupQ4_1], act: &Acts, out: &mut [f32], stride: usize) {
         let blocks = act.blocks.len();
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 2];
         for (x, y) in group[..blocks].iter().zip(&act.blocks) {
             prefetch(x);
@@ -244,37 +264,18 @@ mod simd {
                     _mm256_set1_epi32(quad(y, k + 4)),
                 );
                 for (half, pairs) in pairs.iter_mut().enumerate() {
-                    // SAFETY: 32 of the 256 quant bytes; an unaligned load.
-                    let raw =
-                        unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(64 * k + 32 * half).cast()) };
-                    let lo = _mm256_and_si256(raw, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    let (lo, hi) = nibbles(x, k, half);
                     let a = _mm256_maddubs_epi16(lo, qa);
                     let c = _mm256_maddubs_epi16(hi, qc);
                     *pairs = _mm256_add_epi16(*pairs, _mm256_add_epi16(a, c));
                 }
             }
             for (half, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: 8 of the 16 f16 values each; unaligned 16-byte loads.
-                let (d, m) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(x.d.as_ptr().add(8 * half).cast())),
-                        _mm256_cvtph_ps(_mm_loadu_si128(x.m.as_ptr().add(8 * half).cast())),
-                    )
-                };
-                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[half], ones));
-                *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(y.s), *acc);
-                let scaled = _mm256_mul_ps(sum, _mm256_set1_ps(y.d));
-                *acc = _mm256_fmadd_ps(scaled, d, *acc);
+                *acc = add_block(*acc, pairs[half], x, half, y);
             }
         }
-        for (half, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` is 8 floats; an unaligned store of that size.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
-            for (row, v) in lanes.into_iter().enumerate() {
-                out[(8 * half + row) * stride] = v;
-            }
+        for (half, acc) in acc.into_iter().enumerate() {
+            store_rows(acc, &mut out[8 * half * stride..], stride);
         }
     }
 
