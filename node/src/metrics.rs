@@ -14,6 +14,10 @@ pub struct Metrics {
     pub busy_refusals: Counter,
     /// Seconds a step spends on the compute worker.
     pub step_seconds: Histogram,
+    /// Outputs sent straight on to the next server of a route, and forwarded steps
+    /// from other servers that named no open session here or a wrong token.
+    pub steps_forwarded: Counter,
+    pub forwards_refused: Counter,
     /// Client side (gateway): API requests served, tokens generated, servers lost.
     pub requests: Counter,
     pub tokens_generated: Counter,
@@ -36,6 +40,8 @@ impl Metrics {
             busy_refusals: Counter::default(),
             // 0.5 ms .. ~16 s.
             step_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            steps_forwarded: Counter::default(),
+            forwards_refused: Counter::default(),
             requests: Counter::default(),
             tokens_generated: Counter::default(),
             failovers: Counter::default(),
@@ -65,6 +71,16 @@ impl Metrics {
             "step_seconds",
             "Compute time of one step on this node",
             m.step_seconds.clone(),
+        );
+        registry.register(
+            "steps_forwarded",
+            "Outputs sent straight on to the next server of a route",
+            m.steps_forwarded.clone(),
+        );
+        registry.register(
+            "forwards_refused",
+            "Forwarded steps that named no open session here or a wrong token",
+            m.forwards_refused.clone(),
         );
         registry.register(
             "api_requests",

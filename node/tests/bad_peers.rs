@@ -4,7 +4,7 @@
 
 mod support;
 
-use allmende_node::network::framing::{read_message, FrameIoError};
+use allmende_node::network::framing::{read_message, write_message, FrameIoError};
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
 };
@@ -43,6 +43,7 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
         session: 77,
         position: 0,
         hidden: hidden(1, 576, 0.1),
+        forward: vec![],
     };
     assert_eq!(
         error_kind(ask(&mut s, &step).await),
@@ -66,8 +67,9 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     assert_eq!(error_kind(reply), ErrorKind::WrongModel);
 
     // A real session, then bad steps on it, then a good one.
-    let ServerMessage::Opened { session, max_len } =
-        ask(&mut s, &open(model, LayerRange::new(0, 30), 100)).await
+    let ServerMessage::Opened {
+        session, max_len, ..
+    } = ask(&mut s, &open(model, LayerRange::new(0, 30), 100)).await
     else {
         panic!("session not opened");
     };
@@ -79,6 +81,7 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
         session,
         position,
         hidden,
+        forward: vec![],
     };
     assert_eq!(
         error_kind(ask(&mut s, &step(0, hidden(1, 100, 0.1))).await),
@@ -205,6 +208,7 @@ async fn a_tensor_of_ragged_bytes_is_a_bad_frame() {
         session: 999,
         position: 0,
         hidden: WireTensor::from_f32(&[1, 1, 1], &[1.0], WireDType::F32).unwrap(),
+        forward: vec![],
     })
     .unwrap();
     let (head, data) = step_bytes.split_at(step_bytes.len() - 5);
@@ -320,4 +324,83 @@ async fn flooding_and_oversized_frames_get_a_peer_cut_off_while_others_generate(
     // And a new well-behaved client is served.
     let newcomer = RawClient::connect(&node).await;
     assert!(still_served(&newcomer).await);
+}
+
+async fn send(stream: &mut Stream, message: ClientMessage<'_>) {
+    write_message(stream, &message).await.expect("message sent");
+}
+
+/// Steps forwarded into a session, as the previous server of a route sends them, reach
+/// it only with the token its client was given: the session's client gets the output,
+/// the same as for the step sent directly; a position that arrives twice is answered
+/// once; forged tokens reach nothing and get their sender cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_steps_need_the_sessions_token() {
+    let node = Node::start("0..30", None, &[]);
+    let client = RawClient::connect(&node).await;
+    let all = LayerRange::new(0, 30);
+    let opened = |reply| match reply {
+        ServerMessage::Opened { session, token, .. } => (session, token),
+        other => panic!("not opened: {other:?}"),
+    };
+    let step = |session, position, value| ClientMessage::Step {
+        session,
+        position,
+        forward: vec![],
+        hidden: hidden(1, 576, value),
+    };
+    let (mut direct, reply) = client.open(all, 16).await;
+    let (direct_id, _) = opened(reply);
+    let expected = match ask(&mut direct, &step(direct_id, 0, 0.1)).await {
+        ServerMessage::Hidden { hidden, .. } => hidden,
+        other => panic!("expected hidden states, got {other:?}"),
+    };
+
+    let (mut s, reply) = client.open(all, 16).await;
+    let (session, token) = opened(reply);
+    // Another peer plays the previous server of the route.
+    let upstream = RawClient::connect(&node).await;
+    let mut from_upstream = upstream.stream().await;
+    let forwarded = |position, token| ClientMessage::Forwarded {
+        session,
+        token,
+        position,
+        forward: vec![],
+        hidden: hidden(1, 576, 0.1),
+    };
+    send(&mut from_upstream, forwarded(0, token)).await;
+    match read_message::<ServerMessage, _>(&mut s).await.unwrap() {
+        ServerMessage::Hidden {
+            position: 0,
+            hidden,
+            forwarded: false,
+            ..
+        } => assert_eq!(hidden, expected),
+        other => panic!("expected the forwarded step's output, got {other:?}"),
+    }
+
+    // Position 0 again (it can come both ways after a failover), and a forged token:
+    // neither gets an answer, so the session's next reply is its client's own step's.
+    send(&mut from_upstream, forwarded(0, token)).await;
+    let mut forged = token;
+    forged[0] ^= 1;
+    send(&mut from_upstream, forwarded(1, forged)).await;
+    assert!(matches!(
+        ask(&mut s, &step(session, 1, 0.2)).await,
+        ServerMessage::Hidden { position: 1, .. }
+    ));
+
+    // The third forged token within a minute cuts the sender off; the session's
+    // client goes on.
+    send(&mut from_upstream, forwarded(2, forged)).await;
+    send(&mut from_upstream, forwarded(2, forged)).await;
+    let cut = read_message::<ServerMessage, _>(&mut from_upstream).await;
+    assert!(
+        matches!(cut, Err(FrameIoError::Closed) | Err(FrameIoError::Io(_))),
+        "{cut:?}"
+    );
+    assert!(matches!(
+        ask(&mut s, &step(session, 2, 0.3)).await,
+        ServerMessage::Hidden { position: 2, .. }
+    ));
 }

@@ -96,6 +96,10 @@ fn run_with_loss(graceful: bool) -> serde_json::Value {
     assert_eq!(failovers.len(), 1, "{failovers:?}");
     assert_eq!(failovers[0]["peer"], b.peer_id.as_str());
     assert_eq!(failovers[0]["replaced_by"][0]["peer"], c.peer_id.as_str());
+    // The first server forwarded its outputs to the second before the loss and to the
+    // replacement after it (the loss comes within the first ~60 of 300 steps).
+    let forwarded = report["hops"]["forwarded_by_servers"].as_u64().unwrap();
+    assert!(forwarded >= 250, "{}", report["hops"]);
     if graceful {
         let exit = b
             .wait_exit(Duration::from_secs(40))

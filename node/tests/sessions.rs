@@ -98,6 +98,7 @@ async fn sessions_leave_no_memory_behind() {
                     session,
                     position,
                     hidden: hidden(seq, 576, 0.05),
+                    forward: vec![],
                 };
                 assert!(matches!(
                     ask(&mut stream, &step).await,

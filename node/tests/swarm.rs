@@ -8,7 +8,11 @@ use support::swarm::{allmende, ids, json_of, Node};
 const PROMPT: &str = "Once upon a time, in a small village,";
 
 fn generate(bootstrap: &str, max_tokens: &str) -> serde_json::Value {
-    json_of(&allmende(&[
+    generate_with(bootstrap, max_tokens, &[])
+}
+
+fn generate_with(bootstrap: &str, max_tokens: &str, extra: &[&str]) -> serde_json::Value {
+    let args = [
         "generate",
         "--bootstrap",
         bootstrap,
@@ -23,7 +27,14 @@ fn generate(bootstrap: &str, max_tokens: &str) -> serde_json::Value {
         "--threads",
         "1",
         "--json",
-    ]))
+    ];
+    json_of(&allmende(&[&args[..], extra].concat()))
+}
+
+/// How many servers' inputs came from the previous server, and how many from the client.
+fn hops(report: &serde_json::Value) -> (u64, u64) {
+    let count = |key: &str| report["hops"][key].as_u64().expect("hop counts");
+    (count("forwarded_by_servers"), count("relayed_by_client"))
 }
 
 fn local(max_tokens: &str) -> Vec<u32> {
@@ -65,7 +76,8 @@ fn three_nodes_generate_exactly_what_one_process_does() {
     let b = Node::start("10..20", Some(&a.addr), &[]);
     let c = Node::start("20..30", Some(&a.addr), &[]);
     let report = generate(&a.addr, "32");
-    assert_eq!(ids(&report), local("32"));
+    let expected = local("32");
+    assert_eq!(ids(&report), expected);
     assert_eq!(
         route(&report),
         vec![
@@ -74,6 +86,15 @@ fn three_nodes_generate_exactly_what_one_process_does() {
             (c.peer_id.clone(), 20, 30)
         ]
     );
+    // Every output went from server to server (two hops per step on three servers).
+    let (forwarded, relayed) = hops(&report);
+    assert!(forwarded >= 2 * 32 && forwarded % 2 == 0, "{forwarded}");
+    assert_eq!(relayed, 0);
+
+    // The client relaying every output instead gives the same tokens.
+    let relayed_report = generate_with(&a.addr, "32", &["--no-forward"]);
+    assert_eq!(ids(&relayed_report), expected);
+    assert_eq!(hops(&relayed_report), (0, forwarded));
 }
 
 #[test]

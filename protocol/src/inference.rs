@@ -4,11 +4,26 @@
 //! ```text
 //! client                                   server
 //!   Open { model, range, max_len, dtype } →
-//!                                        ← Opened { session, max_len } | Busy | Error
-//!   Step { session, position, hidden }    →
-//!                                        ← Hidden { position, hidden, draining } | Error
+//!                                        ← Opened { session, max_len, token } | Busy | Error
+//!   Step { session, position, hidden, forward } →
+//!                                        ← Hidden { position, hidden, draining, forwarded } | Error
 //!   ... (more steps)
 //!   Close                                 →   (server frees the KV cache)
+//! ```
+//! Forwarding: a step may name the next servers of the route (`forward`: each one's
+//! session and the token it handed out when the session opened). The server then also
+//! sends its output straight to the first of them, as a `Forwarded` step on a stream
+//! of its own, carrying the rest of the list; that server computes it and answers the
+//! *client* on the client's stream, as if the client had sent the step itself. A token
+//! needs three hops of messages per token on a three-server route plus the last reply
+//! (four) instead of six, while the client still receives every server's output, which
+//! it keeps for failover. `Hidden::forwarded` says whether the output was handed on; if
+//! not, the client sends the next server the step itself.
+//! ```text
+//! client ──Step──▶ A ──Forwarded──▶ B ──Forwarded──▶ C
+//!    ◀──Hidden──── A                                 (A's output, for the client's history)
+//!    ◀──Hidden─────────────────────── B
+//!    ◀──Hidden──────────────────────────────────────── C
 //! ```
 //! `Replay { steps }` rebuilds a session's cache on a new server after a failover: the
 //! server runs the steps one by one, exactly as they were first sent, so the cache and
@@ -25,9 +40,44 @@ use serde::{Deserialize, Serialize};
 use crate::{LayerRange, ModelId, WireDType, WireTensor};
 
 /// Versioned protocol name; a change in the messages below bumps the version.
-pub const PROTOCOL_NAME: &str = "/allmende/inference/1";
+pub const PROTOCOL_NAME: &str = "/allmende/inference/2";
 /// Version number carried in announcements, matching [`PROTOCOL_NAME`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Bytes of a session's forwarding token.
+pub const TOKEN_BYTES: usize = 16;
+/// The secret a server hands out with a session: whoever holds it may forward steps
+/// into the session. The client gives it only to the servers of its own route.
+pub type SessionToken = [u8; TOKEN_BYTES];
+/// Most servers a step may name to forward through.
+pub const MAX_FORWARD_HOPS: usize = 64;
+/// Longest peer id accepted in a [`NextHop`] (a libp2p peer id is at most 42 bytes).
+pub const MAX_PEER_ID_BYTES: usize = 64;
+
+/// A server further down a route, and the session there to forward a step into.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextHop {
+    /// The server's libp2p peer id, as bytes.
+    pub peer: Vec<u8>,
+    pub session: u64,
+    pub token: SessionToken,
+}
+
+impl NextHop {
+    /// Checks a received list of hops against the limits before it is used.
+    pub fn check_list(hops: &[NextHop]) -> Result<(), String> {
+        if hops.len() > MAX_FORWARD_HOPS {
+            return Err(format!(
+                "{} hops to forward through; at most {MAX_FORWARD_HOPS}",
+                hops.len()
+            ));
+        }
+        if hops.iter().any(|h| h.peer.len() > MAX_PEER_ID_BYTES) {
+            return Err(format!("a peer id longer than {MAX_PEER_ID_BYTES} bytes"));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientMessage<'a> {
@@ -46,6 +96,19 @@ pub enum ClientMessage<'a> {
     Step {
         session: u64,
         position: u32,
+        /// The servers that come next on the route, if the output should go straight
+        /// to the first of them (see the module's documentation). Empty: reply only.
+        forward: Vec<NextHop>,
+        hidden: WireTensor<'a>,
+    },
+    /// A step forwarded by the previous server of the route into `session`, which the
+    /// sender proves it may do with the session's `token`. Not answered on this stream:
+    /// the receiving server answers the session's client.
+    Forwarded {
+        session: u64,
+        token: SessionToken,
+        position: u32,
+        forward: Vec<NextHop>,
         hidden: WireTensor<'a>,
     },
     /// Several steps at once, starting at `position`, run in order as if sent one by
@@ -65,13 +128,17 @@ pub enum ServerMessage<'a> {
     Opened {
         session: u64,
         max_len: u32,
+        /// Lets the previous server of the client's route forward steps here.
+        token: SessionToken,
     },
     /// Output hidden states of a step (of every step of a replay, concatenated along
     /// the sequence axis). `draining`: the server is leaving; move the session soon.
+    /// `forwarded`: the output went on to the next server the step named.
     Hidden {
         position: u32,
         hidden: WireTensor<'a>,
         draining: bool,
+        forwarded: bool,
     },
     /// The server cannot take the session now; try another replica.
     Busy {
@@ -200,6 +267,18 @@ mod tests {
                 session: 9,
                 position: 3,
                 hidden: hidden.clone(),
+                forward: vec![NextHop {
+                    peer: vec![0, 36, 8],
+                    session: 4,
+                    token: [5; TOKEN_BYTES],
+                }],
+            },
+            ClientMessage::Forwarded {
+                session: 4,
+                token: [5; TOKEN_BYTES],
+                position: 3,
+                hidden: hidden.clone(),
+                forward: vec![],
             },
             ClientMessage::Replay {
                 session: 9,
@@ -216,11 +295,13 @@ mod tests {
             ServerMessage::Opened {
                 session: 1,
                 max_len: 512,
+                token: [9; TOKEN_BYTES],
             },
             ServerMessage::Hidden {
                 position: 3,
                 hidden,
                 draining: true,
+                forwarded: true,
             },
             ServerMessage::Busy {
                 reason: "full".into(),
@@ -233,6 +314,18 @@ mod tests {
         for m in replies {
             assert_eq!(decode::<ServerMessage>(&encode(&m).unwrap()).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn hop_lists_are_bounded() {
+        let hop = |len| NextHop {
+            peer: vec![1; len],
+            session: 1,
+            token: [0; TOKEN_BYTES],
+        };
+        assert!(NextHop::check_list(&[hop(38), hop(MAX_PEER_ID_BYTES)]).is_ok());
+        assert!(NextHop::check_list(&[hop(MAX_PEER_ID_BYTES + 1)]).is_err());
+        assert!(NextHop::check_list(&vec![hop(1); MAX_FORWARD_HOPS + 1]).is_err());
     }
 
     #[test]

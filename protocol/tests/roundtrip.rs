@@ -3,6 +3,7 @@
 //! what a length prefix claims.
 
 use allmende_protocol::announcement::SignedAnnouncement;
+use allmende_protocol::inference::{NextHop, TOKEN_BYTES};
 use allmende_protocol::{
     decode, encode, ClientMessage, ErrorKind, LayerRange, ModelId, ServerInfo, ServerMessage,
     WireDType, WireTensor,
@@ -44,13 +45,30 @@ fn client_message() -> impl Strategy<Value = ClientMessage<'static>> {
                 dtype,
             }
         }),
-        (any::<u64>(), any::<u32>(), tensor()).prop_map(|(session, position, hidden)| {
-            ClientMessage::Step {
+        (any::<u64>(), any::<u32>(), tensor(), hops()).prop_map(
+            |(session, position, hidden, forward)| ClientMessage::Step {
                 session,
                 position,
                 hidden,
+                forward,
             }
-        }),
+        ),
+        (
+            any::<u64>(),
+            any::<[u8; TOKEN_BYTES]>(),
+            any::<u32>(),
+            tensor(),
+            hops()
+        )
+            .prop_map(|(session, token, position, hidden, forward)| {
+                ClientMessage::Forwarded {
+                    session,
+                    token,
+                    position,
+                    hidden,
+                    forward,
+                }
+            }),
         (
             any::<u64>(),
             any::<u32>(),
@@ -91,18 +109,40 @@ fn info() -> impl Strategy<Value = ServerInfo> {
         )
 }
 
+fn hops() -> impl Strategy<Value = Vec<NextHop>> {
+    proptest::collection::vec(
+        (
+            proptest::collection::vec(any::<u8>(), 0..40),
+            any::<u64>(),
+            any::<[u8; TOKEN_BYTES]>(),
+        )
+            .prop_map(|(peer, session, token)| NextHop {
+                peer,
+                session,
+                token,
+            }),
+        0..4,
+    )
+}
+
 fn server_message() -> impl Strategy<Value = ServerMessage<'static>> {
     prop_oneof![
         info().prop_map(ServerMessage::Info),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(session, max_len)| ServerMessage::Opened { session, max_len }),
-        (any::<u32>(), tensor(), any::<bool>()).prop_map(|(position, hidden, draining)| {
-            ServerMessage::Hidden {
+        (any::<u64>(), any::<u32>(), any::<[u8; TOKEN_BYTES]>()).prop_map(
+            |(session, max_len, token)| ServerMessage::Opened {
+                session,
+                max_len,
+                token
+            }
+        ),
+        (any::<u32>(), tensor(), any::<bool>(), any::<bool>()).prop_map(
+            |(position, hidden, draining, forwarded)| ServerMessage::Hidden {
                 position,
                 hidden,
                 draining,
+                forwarded,
             }
-        }),
+        ),
         ".{0,40}".prop_map(|reason| ServerMessage::Busy { reason }),
         ".{0,40}".prop_map(|message| ServerMessage::Error {
             kind: ErrorKind::BadTensor,

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::stop::StopMatcher;
 use super::{ApiError, Gateway};
 use crate::client::chat_template::ChatMessage;
-use crate::client::connect::connect;
+use crate::client::connect::{connect, RouteOptions};
 use crate::client::generate::session_length;
 use crate::client::{generate, FinishReason, GenerationParams, SamplingParams};
 
@@ -236,15 +236,10 @@ async fn run(
         ));
     };
     let max_len = session_length(&gateway.model, job.prompt_ids.len(), &job.params) as u32;
-    let mut pipeline = connect(
-        &gateway.network,
-        &gateway.target,
-        max_len,
-        WireDType::F32,
-        gateway.failover_patience,
-    )
-    .await
-    .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let options = RouteOptions::new(WireDType::F32, gateway.failover_patience);
+    let mut pipeline = connect(&gateway.network, &gateway.target, max_len, options)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let model = gateway.model.clone();
     let (prompt_ids, params, stops) = (
         job.prompt_ids.clone(),

@@ -12,11 +12,11 @@ use serde_json::json;
 
 use super::swarm::{join_as_client, model_file, model_target, SwarmArgs};
 use crate::client::chat_template::ChatMessage;
-use crate::client::connect::connect;
+use crate::client::connect::{connect, RouteOptions};
 use crate::client::generate::{check_prompt, session_length};
 use crate::client::{
-    generate, ClientModel, Generation, GenerationParams, LocalPipeline, Pipeline, RouteSegment,
-    SamplingParams,
+    generate, ClientModel, Generation, GenerationParams, HopCounts, LocalPipeline, Pipeline,
+    RouteSegment, SamplingParams,
 };
 use crate::model::{GgufFile, Shard};
 
@@ -67,6 +67,12 @@ pub struct GenerateArgs {
     /// Element type of hidden states sent to servers.
     #[arg(long, value_enum, default_value_t = WireType::F32)]
     wire_dtype: WireType,
+    /// Relay every server's output to the next server through this client, instead
+    /// of letting servers forward it to each other (one network hop more per server
+    /// and token; for servers that cannot reach each other, which are also detected
+    /// and relayed around without this flag).
+    #[arg(long)]
+    no_forward: bool,
     #[command(flatten)]
     swarm: SwarmArgs,
 }
@@ -170,8 +176,11 @@ async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
     let network = join_as_client(&args.swarm).await?;
     let max_len = session_length(&model, prompt_ids.len(), &params) as u32;
     let patience = std::time::Duration::from_secs(args.failover_timeout);
-    let mut pipeline =
-        connect(&network, &target, max_len, args.wire_dtype.into(), patience).await?;
+    let options = RouteOptions {
+        forward: !args.no_forward,
+        ..RouteOptions::new(args.wire_dtype.into(), patience)
+    };
+    let mut pipeline = connect(&network, &target, max_len, options).await?;
     let (output, pipeline) = tokio::task::spawn_blocking(move || {
         let output = stream_generation(&model, &mut pipeline, &prompt_ids, &params);
         (output.map(|o| (o, prompt_ids, params)), pipeline)
@@ -179,11 +188,13 @@ async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
     .await?;
     let route = pipeline.route();
     let failovers = serde_json::to_value(pipeline.failovers())?;
+    let hops = pipeline.hops();
     pipeline.close().await;
     let (output, prompt_ids, params) = output?;
     let swarm = SwarmReport {
         route: &route,
         failovers,
+        hops,
     };
     report(args, &output, &prompt_ids, &params, Some(swarm))
 }
@@ -210,6 +221,7 @@ struct SwarmReport<'a> {
     /// The route at the end of the generation.
     route: &'a [RouteSegment],
     failovers: serde_json::Value,
+    hops: HopCounts,
 }
 
 fn report(
@@ -237,6 +249,7 @@ fn report(
             .map(|s| json!({"peer": s.peer.to_string(), "layers": [s.range.start, s.range.end]}))
             .collect();
         report["failovers"] = swarm.failovers;
+        report["hops"] = serde_json::to_value(swarm.hops)?;
     }
     println!("{report}");
     Ok(())

@@ -58,13 +58,34 @@ pub fn candidates(servers: &[DiscoveredServer]) -> Vec<Candidate<PeerId>> {
         .collect()
 }
 
+/// How a session's route carries its steps.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteOptions {
+    /// Element type of hidden states on the wire.
+    pub dtype: WireDType,
+    /// How long a failed server's layers may look for other servers.
+    pub failover_patience: Duration,
+    /// Servers forward each output straight to the next server (the default);
+    /// `false`: the client relays every output itself.
+    pub forward: bool,
+}
+
+impl RouteOptions {
+    pub fn new(dtype: WireDType, failover_patience: Duration) -> Self {
+        Self {
+            dtype,
+            failover_patience,
+            forward: true,
+        }
+    }
+}
+
 /// Opens a pipeline over the swarm for a session of `max_len` positions.
 pub async fn connect(
     network: &Network,
     target: &ModelTarget,
     max_len: u32,
-    dtype: WireDType,
-    failover_patience: Duration,
+    options: RouteOptions,
 ) -> Result<RemotePipeline, ConnectError> {
     let deadline = Instant::now() + DISCOVERY_PATIENCE;
     let mut excluded: HashSet<PeerId> = HashSet::new();
@@ -102,8 +123,9 @@ pub async fn connect(
             network: network.clone(),
             target: target.clone(),
             max_len,
-            dtype,
-            failover_patience,
+            dtype: options.dtype,
+            failover_patience: options.failover_patience,
+            forward: options.forward,
         };
         match RemotePipeline::open(context, &segments).await {
             Ok(pipeline) => return Ok(pipeline),

@@ -19,7 +19,7 @@ use crate::model::{GgufFile, LlamaConfig, ModelError};
 pub use generate::{generate, FinishReason, GenerateError, Generation, GenerationParams, Timings};
 pub use head::ClientHead;
 pub use pipeline::{LocalPipeline, Pipeline, PipelineError};
-pub use remote::{RemotePipeline, RouteSegment};
+pub use remote::{HopCounts, RemotePipeline, RouteSegment};
 pub use sampling::SamplingParams;
 pub use tokenizer::ModelTokenizer;
 

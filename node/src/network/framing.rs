@@ -44,6 +44,50 @@ where
     Ok(allmende_protocol::decode(&payload)?)
 }
 
+/// Reads messages from one stream, keeping its progress through a frame in itself
+/// rather than in the future: a read dropped half-way (by a `select!` whose other
+/// branch won) loses no bytes, and the next read goes on where it stopped. Each await
+/// is a single `read`, which consumes nothing unless it completes.
+#[derive(Default)]
+pub struct FrameReader {
+    prefix: [u8; PREFIX_BYTES],
+    filled: usize,
+    /// The payload being read, once the prefix has been checked, and its bytes so far.
+    payload: Option<(Vec<u8>, usize)>,
+}
+
+impl FrameReader {
+    pub async fn read_message<T, S>(&mut self, stream: &mut S) -> Result<T, FrameIoError>
+    where
+        T: DeserializeOwned,
+        S: AsyncRead + Unpin,
+    {
+        while self.filled < PREFIX_BYTES {
+            match stream.read(&mut self.prefix[self.filled..]).await? {
+                0 if self.filled == 0 => return Err(FrameIoError::Closed),
+                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                n => self.filled += n,
+            }
+        }
+        let (payload, got) = match &mut self.payload {
+            Some(partial) => partial,
+            None => {
+                let len = frame::payload_len(self.prefix)?;
+                self.payload.insert((vec![0u8; len], 0))
+            }
+        };
+        while *got < payload.len() {
+            match stream.read(&mut payload[*got..]).await? {
+                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                n => *got += n,
+            }
+        }
+        let (payload, _) = self.payload.take().unwrap_or_default();
+        self.filled = 0;
+        Ok(allmende_protocol::decode(&payload)?)
+    }
+}
+
 /// Writes one message and flushes it. The message is encoded straight into the frame,
 /// so a tensor's values are copied once on their way out.
 pub async fn write_message<T, S>(stream: &mut S, message: &T) -> Result<(), FrameIoError>
@@ -68,6 +112,68 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Hands out its bytes a few at a time, answering `Pending` between them.
+    struct Trickle {
+        bytes: Vec<u8>,
+        at: usize,
+        ready: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            self.ready = !self.ready;
+            if !self.ready {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(3).min(self.bytes.len() - self.at);
+            buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+            self.at += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_cancelled_read_loses_no_bytes() {
+        use futures::FutureExt;
+        let messages = [
+            ClientMessage::Close { session: 3 },
+            ClientMessage::Info,
+            ClientMessage::Close { session: u64::MAX },
+        ];
+        let mut bytes = Vec::new();
+        for m in &messages {
+            bytes.extend(allmende_protocol::encode_frame(m).unwrap());
+        }
+        let mut stream = Trickle {
+            bytes,
+            at: 0,
+            ready: false,
+        };
+        let mut reader = FrameReader::default();
+        let mut got = Vec::new();
+        // Poll each read once and drop it unless it finished: the way a `select!`
+        // drops the branch that lost.
+        for _ in 0..1000 {
+            if got.len() == messages.len() {
+                break;
+            }
+            if let Some(m) = reader
+                .read_message::<ClientMessage, _>(&mut stream)
+                .now_or_never()
+            {
+                got.push(m.unwrap());
+            }
+        }
+        assert_eq!(got, messages);
+    }
     use allmende_protocol::{ClientMessage, LayerRange};
     use futures::io::Cursor;
 
@@ -98,6 +204,11 @@ mod tests {
             assert!(matches!(err, FrameIoError::TooLarge(_)), "{err}");
 
             let mut cut = Cursor::new(vec![10, 0, 0, 0, 1, 2]);
+            let err = FrameReader::default()
+                .read_message::<ClientMessage, _>(&mut cut.clone())
+                .await
+                .unwrap_err();
+            assert!(matches!(err, FrameIoError::Io(_)), "{err}");
             let err = read_message::<ClientMessage, _>(&mut cut)
                 .await
                 .unwrap_err();

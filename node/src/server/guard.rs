@@ -42,6 +42,8 @@ pub enum Offence {
     Flooding,
     /// Opening sessions beyond its per-peer limit.
     TooManySessions,
+    /// Forwarding a step into a session without the session's token.
+    BadToken,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

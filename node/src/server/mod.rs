@@ -3,6 +3,7 @@
 
 mod announce;
 mod compute;
+mod forwarding;
 pub mod guard;
 mod memory;
 mod session;
@@ -59,6 +60,8 @@ pub struct ShardServer {
     /// memory or tasks; acquired before a stream is served.
     streams: Arc<Semaphore>,
     next_session: AtomicU64,
+    /// Where steps forwarded by other servers find their sessions.
+    inboxes: forwarding::Inboxes,
     /// Per-peer rate, session and ban bookkeeping; never held across an await.
     guard: std::sync::Mutex<guard::PeerGuard<libp2p::PeerId>>,
     draining: watch::Sender<bool>,
@@ -88,6 +91,7 @@ impl ShardServer {
             kv_budget: Arc::new(Semaphore::new(kv_kib)),
             streams: Arc::new(Semaphore::new(limits.max_sessions * 2 + 16)),
             next_session: AtomicU64::new(1),
+            inboxes: forwarding::Inboxes::default(),
             guard: std::sync::Mutex::new(guard::PeerGuard::new(limits.peers.clone())),
             draining: watch::channel(false).0,
             addrs,

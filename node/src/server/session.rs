@@ -1,4 +1,6 @@
-//! One inference stream: at most one session, driven by the client's messages.
+//! One inference stream: at most one session, driven by the client's messages and by
+//! the steps the previous server of the client's route forwards into it; or a stream
+//! from such a server, carrying forwarded steps to the sessions they name.
 //!
 //! Every failure a peer can cause ends in an `Error` reply or a closed stream, never a
 //! panic, and never touches other sessions: bad frames close this stream, bad steps are
@@ -8,18 +10,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use allmende_protocol::inference::{NextHop, SessionToken};
 use allmende_protocol::{
     encode_frame, ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType,
     WireTensor,
 };
 use candle_core::{Device, Tensor};
 use libp2p::{PeerId, Stream};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
+use super::forwarding::{ForwardedStep, Forwarder, Registration, Undelivered};
 use super::guard::{Offence, Verdict};
 use super::ShardServer;
 use crate::model::{candle_message, with_values, ForwardError, ShardCache};
-use crate::network::framing::{read_message, write_frame, write_message, FrameIoError};
+use crate::network::framing::{write_frame, write_message, FrameIoError, FrameReader};
 use crate::network::Network;
 
 struct OpenSession {
@@ -27,6 +31,9 @@ struct OpenSession {
     dtype: WireDType,
     /// `None` only if the compute worker died holding it.
     cache: Option<ShardCache>,
+    /// Steps forwarded into the session by the previous server of its route.
+    inbox: mpsc::Receiver<ForwardedStep>,
+    _registration: Registration,
     _slot: OwnedSemaphorePermit,
     _kv_reservation: OwnedSemaphorePermit,
     _peer_slot: PeerSlot,
@@ -67,6 +74,8 @@ enum Reply {
         output: Tensor,
         dtype: WireDType,
         draining: bool,
+        /// The output also went on to the next server of the route.
+        forwarded: bool,
     },
 }
 
@@ -82,6 +91,7 @@ impl Reply {
                 output,
                 dtype,
                 draining,
+                forwarded,
             } => {
                 let dims: Vec<u32> = output.dims().iter().map(|&d| d as u32).collect();
                 let frame = with_values(&output, |values| {
@@ -91,6 +101,7 @@ impl Reply {
                         position,
                         hidden,
                         draining,
+                        forwarded,
                     };
                     encode_frame(&message).map_err(|e| e.to_string())
                 });
@@ -102,6 +113,20 @@ impl Reply {
     }
 }
 
+/// What a stream's task acts on next.
+enum Input {
+    Client(Result<ClientMessage<'static>, FrameIoError>),
+    Forwarded(ForwardedStep),
+    Idle,
+}
+
+/// What to do after a message.
+enum Next {
+    Reply(Result<Reply, Refusal>),
+    Nothing,
+    Stop,
+}
+
 pub async fn serve_stream(
     server: Arc<ShardServer>,
     network: Network,
@@ -109,19 +134,33 @@ pub async fn serve_stream(
     mut stream: Stream,
 ) {
     let mut session: Option<OpenSession> = None;
+    let mut reader = FrameReader::default();
+    let mut forwarder = Forwarder::default();
     loop {
-        let read = tokio::time::timeout(server.limits.idle_timeout, read_message(&mut stream));
-        let message: ClientMessage = match read.await {
-            Err(_) => {
+        // Both the client's messages and steps forwarded by the previous server keep
+        // a session alive; the reader keeps a frame's progress when a step wins.
+        let input = tokio::select! {
+            read = reader.read_message(&mut stream) => Input::Client(read),
+            Some(step) = next_forwarded(&mut session) => Input::Forwarded(step),
+            _ = tokio::time::sleep(server.limits.idle_timeout) => Input::Idle,
+        };
+        let mut out = Outputs {
+            server: &server,
+            network: &network,
+            forwarder: &mut forwarder,
+        };
+        let next = match input {
+            Input::Idle => {
                 tracing::debug!(%peer, "session idle for {:?}; closing", server.limits.idle_timeout);
                 break;
             }
-            Ok(Err(FrameIoError::Closed)) => break,
-            Ok(Err(FrameIoError::Io(e))) => {
+            Input::Forwarded(step) => out.forwarded(&mut session, step).await,
+            Input::Client(Err(FrameIoError::Closed)) => break,
+            Input::Client(Err(FrameIoError::Io(e))) => {
                 tracing::debug!(%peer, "stream error: {e}");
                 break;
             }
-            Ok(Err(e)) => {
+            Input::Client(Err(e)) => {
                 // Oversized or undecodable frame: say why, then close the stream.
                 tracing::info!(%peer, "bad frame: {e}");
                 let reply = error(ErrorKind::BadRequest, e.to_string());
@@ -130,71 +169,12 @@ pub async fn serve_stream(
                 obey(verdict, &network, peer).await;
                 break;
             }
-            Ok(Ok(message)) => message,
+            Input::Client(Ok(message)) => out.message(&mut session, peer, message).await,
         };
-        let verdict = server.guard(|g| g.on_request(&peer, Instant::now()));
-        if verdict == Verdict::Refuse {
-            let reply = error(
-                ErrorKind::RateLimited,
-                "too many requests; slow down".into(),
-            );
-            if write_message(&mut stream, &reply).await.is_err() {
-                break;
-            }
-            continue;
-        }
-        if !obey(verdict, &network, peer).await {
-            break;
-        }
-        let reply = match message {
-            ClientMessage::Info => Ok(Reply::Message(ServerMessage::Info(server.info()))),
-            ClientMessage::Open {
-                model,
-                range,
-                max_len,
-                dtype,
-            } => {
-                let verdict = server.guard(|g| g.on_open(&peer, Instant::now()));
-                if !obey(verdict, &network, peer).await {
-                    break;
-                }
-                match verdict {
-                    Verdict::Allow => {
-                        let slot = PeerSlot {
-                            server: server.clone(),
-                            peer,
-                        };
-                        open(&server, &mut session, slot, model, range, max_len, dtype)
-                            .map(Reply::Message)
-                    }
-                    _ => Ok(Reply::Message(ServerMessage::Busy {
-                        reason: format!(
-                            "this peer already holds {} sessions here",
-                            server.limits.peers.sessions_per_peer
-                        ),
-                    })),
-                }
-            }
-            ClientMessage::Step {
-                session: id,
-                position,
-                hidden,
-            } => run(&server, &mut session, id, position, vec![hidden]).await,
-            ClientMessage::Replay {
-                session: id,
-                position,
-                steps,
-            } => run(&server, &mut session, id, position, steps).await,
-            ClientMessage::Close { session: id } => {
-                if session.as_ref().is_some_and(|s| s.id == id) {
-                    session = None;
-                    continue;
-                }
-                Err((
-                    ErrorKind::UnknownSession,
-                    format!("no session {id} on this stream"),
-                ))
-            }
+        let reply = match next {
+            Next::Reply(reply) => reply,
+            Next::Nothing => continue,
+            Next::Stop => break,
         };
         let frame = match reply.and_then(Reply::frame) {
             Ok(frame) => Ok(frame),
@@ -211,6 +191,202 @@ pub async fn serve_stream(
             tracing::debug!(%peer, "cannot reply: {e}");
             break;
         }
+    }
+}
+
+/// The next step forwarded into the stream's session; never resolves without one.
+async fn next_forwarded(session: &mut Option<OpenSession>) -> Option<ForwardedStep> {
+    match session {
+        Some(open) => open.inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where a stream's results go: the server's state, and the next server of a route.
+struct Outputs<'a> {
+    server: &'a Arc<ShardServer>,
+    network: &'a Network,
+    forwarder: &'a mut Forwarder,
+}
+
+impl Outputs<'_> {
+    /// Handles one message from the stream's peer.
+    async fn message(
+        &mut self,
+        session: &mut Option<OpenSession>,
+        peer: PeerId,
+        message: ClientMessage<'static>,
+    ) -> Next {
+        let (server, network) = (self.server, self.network);
+        // A forwarded step is counted when it is not delivered (see `deliver`).
+        let verdict = match message {
+            ClientMessage::Forwarded { .. } => Verdict::Allow,
+            _ => server.guard(|g| g.on_request(&peer, Instant::now())),
+        };
+        if verdict == Verdict::Refuse {
+            let reply = (
+                ErrorKind::RateLimited,
+                "too many requests; slow down".into(),
+            );
+            return Next::Reply(Err(reply));
+        }
+        if !obey(verdict, network, peer).await {
+            return Next::Stop;
+        }
+        let reply = match message {
+            ClientMessage::Info => Ok(Reply::Message(ServerMessage::Info(server.info()))),
+            ClientMessage::Open {
+                model,
+                range,
+                max_len,
+                dtype,
+            } => {
+                let verdict = server.guard(|g| g.on_open(&peer, Instant::now()));
+                if !obey(verdict, network, peer).await {
+                    return Next::Stop;
+                }
+                match verdict {
+                    Verdict::Allow => {
+                        let slot = PeerSlot {
+                            server: server.clone(),
+                            peer,
+                        };
+                        open(server, session, slot, model, range, max_len, dtype)
+                            .map(Reply::Message)
+                    }
+                    _ => Ok(Reply::Message(ServerMessage::Busy {
+                        reason: format!(
+                            "this peer already holds {} sessions here",
+                            server.limits.peers.sessions_per_peer
+                        ),
+                    })),
+                }
+            }
+            ClientMessage::Step {
+                session: id,
+                position,
+                hidden,
+                forward,
+            } => self.step(session, id, position, hidden, forward).await,
+            ClientMessage::Replay {
+                session: id,
+                position,
+                steps,
+            } => run(server, session, id, position, steps).await,
+            ClientMessage::Close { session: id } => {
+                if session.as_ref().is_some_and(|s| s.id == id) {
+                    *session = None;
+                    return Next::Nothing;
+                }
+                Err((
+                    ErrorKind::UnknownSession,
+                    format!("no session {id} on this stream"),
+                ))
+            }
+            ClientMessage::Forwarded {
+                session: id,
+                token,
+                position,
+                hidden,
+                forward,
+            } => {
+                let step = ForwardedStep {
+                    position,
+                    hidden,
+                    forward,
+                };
+                return self.deliver(peer, id, &token, step).await;
+            }
+        };
+        Next::Reply(reply)
+    }
+
+    /// Hands a step forwarded by `peer` to the session it names, on whichever stream
+    /// serves it. Nothing is answered on this stream: the session's client gets the
+    /// output. A delivered step is not counted against the sender's request rate (it
+    /// is the session's client's step, paced by that client); anything else is.
+    async fn deliver(
+        &mut self,
+        peer: PeerId,
+        id: u64,
+        token: &SessionToken,
+        step: ForwardedStep,
+    ) -> Next {
+        let (server, network) = (self.server, self.network);
+        let undelivered = match NextHop::check_list(&step.forward) {
+            Ok(()) => match server.inboxes.deliver(id, token, step) {
+                Ok(()) => return Next::Nothing,
+                Err(undelivered) => undelivered,
+            },
+            Err(e) => {
+                tracing::debug!(%peer, "a forwarded step with a bad list of hops: {e}");
+                Undelivered::BadToken
+            }
+        };
+        tracing::debug!(%peer, session = id, "forwarded step not delivered: {undelivered:?}");
+        server.metrics.forwards_refused.inc();
+        let verdict = match undelivered {
+            Undelivered::BadToken => {
+                server.guard(|g| g.offend(&peer, Offence::BadToken, Instant::now()))
+            }
+            _ => server.guard(|g| g.on_request(&peer, Instant::now())),
+        };
+        match obey(verdict, network, peer).await {
+            true => Next::Nothing,
+            false => Next::Stop,
+        }
+    }
+
+    /// A step forwarded into this stream's session: computed and answered to the
+    /// session's client as if it had sent the step itself. A position the session
+    /// already holds came both ways (from the client after a failover, and from the
+    /// previous server); the one that arrived first was answered, so this one is not.
+    async fn forwarded(&mut self, session: &mut Option<OpenSession>, step: ForwardedStep) -> Next {
+        let Some(open) = session.as_ref() else {
+            return Next::Nothing;
+        };
+        let held = open.cache.as_ref().map_or(0, |c| c.len());
+        if (step.position as usize) < held {
+            return Next::Nothing;
+        }
+        let id = open.id;
+        Next::Reply(
+            self.step(session, id, step.position, step.hidden, step.forward)
+                .await,
+        )
+    }
+
+    /// Runs one step and, if it names the next servers, forwards its output to the
+    /// first of them before the reply goes out.
+    async fn step(
+        &mut self,
+        session: &mut Option<OpenSession>,
+        id: u64,
+        position: u32,
+        hidden: WireTensor<'_>,
+        forward: Vec<NextHop>,
+    ) -> Result<Reply, Refusal> {
+        NextHop::check_list(&forward).map_err(|e| (ErrorKind::BadRequest, e))?;
+        let mut reply = run(self.server, session, id, position, vec![hidden]).await?;
+        if let (
+            Reply::Hidden {
+                output,
+                dtype,
+                forwarded,
+                ..
+            },
+            Some((next, rest)),
+        ) = (&mut reply, forward.split_first())
+        {
+            *forwarded = self
+                .forwarder
+                .forward(self.network, next, rest, position, output, *dtype)
+                .await;
+            if *forwarded {
+                self.server.metrics.steps_forwarded.inc();
+            }
+        }
+        Ok(reply)
     }
 }
 
@@ -277,10 +453,18 @@ fn open(
         .next_session
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let max_len = cache.max_len() as u32;
+    let (registration, inbox, token) = server.inboxes.register(id).map_err(|e| {
+        (
+            ErrorKind::Internal,
+            format!("cannot make a session token: {e}"),
+        )
+    })?;
     *session = Some(OpenSession {
         id,
         dtype,
         cache: Some(cache),
+        inbox,
+        _registration: registration,
         _slot: slot,
         _kv_reservation: kv_reservation,
         _peer_slot: peer_slot,
@@ -288,6 +472,7 @@ fn open(
     Ok(ServerMessage::Opened {
         session: id,
         max_len,
+        token,
     })
 }
 
@@ -353,6 +538,7 @@ async fn run(
         output,
         dtype: open.dtype,
         draining: server.is_draining(),
+        forwarded: false,
     })
 }
 

@@ -11,7 +11,7 @@ use allmende_protocol::WireDType;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::client::connect::{connect, ModelTarget};
+use crate::client::connect::{connect, ModelTarget, RouteOptions};
 use crate::client::{ClientModel, Pipeline};
 use crate::network::Network;
 
@@ -39,15 +39,10 @@ pub async fn run(
     let max_len = (prompt.len() + steps + 1) as u32;
     let mut pipelines = Vec::with_capacity(sessions);
     for _ in 0..sessions {
-        let pipeline = connect(
-            network,
-            target,
-            max_len,
-            WireDType::F32,
-            Duration::from_secs(20),
-        )
-        .await
-        .context("opening a benchmark session")?;
+        let options = RouteOptions::new(WireDType::F32, Duration::from_secs(20));
+        let pipeline = connect(network, target, max_len, options)
+            .await
+            .context("opening a benchmark session")?;
         pipelines.push(pipeline);
     }
     let start_line = Arc::new(Barrier::new(sessions));

@@ -5,7 +5,8 @@
 //!    run as a child process with `generate --local`'s settings (this process runs as
 //!    a swarm process, whose compute threads give up their cores sooner).
 //! 2. Swarm: the same generation through `--nodes` `serve` processes on loopback, and
-//!    from the two the overhead each node on the route adds per token. Local and
+//!    from the two the overhead each node on the route adds per token; then once more
+//!    with the client relaying every output instead of the servers forwarding them. Local and
 //!    swarm runs alternate, and ratios are the medians of each pair's ratio: the
 //!    machine's speed may drift more between minutes than the ratio itself.
 //! 3. Sessions: aggregate decode rate of 1, 4, 8 ... concurrent sessions against one
@@ -26,7 +27,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::client::connect::connect;
+use crate::client::connect::{connect, RouteOptions};
 use crate::client::Timings;
 use crate::client::{generate, ClientModel, GenerationParams, LocalPipeline, SamplingParams};
 use crate::model::shard::layer_bytes;
@@ -144,31 +145,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 local_run_in_child(&child.0, &child.1, user_spin_limit)
             })
             .await??;
-            let mut pipeline = connect(
-                &network,
-                &target,
-                max_len as u32,
-                WireDType::F32,
-                Duration::from_secs(20),
-            )
-            .await?;
-            let (model, prompt, params) = (model.clone(), prompt.clone(), params.clone());
-            let (g, pipeline) = tokio::task::spawn_blocking(move || {
-                let g = generate(&model, &mut pipeline, &prompt, &params, &mut |_| {
-                    std::ops::ControlFlow::Continue(())
-                });
-                (g, pipeline)
-            })
-            .await?;
-            pipeline.close().await;
-            let g = g?;
-            pairs.push((local, (g.timings, g.token_ids)));
+            let swarm = Swarm {
+                network: &network,
+                target: &target,
+                max_len: max_len as u32,
+                model: &model,
+                prompt: &prompt,
+                params: &params,
+            };
+            let forwarded = swarm.run(true).await?;
+            let relayed = swarm.run(false).await?;
+            pairs.push((local, forwarded, relayed));
         }
         let kv = kv_bytes(&config, max_len, 1);
         let memory = memory_of(&gguf, &nodes, kv);
         anyhow::Ok((pairs, memory))
     })?;
-    let identical = pairs.iter().all(|(l, s)| s.1 == l.token_ids);
+    let identical = pairs
+        .iter()
+        .all(|(l, f, r)| f.1 == l.token_ids && r.1 == l.token_ids);
     let local = median(
         &pairs
             .iter()
@@ -176,15 +171,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
     );
     let swarm = median(&pairs.iter().map(|p| p.1 .0.clone()).collect::<Vec<_>>());
+    let relayed = median(&pairs.iter().map(|p| p.2 .0.clone()).collect::<Vec<_>>());
     let paired = |f: fn(&Timings) -> f64| -> Vec<f64> {
-        pairs.iter().map(|(l, s)| f(&s.0) / f(&l.timings)).collect()
+        pairs
+            .iter()
+            .map(|(l, s, _)| f(&s.0) / f(&l.timings))
+            .collect()
     };
     let decode_ratios = paired(|t| t.decode_tokens_per_s);
     let prefill_ratios = paired(|t| t.prefill_tokens_per_s);
-    // Each node on the route costs a request and a reply per token.
+    let relayed_ratios: Vec<f64> = pairs
+        .iter()
+        .map(|(l, _, r)| r.0.decode_tokens_per_s / l.timings.decode_tokens_per_s)
+        .collect();
+    let forwarding_gains: Vec<f64> = pairs
+        .iter()
+        .map(|(_, f, r)| f.0.decode_tokens_per_s / r.0.decode_tokens_per_s)
+        .collect();
+    // What each node on the route adds to a token's time.
     let overheads: Vec<f64> = pairs
         .iter()
-        .map(|(l, s)| {
+        .map(|(l, s, _)| {
             let (s, l) = (s.0.decode_tokens_per_s, l.timings.decode_tokens_per_s);
             (1e3 / s - 1e3 / l) / ranges.len() as f64
         })
@@ -235,6 +242,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "overhead_per_node_per_token_ms": middle(&overheads),
             "tokens_identical_to_local": identical,
             "memory": swarm_memory,
+            "relayed_by_client": {
+                "single": relayed,
+                "decode_ratio_to_local": middle(&relayed_ratios),
+                "decode_ratios_per_run": relayed_ratios,
+                "forwarding_decode_gain": middle(&forwarding_gains),
+            },
         },
         "sessions": {
             "node_layers": [0, layers],
@@ -255,6 +268,39 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("{text}");
     eprintln!("report written to {}", args.output.display());
     Ok(())
+}
+
+/// One generation through the swarm's nodes.
+struct Swarm<'a> {
+    network: &'a crate::network::Network,
+    target: &'a crate::client::connect::ModelTarget,
+    max_len: u32,
+    model: &'a Arc<ClientModel>,
+    prompt: &'a [u32],
+    params: &'a GenerationParams,
+}
+
+impl Swarm<'_> {
+    /// `forward`: servers forward outputs to each other; otherwise the client relays.
+    async fn run(&self, forward: bool) -> anyhow::Result<(Timings, Vec<u32>)> {
+        let options = RouteOptions {
+            forward,
+            ..RouteOptions::new(WireDType::F32, Duration::from_secs(20))
+        };
+        let mut pipeline = connect(self.network, self.target, self.max_len, options).await?;
+        let model = self.model.clone();
+        let (prompt, params) = (self.prompt.to_vec(), self.params.clone());
+        let (g, pipeline) = tokio::task::spawn_blocking(move || {
+            let g = generate(&model, &mut pipeline, &prompt, &params, &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            });
+            (g, pipeline)
+        })
+        .await?;
+        pipeline.close().await;
+        let g = g?;
+        Ok((g.timings, g.token_ids))
+    }
 }
 
 /// Greedy generation of `--tokens` tokens, end-of-text ignored.

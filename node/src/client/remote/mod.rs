@@ -1,6 +1,10 @@
 //! A pipeline over remote servers: one inference session per route segment, each on
-//! its own long-lived stream. The client sends each segment the hidden states of the
-//! previous one, so servers only ever see hidden states, never tokens.
+//! its own long-lived stream. Each segment gets the hidden states of the previous one,
+//! so servers only ever see hidden states, never tokens.
+//!
+//! Servers forward each output to the next server themselves when they can (the
+//! protocol's forwarding), so a token crosses the network once per server plus once
+//! back instead of twice per server; every output still reaches the client.
 //!
 //! Every step a segment was sent is kept, so when its server fails the client can
 //! route around it and replay the history on the new servers, which rebuilds their
@@ -117,6 +121,18 @@ pub struct RouteContext {
     pub dtype: WireDType,
     /// How long a failed segment may look for replacement servers before giving up.
     pub failover_patience: Duration,
+    /// Servers forward each step's output straight to the next server of the route
+    /// (the client still receives every output); otherwise the client relays them.
+    pub forward: bool,
+}
+
+/// How the inputs of every server after the first reached it.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct HopCounts {
+    /// Sent on by the previous server.
+    pub forwarded_by_servers: u64,
+    /// Sent by the client: forwarding was off, failed, or the server was replaced.
+    pub relayed_by_client: u64,
 }
 
 /// A server the session moved away from, and what it cost.
@@ -151,6 +167,7 @@ struct Route {
     bans: BanList<PeerId>,
     events: Vec<FailoverEvent>,
     migration: Option<failover::Migration>,
+    hops: HopCounts,
 }
 
 impl RemotePipeline {
@@ -165,6 +182,7 @@ impl RemotePipeline {
                 bans: BanList::default(),
                 events: Vec::new(),
                 migration: None,
+                hops: HopCounts::default(),
             }),
         })
     }
@@ -180,6 +198,13 @@ impl RemotePipeline {
     /// Servers this session moved away from.
     pub fn failovers(&self) -> &[FailoverEvent] {
         self.route.as_ref().map_or(&[], |r| &r.events)
+    }
+
+    /// How the servers' inputs travelled.
+    pub fn hops(&self) -> HopCounts {
+        self.route
+            .as_ref()
+            .map_or_else(HopCounts::default, |r| r.hops)
     }
 
     /// Closes every session so servers free their caches at once.
@@ -203,28 +228,54 @@ impl Route {
             .map_err(|e| tensor_err(&e))?;
         let mut wire =
             WireTensor::from_vec(&dims, values, self.context.dtype).map_err(|e| tensor_err(&e))?;
+        let seq = dims.get(1).copied().unwrap_or(0);
+        // Whether segment `i` has its input: sent by this client, or forwarded to it
+        // by the previous server.
+        let mut has_input = false;
         let mut i = 0;
         while i < self.segments.len() {
-            match self.segments[i].session.step(wire.view()).await {
-                Ok(output) if output.shape == dims => {
+            if i > 0 {
+                match has_input {
+                    true => self.hops.forwarded_by_servers += 1,
+                    false => self.hops.relayed_by_client += 1,
+                }
+            }
+            if !has_input {
+                let forward = match self.context.forward {
+                    true => self.segments[i + 1..]
+                        .iter()
+                        .map(|s| s.session.hop())
+                        .collect(),
+                    false => Vec::new(),
+                };
+                let sent = self.segments[i].session.send_step(wire.view(), forward);
+                if let Err(e) = sent.await {
+                    self.fail_over(i, e).await?;
+                    continue;
+                }
+            }
+            match self.segments[i].session.output(seq).await {
+                Ok((output, forwarded)) if output.shape == dims => {
                     self.segments[i].history.push(wire);
                     wire = output;
+                    has_input = forwarded;
                     i += 1;
                 }
-                Ok(output) => {
+                Ok((output, _)) => {
                     let segment = &self.segments[i].session.segment;
                     let reason = format!("returned shape {:?} for input {dims:?}", output.shape);
-                    self.fail_over(
-                        i,
-                        RemoteError::Protocol {
-                            peer: segment.peer,
-                            range: segment.range,
-                            reason,
-                        },
-                    )
-                    .await?;
+                    let error = RemoteError::Protocol {
+                        peer: segment.peer,
+                        range: segment.range,
+                        reason,
+                    };
+                    self.fail_over(i, error).await?;
+                    has_input = false;
                 }
-                Err(e) => self.fail_over(i, e).await?,
+                Err(e) => {
+                    self.fail_over(i, e).await?;
+                    has_input = false;
+                }
             }
         }
         self.start_migration();

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use allmende_protocol::inference::{NextHop, SessionToken};
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
     MAX_MESSAGE_BYTES,
@@ -37,6 +38,8 @@ pub struct SegmentSession {
     pub segment: RouteSegment,
     stream: Stream,
     session: u64,
+    /// Lets the previous server of the route forward steps into the session.
+    token: SessionToken,
     position: u32,
     /// The server said it is shutting down: the session should move.
     pub draining: bool,
@@ -59,6 +62,7 @@ impl SegmentSession {
             segment,
             stream,
             session: 0,
+            token: SessionToken::default(),
             position: 0,
             draining: false,
         };
@@ -72,8 +76,10 @@ impl SegmentSession {
             ServerMessage::Opened {
                 session: id,
                 max_len: granted,
+                token,
             } if granted >= max_len => {
                 session.session = id;
+                session.token = token;
                 Ok(session)
             }
             ServerMessage::Opened {
@@ -115,35 +121,66 @@ impl SegmentSession {
         &mut self,
         message: &ClientMessage<'_>,
     ) -> Result<ServerMessage<'static>, RemoteError> {
-        let io = async {
-            write_message(&mut self.stream, message).await?;
-            read_message::<ServerMessage, _>(&mut self.stream).await
-        };
-        match tokio::time::timeout(STEP_TIMEOUT, io).await {
+        self.send(message).await?;
+        self.receive().await
+    }
+
+    async fn send(&mut self, message: &ClientMessage<'_>) -> Result<(), RemoteError> {
+        let write = write_message(&mut self.stream, message);
+        match tokio::time::timeout(STEP_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(connection(&self.segment, e)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    async fn receive(&mut self) -> Result<ServerMessage<'static>, RemoteError> {
+        let read = read_message::<ServerMessage, _>(&mut self.stream);
+        match tokio::time::timeout(STEP_TIMEOUT, read).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(FrameIoError::Closed)) => {
                 Err(connection(&self.segment, "the server closed the session"))
             }
             Ok(Err(e)) => Err(connection(&self.segment, e)),
-            Err(_) => Err(connection(
-                &self.segment,
-                format!("no reply within {STEP_TIMEOUT:?}"),
-            )),
+            Err(_) => Err(self.timed_out()),
         }
     }
 
-    /// Sends one step; returns the segment's output.
-    pub async fn step(
+    fn timed_out(&self) -> RemoteError {
+        connection(&self.segment, format!("no reply within {STEP_TIMEOUT:?}"))
+    }
+
+    /// Where the previous server of the route forwards steps for this session.
+    pub fn hop(&self) -> NextHop {
+        NextHop {
+            peer: self.segment.peer.to_bytes(),
+            session: self.session,
+            token: self.token,
+        }
+    }
+
+    /// Sends one step, naming the servers after this one (`forward`) if the output
+    /// should go on to them directly. Its output comes with [`Self::output`].
+    pub async fn send_step(
         &mut self,
         hidden: WireTensor<'_>,
-    ) -> Result<WireTensor<'static>, RemoteError> {
-        let seq = hidden.shape.get(1).copied().unwrap_or(0);
+        forward: Vec<NextHop>,
+    ) -> Result<(), RemoteError> {
         let message = ClientMessage::Step {
             session: self.session,
             position: self.position,
             hidden,
+            forward,
         };
-        let output = self.expect_hidden(&message).await?;
+        self.send(&message).await
+    }
+
+    /// The output of the step of `seq` positions the session is computing, sent by
+    /// this client or forwarded by the previous server; and whether the server
+    /// forwarded it on to the next.
+    pub async fn output(&mut self, seq: u32) -> Result<(WireTensor<'static>, bool), RemoteError> {
+        let reply = self.receive().await?;
+        let output = self.hidden(reply)?;
         self.position += seq;
         Ok(output)
     }
@@ -165,7 +202,8 @@ impl SegmentSession {
                 position: self.position,
                 steps: chunk.iter().map(WireTensor::view).collect(),
             };
-            let joined = self.expect_hidden(&message).await?;
+            let reply = self.exchange(&message).await?;
+            let (joined, _) = self.hidden(reply)?;
             outputs.extend(
                 split_steps(&joined, chunk).map_err(|e| self.refused(ErrorKind::BadTensor, e))?,
             );
@@ -174,18 +212,20 @@ impl SegmentSession {
         Ok(outputs)
     }
 
-    async fn expect_hidden(
+    /// The hidden states of a reply for the session's next position.
+    fn hidden(
         &mut self,
-        message: &ClientMessage<'_>,
-    ) -> Result<WireTensor<'static>, RemoteError> {
-        match self.exchange(message).await? {
+        reply: ServerMessage<'static>,
+    ) -> Result<(WireTensor<'static>, bool), RemoteError> {
+        match reply {
             ServerMessage::Hidden {
                 position,
                 hidden,
                 draining,
+                forwarded,
             } if position == self.position => {
                 self.draining |= draining;
-                Ok(hidden)
+                Ok((hidden, forwarded))
             }
             other => Err(self.unexpected(other)),
         }

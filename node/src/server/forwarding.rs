@@ -1,0 +1,253 @@
+//! Server-to-server forwarding: a step's output goes straight to the next server of
+//! the client's route instead of back through the client first (see the protocol's
+//! `inference` module).
+//!
+//! Receiving: every open session has an [`Inbox`] in the server's [`Inboxes`], under
+//! its id and the random token handed to its client; a `Forwarded` step that names
+//! both is delivered to the session's stream task, which computes it and answers the
+//! client. Sending: a session's [`Forwarder`] keeps one stream to the server it last
+//! forwarded to.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use allmende_protocol::inference::{NextHop, SessionToken, TOKEN_BYTES};
+use allmende_protocol::{encode_frame, ClientMessage, WireDType, WireTensor};
+use candle_core::Tensor;
+use libp2p::{PeerId, Stream};
+use rand::TryRngCore;
+use tokio::sync::mpsc;
+
+use crate::model::with_values;
+use crate::network::framing::write_frame;
+use crate::network::Network;
+
+/// Forwarded steps a session holds before more are refused: a client waits for each
+/// step's outputs before it sends the next, so one is the most a route delivers.
+const INBOX_CAPACITY: usize = 2;
+/// Longest wait to reach the next server and hand it a step; past it the client is
+/// told the step was not forwarded and sends it itself.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A step forwarded into a session by the previous server of its route.
+pub struct ForwardedStep {
+    pub position: u32,
+    pub hidden: WireTensor<'static>,
+    pub forward: Vec<NextHop>,
+}
+
+/// Why a forwarded step was not delivered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Undelivered {
+    /// No such session (it may just have closed).
+    UnknownSession,
+    /// The token does not match: the sender was never given it.
+    BadToken,
+    /// The session already holds as many forwarded steps as a route can send it.
+    Full,
+}
+
+struct Inbox {
+    token: SessionToken,
+    sender: mpsc::Sender<ForwardedStep>,
+}
+
+/// The inboxes of a server's open sessions.
+#[derive(Clone, Default)]
+pub struct Inboxes(Arc<Mutex<HashMap<u64, Inbox>>>);
+
+impl Inboxes {
+    /// Gives session `id` an inbox under a fresh random token. The inbox is removed
+    /// when the returned [`Registration`] is dropped.
+    pub fn register(
+        &self,
+        id: u64,
+    ) -> std::io::Result<(Registration, mpsc::Receiver<ForwardedStep>, SessionToken)> {
+        let mut token = [0u8; TOKEN_BYTES];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut token)
+            .map_err(std::io::Error::other)?;
+        let (sender, receiver) = mpsc::channel(INBOX_CAPACITY);
+        self.lock().insert(id, Inbox { token, sender });
+        let registration = Registration {
+            inboxes: self.clone(),
+            id,
+        };
+        Ok((registration, receiver, token))
+    }
+
+    /// Hands `step` to session `id` if `token` is the session's.
+    pub fn deliver(
+        &self,
+        id: u64,
+        token: &SessionToken,
+        step: ForwardedStep,
+    ) -> Result<(), Undelivered> {
+        let inboxes = self.lock();
+        let inbox = inboxes.get(&id).ok_or(Undelivered::UnknownSession)?;
+        if !same_token(&inbox.token, token) {
+            return Err(Undelivered::BadToken);
+        }
+        inbox.sender.try_send(step).map_err(|_| Undelivered::Full)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Inbox>> {
+        // The map stays consistent even if a holder panicked.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Compares tokens in time independent of where they differ.
+fn same_token(a: &SessionToken, b: &SessionToken) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A session's place in [`Inboxes`], removed on drop.
+pub struct Registration {
+    inboxes: Inboxes,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.inboxes.lock().remove(&self.id);
+    }
+}
+
+/// Sends a session's outputs on to the next server, over one stream kept open to it.
+#[derive(Default)]
+pub struct Forwarder {
+    stream: Option<(PeerId, Stream)>,
+}
+
+impl Forwarder {
+    /// Sends `output` (the step at `position`) to `next`, naming `rest` as the servers
+    /// after it. Returns whether it was handed over; a failure is logged, not returned,
+    /// since the client then sends the step itself.
+    pub async fn forward(
+        &mut self,
+        network: &Network,
+        next: &NextHop,
+        rest: &[NextHop],
+        position: u32,
+        output: &Tensor,
+        dtype: WireDType,
+    ) -> bool {
+        let Ok(peer) = PeerId::from_bytes(&next.peer) else {
+            tracing::debug!("a step named an invalid peer id to forward to");
+            return false;
+        };
+        let frame = match forwarded_frame(next, rest, position, output, dtype) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::warn!("cannot encode a forwarded step: {e}");
+                return false;
+            }
+        };
+        let sent = tokio::time::timeout(FORWARD_TIMEOUT, self.send(network, peer, &frame)).await;
+        match sent {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "cannot forward a step: {e}");
+                self.stream = None;
+                false
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "cannot forward a step within {FORWARD_TIMEOUT:?}");
+                self.stream = None;
+                false
+            }
+        }
+    }
+
+    /// Writes `frame` on the stream kept to `peer`; if that stream is gone (the next
+    /// server closed it when it idled, say), once more on a new one.
+    async fn send(&mut self, network: &Network, peer: PeerId, frame: &[u8]) -> Result<(), String> {
+        if let Some((to, stream)) = &mut self.stream {
+            if *to == peer && write_frame(stream, frame).await.is_ok() {
+                return Ok(());
+            }
+        }
+        self.stream = None;
+        let stream = network.open_stream(peer).await.map_err(|e| e.to_string())?;
+        let (_, stream) = self.stream.insert((peer, stream));
+        write_frame(stream, frame).await.map_err(|e| e.to_string())
+    }
+}
+
+/// The `Forwarded` message carrying `output`, encoded straight from the tensor's
+/// memory (the one copy of its values on this way out).
+fn forwarded_frame(
+    next: &NextHop,
+    rest: &[NextHop],
+    position: u32,
+    output: &Tensor,
+    dtype: WireDType,
+) -> Result<Vec<u8>, String> {
+    let dims: Vec<u32> = output.dims().iter().map(|&d| d as u32).collect();
+    let frame = with_values(output, |values| {
+        let hidden = WireTensor::new(&dims, values, dtype).map_err(|e| e.to_string())?;
+        let message = ClientMessage::Forwarded {
+            session: next.session,
+            token: next.token,
+            position,
+            hidden,
+            forward: rest.to_vec(),
+        };
+        encode_frame(&message).map_err(|e| e.to_string())
+    });
+    frame.map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(position: u32) -> ForwardedStep {
+        let hidden = WireTensor::from_f32(&[1, 1, 2], &[1.0, 2.0], WireDType::F32).unwrap();
+        ForwardedStep {
+            position,
+            hidden,
+            forward: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn delivers_only_with_the_sessions_token_and_forgets_closed_sessions() {
+        let inboxes = Inboxes::default();
+        let (registration, mut receiver, token) = inboxes.register(7).unwrap();
+        let (_other, _, other_token) = inboxes.register(8).unwrap();
+        assert_ne!(token, other_token, "tokens are random");
+
+        assert_eq!(inboxes.deliver(7, &token, step(0)), Ok(()));
+        assert_eq!(receiver.try_recv().unwrap().position, 0);
+        assert_eq!(
+            inboxes.deliver(7, &other_token, step(1)),
+            Err(Undelivered::BadToken)
+        );
+        assert_eq!(
+            inboxes.deliver(9, &token, step(1)),
+            Err(Undelivered::UnknownSession)
+        );
+        for position in 1..=INBOX_CAPACITY as u32 {
+            assert_eq!(inboxes.deliver(7, &token, step(position)), Ok(()));
+        }
+        assert_eq!(inboxes.deliver(7, &token, step(9)), Err(Undelivered::Full));
+
+        drop(registration);
+        assert_eq!(
+            inboxes.deliver(7, &token, step(3)),
+            Err(Undelivered::UnknownSession)
+        );
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        let a = [3u8; TOKEN_BYTES];
+        let mut b = a;
+        assert!(same_token(&a, &b));
+        b[TOKEN_BYTES - 1] ^= 1;
+        assert!(!same_token(&a, &b));
+    }
+}
