@@ -52,7 +52,7 @@ pub fn matmul<B: WeightBlock>(
             let count = (rows - first).min(ROWS_PER_TASK);
             // Tiles outermost: the task's rows (a few KiB) stay in cache across them.
             for (t, tile) in acts.chunks(TOKENS_PER_TILE).enumerate() {
-                let mut block = [0f32; ROWS_PER_TASK * TOKENS_PER_TILE];
+                let mut block = [0f32; TOKENS_PER_TILE * ROWS_PER_TASK];
                 rows_into(m, first, count, tile, &mut block);
                 // SAFETY: rows `first..first + count` belong to this task alone.
                 unsafe { target.put(first, t * TOKENS_PER_TILE, tile.len(), &block) };
@@ -73,8 +73,8 @@ struct TokenMajor {
 unsafe impl Sync for TokenMajor {}
 
 impl TokenMajor {
-    /// Stores a tile's results: rows `first..` of `block` (row-major,
-    /// [`TOKENS_PER_TILE`] values per row, `len` of them used) for tokens `token..`.
+    /// Stores a tile's results: `block` is token-major ([`ROWS_PER_TASK`] values per
+    /// token, `len` tokens used), rows `first..` for tokens `token..`.
     ///
     /// # Safety
     /// No other thread may access these rows while this runs.
@@ -86,10 +86,13 @@ impl TokenMajor {
             token + len,
             self.tokens
         );
-        for (i, row) in block.chunks_exact(TOKENS_PER_TILE).take(count).enumerate() {
-            for (j, &v) in row[..len].iter().enumerate() {
-                // SAFETY: in bounds (row < rows, token < tokens); this task's row only.
-                unsafe { *self.out.add((token + j) * self.rows + first + i) = v };
+        for (j, values) in block.chunks_exact(ROWS_PER_TASK).take(len).enumerate() {
+            let values = &values[..count];
+            // SAFETY: in bounds (first + count <= rows, token + j < tokens);
+            // this task's rows only; `values` is a separate buffer.
+            unsafe {
+                let dst = self.out.add((token + j) * self.rows + first);
+                std::ptr::copy_nonoverlapping(values.as_ptr(), dst, count);
             }
         }
     }
@@ -107,13 +110,13 @@ fn quantize_tokens(values: &[f32], cols: usize, sums: bool, pairs: bool) -> Vec<
 }
 
 /// Rows `first..first + count` (within one task) against one tile of tokens into
-/// `out[r * TOKENS_PER_TILE + t]`: pairs of unit rows, then a last single one.
+/// `out[t * ROWS_PER_TASK + r]`: pairs of unit rows, then a last single one.
 fn rows_into<B: WeightBlock>(
     m: &Matrix<B>,
     first: usize,
     count: usize,
     tile_acts: &[Acts],
-    out: &mut [f32; ROWS_PER_TASK * TOKENS_PER_TILE],
+    out: &mut [f32; TOKENS_PER_TILE * ROWS_PER_TASK],
 ) {
     const {
         assert!(
@@ -124,13 +127,13 @@ fn rows_into<B: WeightBlock>(
     let (units, first) = (count.div_ceil(B::ROWS), first / B::ROWS);
     let mut u = 0;
     while u < units {
-        let dst = &mut out[u * B::ROWS * TOKENS_PER_TILE..];
+        let dst = &mut out[u * B::ROWS..];
         if units - u >= 2 {
             let rows = [m.unit_row(first + u), m.unit_row(first + u + 1)];
-            tile(m, rows, tile_acts, dst, TOKENS_PER_TILE);
+            tile(m, rows, tile_acts, dst, ROWS_PER_TASK);
             u += 2;
         } else {
-            tile(m, [m.unit_row(first + u)], tile_acts, dst, TOKENS_PER_TILE);
+            tile(m, [m.unit_row(first + u)], tile_acts, dst, ROWS_PER_TASK);
             u += 1;
         }
     }
@@ -173,7 +176,7 @@ fn tile<B: WeightBlock, const R: usize>(
             Simd::Avx512 => return dispatch!(tile_avx512, acts, out),
             Simd::Avx2 => {
                 for (i, acts) in acts.chunks(AVX2_TOKENS).enumerate() {
-                    dispatch!(tile_avx2, acts, &mut out[i * AVX2_TOKENS..]);
+                    dispatch!(tile_avx2, acts, &mut out[i * AVX2_TOKENS * stride..]);
                 }
                 return;
             }
@@ -183,7 +186,7 @@ fn tile<B: WeightBlock, const R: usize>(
     for (u, row) in rows.iter().enumerate() {
         for lane in 0..B::ROWS {
             for (t, act) in acts.iter().enumerate() {
-                out[(u * B::ROWS + lane) * stride + t] = B::dot_portable(row, lane, act);
+                out[t * stride + u * B::ROWS + lane] = B::dot_portable(row, lane, act);
             }
         }
     }

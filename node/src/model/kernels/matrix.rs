@@ -35,7 +35,8 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     fn dequantize(&self, lane: usize, out: &mut Vec<f32>);
     /// One output: row `lane` of a unit row, in plain Rust.
     fn dot_portable(row: &[Self], lane: usize, act: &Acts) -> f32;
-    /// `R` unit rows (`R × ROWS` rows) against `T` tokens into `out[r * stride + t]`.
+    /// `R` unit rows (`R × ROWS` rows) against `T` tokens into `out[t * stride + r]`
+    /// (token-major, as the product's output).
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.

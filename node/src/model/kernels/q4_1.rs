@@ -108,15 +108,15 @@ impl WeightBlock for GroupQ4_1 {
         stride: usize,
     ) {
         for (r, group) in rows.into_iter().enumerate() {
-            let out = &mut out[r * GROUP * stride..];
+            let out = &mut out[r * GROUP..];
             if T == 1 {
                 // SAFETY: the caller guarantees the CPU features.
-                unsafe { simd::group_avx2(group, acts[0], out, stride) }
+                unsafe { simd::group_avx2(group, acts[0], out) }
                 continue;
             }
             for half in 0..2 {
                 // SAFETY: the caller guarantees the CPU features.
-                unsafe { simd::half_avx2(group, half, acts, &mut out[8 * half * stride..], stride) }
+                unsafe { simd::half_avx2(group, half, acts, &mut out[8 * half..], stride) }
             }
         }
     }
@@ -130,7 +130,7 @@ impl WeightBlock for GroupQ4_1 {
     ) {
         for (r, group) in rows.into_iter().enumerate() {
             // SAFETY: the caller guarantees the CPU features.
-            unsafe { simd::group_avx512(group, acts, &mut out[r * GROUP * stride..], stride) }
+            unsafe { simd::group_avx512(group, acts, &mut out[r * GROUP..], stride) }
         }
     }
 }
@@ -199,20 +199,17 @@ mod simd {
         _mm256_fmadd_ps(scaled, d, acc)
     }
 
-    /// Eight rows' results into `out[row * stride]`.
+    /// Eight rows' results of one token into `out[..8]`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn store_rows(acc: __m256, out: &mut [f32], stride: usize) {
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` is 8 floats; an unaligned store of that size.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-        for (row, v) in lanes.into_iter().enumerate() {
-            out[row * stride] = v;
-        }
+    fn store_rows(acc: __m256, out: &mut [f32]) {
+        let out = &mut out[..8];
+        // SAFETY: `out` holds 8 floats; an unaligned store of that size.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc) };
     }
 
     /// Rows `8 × half..8 × half + 8` of a group of rows against `T` tokens, one row
-    /// per lane, into `out[row * stride + t]`.
+    /// per lane, into `out[t * stride + row]`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn half_avx2<const T: usize>(
         group: &[GroupQ4_1],
@@ -244,7 +241,7 @@ mod simd {
             }
         }
         for (t, acc) in acc.into_iter().enumerate() {
-            store_rows(acc, &mut out[t..], stride);
+            store_rows(acc, &mut out[t * stride..]);
         }
     }
 
@@ -252,7 +249,7 @@ mod simd {
     /// block: the token's quants are broadcast once for all rows, and one call covers
     /// the group. The same operations per row as [`half_avx2`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn group_avx2(group: &[GroupQ4_1], act: &Acts, out: &mut [f32], stride: usize) {
+    pub fn group_avx2(group: &[GroupQ4_1], act: &Acts, out: &mut [f32]) {
         let blocks = act.blocks.len();
         let mut acc = [_mm256_setzero_ps(); 2];
         for (x, y) in group[..blocks].iter().zip(&act.blocks) {
@@ -275,12 +272,12 @@ mod simd {
             }
         }
         for (half, acc) in acc.into_iter().enumerate() {
-            store_rows(acc, &mut out[8 * half * stride..], stride);
+            store_rows(acc, &mut out[8 * half..]);
         }
     }
 
     /// A group of rows against `T` tokens, one row per lane, into
-    /// `out[row * stride + t]`.
+    /// `out[t * stride + row]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub fn group_avx512<const T: usize>(
         group: &[GroupQ4_1],
@@ -329,12 +326,9 @@ mod simd {
             }
         }
         for (t, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; GROUP];
-            // SAFETY: `lanes` is 16 floats; an unaligned store of that size.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
-            for (row, v) in lanes.into_iter().enumerate() {
-                out[row * stride + t] = v;
-            }
+            let out = &mut out[t * stride..][..GROUP];
+            // SAFETY: `out` holds 16 floats; an unaligned store of that size.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), *acc) };
         }
     }
 }

@@ -163,7 +163,7 @@ mod simd {
                     _mm256_storeu_ps(all.as_mut_ptr(), acc[0][r][t]);
                     _mm256_storeu_ps(all.as_mut_ptr().add(8), acc[1][r][t]);
                 }
-                out[r * stride + t] = finish(all, 0.0, 0.0);
+                out[t * stride + r] = finish(all, 0.0, 0.0);
             }
         }
     }
@@ -232,7 +232,7 @@ mod simd {
                         _mm256_storeu_ps(all.as_mut_ptr(), group);
                     }
                 }
-                out[r * stride + t] = finish(all, 0.0, 0.0);
+                out[t * stride + r] = finish(all, 0.0, 0.0);
             }
         }
     }
