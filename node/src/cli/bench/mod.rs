@@ -93,6 +93,9 @@ struct NodeMemory {
     layers: [u32; 2],
     peak_rss_bytes: u64,
     peak_rss_per_layer_bytes: u64,
+    /// Resident in transparent huge pages at the end of the run (0 where the system
+    /// has none or does not say).
+    huge_page_bytes: u64,
     weight_bytes: u64,
     kv_cache_bytes: u64,
     /// Weights + KV caches + 60 MB.
@@ -439,6 +442,7 @@ fn memory_of(gguf: &GgufFile, nodes: &[ServeProcess], kv_all_layers: u64) -> Vec
                 layers: [n.range.start, n.range.end],
                 peak_rss_bytes: peak,
                 peak_rss_per_layer_bytes: peak / hosted.max(1),
+                huge_page_bytes: n.huge_page_bytes().unwrap_or(0),
                 weight_bytes,
                 kv_cache_bytes,
                 budget_bytes: budget,

@@ -100,10 +100,21 @@ impl ServeProcess {
 
     /// The process's peak resident set (VmHWM) in bytes, where the system reports it.
     pub fn peak_rss(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
+        self.proc_kib("status", "VmHWM:").map(|kib| kib * 1024)
+    }
+
+    /// Its memory now in transparent huge pages (AnonHugePages) in bytes, where the
+    /// system reports it: the weights, when huge pages are available.
+    pub fn huge_page_bytes(&self) -> Option<u64> {
+        self.proc_kib("smaps_rollup", "AnonHugePages:")
+            .map(|kib| kib * 1024)
+    }
+
+    /// The kB figure of the line starting with `key` in `/proc/<pid>/<file>`.
+    fn proc_kib(&self, file: &str, key: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).ok()?;
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 }
 

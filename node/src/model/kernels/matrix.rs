@@ -11,6 +11,7 @@ use candle_core::{bail, Device, Result, Tensor};
 
 use super::activations::Acts;
 use super::driver::matmul;
+use super::pages::{Blocks, Placing};
 use super::{Simd, BLOCK};
 
 /// A unit of quantized weights (one 32-value block of each of `ROWS` rows), and the
@@ -63,8 +64,9 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
 pub struct Matrix<B> {
     rows: usize,
     cols: usize,
-    /// `rows.div_ceil(B::ROWS) × cols / 32` units, unit row by unit row.
-    blocks: Vec<B>,
+    /// `rows.div_ceil(B::ROWS) × cols / 32` units, unit row by unit row, in
+    /// huge-page-backed memory.
+    blocks: Blocks<B>,
     simd: Simd,
 }
 
@@ -111,15 +113,18 @@ impl<B: WeightBlock> Matrix<B> {
             }
             all_rows.extend(bytes.chunks_exact(cols / BLOCK * B::BYTES));
         }
-        let mut blocks = Vec::with_capacity(all_rows.len().div_ceil(B::ROWS) * cols / BLOCK);
+        let mut blocks = Placing::new(all_rows.len().div_ceil(B::ROWS) * cols / BLOCK);
+        let mut unit = Vec::with_capacity(cols / BLOCK);
         for unit_row in all_rows.chunks(B::ROWS) {
-            B::parse_rows(unit_row, &mut blocks);
+            unit.clear();
+            B::parse_rows(unit_row, &mut unit);
+            blocks.extend(&unit);
         }
         let rows = all_rows.len();
         Ok(Self {
             rows,
             cols,
-            blocks,
+            blocks: blocks.finish(),
             simd: Simd::cached(),
         })
     }

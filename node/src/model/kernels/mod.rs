@@ -14,6 +14,7 @@ mod activations;
 pub mod attend;
 mod driver;
 mod matrix;
+mod pages;
 pub mod q4_1;
 pub mod q8_0;
 mod softmax;
