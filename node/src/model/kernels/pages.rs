@@ -6,15 +6,15 @@
 //! transparent huge pages (`MADV_HUGEPAGE`; honoured when the system's setting is
 //! `madvise` or `always`, ignored when it is `never` or on other systems).
 //!
-//! A region lives as long as a matrix placed in it; a matrix never moves or changes
-//! after it is placed.
+//! A region lives as long as a matrix placed in it (a node that drops its layers
+//! gives their memory back); a matrix never moves or changes after it is placed.
 
 // Raw memory: mapping regions and handing out immutable slices of them.
 #![allow(unsafe_code)]
 
 use std::ops::Deref;
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// The huge page size of x86-64 and of arm64 with 4 KiB pages.
 const HUGE_PAGE: usize = 2 << 20;
@@ -24,7 +24,8 @@ const REGION_BYTES: usize = 32 << 20;
 const ALIGN: usize = 64;
 
 /// The region that small matrices are placed in next, and the bytes of it in use.
-static OPEN: Mutex<Option<(Arc<Region>, usize)>> = Mutex::new(None);
+/// Held weakly: a region lives only as long as the matrices placed in it.
+static OPEN: Mutex<Option<(Weak<Region>, usize)>> = Mutex::new(None);
 
 /// Immutable blocks placed in a region; dereferences to a slice.
 pub struct Blocks<B> {
@@ -132,15 +133,15 @@ fn reserve(bytes: usize) -> (Arc<Region>, usize) {
         return (Arc::new(Region::new(bytes)), 0);
     }
     let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((region, used)) = open.as_mut() {
+    if let Some((weak, used)) = open.as_mut() {
         let offset = used.next_multiple_of(ALIGN);
-        if offset + bytes <= region.len {
+        if let Some(region) = weak.upgrade().filter(|r| offset + bytes <= r.len) {
             *used = offset + bytes;
-            return (region.clone(), offset);
+            return (region, offset);
         }
     }
     let region = Arc::new(Region::new(REGION_BYTES));
-    *open = Some((region.clone(), bytes));
+    *open = Some((Arc::downgrade(&region), bytes));
     (region, 0)
 }
 
