@@ -3,6 +3,8 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::model::kernels::{softmax, Simd};
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -69,7 +71,8 @@ impl Sampler {
                 return id;
             }
         }
-        candidates.last().map_or_else(|| argmax(logits), |c| c.0)
+        // `r` past the sum by rounding (or no candidates): the most likely token.
+        argmax(logits)
     }
 }
 
@@ -84,39 +87,81 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// The tokens left after top-k and top-p, with renormalised probabilities, most
-/// likely first.
+/// The tokens left after top-k and top-p with renormalised probabilities: most likely
+/// first when a cut applies, else every token in id order (sampling walks them either
+/// way). Never sorts the whole vocabulary, which took longer than the rest of a
+/// token's work on the client: the top-k are selected in linear time and sorted, and
+/// a nucleus is found by sorting ever larger heads of the vocabulary until they hold
+/// `top_p` of the mass. The order is strict (probability, then id), so each head is
+/// exactly that much of the fully sorted list.
 fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
-    let mut sorted: Vec<(u32, f32)> = logits
+    let mut tokens: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
         .filter(|(_, v)| !v.is_nan())
         .map(|(i, &v)| (i as u32, v))
         .collect();
-    sorted.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if params.top_k > 0 {
-        sorted.truncate(params.top_k);
+    let cut_k = params.top_k > 0 && params.top_k < tokens.len();
+    if cut_k {
+        tokens.select_nth_unstable_by(params.top_k - 1, more_likely);
+        tokens.truncate(params.top_k);
+        tokens.sort_unstable_by(more_likely);
     }
-    let max = sorted.first().map_or(0.0, |c| c.1);
-    let mut total = 0.0;
-    for c in sorted.iter_mut() {
-        c.1 = ((c.1 - max) / params.temperature).exp();
-        total += c.1;
+    if tokens.is_empty() {
+        return tokens;
     }
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for c in sorted.iter_mut() {
-        c.1 /= total;
-        mass += c.1;
-        kept += 1;
-        if mass >= params.top_p {
-            break;
+    // The attention kernels' softmax (vectorised exp): libm's, one call per token,
+    // took a millisecond per token over the whole vocabulary.
+    let mut weights: Vec<f32> = tokens.iter().map(|c| c.1 / params.temperature).collect();
+    let (_, sums) = softmax::softmax_rows(&mut weights, tokens.len(), Simd::in_use());
+    let total = sums.first().copied().unwrap_or(1.0);
+    for (c, w) in tokens.iter_mut().zip(&weights) {
+        c.1 = w / total;
+    }
+    if params.top_p < 1.0 {
+        if !cut_k {
+            // Tokens below this share hold less than `1 - top_p` of the mass together,
+            // so the nucleus is among the others.
+            let floor = (1.0 - params.top_p) / tokens.len() as f32;
+            tokens.retain(|c| c.1 >= floor);
         }
+        let kept = nucleus(&mut tokens, params.top_p, cut_k);
+        tokens.truncate(kept);
+        let kept_mass: f32 = tokens.iter().map(|c| c.1).sum();
+        tokens.iter_mut().for_each(|c| c.1 /= kept_mass);
     }
-    sorted.truncate(kept);
-    let kept_mass: f32 = sorted.iter().map(|c| c.1).sum();
-    sorted.iter_mut().for_each(|c| c.1 /= kept_mass);
-    sorted
+    tokens
+}
+
+/// Higher probability first, then lower id: a strict order on distinct tokens.
+fn more_likely(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// How many of the most likely tokens reach `top_p` of the mass, with those tokens
+/// moved to the front in order; `sorted`: the whole slice is in order already.
+fn nucleus(tokens: &mut [(u32, f32)], top_p: f32, sorted: bool) -> usize {
+    let (mut done, mut head, mut mass) = (0, 64, 0.0);
+    while done < tokens.len() {
+        let end = (done + head).min(tokens.len());
+        if !sorted {
+            let whole = end == tokens.len();
+            let rest = &mut tokens[done..];
+            if !whole {
+                rest.select_nth_unstable_by(end - done - 1, more_likely);
+            }
+            rest[..end - done].sort_unstable_by(more_likely);
+        }
+        for (i, c) in tokens[done..end].iter().enumerate() {
+            mass += c.1;
+            if mass >= top_p {
+                return done + i + 1;
+            }
+        }
+        done = end;
+        head *= 4;
+    }
+    tokens.len()
 }
 
 #[cfg(test)]
@@ -164,6 +209,101 @@ mod tests {
         assert_ne!(run(7), run(8));
         let distinct: std::collections::HashSet<_> = run(7).into_iter().collect();
         assert!(distinct.len() > 5, "sampling should vary: {distinct:?}");
+    }
+
+    /// The candidates as the whole vocabulary sorted once gives them.
+    fn fully_sorted(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
+        let mut sorted: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_nan())
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
+        sorted.sort_unstable_by(more_likely);
+        if params.top_k > 0 {
+            sorted.truncate(params.top_k);
+        }
+        let max = sorted.first().map_or(0.0, |c| c.1);
+        let total: f32 = sorted
+            .iter_mut()
+            .map(|c| {
+                c.1 = ((c.1 - max) / params.temperature).exp();
+                c.1
+            })
+            .sum();
+        sorted.iter_mut().for_each(|c| c.1 /= total);
+        let mut mass = 0.0;
+        let kept = sorted
+            .iter()
+            .position(|c| {
+                mass += c.1;
+                mass >= params.top_p
+            })
+            .map_or(sorted.len(), |i| i + 1);
+        if params.top_p < 1.0 {
+            sorted.truncate(kept);
+        }
+        let kept_mass: f32 = sorted.iter().map(|c| c.1).sum();
+        sorted.iter_mut().for_each(|c| c.1 /= kept_mass);
+        sorted
+    }
+
+    #[test]
+    fn candidates_equal_those_of_a_full_sort() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        for n in [1, 7, 64, 65, 300, 5000] {
+            // Repeated values too, so ties are broken by id.
+            let mut logits: Vec<f32> = (0..n)
+                .map(|_| (rng.random::<f32>() * 40.0).round() * 0.5 - 8.0)
+                .collect();
+            if n > 10 {
+                logits[3] = f32::NAN;
+            }
+            for temperature in [0.3, 1.0, 1.7] {
+                for top_k in [0, 1, 40, n, n + 5] {
+                    for top_p in [0.2, 0.9, 0.99, 1.0] {
+                        let p = params(temperature, top_k, top_p, 0);
+                        let ours = candidates(&logits, &p);
+                        let reference = fully_sorted(&logits, &p);
+                        let valid = logits.iter().filter(|v| !v.is_nan()).count();
+                        let cut = (top_k > 0 && top_k < valid) || top_p < 1.0;
+                        let mut ours_by_id = ours.clone();
+                        if !cut {
+                            // No cut: every token, in id order.
+                            assert!(ours.windows(2).all(|w| w[0].0 < w[1].0));
+                            ours_by_id.sort_unstable_by(more_likely);
+                        }
+                        let case = format!("n {n} t {temperature} k {top_k} p {top_p}");
+                        // The exp differs from libm's by rounding, so the nucleus may
+                        // end one token earlier or later, at a token of tiny mass.
+                        let (long, short) = match ours_by_id.len() >= reference.len() {
+                            true => (&ours_by_id, &reference),
+                            false => (&reference, &ours_by_id),
+                        };
+                        assert!(
+                            long.len() - short.len() <= usize::from(top_p < 1.0),
+                            "{case}"
+                        );
+                        if let Some(extra) = long.get(short.len()) {
+                            assert!(extra.1 < 1e-3, "{case}: {extra:?} at the edge");
+                        }
+                        // Relative; f32 sums over thousands of weights in other orders.
+                        let tolerance = if long.len() == short.len() {
+                            1e-4
+                        } else {
+                            2e-3
+                        };
+                        for (a, b) in short.iter().zip(long.iter()) {
+                            assert_eq!(a.0, b.0, "{case}");
+                            assert!(
+                                (a.1 - b.1).abs() <= tolerance * b.1.max(1e-3),
+                                "{case}: {a:?} against {b:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod matrix;
 mod pages;
 pub mod q4_1;
 pub mod q8_0;
-mod softmax;
+pub mod softmax;
 
 pub use matrix::{Matrix, WeightBlock};
 
