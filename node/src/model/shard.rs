@@ -161,8 +161,14 @@ impl Shard {
         // Runs on a thread of a compute pool, so that the parallel operations inside
         // (norms) split their work there instead of waking pool threads from outside
         // for every operation: on the caller's thread when it is one (a node's compute
-        // worker), else on one of candle's (a hand-off each way).
-        if rayon::current_thread_index().is_some() {
+        // worker), else on one of candle's (a hand-off each way). A single position
+        // has nothing for them to split (a norm of one row runs where it is called), so
+        // a decode step runs on the caller's thread and saves the two wake-ups.
+        let rows: usize = jobs
+            .iter()
+            .map(|(h, _)| h.dims().iter().rev().skip(1).product::<usize>())
+            .sum();
+        if rows <= 1 || rayon::current_thread_index().is_some() {
             self.forward_in_pool(jobs)
         } else {
             candle_core::utils::with_threadpool(|| self.forward_in_pool(jobs))
