@@ -97,14 +97,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// `top_p` of the mass. The order is strict (probability, then id), so each head is
 /// exactly that much of the fully sorted list.
 fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
-    let mut tokens: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| !v.is_nan())
-        .map(|(i, &v)| (i as u32, v))
-        .collect();
-    let cut_k = params.top_k > 0 && params.top_k < tokens.len();
-    if cut_k {
+    let mut tokens = valid_tokens(logits);
+    if params.top_k > 0 && params.top_k < tokens.len() {
         tokens.select_nth_unstable_by(params.top_k - 1, more_likely);
         tokens.truncate(params.top_k);
         tokens.sort_unstable_by(more_likely);
@@ -121,18 +115,26 @@ fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
         c.1 = w / total;
     }
     if params.top_p < 1.0 {
-        if !cut_k {
-            // Tokens below this share hold less than `1 - top_p` of the mass together,
-            // so the nucleus is among the others.
-            let floor = (1.0 - params.top_p) / tokens.len() as f32;
-            tokens.retain(|c| c.1 >= floor);
-        }
-        let kept = nucleus(&mut tokens, params.top_p, cut_k);
+        // Tokens below this share hold less than `1 - top_p` of the mass together, so
+        // the nucleus is among the others.
+        let floor = (1.0 - params.top_p) / tokens.len() as f32;
+        tokens.retain(|c| c.1 >= floor);
+        let kept = nucleus(&mut tokens, params.top_p);
         tokens.truncate(kept);
         let kept_mass: f32 = tokens.iter().map(|c| c.1).sum();
         tokens.iter_mut().for_each(|c| c.1 /= kept_mass);
     }
     tokens
+}
+
+/// `(id, logit)` of every logit that is a number.
+fn valid_tokens(logits: &[f32]) -> Vec<(u32, f32)> {
+    logits
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_nan())
+        .map(|(i, &v)| (i as u32, v))
+        .collect()
 }
 
 /// Higher probability first, then lower id: a strict order on distinct tokens.
@@ -141,19 +143,16 @@ fn more_likely(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 }
 
 /// How many of the most likely tokens reach `top_p` of the mass, with those tokens
-/// moved to the front in order; `sorted`: the whole slice is in order already.
-fn nucleus(tokens: &mut [(u32, f32)], top_p: f32, sorted: bool) -> usize {
+/// moved to the front in order (cheaply, when they are in order already: top-k).
+fn nucleus(tokens: &mut [(u32, f32)], top_p: f32) -> usize {
     let (mut done, mut head, mut mass) = (0, 64, 0.0);
     while done < tokens.len() {
         let end = (done + head).min(tokens.len());
-        if !sorted {
-            let whole = end == tokens.len();
-            let rest = &mut tokens[done..];
-            if !whole {
-                rest.select_nth_unstable_by(end - done - 1, more_likely);
-            }
-            rest[..end - done].sort_unstable_by(more_likely);
+        let rest = &mut tokens[done..];
+        if end - done < rest.len() {
+            rest.select_nth_unstable_by(end - done - 1, more_likely);
         }
+        rest[..end - done].sort_unstable_by(more_likely);
         for (i, c) in tokens[done..end].iter().enumerate() {
             mass += c.1;
             if mass >= top_p {
@@ -219,12 +218,7 @@ mod tests {
 
     /// The candidates as the whole vocabulary sorted once gives them.
     fn fully_sorted(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
-        let mut sorted: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| !v.is_nan())
-            .map(|(i, &v)| (i as u32, v))
-            .collect();
+        let mut sorted = valid_tokens(logits);
         sorted.sort_unstable_by(more_likely);
         if params.top_k > 0 {
             sorted.truncate(params.top_k);

@@ -164,11 +164,8 @@ impl Shard {
         // worker), else on one of candle's (a hand-off each way). A single position
         // has nothing for them to split (a norm of one row runs where it is called), so
         // a decode step runs on the caller's thread and saves the two wake-ups.
-        let rows: usize = jobs
-            .iter()
-            .map(|(h, _)| h.dims().iter().rev().skip(1).product::<usize>())
-            .sum();
-        if rows <= 1 || rayon::current_thread_index().is_some() {
+        let one_position = matches!(jobs, [(h, _)] if h.dims3().is_ok_and(|(b, s, _)| b * s == 1));
+        if one_position || rayon::current_thread_index().is_some() {
             self.forward_in_pool(jobs)
         } else {
             candle_core::utils::with_threadpool(|| self.forward_in_pool(jobs))

@@ -35,12 +35,11 @@ pub struct Blocks<B> {
     len: usize,
 }
 
-// SAFETY: `Blocks` is a shared, never mutated slice of `B`s (the region is written only
-// before the `Blocks` exists), so it may be sent and shared as `&[B]` may; a `Placing`
-// owns the part it writes, as a `Vec<B>` would.
+// SAFETY: a finished `Blocks` is a shared, never mutated slice of `B`s (its memory is
+// written only through the `Placing` that holds it before it is finished), so it may
+// be sent and shared as `&[B]` may.
 unsafe impl<B: Sync> Send for Blocks<B> {}
 unsafe impl<B: Sync> Sync for Blocks<B> {}
-unsafe impl<B: Send> Send for Placing<B> {}
 
 impl<B: Copy> Blocks<B> {
     /// A copy of `items` in huge-page-backed memory.
@@ -55,9 +54,8 @@ impl<B: Copy> Blocks<B> {
 /// [`Blocks`] being written, in order, straight into their place (no second copy of a
 /// matrix while it loads).
 pub struct Placing<B> {
-    region: Option<Arc<Region>>,
-    ptr: NonNull<B>,
-    len: usize,
+    /// Not to be read until `written == blocks.len`.
+    blocks: Blocks<B>,
     written: usize,
 }
 
@@ -68,51 +66,45 @@ impl<B: Copy> Placing<B> {
         let bytes = len
             .checked_mul(std::mem::size_of::<B>())
             .expect("blocks fit in memory");
-        if bytes == 0 {
-            return Self {
-                region: None,
-                ptr: NonNull::dangling(),
-                len,
-                written: 0,
-            };
-        }
-        let (region, offset) = reserve(bytes);
-        // SAFETY: `reserve` gave `bytes` unused bytes of `region` at `offset`, aligned
-        // to `ALIGN` (which `B`'s alignment divides).
-        let ptr = unsafe { NonNull::new_unchecked(region.ptr.as_ptr().add(offset).cast::<B>()) };
-        Self {
-            region: Some(region),
+        let (region, ptr) = match bytes {
+            0 => (None, NonNull::dangling()),
+            _ => {
+                let (region, offset) = reserve(bytes);
+                // SAFETY: `reserve` gave `bytes` unused bytes of `region` at `offset`,
+                // aligned to `ALIGN` (which `B`'s alignment divides).
+                let ptr = unsafe { NonNull::new_unchecked(region.ptr.as_ptr().add(offset)) };
+                (Some(region), ptr.cast::<B>())
+            }
+        };
+        let blocks = Blocks {
+            _region: region,
             ptr,
             len,
-            written: 0,
-        }
+        };
+        Self { blocks, written: 0 }
     }
 
     /// Appends `items`; panics past the length given to [`Placing::new`].
     pub fn extend(&mut self, items: &[B]) {
+        let Self { blocks, written } = self;
         assert!(
-            items.len() <= self.len - self.written,
+            items.len() <= blocks.len - *written,
             "more blocks than reserved"
         );
-        if std::mem::size_of::<B>() > 0 {
-            // SAFETY: in bounds (checked above) of the space reserved for `len` blocks,
-            // which only this `Placing` writes; `items` is another allocation.
-            unsafe {
-                let dst = self.ptr.as_ptr().add(self.written);
-                std::ptr::copy_nonoverlapping(items.as_ptr(), dst, items.len());
-            }
+        // SAFETY: in bounds (checked above) of the space reserved for `len` blocks
+        // (dangling but aligned when it is empty), which only this `Placing` writes;
+        // `items` is another allocation.
+        unsafe {
+            let dst = blocks.ptr.as_ptr().add(*written);
+            std::ptr::copy_nonoverlapping(items.as_ptr(), dst, items.len());
         }
-        self.written += items.len();
+        *written += items.len();
     }
 
     /// The blocks, once all are written; panics if some are missing.
     pub fn finish(self) -> Blocks<B> {
-        assert_eq!(self.written, self.len, "fewer blocks than reserved");
-        Blocks {
-            _region: self.region,
-            ptr: self.ptr,
-            len: self.len,
-        }
+        assert_eq!(self.written, self.blocks.len, "fewer blocks than reserved");
+        self.blocks
     }
 }
 
