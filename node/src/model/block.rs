@@ -1,35 +1,84 @@
 //! One transformer block: pre-norm grouped-query attention, then a pre-norm SwiGLU MLP.
 //! Tensor names are llama.cpp's (`blk.N.attn_q.weight`, ...).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::QTensor;
 use candle_core::{Result, Tensor};
 
 use super::gguf::{self, GgufFile};
-use super::kernels::{Linear, Stacked};
+use super::kernels::{rms_norm, swiglu as swiglu_row, Linear, Simd, Stacked};
 use super::kv_cache::ShardCache;
 use super::rope::Rope;
 use super::{LlamaConfig, ModelError};
 
-/// A norm's weight, dequantized to f32 (it is tiny).
+/// Rows per task when a norm is split over the compute threads; fewer rows run on
+/// the calling thread (eight rows take one or two microseconds).
+const NORM_ROWS_PER_TASK: usize = 32;
+
+/// An RMS norm ([`kernels::rms_norm`](super::kernels::rms_norm)); its weight,
+/// dequantized to f32 (it is tiny).
 pub struct RmsNorm {
-    weight: Tensor,
+    weight: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn load(gguf: &mut GgufFile, name: &str, size: usize, eps: f32) -> LoadResult<Self> {
         let q = load_checked(gguf, name, &[size], gguf::is_supported_norm_type)?;
-        Ok(Self {
-            weight: q.dequantize(&candle_core::Device::Cpu)?,
-            eps,
-        })
+        let weight = q.dequantize(&candle_core::Device::Cpu)?.to_vec1::<f32>()?;
+        Ok(Self { weight, eps })
     }
 
+    /// The norm of each row of `x` (`[..., size]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+        let out = super::with_values(x, |values| self.rows(values))??;
+        Tensor::from_vec(out, x.dims(), &candle_core::Device::Cpu)
     }
+
+    /// `x + y` (the residual stream after a sublayer) and its norm.
+    pub fn add_forward(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let sum = add(x, y)?;
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
+    }
+
+    fn rows(&self, values: &[f32]) -> Result<Vec<f32>> {
+        let size = self.weight.len();
+        if size == 0 || !values.len().is_multiple_of(size) {
+            candle_core::bail!("rows of {} values expected, got {}", size, values.len());
+        }
+        let mut out = vec![0f32; values.len()];
+        let norm = |x: &[f32], y: &mut [f32]| rms_norm(x, &self.weight, self.eps, y);
+        let task = NORM_ROWS_PER_TASK * size;
+        if values.len() <= task {
+            norm(values, &mut out);
+            return Ok(out);
+        }
+        let tasks: Vec<&[f32]> = values.chunks(task).collect();
+        let parts = super::parallel_map(&tasks, |x| {
+            let mut y = vec![0f32; x.len()];
+            norm(x, &mut y);
+            y
+        });
+        for (y, part) in out.chunks_mut(task).zip(parts) {
+            y.copy_from_slice(&part);
+        }
+        Ok(out)
+    }
+}
+
+/// `x + y`, element by element, for tensors of one shape.
+fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if x.dims() != y.dims() {
+        candle_core::bail!("cannot add {:?} and {:?}", x.dims(), y.dims());
+    }
+    let sum = super::with_values(x, |a| {
+        super::with_values(y, |b| {
+            a.iter().zip(b).map(|(a, b)| a + b).collect::<Vec<f32>>()
+        })
+    })??;
+    Tensor::from_vec(sum, x.dims(), &candle_core::Device::Cpu)
 }
 
 type LoadResult<T> = std::result::Result<T, ModelError>;
@@ -136,10 +185,11 @@ impl Block {
         rope: &Rope,
     ) -> Result<Tensor> {
         let _span = tracing::trace_span!("block", layer).entered();
-        let h = (x + self
+        let attended = self
             .attn
-            .forward(&self.attn_norm.forward(x)?, parts, layer, rope)?)?;
-        &h + self.mlp.forward(&self.ffn_norm.forward(&h)?)?
+            .forward(&self.attn_norm.forward(x)?, parts, layer, rope)?;
+        let (h, normed) = self.ffn_norm.add_forward(x, &attended)?;
+        add(&h, &self.mlp.forward(&normed)?)
     }
 }
 
@@ -158,8 +208,12 @@ impl Mlp {
     }
 }
 
+/// Rows at least this many are split over the compute threads: a row takes about a
+/// microsecond, less than handing work to another thread and back.
+const PARALLEL_SWIGLU_ROWS: usize = 16;
+
 /// `silu(gate) × up` for `[..., gate ‖ up]` (two halves of the last dimension), in one
-/// pass: `silu(g) = g / (1 + exp(-g))`, as candle computes it.
+/// pass ([`kernels::swiglu`](super::kernels::swiglu)).
 fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     let mut dims = gate_up.dims().to_vec();
     let ff = match dims.last_mut() {
@@ -169,20 +223,24 @@ fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
         }
         _ => candle_core::bail!("gate and up expected side by side, got {dims:?}"),
     };
+    let simd = Simd::in_use();
     let values = super::with_values(gate_up, |values| {
+        let rows: Vec<&[f32]> = values.chunks_exact(2 * ff).collect();
         let row = |row: &&[f32]| -> Vec<f32> {
             let (gate, up) = row.split_at(ff);
-            gate.iter()
-                .zip(up)
-                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                .collect()
+            let mut out = vec![0f32; ff];
+            swiglu_row(gate, up, &mut out, simd);
+            out
         };
-        let rows: Vec<&[f32]> = values.chunks_exact(2 * ff).collect();
-        // Each token's row on its own; several tokens across the compute threads.
-        match rows.len() {
-            0 | 1 => rows.first().map(row).unwrap_or_default(),
-            _ => super::parallel_map(&rows, row).concat(),
+        if rows.len() >= PARALLEL_SWIGLU_ROWS {
+            return super::parallel_map(&rows, row).concat();
         }
+        let mut out = vec![0f32; rows.len() * ff];
+        for (row, y) in rows.iter().zip(out.chunks_exact_mut(ff)) {
+            let (gate, up) = row.split_at(ff);
+            swiglu_row(gate, up, y, simd);
+        }
+        out
     })?;
     Tensor::from_vec(values, dims, &candle_core::Device::Cpu)
 }
@@ -200,11 +258,25 @@ impl Attention {
         // of every new position (against its causal prefix of the cache) of every
         // sequence at once across the compute threads: a prompt's positions and a
         // batch's decode steps alike, with the same arithmetic as one decode step.
-        let mut inputs = Vec::with_capacity(parts.len());
-        for part in parts.iter_mut() {
+        // Several sequences (a batch of decode steps) on every compute thread: each is
+        // a few microseconds of bookkeeping that would otherwise run alone.
+        let rotate = |part: &mut Part<'_>| {
             let rows = qkv.narrow(1, part.start, part.len)?;
-            inputs.push(self.rotate_and_cache(&rows, part, layer, rope)?);
-        }
+            self.rotate_and_cache(&rows, part, layer, rope)
+        };
+        let inputs = match parts {
+            [part] => vec![rotate(part)?],
+            parts => {
+                let slots: Vec<Mutex<&mut Part<'_>>> = parts.iter_mut().map(Mutex::new).collect();
+                super::parallel_map(&slots, |slot| {
+                    // Each slot is locked once, by one thread: never contended.
+                    let mut part = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    rotate(&mut part)
+                })
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?
+            }
+        };
         let mut views = Vec::with_capacity(x.dim(1)?);
         for (q, k, v) in &inputs {
             let (seq, filled) = (q.dim(2)?, k.dim(2)?);

@@ -158,12 +158,12 @@ impl Shard {
         &self,
         jobs: &mut [(&Tensor, &mut ShardCache)],
     ) -> Result<Vec<Tensor>, ForwardError> {
-        // Runs on a thread of a compute pool, so that the parallel operations inside
-        // (norms) split their work there instead of waking pool threads from outside
-        // for every operation: on the caller's thread when it is one (a node's compute
-        // worker), else on one of candle's (a hand-off each way). A single position
-        // has nothing for them to split (a norm of one row runs where it is called), so
-        // a decode step runs on the caller's thread and saves the two wake-ups.
+        // Runs on a thread of a compute pool, so that candle's own parallel operations
+        // inside (those that use rayon) split their work there instead of waking pool
+        // threads from outside for every operation: on the caller's thread when it is
+        // one (a node's compute worker), else on one of candle's (a hand-off each way).
+        // A single position has nothing for them to split, so a decode step runs on
+        // the caller's thread and saves the two wake-ups.
         let one_position = matches!(jobs, [(h, _)] if h.dims3().is_ok_and(|(b, s, _)| b * s == 1));
         if one_position || rayon::current_thread_index().is_some() {
             self.forward_in_pool(jobs)

@@ -14,12 +14,16 @@ mod activations;
 pub mod attend;
 mod driver;
 mod matrix;
+mod norm;
 mod pages;
 pub mod q4_1;
 pub mod q8_0;
 pub mod softmax;
+mod swiglu;
 
 pub use matrix::{Matrix, WeightBlock};
+pub use norm::rms_norm;
+pub use swiglu::swiglu;
 
 use std::sync::Arc;
 

@@ -101,7 +101,7 @@ use std::arch::x86_64::*;
 /// [`exp`] of eight values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn exp_avx2(x: __m256) -> __m256 {
+pub(super) fn exp_avx2(x: __m256) -> __m256 {
     let c = |bits: u32| _mm256_set1_ps(f(bits));
     let z = _mm256_fmadd_ps(x, c(LOG2E), c(ROUND));
     let n = _mm256_sub_ps(z, c(ROUND));
