@@ -4,7 +4,9 @@
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
-use super::{Simd, BLOCK};
+#[cfg(target_arch = "x86_64")]
+use super::Simd;
+use super::BLOCK;
 
 /// One block of 32 quantized activations: scale and (Q8_1) scale × sum of the quants,
 /// both rounded to f16 as ggml stores them, and the quants.
@@ -88,7 +90,7 @@ pub fn f16_round(x: f32) -> f32 {
 /// unrounded. Both paths give identical results.
 pub fn quantize_block(xs: &[f32]) -> (f32, [i8; BLOCK]) {
     #[cfg(target_arch = "x86_64")]
-    if xs.len() == BLOCK && Simd::cached() != Simd::Portable {
+    if xs.len() == BLOCK && matches!(Simd::cached(), Simd::Avx512 | Simd::Avx2) {
         // SAFETY: the CPU supports AVX2 (checked); `xs` holds 32 values.
         return unsafe { quantize_avx2(xs) };
     }

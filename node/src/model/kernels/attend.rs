@@ -164,7 +164,7 @@ unsafe fn scores_into(simd: Simd, q: &[f32], keys: Rows, scale: f32, scores: &mu
         // SAFETY: the caller's guarantees.
         Simd::Avx512 => return unsafe { scores_avx512(q, keys, scale, scores) },
         Simd::Avx2 => return unsafe { scores_avx2(q, keys, scale, scores) },
-        Simd::Portable => {}
+        Simd::Neon | Simd::Portable => {}
     }
     let _ = simd;
     for (j, score) in scores.iter_mut().enumerate() {
@@ -182,7 +182,7 @@ unsafe fn weighted_into(simd: Simd, weights: &[f32], values: Rows, out: &mut [f3
         // SAFETY: the caller's guarantees.
         Simd::Avx512 => return unsafe { weighted_avx512(weights, values, out) },
         Simd::Avx2 => return unsafe { weighted_avx2(weights, values, out) },
-        Simd::Portable => {}
+        Simd::Neon | Simd::Portable => {}
     }
     let _ = simd;
     for (j, &w) in weights.iter().enumerate() {

@@ -18,6 +18,7 @@ pub const TOKENS_PER_TILE: usize = 8;
 /// Tokens whose activations are quantized by the calling thread alone.
 const QUANTIZE_ALONE: usize = 16;
 /// AVX2 has sixteen vector registers: its tiles take at most this many tokens.
+#[cfg(target_arch = "x86_64")]
 const AVX2_TOKENS: usize = 4;
 
 /// `x @ m^T`: `x` is `[..., cols]`, the result `[..., rows]`.
@@ -180,8 +181,13 @@ fn tile<B: WeightBlock, const R: usize>(
                 }
                 return;
             }
-            Simd::Portable => {}
+            Simd::Neon | Simd::Portable => {}
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if m.simd() == Simd::Neon {
+        // SAFETY: the CPU has Advanced SIMD (checked at detection).
+        return unsafe { B::tile_neon(rows, acts, out, stride) };
     }
     for (u, row) in rows.iter().enumerate() {
         for lane in 0..B::ROWS {

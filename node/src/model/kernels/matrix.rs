@@ -59,6 +59,18 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
         out: &mut [f32],
         stride: usize,
     );
+    /// As [`WeightBlock::tile_avx2`] with Arm's 128-bit vectors, for any number of
+    /// tokens (one at a time).
+    ///
+    /// # Safety
+    /// The CPU must support Advanced SIMD (NEON).
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn tile_neon<const R: usize>(
+        rows: [&[Self]; R],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    );
 }
 
 pub struct Matrix<B> {

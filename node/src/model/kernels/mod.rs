@@ -7,12 +7,14 @@
 //! scales), each in one fixed order its module describes ([`q4_1`], [`q8_0`]). Every
 //! output is the same sequence of float operations whatever the tile, thread count,
 //! batch or SIMD width it is computed with: results are bit-identical on every path (portable,
-//! AVX2, AVX-512), and a token's result does not depend on which other tokens share
+//! AVX2, AVX-512, NEON), and a token's result does not depend on which other tokens share
 //! its batch, which batched decode relies on. The path is chosen at run time.
 
 mod activations;
 pub mod attend;
 mod driver;
+#[cfg(target_arch = "aarch64")]
+mod half_neon;
 mod matrix;
 mod norm;
 mod pages;
@@ -126,44 +128,49 @@ pub enum Simd {
     Avx512,
     /// AVX2 with FMA and F16C.
     Avx2,
+    /// Arm's Advanced SIMD (every AArch64 CPU has it): the matrix kernels; the other
+    /// kernels take the portable path there.
+    Neon,
     Portable,
 }
 
 impl Simd {
     /// The path in use: the best this CPU supports, or a lesser one named by the
-    /// `ALLMENDE_SIMD` environment variable (`avx512`, `avx2`, `portable`) to compare
-    /// paths on one machine.
+    /// `ALLMENDE_SIMD` environment variable (`avx512`, `avx2`, `neon`, `portable`) to
+    /// compare paths on one machine. A path the CPU lacks gives the best it has.
     fn cached() -> Self {
         static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
         *SIMD.get_or_init(|| {
-            let best = Simd::detect();
+            let paths = Simd::supported();
             let asked = match std::env::var("ALLMENDE_SIMD").as_deref() {
-                Ok("avx2") => Simd::Avx2,
-                Ok("portable") => Simd::Portable,
-                _ => Simd::Avx512,
+                Ok("avx512") => Some(Simd::Avx512),
+                Ok("avx2") => Some(Simd::Avx2),
+                Ok("neon") => Some(Simd::Neon),
+                Ok("portable") => Some(Simd::Portable),
+                _ => None,
             };
-            // Later variants are lesser paths.
-            if asked as u8 > best as u8 {
-                asked
-            } else {
-                best
-            }
+            asked.filter(|a| paths.contains(a)).unwrap_or(paths[0])
         })
     }
 
-    fn detect() -> Self {
+    /// The paths this CPU can run, best first (the portable path last, always).
+    fn supported() -> Vec<Simd> {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
             let avx2 = has!("avx2") && has!("fma") && has!("f16c");
             if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
-                return Simd::Avx512;
+                return vec![Simd::Avx512, Simd::Avx2, Simd::Portable];
             }
             if avx2 {
-                return Simd::Avx2;
+                return vec![Simd::Avx2, Simd::Portable];
             }
         }
-        Simd::Portable
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return vec![Simd::Neon, Simd::Portable];
+        }
+        vec![Simd::Portable]
     }
 
     /// The path's name, for reports.
@@ -171,6 +178,7 @@ impl Simd {
         match self {
             Simd::Avx512 => "avx512-vnni",
             Simd::Avx2 => "avx2",
+            Simd::Neon => "neon",
             Simd::Portable => "portable",
         }
     }
@@ -183,10 +191,7 @@ impl Simd {
     /// The paths this CPU can run, best first.
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Simd> {
-        [Simd::Avx512, Simd::Avx2, Simd::Portable]
-            .into_iter()
-            .filter(|&s| s as u8 >= Simd::detect() as u8)
-            .collect()
+        Simd::supported()
     }
 }
 

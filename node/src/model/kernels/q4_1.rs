@@ -18,7 +18,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::activations::Acts;
+use super::activations::{ActBlock, Acts};
 use super::matrix::WeightBlock;
 use super::BLOCK;
 
@@ -51,6 +51,16 @@ impl GroupQ4_1 {
         let byte = self.qs[64 * (j % 16 / 4) + 4 * lane + j % 4];
         ((byte >> (4 * (j / 16))) & 0x0F) as i32
     }
+}
+
+/// Four quants of a token's block (weights `4e..4e + 4`), for every 32-bit lane:
+/// one 4-byte load (built byte by byte, it compiled to four loads and shifts).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+fn quad(y: &ActBlock, e: usize) -> i32 {
+    let four = &y.qs[4 * e..4 * e + 4];
+    // SAFETY: `four` holds 4 bytes; an unaligned read of exactly those.
+    unsafe { four.as_ptr().cast::<i32>().read_unaligned() }
 }
 
 /// ggml's block_q4_1: f16 d, f16 m, 16 bytes (weights 0..16 in the low nibbles,
@@ -133,14 +143,111 @@ impl WeightBlock for GroupQ4_1 {
             unsafe { simd::group_avx512(group, acts, &mut out[r * GROUP..], stride) }
         }
     }
+
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn tile_neon<const R: usize>(
+        rows: [&[GroupQ4_1]; R],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        for (r, group) in rows.into_iter().enumerate() {
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe { neon::group(group, acts, &mut out[r * GROUP..], stride) }
+        }
+    }
+}
+
+/// The Advanced SIMD path (every AArch64 CPU; no dot-product extension needed): a
+/// 16-byte load of a group's quants holds four weights of four rows, the integer
+/// products are widened to 16 bits (`smlal`, exact: a lane sums 8 products of at most
+/// 15 × 128) and summed pairwise into each row's exact block sum; then the float
+/// operations the module describes, four rows per vector.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{quad, Acts, GroupQ4_1};
+    use crate::model::kernels::half_neon::f16x4_to_f32;
+
+    /// Most tokens per pass over a group's blocks (their accumulators, four vectors
+    /// each, stay in registers).
+    const TOKENS: usize = 4;
+
+    /// A group of rows against every token of `acts` into `out[t * stride + row]`.
+    #[target_feature(enable = "neon")]
+    pub fn group(group: &[GroupQ4_1], acts: &[Acts], out: &mut [f32], stride: usize) {
+        for (i, chunk) in acts.chunks(TOKENS).enumerate() {
+            let out = &mut out[i * TOKENS * stride..];
+            match chunk.len() {
+                1 => pass::<1>(group, chunk, out, stride),
+                2 => pass::<2>(group, chunk, out, stride),
+                3 => pass::<3>(group, chunk, out, stride),
+                _ => pass::<4>(group, chunk, out, stride),
+            }
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn pass<const T: usize>(group: &[GroupQ4_1], acts: &[Acts], out: &mut [f32], stride: usize) {
+        let blocks = acts[0].blocks.len();
+        let low = vdupq_n_u8(0x0F);
+        let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+        for (b, x) in group[..blocks].iter().enumerate() {
+            // SAFETY: the group's 16 scales, 16 minimums and 256 quant bytes: loads of
+            // exactly those sizes.
+            let (d, m, raw) = unsafe {
+                let scales = |h: &[u16; 16]| {
+                    [0, 1, 2, 3].map(|c| f16x4_to_f32(vld1_u16(h.as_ptr().add(4 * c))))
+                };
+                let raw: [[uint8x16_t; 4]; 4] = std::array::from_fn(|k| {
+                    std::array::from_fn(|c| vld1q_u8(x.qs.as_ptr().add(64 * k + 16 * c)))
+                });
+                (scales(&x.d), scales(&x.m), raw)
+            };
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let y = &acts[t].blocks[b];
+                // Per row quad `c`: products of rows 4c, 4c + 1 (low half) and 4c + 2,
+                // 4c + 3 (high half), four i16 lanes per row.
+                let mut lanes = [[vdupq_n_s16(0); 2]; 4];
+                for (k, raw) in raw.iter().enumerate() {
+                    let qa = vreinterpretq_s8_s32(vdupq_n_s32(quad(y, k)));
+                    let qc = vreinterpretq_s8_s32(vdupq_n_s32(quad(y, k + 4)));
+                    for (lanes, &raw) in lanes.iter_mut().zip(raw) {
+                        let lo = vreinterpretq_s8_u8(vandq_u8(raw, low));
+                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
+                        lanes[0] = vmlal_s8(lanes[0], vget_low_s8(lo), vget_low_s8(qa));
+                        lanes[0] = vmlal_s8(lanes[0], vget_low_s8(hi), vget_low_s8(qc));
+                        lanes[1] = vmlal_high_s8(lanes[1], lo, qa);
+                        lanes[1] = vmlal_high_s8(lanes[1], hi, qc);
+                    }
+                }
+                let (s, dy) = (vdupq_n_f32(y.s), vdupq_n_f32(y.d));
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    // Rows 4c..4c + 4: each row's four lanes summed in pairs, then
+                    // the pairs (exact integer sums).
+                    let [front, back] = lanes[c];
+                    let sum = vpaddq_s32(vpaddlq_s16(front), vpaddlq_s16(back));
+                    *acc = vfmaq_f32(*acc, m[c], s);
+                    *acc = vfmaq_f32(*acc, vmulq_f32(vcvtq_f32_s32(sum), dy), d[c]);
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            let out = &mut out[t * stride..][..16];
+            for (c, acc) in acc.iter().enumerate() {
+                // SAFETY: `out` holds 16 floats; a store of 4 of them.
+                unsafe { vst1q_f32(out.as_mut_ptr().add(4 * c), *acc) };
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Acts, GroupQ4_1, GROUP};
-    use crate::model::kernels::activations::ActBlock;
+    use super::{quad, ActBlock, Acts, GroupQ4_1, GROUP};
 
     /// How far ahead of the group in use to prefetch weights, in bytes: every product
     /// streams its weights from memory once (2,048 and 8,192 were slower here).
@@ -156,15 +263,6 @@ mod simd {
             // SAFETY: a prefetch only hints; it never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line)) };
         }
-    }
-
-    /// Four quants of a token's block (weights `4e..4e + 4`), for every 32-bit lane:
-    /// one 4-byte load (built byte by byte, it compiled to four loads and shifts).
-    #[inline(always)]
-    fn quad(y: &ActBlock, e: usize) -> i32 {
-        let four = &y.qs[4 * e..4 * e + 4];
-        // SAFETY: `four` holds 4 bytes; an unaligned read of exactly those.
-        unsafe { four.as_ptr().cast::<i32>().read_unaligned() }
     }
 
     /// Weights `4k..4k + 4` (low nibbles) and `16 + 4k..20 + 4k` (high ones) of rows

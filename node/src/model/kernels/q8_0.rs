@@ -13,7 +13,9 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::activations::{ActBlock, Acts};
+#[cfg(target_arch = "x86_64")]
+use super::activations::ActBlock;
+use super::activations::Acts;
 use super::driver::finish;
 use super::matrix::WeightBlock;
 
@@ -86,6 +88,70 @@ impl WeightBlock for BlockQ8_0 {
     ) {
         // SAFETY: the caller guarantees the CPU features.
         unsafe { simd::tile_avx512(rows, acts, out, stride) }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn tile_neon<const R: usize>(
+        rows: [&[BlockQ8_0]; R],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        for (r, row) in rows.into_iter().enumerate() {
+            for (t, act) in acts.iter().enumerate() {
+                // SAFETY: the caller guarantees the CPU features.
+                out[t * stride + r] = unsafe { neon::dot(row, act) };
+            }
+        }
+    }
+}
+
+/// The Advanced SIMD path: each lane's four products widened to 16 bits (`smull`,
+/// exact) and summed pairwise, then the float operations the module describes, four
+/// lanes per vector.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use half::f16;
+
+    use super::{Acts, BlockQ8_0};
+    use crate::model::kernels::driver::finish;
+
+    /// Lanes `0..4` of a block's sums: products `4l..4l + 4` of 16 quants each.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn lane_sums(a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let low = vpaddlq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+        vpaddq_s32(low, vpaddlq_s16(vmull_high_s8(a, b)))
+    }
+
+    /// One row against one token.
+    #[target_feature(enable = "neon")]
+    pub fn dot(row: &[BlockQ8_0], act: &Acts) -> f32 {
+        // Groups of eight lanes (block parity) as two vectors each.
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        for (b, (x, y)) in row.iter().zip(&act.blocks).enumerate() {
+            let scale = vdupq_n_f32(f16::from_bits(x.d).to_f32() * y.d);
+            // SAFETY: 32 quants each; loads of 16 of them.
+            let (x0, x1, y0, y1) = unsafe {
+                (
+                    vld1q_s8(x.qs.as_ptr()),
+                    vld1q_s8(x.qs.as_ptr().add(16)),
+                    vld1q_s8(y.qs.as_ptr()),
+                    vld1q_s8(y.qs.as_ptr().add(16)),
+                )
+            };
+            let g = (b % 2) * 2;
+            acc[g] = vfmaq_f32(acc[g], scale, vcvtq_f32_s32(lane_sums(x0, y0)));
+            acc[g + 1] = vfmaq_f32(acc[g + 1], scale, vcvtq_f32_s32(lane_sums(x1, y1)));
+        }
+        let mut lanes = [0f32; 16];
+        for (i, acc) in acc.iter().enumerate() {
+            // SAFETY: `lanes` holds 16 floats; a store of 4 of them.
+            unsafe { vst1q_f32(lanes.as_mut_ptr().add(4 * i), *acc) };
+        }
+        finish(lanes, 0.0, 0.0)
     }
 }
 

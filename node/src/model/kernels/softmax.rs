@@ -49,7 +49,7 @@ pub fn softmax_rows(scores: &mut [f32], positions: usize, simd: Simd) -> (Vec<f3
         let m = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut lanes = [0f32; LANES];
         #[cfg(target_arch = "x86_64")]
-        if simd != Simd::Portable {
+        if matches!(simd, Simd::Avx512 | Simd::Avx2) {
             // SAFETY: AVX2 and FMA present (the AVX-512 path implies them).
             unsafe { weights_avx2(scores, m, &mut lanes) };
         } else {

@@ -20,15 +20,18 @@ const CEILING: f32 = 88.0;
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32], simd: Simd) {
     let n = gate.len().min(up.len()).min(out.len());
     let (gate, up, out) = (&gate[..n], &up[..n], &mut out[..n]);
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if simd != Simd::Portable {
+    let done = match simd {
         // SAFETY: AVX2 and FMA present (the AVX-512 path implies them); the three
         // slices have length `n`.
-        done = unsafe { swiglu_avx2(gate, up, out) };
-    }
+        Simd::Avx512 | Simd::Avx2 => unsafe { swiglu_avx2(gate, up, out) },
+        Simd::Neon | Simd::Portable => 0,
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = simd;
+    let done = {
+        let _ = simd;
+        0
+    };
     for ((y, &g), &u) in out[done..].iter_mut().zip(&gate[done..]).zip(&up[done..]) {
         *y = silu(g) * u;
     }
