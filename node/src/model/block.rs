@@ -12,8 +12,8 @@ use super::kv_cache::ShardCache;
 use super::rope::Rope;
 use super::{LlamaConfig, ModelError};
 
-/// Rows per task when a norm is split over the compute threads; fewer rows run on
-/// the calling thread (eight rows take one or two microseconds).
+/// Rows per task when a norm is split over the compute threads; up to this many rows
+/// run on the calling thread alone (eight rows take one or two microseconds).
 const NORM_ROWS_PER_TASK: usize = 32;
 
 /// An RMS norm ([`kernels::rms_norm`](super::kernels::rms_norm)); its weight,
@@ -32,7 +32,14 @@ impl RmsNorm {
 
     /// The norm of each row of `x` (`[..., size]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let out = super::with_values(x, |values| self.rows(values))??;
+        if x.dims().last() != Some(&self.weight.len()) || self.weight.is_empty() {
+            candle_core::bail!(
+                "rows of {} values expected, got {:?}",
+                self.weight.len(),
+                x.dims()
+            );
+        }
+        let out = super::with_values(x, |values| self.rows(values))?;
         Tensor::from_vec(out, x.dims(), &candle_core::Device::Cpu)
     }
 
@@ -43,17 +50,15 @@ impl RmsNorm {
         Ok((sum, normed))
     }
 
-    fn rows(&self, values: &[f32]) -> Result<Vec<f32>> {
+    /// The norms of `values`, whole rows of the weight's size.
+    fn rows(&self, values: &[f32]) -> Vec<f32> {
         let size = self.weight.len();
-        if size == 0 || !values.len().is_multiple_of(size) {
-            candle_core::bail!("rows of {} values expected, got {}", size, values.len());
-        }
         let mut out = vec![0f32; values.len()];
         let norm = |x: &[f32], y: &mut [f32]| rms_norm(x, &self.weight, self.eps, y);
         let task = NORM_ROWS_PER_TASK * size;
         if values.len() <= task {
             norm(values, &mut out);
-            return Ok(out);
+            return out;
         }
         let tasks: Vec<&[f32]> = values.chunks(task).collect();
         let parts = super::parallel_map(&tasks, |x| {
@@ -64,7 +69,7 @@ impl RmsNorm {
         for (y, part) in out.chunks_mut(task).zip(parts) {
             y.copy_from_slice(&part);
         }
-        Ok(out)
+        out
     }
 }
 
@@ -208,8 +213,9 @@ impl Mlp {
     }
 }
 
-/// Rows at least this many are split over the compute threads: a row takes about a
-/// microsecond, less than handing work to another thread and back.
+/// From this many rows on, SwiGLU is split over the compute threads; fewer run on the
+/// calling thread (a row takes about a tenth of a microsecond, less than handing work
+/// to another thread and back).
 const PARALLEL_SWIGLU_ROWS: usize = 16;
 
 /// `silu(gate) × up` for `[..., gate ‖ up]` (two halves of the last dimension), in one
@@ -226,19 +232,21 @@ fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     let simd = Simd::in_use();
     let values = super::with_values(gate_up, |values| {
         let rows: Vec<&[f32]> = values.chunks_exact(2 * ff).collect();
-        let row = |row: &&[f32]| -> Vec<f32> {
+        let one = |row: &[f32], y: &mut [f32]| {
             let (gate, up) = row.split_at(ff);
-            let mut out = vec![0f32; ff];
-            swiglu_row(gate, up, &mut out, simd);
-            out
+            swiglu_row(gate, up, y, simd);
         };
         if rows.len() >= PARALLEL_SWIGLU_ROWS {
-            return super::parallel_map(&rows, row).concat();
+            let each = |row: &&[f32]| {
+                let mut y = vec![0f32; ff];
+                one(row, &mut y);
+                y
+            };
+            return super::parallel_map(&rows, each).concat();
         }
         let mut out = vec![0f32; rows.len() * ff];
         for (row, y) in rows.iter().zip(out.chunks_exact_mut(ff)) {
-            let (gate, up) = row.split_at(ff);
-            swiglu_row(gate, up, y, simd);
+            one(row, y);
         }
         out
     })?;
@@ -259,7 +267,9 @@ impl Attention {
         // sequence at once across the compute threads: a prompt's positions and a
         // batch's decode steps alike, with the same arithmetic as one decode step.
         // Several sequences (a batch of decode steps) on every compute thread: each is
-        // a few microseconds of bookkeeping that would otherwise run alone.
+        // a few microseconds of bookkeeping that would otherwise run alone. If one
+        // fails, the others have still written this layer's rows past their caches'
+        // ends; no cache advances (the forward fails), so the next step overwrites them.
         let rotate = |part: &mut Part<'_>| {
             let rows = qkv.narrow(1, part.start, part.len)?;
             self.rotate_and_cache(&rows, part, layer, rope)

@@ -154,25 +154,10 @@ impl Shard {
         self.forward_checked(jobs)
     }
 
+    /// Runs on the caller's thread: the parallel parts inside spread over candle's
+    /// barrier pool from any thread (no candle operation in the forward uses rayon
+    /// since the norms are this crate's own, so there is no pool to hop onto).
     fn forward_checked(
-        &self,
-        jobs: &mut [(&Tensor, &mut ShardCache)],
-    ) -> Result<Vec<Tensor>, ForwardError> {
-        // Runs on a thread of a compute pool, so that candle's own parallel operations
-        // inside (those that use rayon) split their work there instead of waking pool
-        // threads from outside for every operation: on the caller's thread when it is
-        // one (a node's compute worker), else on one of candle's (a hand-off each way).
-        // A single position has nothing for them to split, so a decode step runs on
-        // the caller's thread and saves the two wake-ups.
-        let one_position = matches!(jobs, [(h, _)] if h.dims3().is_ok_and(|(b, s, _)| b * s == 1));
-        if one_position || rayon::current_thread_index().is_some() {
-            self.forward_in_pool(jobs)
-        } else {
-            candle_core::utils::with_threadpool(|| self.forward_in_pool(jobs))
-        }
-    }
-
-    fn forward_in_pool(
         &self,
         jobs: &mut [(&Tensor, &mut ShardCache)],
     ) -> Result<Vec<Tensor>, ForwardError> {

@@ -1,7 +1,6 @@
 //! The compute worker: a dedicated thread that runs shard forwards, fed by a bounded
-//! queue, so candle's compute never runs on (or blocks) the async runtime. The thread
-//! belongs to a compute pool of its own, so a forward starts on it directly instead of
-//! being handed to another pool's thread and back (two thread wake-ups per step).
+//! queue, so candle's compute never runs on (or blocks) the async runtime. The
+//! forward's parallel parts spread from it over the compute threads.
 //!
 //! Continuous batching: whenever the worker takes a job it also takes every job that
 //! is already waiting (up to [`MAX_BATCH`]) and runs the steps of different sessions
@@ -45,9 +44,6 @@ pub struct WorkerStopped;
 #[derive(Clone)]
 pub struct ComputeQueue {
     jobs: mpsc::Sender<ComputeJob>,
-    /// The worker's pool, kept while the queue lives (the worker runs on one of its
-    /// threads and shares work with the others).
-    _pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 /// Whether to wait for more steps before computing: while fewer have arrived than the
@@ -145,28 +141,24 @@ fn work(shard: &Shard, mut receiver: mpsc::Receiver<ComputeJob>) {
 }
 
 impl ComputeQueue {
-    /// Starts the worker on a pool of its own (as many threads as the compute
-    /// threads setting; the worker occupies one). `capacity` bounds queued jobs: with
-    /// one step in flight per session, the session limit is the natural size.
+    /// Starts the worker on a thread of its own. `capacity` bounds queued jobs: with
+    /// one step in flight per session, the session limit is the natural size. If the
+    /// worker stops (a panic), its queue reports [`WorkerStopped`] and the process
+    /// goes on.
     pub fn start(shard: Arc<Shard>, capacity: usize) -> Self {
         let (jobs, receiver) = mpsc::channel::<ComputeJob>(capacity.max(1));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|i| format!("allmende-compute-{i}"))
-            // As a plain thread would: the worker stops, its queue reports
-            // `WorkerStopped`, the process goes on.
-            .panic_handler(|_| tracing::error!("the compute worker stopped on a panic"))
-            .build();
-        let pool = match pool {
-            Ok(pool) => {
-                pool.spawn(move || work(&shard, receiver));
-                Some(Arc::new(pool))
-            }
-            Err(e) => {
-                tracing::error!("cannot start the compute threads: {e}");
-                None
-            }
-        };
-        Self { jobs, _pool: pool }
+        let worker = std::thread::Builder::new()
+            .name("allmende-compute".into())
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| work(&shard, receiver));
+                if std::panic::catch_unwind(run).is_err() {
+                    tracing::error!("the compute worker stopped on a panic");
+                }
+            });
+        if let Err(e) = worker {
+            tracing::error!("cannot start the compute thread: {e}");
+        }
+        Self { jobs }
     }
 
     /// Runs `hidden` through the session's layers; returns the cache with the result.

@@ -60,7 +60,7 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
         stride: usize,
     );
     /// As [`WeightBlock::tile_avx2`] with Arm's 128-bit vectors, for any number of
-    /// tokens (one at a time).
+    /// tokens.
     ///
     /// # Safety
     /// The CPU must support Advanced SIMD (NEON).

@@ -170,8 +170,9 @@ mod neon {
     use super::{quad, Acts, GroupQ4_1};
     use crate::model::kernels::half_neon::f16x4_to_f32;
 
-    /// Most tokens per pass over a group's blocks (their accumulators, four vectors
-    /// each, stay in registers).
+    /// Most tokens per pass over a group's blocks: the block's weights are unpacked
+    /// once for them (each token's accumulators are four vectors; not tuned on Arm
+    /// hardware).
     const TOKENS: usize = 4;
 
     /// A group of rows against every token of `acts` into `out[t * stride + row]`.
