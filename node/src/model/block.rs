@@ -39,7 +39,12 @@ impl RmsNorm {
                 x.dims()
             );
         }
-        let out = super::with_values(x, |values| self.rows(values))?;
+        let size = self.weight.len();
+        let out = super::with_values(x, |values| {
+            super::map_rows(values, (size, size), NORM_ROWS_PER_TASK, |x, y| {
+                rms_norm(x, &self.weight, self.eps, y)
+            })
+        })?;
         Tensor::from_vec(out, x.dims(), &candle_core::Device::Cpu)
     }
 
@@ -48,28 +53,6 @@ impl RmsNorm {
         let sum = add(x, y)?;
         let normed = self.forward(&sum)?;
         Ok((sum, normed))
-    }
-
-    /// The norms of `values`, whole rows of the weight's size.
-    fn rows(&self, values: &[f32]) -> Vec<f32> {
-        let size = self.weight.len();
-        let mut out = vec![0f32; values.len()];
-        let norm = |x: &[f32], y: &mut [f32]| rms_norm(x, &self.weight, self.eps, y);
-        let task = NORM_ROWS_PER_TASK * size;
-        if values.len() <= task {
-            norm(values, &mut out);
-            return out;
-        }
-        let tasks: Vec<&[f32]> = values.chunks(task).collect();
-        let parts = super::parallel_map(&tasks, |x| {
-            let mut y = vec![0f32; x.len()];
-            norm(x, &mut y);
-            y
-        });
-        for (y, part) in out.chunks_mut(task).zip(parts) {
-            y.copy_from_slice(&part);
-        }
-        out
     }
 }
 
@@ -213,10 +196,9 @@ impl Mlp {
     }
 }
 
-/// From this many rows on, SwiGLU is split over the compute threads; fewer run on the
-/// calling thread (a row takes about a tenth of a microsecond, less than handing work
-/// to another thread and back).
-const PARALLEL_SWIGLU_ROWS: usize = 16;
+/// Rows per task when SwiGLU is split over the compute threads; up to this many rows
+/// run on the calling thread alone (a row takes about a tenth of a microsecond).
+const SWIGLU_ROWS_PER_TASK: usize = 16;
 
 /// `silu(gate) × up` for `[..., gate ‖ up]` (two halves of the last dimension), in one
 /// pass ([`kernels::swiglu`](super::kernels::swiglu)).
@@ -231,24 +213,12 @@ fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     };
     let simd = Simd::in_use();
     let values = super::with_values(gate_up, |values| {
-        let rows: Vec<&[f32]> = values.chunks_exact(2 * ff).collect();
-        let one = |row: &[f32], y: &mut [f32]| {
-            let (gate, up) = row.split_at(ff);
-            swiglu_row(gate, up, y, simd);
-        };
-        if rows.len() >= PARALLEL_SWIGLU_ROWS {
-            let each = |row: &&[f32]| {
-                let mut y = vec![0f32; ff];
-                one(row, &mut y);
-                y
-            };
-            return super::parallel_map(&rows, each).concat();
-        }
-        let mut out = vec![0f32; rows.len() * ff];
-        for (row, y) in rows.iter().zip(out.chunks_exact_mut(ff)) {
-            one(row, y);
-        }
-        out
+        super::map_rows(values, (2 * ff, ff), SWIGLU_ROWS_PER_TASK, |x, y| {
+            for (row, y) in x.chunks_exact(2 * ff).zip(y.chunks_exact_mut(ff)) {
+                let (gate, up) = row.split_at(ff);
+                swiglu_row(gate, up, y, simd);
+            }
+        })
     })?;
     Tensor::from_vec(values, dims, &candle_core::Device::Cpu)
 }

@@ -120,6 +120,31 @@ pub fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -
         .collect()
 }
 
+/// `f` over `values` cut into rows of `width_in` values, each giving a row of
+/// `width_out` values, all in one vector: on the calling thread for up to `per_task`
+/// rows, else in tasks of `per_task` rows over candle's compute threads (fewer rows
+/// take less time than handing work to another thread and back). `f` gets whole rows
+/// and room for their outputs.
+pub fn map_rows(
+    values: &[f32],
+    (width_in, width_out): (usize, usize),
+    per_task: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let rows = values.len() / width_in.max(1);
+    let values = &values[..rows * width_in];
+    let run = |x: &[f32]| {
+        let mut y = vec![0f32; x.len() / width_in.max(1) * width_out];
+        f(x, &mut y);
+        y
+    };
+    if rows <= per_task.max(1) {
+        return run(values);
+    }
+    let tasks: Vec<&[f32]> = values.chunks(per_task * width_in).collect();
+    parallel_map(&tasks, |x| run(x)).concat()
+}
+
 /// Errors of one forward pass: bad input from a caller, or a compute failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
