@@ -9,71 +9,62 @@
 //! its arithmetic: one thread for decode steps while the others waited, and for
 //! prompts score matrices of positions² × heads to allocate, clear and mask.
 
-use std::ops::Deref;
-
-use candle_core::{bail, Device, Layout, Result, Storage, Tensor};
+use candle_core::{bail, Result};
 
 use super::kernels::attend::{self, Partial, Rows, CHUNK};
 use super::kernels::Simd;
+use super::kv_cache::KvView;
 
-/// One new position: `q` is `[batch, heads, 1, head_dim]`; `k`, `v` are `[batch,
-/// kv_heads, positions, head_dim]`, the cache it sees (views into it, ending with its
-/// own position); query head `h` attends with KV head `h / (heads / kv_heads)`.
-pub type Step<'a> = (&'a Tensor, &'a Tensor, &'a Tensor);
+/// One new position: `q` holds its queries, `[batch, heads, head_dim]`; `cache` is the
+/// history it sees (ending with its own position). Query head `h` attends with KV
+/// head `h / (heads / kv_heads)`.
+#[derive(Clone, Copy)]
+pub struct Step<'a> {
+    pub q: &'a [f32],
+    pub heads: usize,
+    pub cache: KvView<'a>,
+}
 
 /// Most tasks (and chunk results, ~1 KB each) in one round over the compute threads:
 /// bounds the memory of a long prompt (a 4,096-position prompt has 200,000 tasks per
 /// layer).
 const MAX_TASKS_PER_ROUND: usize = 8192;
 
-/// The attention of each step, `[batch, 1, heads × head_dim]`, all of their heads
-/// spread over the compute threads.
-pub fn single_positions(steps: &[Step<'_>]) -> Result<Vec<Tensor>> {
-    let checked: Vec<Checked<_>> = steps
-        .iter()
-        .map(|&(q, k, v)| check(q, k, v))
-        .collect::<Result<_>>()?;
+/// The attention of each step, `[batch, heads × head_dim]`, all of their heads spread
+/// over the compute threads.
+pub fn single_positions(steps: &[Step<'_>]) -> Result<Vec<Vec<f32>>> {
+    for step in steps {
+        check(step)?;
+    }
     let simd = Simd::in_use();
-    let mut outputs = Vec::with_capacity(checked.len());
-    let mut rest = &checked[..];
+    let mut outputs = Vec::with_capacity(steps.len());
+    let mut rest = steps;
     while !rest.is_empty() {
         // As many steps as fit in a round (at least one).
         let (mut take, mut tasks) = (0, 0);
         while take < rest.len()
-            && (take == 0 || tasks + rest[take].task_count() <= MAX_TASKS_PER_ROUND)
+            && (take == 0 || tasks + task_count(&rest[take]) <= MAX_TASKS_PER_ROUND)
         {
-            tasks += rest[take].task_count();
+            tasks += task_count(&rest[take]);
             take += 1;
         }
         let (round, later) = rest.split_at(take);
         rest = later;
         let mut tasks = Vec::with_capacity(tasks);
         for step in round {
-            step.tasks(&mut tasks)?;
+            push_tasks(step, &mut tasks);
         }
         let partials = super::parallel_map(&tasks, |t| {
             attend::partial(t.q, t.hd, t.keys, t.values, t.scale, simd)
         });
         let mut partials: &[Partial] = &partials;
         for step in round {
-            let (mine, others) = partials.split_at(step.task_count());
+            let (mine, others) = partials.split_at(task_count(step));
             partials = others;
-            outputs.push(step.merge(mine)?);
+            outputs.push(merge(step, mine));
         }
     }
     Ok(outputs)
-}
-
-/// A step whose shapes fit, with its cache read-locked for the computation.
-struct Checked<'a, G> {
-    q: Vec<f32>,
-    k: (G, &'a Layout),
-    v: (G, &'a Layout),
-    b: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    positions: usize,
 }
 
 /// The query heads of one KV head of one batch row, over one chunk of positions.
@@ -85,116 +76,91 @@ struct Task<'a> {
     scale: f32,
 }
 
-/// `q`, `k`, `v` checked, their cache storage locked for reading.
-fn check<'a>(
-    q: &'a Tensor,
-    k: &'a Tensor,
-    v: &'a Tensor,
-) -> Result<Checked<'a, impl Deref<Target = Storage> + 'a>> {
-    let (b, nh, one, hd) = q.dims4()?;
-    let (kb, nkv, positions, khd) = k.dims4()?;
-    if one != 1 || kb != b || khd != hd || v.dims4()? != (b, nkv, positions, hd) {
+fn check(step: &Step<'_>) -> Result<()> {
+    let c = &step.cache;
+    let (b, nkv, hd) = (c.shape.batch, c.shape.kv_heads, c.shape.head_dim);
+    if step.q.len() != b * step.heads * hd {
         bail!(
-            "attention shapes do not fit: q {:?}, k {:?}, v {:?}",
-            q.dims(),
-            k.dims(),
-            v.dims()
+            "{} query values do not fit {b} × {} heads of {hd}",
+            step.q.len(),
+            step.heads
         );
     }
-    if nkv == 0 || nh % nkv != 0 {
-        bail!("{nh} query heads cannot share {nkv} key/value heads");
+    if nkv == 0 || step.heads % nkv != 0 {
+        bail!(
+            "{} query heads cannot share {nkv} key/value heads",
+            step.heads
+        );
     }
-    if positions == 0 || hd == 0 {
+    if c.positions == 0 || hd == 0 {
         bail!("attention over an empty cache");
     }
-    Ok(Checked {
-        q: q.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-        k: k.storage_and_layout(),
-        v: v.storage_and_layout(),
-        b,
-        nh,
-        nkv,
-        hd,
-        positions,
-    })
+    let rows = b * nkv * c.capacity * hd;
+    if c.positions > c.capacity || c.k.len() < rows || c.v.len() < rows {
+        bail!(
+            "the cache's keys and values do not hold {} positions",
+            c.positions
+        );
+    }
+    Ok(())
 }
 
-impl<G: Deref<Target = Storage>> Checked<'_, G> {
-    /// Tasks of this step: one per batch row, KV head and chunk of positions.
-    fn task_count(&self) -> usize {
-        self.b * self.nkv * self.positions.div_ceil(CHUNK)
-    }
+/// Tasks of a step: one per batch row, KV head and chunk of positions.
+fn task_count(step: &Step<'_>) -> usize {
+    let c = &step.cache;
+    c.shape.batch * c.shape.kv_heads * c.positions.div_ceil(CHUNK)
+}
 
-    /// The step's output from its tasks' results, in task order.
-    fn merge(&self, partials: &[Partial]) -> Result<Tensor> {
-        let chunks = self.positions.div_ceil(CHUNK);
-        let mut out = vec![0f32; self.b * self.nh * self.hd];
-        let group_len = self.nh / self.nkv * self.hd;
-        for (y, parts) in out.chunks_exact_mut(group_len).zip(partials.chunks(chunks)) {
-            attend::merge(parts, y);
-        }
-        Tensor::from_vec(out, (self.b, 1, self.nh * self.hd), &Device::Cpu)
+/// The step's output from its tasks' results, in task order.
+fn merge(step: &Step<'_>, partials: &[Partial]) -> Vec<f32> {
+    let chunks = step.cache.positions.div_ceil(CHUNK);
+    let mut out = vec![0f32; step.q.len()];
+    let group_len = step.heads / step.cache.shape.kv_heads * step.cache.shape.head_dim;
+    for (y, parts) in out.chunks_exact_mut(group_len).zip(partials.chunks(chunks)) {
+        attend::merge(parts, y);
     }
+    out
+}
 
-    /// This step's tasks, by batch row, KV head and chunk, appended to `tasks`.
-    fn tasks<'s>(&'s self, tasks: &mut Vec<Task<'s>>) -> Result<()> {
-        let group = self.nh / self.nkv * self.hd;
-        let scale = 1.0 / (self.hd as f32).sqrt();
-        let (keys, ks) = cache_rows(&self.k, self.positions)?;
-        let (values, vs) = cache_rows(&self.v, self.positions)?;
-        for bi in 0..self.b {
-            for g in 0..self.nkv {
-                let rows = |base: Rows<'s>, s: [usize; 2]| Rows {
-                    start: base.start + bi * s[0] + g * s[1],
-                    ..base
+/// A step's tasks, by batch row, KV head and chunk, appended to `tasks`.
+fn push_tasks<'s>(step: &Step<'s>, tasks: &mut Vec<Task<'s>>) {
+    let c = step.cache;
+    let (hd, nkv) = (c.shape.head_dim, c.shape.kv_heads);
+    let group = step.heads / nkv * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for bi in 0..c.shape.batch {
+        for g in 0..nkv {
+            let rows = |data| Rows {
+                data,
+                start: c.offset(bi, g),
+                stride: hd,
+                count: c.positions,
+            };
+            for first in (0..c.positions).step_by(CHUNK) {
+                let n = CHUNK.min(c.positions - first);
+                let cut = |r: Rows<'s>| Rows {
+                    count: n,
+                    ..r.skip(first)
                 };
-                for first in (0..self.positions).step_by(CHUNK) {
-                    let n = CHUNK.min(self.positions - first);
-                    let cut = |r: Rows<'s>| Rows {
-                        count: n,
-                        ..r.skip(first)
-                    };
-                    tasks.push(Task {
-                        q: &self.q[(bi * self.nkv + g) * group..][..group],
-                        hd: self.hd,
-                        keys: cut(rows(keys, ks)),
-                        values: cut(rows(values, vs)),
-                        scale,
-                    });
-                }
+                tasks.push(Task {
+                    q: &step.q[(bi * nkv + g) * group..][..group],
+                    hd,
+                    keys: cut(rows(c.k)),
+                    values: cut(rows(c.v)),
+                    scale,
+                });
             }
         }
-        Ok(())
     }
-}
-
-/// A cache view as rows of `head_dim` contiguous values (those of batch row 0, KV
-/// head 0), and its strides for batch rows and KV heads.
-fn cache_rows<'s, G: Deref<Target = Storage>>(
-    (storage, layout): &'s (G, &Layout),
-    positions: usize,
-) -> Result<(Rows<'s>, [usize; 2])> {
-    let Storage::Cpu(cpu) = &**storage else {
-        bail!("the cache is not in main memory");
-    };
-    let s = layout.stride();
-    if s[3] != 1 {
-        bail!("cache rows are not contiguous");
-    }
-    let rows = Rows {
-        data: cpu.as_slice::<f32>()?,
-        start: layout.start_offset(),
-        stride: s[2],
-        count: positions,
-    };
-    Ok((rows, [s[0], s[1]]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kv_cache::KvShape;
+    use candle_core::{Device, Tensor};
 
-    /// The same attention as candle operations, as the model computes it for prompts.
+    /// The same attention as candle operations.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Tensor {
         let (b, nh, _, hd) = q.dims4().unwrap();
         let nkv = nh / n_rep;
@@ -204,8 +170,12 @@ mod tests {
         probs
             .matmul(&v.contiguous().unwrap())
             .unwrap()
-            .reshape((b, 1, nh * hd))
+            .reshape((b, nh * hd))
             .unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
     #[test]
@@ -217,53 +187,103 @@ mod tests {
             (1, 6, 2, 300, 20, 512),
         ] {
             let q = Tensor::randn(0f32, 1.0, (b, nh, 1, hd), dev).unwrap();
-            // Views into larger caches, as ShardCache hands them out.
+            // Caches larger than what is filled, as ShardCache keeps them.
             let kc = Tensor::randn(0f32, 1.0, (b, nkv, capacity, hd), dev).unwrap();
             let vc = Tensor::randn(0f32, 1.0, (b, nkv, capacity, hd), dev).unwrap();
+            let (kv, vv, qv) = (values(&kc), values(&vc), values(&q));
+            let cache = KvView {
+                k: &kv,
+                v: &vv,
+                shape: KvShape {
+                    batch: b,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                },
+                capacity,
+                positions,
+            };
+            let step = Step {
+                q: &qv,
+                heads: nh,
+                cache,
+            };
+            let ours = single_positions(&[step]).unwrap().remove(0);
             let k = kc.narrow(2, 0, positions).unwrap();
             let v = vc.narrow(2, 0, positions).unwrap();
-            let ours = single_positions(&[(&q, &k, &v)]).unwrap().remove(0);
-            let theirs = reference(&q, &k, &v, nh / nkv);
-            let a = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let c = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for (x, y) in a.iter().zip(&c) {
+            let theirs = values(&reference(&q, &k, &v, nh / nkv));
+            assert_eq!(ours.len(), theirs.len());
+            for (x, y) in ours.iter().zip(&theirs) {
                 assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
             }
         }
     }
 
+    fn shape(kv_heads: usize, head_dim: usize) -> KvShape {
+        KvShape {
+            batch: 1,
+            kv_heads,
+            head_dim,
+        }
+    }
+
     #[test]
     fn many_steps_run_in_rounds_with_the_same_results() {
-        let dev = &Device::Cpu;
-        let step = |i: usize| {
-            let t = |n: usize| {
-                (Tensor::ones((1, n, 1, 16), candle_core::DType::F32, dev).unwrap() * i as f64)
-                    .unwrap()
-            };
-            (t(6), t(3), t(3))
-        };
-        // 3,000 steps × 3 KV heads: more tasks than one round takes.
-        let steps: Vec<_> = (0..3000).map(step).collect();
+        // 3,000 steps × 3 KV heads: more tasks than one round takes. Step `i` has
+        // every query, key and value equal to `i`, so its output is all `i`.
+        let data: Vec<(Vec<f32>, Vec<f32>)> = (0..3000)
+            .map(|i| (vec![i as f32; 6 * 16], vec![i as f32; 3 * 16]))
+            .collect();
+        let steps: Vec<Step> = data
+            .iter()
+            .map(|(q, kv)| Step {
+                q,
+                heads: 6,
+                cache: KvView {
+                    k: kv,
+                    v: kv,
+                    shape: shape(3, 16),
+                    capacity: 1,
+                    positions: 1,
+                },
+            })
+            .collect();
         assert!(steps.len() * 3 > MAX_TASKS_PER_ROUND);
-        let refs: Vec<Step> = steps.iter().map(|(q, k, v)| (q, k, v)).collect();
-        let together = single_positions(&refs).unwrap();
+        let together = single_positions(&steps).unwrap();
         assert_eq!(together.len(), steps.len());
         for i in [0, 2730, 2731, 2999] {
-            let alone = single_positions(&refs[i..=i]).unwrap().remove(0);
-            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(bits(&together[i]), bits(&alone), "step {i}");
-            assert!(bits(&alone).iter().all(|&y| y == i as f32));
+            let alone = single_positions(&steps[i..=i]).unwrap().remove(0);
+            assert_eq!(together[i], alone, "step {i}");
+            assert!(alone.iter().all(|&y| y == i as f32));
         }
     }
 
     #[test]
     fn refuses_shapes_that_do_not_fit() {
-        let dev = &Device::Cpu;
-        let q = Tensor::zeros((1, 4, 1, 8), candle_core::DType::F32, dev).unwrap();
-        let k = Tensor::zeros((1, 3, 5, 8), candle_core::DType::F32, dev).unwrap();
-        assert!(single_positions(&[(&q, &k, &k)]).is_err());
-        let q2 = Tensor::zeros((1, 4, 2, 8), candle_core::DType::F32, dev).unwrap();
-        let k2 = Tensor::zeros((1, 2, 5, 8), candle_core::DType::F32, dev).unwrap();
-        assert!(single_positions(&[(&q2, &k2, &k2)]).is_err());
+        let (q, kv) = (vec![0f32; 4 * 8], vec![0f32; 3 * 5 * 8]);
+        let cache = KvView {
+            k: &kv,
+            v: &kv,
+            shape: shape(3, 8),
+            capacity: 5,
+            positions: 5,
+        };
+        let step = |q, heads, cache| Step { q, heads, cache };
+        // Four query heads cannot share three KV heads.
+        assert!(single_positions(&[step(&q, 4, cache)]).is_err());
+        // Too few query values for six heads.
+        assert!(single_positions(&[step(&q, 6, cache)]).is_err());
+        // More positions than the cache holds.
+        let q6 = vec![0f32; 6 * 8];
+        let long = KvView {
+            positions: 6,
+            ..cache
+        };
+        assert!(single_positions(&[step(&q6, 6, long)]).is_err());
+        let short = KvView {
+            k: &kv[..10],
+            ..cache
+        };
+        assert!(single_positions(&[step(&q6, 6, short)]).is_err());
+        assert!(single_positions(&[step(&q6, 6, cache)]).is_ok());
     }
 }

@@ -4,11 +4,12 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::QTensor;
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
+use super::attention::Step;
 use super::gguf::{self, GgufFile};
 use super::kernels::{rms_norm, swiglu as swiglu_row, Linear, Simd, Stacked};
-use super::kv_cache::ShardCache;
+use super::kv_cache::{KvShape, ShardCache};
 use super::rope::Rope;
 use super::{LlamaConfig, ModelError};
 
@@ -232,97 +233,105 @@ impl Attention {
         rope: &Rope,
     ) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?;
-        // Each sequence's rows rotated and appended to its cache, then the attention
-        // of every new position (against its causal prefix of the cache) of every
-        // sequence at once across the compute threads: a prompt's positions and a
-        // batch's decode steps alike, with the same arithmetic as one decode step.
-        // Several sequences (a batch of decode steps) on every compute thread: each is
-        // a few microseconds of bookkeeping that would otherwise run alone. If one
-        // fails, the others have still written this layer's rows past their caches'
-        // ends; no cache advances (the forward fails), so the next step overwrites them.
-        let rotate = |part: &mut Part<'_>| {
-            let rows = qkv.narrow(1, part.start, part.len)?;
-            self.rotate_and_cache(&rows, part, layer, rope)
-        };
-        let inputs = match parts {
-            [part] => vec![rotate(part)?],
-            parts => {
-                let slots: Vec<Mutex<&mut Part<'_>>> = parts.iter_mut().map(Mutex::new).collect();
-                super::parallel_map(&slots, |slot| {
-                    // Each slot is locked once, by one thread: never contended.
-                    let mut part = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    rotate(&mut part)
-                })
-                .into_iter()
-                .collect::<Result<Vec<_>>>()?
-            }
-        };
-        let mut views = Vec::with_capacity(x.dim(1)?);
-        for (q, k, v) in &inputs {
-            let (seq, filled) = (q.dim(2)?, k.dim(2)?);
-            for t in 0..seq {
-                // Position `filled - seq + t` sees the cache up to itself.
-                let visible = filled - seq + t + 1;
-                views.push((
-                    q.narrow(2, t, 1)?,
-                    k.narrow(2, 0, visible)?,
-                    v.narrow(2, 0, visible)?,
-                ));
-            }
-        }
-        let steps: Vec<_> = views.iter().map(|(q, k, v)| (q, k, v)).collect();
-        let mut ys = super::attention::single_positions(&steps)?;
-        let y = match ys.len() {
-            1 => ys.remove(0),
-            _ => Tensor::cat(&ys, 1)?,
-        };
-        self.wo.forward(&y)
-    }
-
-    /// One sequence's Q, K and V side by side (`[batch, seq, (heads + 2 kv_heads) ×
-    /// head_dim]`) as heads, `[batch, heads, seq, head_dim]`, with RoPE applied to Q
-    /// and K, and K, V appended to its cache: returns Q and the cache's keys and values
-    /// so far. One pass over the values instead of a copy per split, transpose and
-    /// rotation.
-    fn rotate_and_cache(
-        &self,
-        qkv: &Tensor,
-        part: &mut Part<'_>,
-        layer: usize,
-        rope: &Rope,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, seq, width) = qkv.dims3()?;
+        let (b, tokens, width) = qkv.dims3()?;
         let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
         if width != (nh + 2 * nkv) * hd {
             candle_core::bail!("Q, K and V expected side by side, got width {width}");
         }
-        let pos = part.cache.len();
-        // Heads `first..first + n` of every row, head-major: `[b, n, seq, hd]`.
-        let heads = |values: &[f32], first: usize, n: usize| {
-            let mut out = Vec::with_capacity(b * n * seq * hd);
-            for bi in 0..b {
-                for h in first..first + n {
-                    for t in 0..seq {
-                        out.extend_from_slice(&values[(bi * seq + t) * width + h * hd..][..hd]);
-                    }
+        let y = super::with_values(&qkv, |values| -> Result<Vec<f32>> {
+            // Each sequence's rows rotated and its keys and values written into its
+            // cache, then the attention of every new position (against its causal
+            // prefix of the cache) of every sequence at once across the compute
+            // threads: a prompt's positions and a batch's decode steps alike, with the
+            // same arithmetic as one decode step. Several sequences (a batch of decode
+            // steps) on every compute thread. If one fails, the others have still
+            // written this layer's rows past their caches' ends; no cache advances
+            // (the forward fails), so the next step overwrites them.
+            let rotate =
+                |part: &mut Part<'_>| self.rotate_and_cache(values, (b, tokens), part, layer, rope);
+            let queries = match &mut *parts {
+                [part] => vec![rotate(part)?],
+                parts => {
+                    let slots: Vec<Mutex<&mut Part<'_>>> =
+                        parts.iter_mut().map(Mutex::new).collect();
+                    super::parallel_map(&slots, |slot| {
+                        // Each slot is locked once, by one thread: never contended.
+                        let mut part = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                        rotate(&mut part)
+                    })
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?
+                }
+            };
+            let d = nh * hd;
+            let mut steps = Vec::with_capacity(tokens);
+            for (part, q) in parts.iter().zip(&queries) {
+                let filled = part.cache.len() + part.len;
+                let cache = part.cache.view(layer, filled)?;
+                for (t, q) in q.chunks_exact(b * d).enumerate() {
+                    // Position `filled - len + t` sees the cache up to itself.
+                    let cache = cache.prefix(filled - part.len + t + 1);
+                    steps.push(Step {
+                        q,
+                        heads: nh,
+                        cache,
+                    });
                 }
             }
-            out
+            let outputs = super::attention::single_positions(&steps)?;
+            // `[batch, tokens, heads × head_dim]`, the parts' tokens in order.
+            let mut y = vec![0f32; b * tokens * d];
+            let tokens_of_parts = parts.iter().flat_map(|p| p.start..p.start + p.len);
+            for (token, out) in tokens_of_parts.zip(&outputs) {
+                for (bi, out) in out.chunks_exact(d).enumerate() {
+                    y[(bi * tokens + token) * d..][..d].copy_from_slice(out);
+                }
+            }
+            Ok(y)
+        })??;
+        self.wo
+            .forward(&Tensor::from_vec(y, (b, tokens, nh * hd), &Device::Cpu)?)
+    }
+
+    /// One sequence's rows of Q, K and V (side by side in `qkv`, `[batch, tokens, (heads
+    /// + 2 kv_heads) × head_dim]`, the sequence's tokens `part.start..` of them): K
+    /// rotated and V written straight into the sequence's cache, Q rotated and
+    /// returned as `[seq, batch, heads, head_dim]`, so that each position's queries
+    /// lie together.
+    fn rotate_and_cache(
+        &self,
+        qkv: &[f32],
+        (b, tokens): (usize, usize),
+        part: &mut Part<'_>,
+        layer: usize,
+        rope: &Rope,
+    ) -> Result<Vec<f32>> {
+        let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
+        let width = (nh + 2 * nkv) * hd;
+        let (start, seq) = (part.start, part.len);
+        if start + seq > tokens || qkv.len() != b * tokens * width {
+            candle_core::bail!("tokens {start}..{} are not among {tokens}", start + seq);
+        }
+        let pos = part.cache.len();
+        let row = |bi: usize, t: usize, head: usize| {
+            &qkv[(bi * tokens + start + t) * width + head * hd..][..hd]
         };
-        let (mut q, mut k, v) = super::with_values(qkv, |values| {
-            (
-                heads(values, 0, nh),
-                heads(values, nh, nkv),
-                heads(values, nh + nkv, nkv),
-            )
-        })?;
-        rope.rotate(&mut q, seq, hd, pos)?;
-        rope.rotate(&mut k, seq, hd, pos)?;
-        let dev = &candle_core::Device::Cpu;
-        let q = Tensor::from_vec(q, (b, nh, seq, hd), dev)?;
-        let k = Tensor::from_vec(k, (b, nkv, seq, hd), dev)?;
-        let v = Tensor::from_vec(v, (b, nkv, seq, hd), dev)?;
-        let (k, v) = part.cache.append(layer, &k, &v)?;
-        Ok((q, k, v))
+        let mut q = vec![0f32; seq * b * nh * hd];
+        for (i, out) in q.chunks_exact_mut(hd).enumerate() {
+            let (t, bi, h) = (i / (b * nh), i / nh % b, i % nh);
+            rope.rotate_into(row(bi, t, h), out, pos + t)?;
+        }
+        let shape = KvShape {
+            batch: b,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
+        part.cache
+            .append_with(layer, shape, seq, |bi, h, t, key, value| {
+                rope.rotate_into(row(bi, t, nh + h), key, pos + t)?;
+                value.copy_from_slice(row(bi, t, nh + nkv + h));
+                Ok(())
+            })?;
+        Ok(q)
     }
 }

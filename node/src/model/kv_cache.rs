@@ -1,26 +1,65 @@
 //! Per-session key/value caches for the layers of one shard.
 //!
-//! Storage grows in chunks of [`CHUNK_POSITIONS`] and is written in place, so a
-//! decode step neither re-allocates nor copies the history; a session that only
-//! ever uses 100 positions never pays for the model's full context.
+//! Storage is plain memory, `[batch, kv_heads, capacity, head_dim]` values per layer
+//! for keys and for values. It grows in chunks of [`CHUNK_POSITIONS`] and is written
+//! in place, so a decode step neither re-allocates nor copies the history, and a
+//! session that only ever uses 100 positions never pays for the model's full
+//! context. New rows are written straight from a layer's Q/K/V product
+//! ([`ShardCache::append_with`]) and attention reads them where they lie
+//! ([`KvView`]): no tensor operation per session and layer.
 
 use allmende_protocol::LayerRange;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{bail, Result};
 
 /// Positions added each time a cache grows.
 pub const CHUNK_POSITIONS: usize = 256;
 
-/// Keys and values of one layer: `[batch, kv_heads, capacity, head_dim]`, of which
-/// the first `len` positions along dim 2 are filled.
+/// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]` each.
 struct LayerKv {
-    k: Tensor,
-    v: Tensor,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The shape of a session's cached rows: batch rows, KV heads and head size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub batch: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One layer's cached keys and values as attention reads them: `positions` filled
+/// rows of each (batch row, KV head), `capacity` rows apart.
+#[derive(Clone, Copy)]
+pub struct KvView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub shape: KvShape,
+    pub capacity: usize,
+    pub positions: usize,
+}
+
+impl KvView<'_> {
+    /// Where the rows of batch row `b`, KV head `h` start.
+    pub fn offset(&self, b: usize, h: usize) -> usize {
+        (b * self.shape.kv_heads + h) * self.capacity * self.shape.head_dim
+    }
+
+    /// The first `positions` rows only (a prompt's position sees its causal prefix).
+    pub fn prefix(self, positions: usize) -> Self {
+        Self {
+            positions: positions.min(self.positions),
+            ..self
+        }
+    }
 }
 
 /// The KV caches of one session for the layers `range` of a shard.
 pub struct ShardCache {
     range: LayerRange,
     layers: Vec<Option<LayerKv>>,
+    /// Set by the first append; every later one must match.
+    shape: Option<KvShape>,
     len: usize,
     capacity: usize,
     max_len: usize,
@@ -32,6 +71,7 @@ impl ShardCache {
         Self {
             range,
             layers: (0..range.len()).map(|_| None).collect(),
+            shape: None,
             len: 0,
             capacity: 0,
             max_len,
@@ -76,39 +116,81 @@ impl ShardCache {
             .saturating_mul(CHUNK_POSITIONS)
             .min(self.max_len)
             .max(needed);
-        for layer in self.layers.iter_mut().flatten() {
-            layer.k = grow(&layer.k, self.len, new_capacity)?;
-            layer.v = grow(&layer.v, self.len, new_capacity)?;
+        if let Some(shape) = self.shape {
+            let (old, len) = (self.capacity, self.len);
+            for layer in self.layers.iter_mut().flatten() {
+                layer.k = grow(&layer.k, shape, (old, new_capacity), len);
+                layer.v = grow(&layer.v, shape, (old, new_capacity), len);
+            }
         }
         self.capacity = new_capacity;
         Ok(())
     }
 
-    /// Writes `k`, `v` (`[batch, kv_heads, seq, head_dim]`) for `layer` at the current
-    /// position and returns views of the whole filled history, without copying it.
-    pub(crate) fn append(
+    /// Writes `seq` new positions of `layer` after the filled ones (room for them
+    /// must have been reserved): `fill(b, h, t, key, value)` writes the rows of batch
+    /// row `b`, KV head `h`, new position `t` in place.
+    pub(crate) fn append_with(
         &mut self,
         layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let (b, kv_heads, seq, head_dim) = k.dims4()?;
-        let capacity = self.capacity;
-        let kv = match &mut self.layers[layer] {
-            Some(kv) => kv,
-            slot => {
-                let zeros =
-                    || Tensor::zeros((b, kv_heads, capacity, head_dim), DType::F32, &Device::Cpu);
-                slot.insert(LayerKv {
-                    k: zeros()?,
-                    v: zeros()?,
-                })
+        shape: KvShape,
+        seq: usize,
+        mut fill: impl FnMut(usize, usize, usize, &mut [f32], &mut [f32]) -> Result<()>,
+    ) -> Result<()> {
+        match self.shape {
+            Some(known) if known != shape => {
+                bail!("cache rows of shape {shape:?} do not fit the cache's {known:?}")
             }
+            _ => self.shape = Some(shape),
+        }
+        if self.len + seq > self.capacity {
+            bail!(
+                "{seq} positions do not fit the cache ({} of {} used)",
+                self.len,
+                self.capacity
+            );
+        }
+        let (capacity, len, hd) = (self.capacity, self.len, shape.head_dim);
+        let Some(slot) = self.layers.get_mut(layer) else {
+            bail!("layer {layer} is not in this cache");
         };
-        kv.k.slice_set(k, 2, self.len)?;
-        kv.v.slice_set(v, 2, self.len)?;
-        let filled = self.len + seq;
-        Ok((kv.k.narrow(2, 0, filled)?, kv.v.narrow(2, 0, filled)?))
+        let values = shape.batch * shape.kv_heads * capacity * hd;
+        let kv = slot.get_or_insert_with(|| LayerKv {
+            k: vec![0f32; values],
+            v: vec![0f32; values],
+        });
+        for b in 0..shape.batch {
+            for h in 0..shape.kv_heads {
+                let first = ((b * shape.kv_heads + h) * capacity + len) * hd;
+                let keys = kv.k[first..][..seq * hd].chunks_exact_mut(hd);
+                let values = kv.v[first..][..seq * hd].chunks_exact_mut(hd);
+                for (t, (key, value)) in keys.zip(values).enumerate() {
+                    fill(b, h, t, key, value)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `layer`'s keys and values, the first `positions` rows (filled ones and any
+    /// appended since the last [`ShardCache::advance`]).
+    pub(crate) fn view(&self, layer: usize, positions: usize) -> Result<KvView<'_>> {
+        let (Some(shape), Some(Some(kv))) = (self.shape, self.layers.get(layer)) else {
+            bail!("layer {layer} has nothing cached");
+        };
+        if positions == 0 || positions > self.capacity {
+            bail!(
+                "{positions} positions asked of a cache of {}",
+                self.capacity
+            );
+        }
+        Ok(KvView {
+            k: &kv.k,
+            v: &kv.v,
+            shape,
+            capacity: self.capacity,
+            positions,
+        })
     }
 
     /// Marks `seq` positions as written, once every layer has appended them.
@@ -117,11 +199,87 @@ impl ShardCache {
     }
 }
 
-fn grow(t: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
-    let (b, h, _, d) = t.dims4()?;
-    let bigger = Tensor::zeros((b, h, capacity, d), t.dtype(), t.device())?;
-    if len > 0 {
-        bigger.slice_set(&t.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+/// `old` rows per (batch row, KV head) as `capacity.1` rows, the first `len` kept.
+fn grow(old: &[f32], shape: KvShape, (from, to): (usize, usize), len: usize) -> Vec<f32> {
+    let hd = shape.head_dim;
+    let mut bigger = vec![0f32; shape.batch * shape.kv_heads * to * hd];
+    for i in 0..shape.batch * shape.kv_heads {
+        bigger[i * to * hd..][..len * hd].copy_from_slice(&old[i * from * hd..][..len * hd]);
     }
-    Ok(bigger)
+    bigger
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> KvShape {
+        KvShape {
+            batch: 2,
+            kv_heads: 3,
+            head_dim: 4,
+        }
+    }
+
+    /// A row's values name its batch row, head and absolute position.
+    fn row(b: usize, h: usize, pos: usize) -> f32 {
+        (b * 10_000 + h * 1_000 + pos) as f32
+    }
+
+    fn append(cache: &mut ShardCache, layer: usize, seq: usize) {
+        let start = cache.len();
+        cache.reserve(seq).unwrap();
+        cache
+            .append_with(layer, shape(), seq, |b, h, t, k, v| {
+                k.fill(row(b, h, start + t));
+                v.fill(-row(b, h, start + t));
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn keeps_every_row_across_growth() {
+        let mut cache = ShardCache::new(LayerRange::new(0, 2), 1000);
+        // Past two chunk boundaries, in uneven steps.
+        for seq in [1, 200, 60, 1, 300] {
+            for layer in 0..2 {
+                append(&mut cache, layer, seq);
+            }
+            cache.advance(seq);
+        }
+        assert_eq!(cache.len(), 562);
+        assert!(cache.capacity >= 562 && cache.capacity <= 1000);
+        let view = cache.view(1, cache.len()).unwrap();
+        for b in 0..2 {
+            for h in 0..3 {
+                for pos in 0..562 {
+                    let at = view.offset(b, h) + pos * 4;
+                    assert_eq!(view.k[at..at + 4], [row(b, h, pos); 4]);
+                    assert_eq!(view.v[at..at + 4], [-row(b, h, pos); 4]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit() {
+        let mut cache = ShardCache::new(LayerRange::new(0, 1), 8);
+        // Nothing reserved yet.
+        let ok = |_: usize, _: usize, _: usize, _: &mut [f32], _: &mut [f32]| Ok(());
+        assert!(cache.append_with(0, shape(), 1, ok).is_err());
+        cache.reserve(2).unwrap();
+        assert!(
+            cache.append_with(1, shape(), 1, ok).is_err(),
+            "no such layer"
+        );
+        cache.append_with(0, shape(), 2, ok).unwrap();
+        let other = KvShape {
+            kv_heads: 2,
+            ..shape()
+        };
+        assert!(cache.append_with(0, other, 1, ok).is_err(), "another shape");
+        assert!(cache.view(0, 9).is_err());
+        assert!(cache.view(0, 0).is_err());
+    }
 }

@@ -2,11 +2,13 @@
 //! rotation of adjacent pairs (2i, 2i+1). (The GGUF converter permutes Q and K so
 //! that this matches the half-split rotation of the original checkpoint.)
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{bail, Result};
 
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    /// `cos(theta)` and `sin(theta)` per position, `head_dim / 2` values each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
 }
 
 impl Rope {
@@ -15,6 +17,9 @@ impl Rope {
     /// rotation matches llama.cpp to the last bit wherever the libm agrees.
     pub fn new(head_dim: usize, freq_base: f32, max_positions: usize) -> Result<Self> {
         let half = head_dim / 2;
+        if half == 0 {
+            bail!("head size {head_dim} is too small for rotary embeddings");
+        }
         let theta_scale = freq_base.powf(-2.0 / head_dim as f32);
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
@@ -26,39 +31,62 @@ impl Rope {
                 theta *= theta_scale;
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), &Device::Cpu)?,
-        })
+        Ok(Self { cos, sin, half })
     }
 
-    /// Rotates `x`, heads of `seq` positions (the first is `pos`) of `head_dim`
-    /// values each, one after another, in place: the pair `(x0, x1)` becomes
-    /// `(x0 cos - x1 sin, x0 sin + x1 cos)`, as candle's `rope_i` computes it.
-    pub fn rotate(&self, x: &mut [f32], seq: usize, head_dim: usize, pos: usize) -> Result<()> {
-        let half = head_dim / 2;
-        let (_, table_half) = self.cos.dims2()?;
-        if half != table_half || seq == 0 || !x.len().is_multiple_of(seq * head_dim) {
-            candle_core::bail!(
-                "cannot rotate {} values as heads of {seq} × {head_dim}",
-                x.len()
+    /// One head's row `x` (`head_dim` values) rotated for position `pos`, written to
+    /// `out`: the pair `(x0, x1)` becomes `(x0 cos - x1 sin, x0 sin + x1 cos)`, as
+    /// candle's `rope_i` computes it.
+    pub fn rotate_into(&self, x: &[f32], out: &mut [f32], pos: usize) -> Result<()> {
+        let half = self.half;
+        if x.len() != 2 * half || out.len() != 2 * half || (pos + 1) * half > self.cos.len() {
+            bail!(
+                "cannot rotate {} values at position {pos} (head size {}, {} positions)",
+                x.len(),
+                2 * half,
+                self.cos.len() / half
             );
         }
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        super::with_values(&cos, |cos| {
-            super::with_values(&sin, |sin| {
-                for head in x.chunks_exact_mut(seq * head_dim) {
-                    for (t, row) in head.chunks_exact_mut(head_dim).enumerate() {
-                        let (cos, sin) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-                        for ((pair, &c), &s) in row.chunks_exact_mut(2).zip(cos).zip(sin) {
-                            let (x0, x1) = (pair[0], pair[1]);
-                            pair[0] = x0 * c - x1 * s;
-                            pair[1] = x0 * s + x1 * c;
-                        }
-                    }
-                }
-            })
-        })?
+        let (cos, sin) = (
+            &self.cos[pos * half..][..half],
+            &self.sin[pos * half..][..half],
+        );
+        let pairs = x.chunks_exact(2).zip(out.chunks_exact_mut(2));
+        for ((pair, y), (&c, &s)) in pairs.zip(cos.iter().zip(sin)) {
+            let (x0, x1) = (pair[0], pair[1]);
+            y[0] = x0 * c - x1 * s;
+            y[1] = x0 * s + x1 * c;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_as_candle_does() {
+        use candle_core::{Device, Tensor};
+        let (hd, positions) = (8, 5);
+        let rope = Rope::new(hd, 10_000.0, positions).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 2, positions, hd), &Device::Cpu).unwrap();
+        let cos = Tensor::from_vec(rope.cos.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(rope.sin.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
+        let theirs = candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap();
+        let theirs = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, row) in values.chunks_exact(hd).enumerate() {
+            let mut ours = vec![0f32; hd];
+            rope.rotate_into(row, &mut ours, i % positions).unwrap();
+            assert_eq!(ours, theirs[i * hd..][..hd], "row {i}");
+        }
+        let mut out = vec![0f32; hd];
+        assert!(rope
+            .rotate_into(&values[..hd], &mut out, positions)
+            .is_err());
+        assert!(rope
+            .rotate_into(&values[..hd - 2], &mut out[..hd - 2], 0)
+            .is_err());
     }
 }

@@ -319,7 +319,11 @@ mod simd {
     ) {
         let blocks = acts[0].blocks.len();
         let group = &group[..blocks];
-        let acts: [&[ActBlock]; T] = acts.map(|a| &a.blocks[..blocks]);
+        let mut cut: [&[ActBlock]; T] = [&[]; T];
+        for (cut, a) in cut.iter_mut().zip(acts) {
+            *cut = &a.blocks[..blocks];
+        }
+        let acts = cut;
         let mut acc = [_mm256_setzero_ps(); T];
         for (b, x) in group.iter().enumerate() {
             prefetch(x);
@@ -386,7 +390,14 @@ mod simd {
     ) {
         let blocks = acts[0].blocks.len();
         let group = &group[..blocks];
-        let acts: [&[ActBlock]; T] = acts.map(|a| &a.blocks[..blocks]);
+        // A plain loop, not `array::map`: the compiler does not always inline `map`
+        // into this function, and a build where it called it for every group of rows
+        // prefilled about 10% slower (BENCHMARKS.md, step 18).
+        let mut cut: [&[ActBlock]; T] = [&[]; T];
+        for (cut, a) in cut.iter_mut().zip(acts) {
+            *cut = &a.blocks[..blocks];
+        }
+        let acts = cut;
         let low = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); T];
         for (b, x) in group.iter().enumerate() {
@@ -397,17 +408,26 @@ mod simd {
                 (
                     _mm512_cvtph_ps(_mm256_loadu_si256(x.d.as_ptr().cast())),
                     _mm512_cvtph_ps(_mm256_loadu_si256(x.m.as_ptr().cast())),
-                    [0, 1, 2, 3].map(|k| _mm512_loadu_si512(x.qs.as_ptr().add(64 * k).cast())),
+                    {
+                        let load = |k: usize| _mm512_loadu_si512(x.qs.as_ptr().add(64 * k).cast());
+                        [load(0), load(1), load(2), load(3)]
+                    },
                 )
             };
-            // Weights 4e..4e + 4 of every row (e < 8).
-            let w: [__m512i; 8] = std::array::from_fn(|e| {
-                if e < 4 {
-                    _mm512_and_si512(raw[e], low)
-                } else {
-                    _mm512_and_si512(_mm512_srli_epi16(raw[e - 4], 4), low)
-                }
-            });
+            // Weights 4e..4e + 4 of every row (e < 8), spelled out rather than through
+            // `array::from_fn` (see the cut of `acts` above).
+            let lo = |r: __m512i| _mm512_and_si512(r, low);
+            let hi = |r: __m512i| _mm512_and_si512(_mm512_srli_epi16(r, 4), low);
+            let w: [__m512i; 8] = [
+                lo(raw[0]),
+                lo(raw[1]),
+                lo(raw[2]),
+                lo(raw[3]),
+                hi(raw[0]),
+                hi(raw[1]),
+                hi(raw[2]),
+                hi(raw[3]),
+            ];
             for t in 0..T {
                 let y = &acts[t][b];
                 let q = |e: usize| _mm512_set1_epi32(quad(y, e));

@@ -201,8 +201,20 @@ mod simd {
         stride: usize,
     ) {
         let blocks = rows[0].len();
-        let rows: [&[BlockQ8_0]; R] = rows.map(|r| &r[..blocks]);
-        let acts: [&[ActBlock]; T] = acts.map(|a| &a.blocks[..blocks]);
+        let rows = {
+            let mut cut: [&[BlockQ8_0]; R] = [&[]; R];
+            for (cut, x) in cut.iter_mut().zip(rows) {
+                *cut = &x[..blocks];
+            }
+            cut
+        };
+        let acts = {
+            let mut cut: [&[ActBlock]; T] = [&[]; T];
+            for (cut, x) in cut.iter_mut().zip(acts) {
+                *cut = &x.blocks[..blocks];
+            }
+            cut
+        };
         // [group][row][token]: group 0 takes even blocks, group 1 odd ones.
         let mut acc = [[[_mm256_setzero_ps(); T]; R]; 2];
         for b in 0..blocks {
@@ -245,8 +257,20 @@ mod simd {
     ) {
         let blocks = rows[0].len();
         let pairs = blocks / 2;
-        let rows: [&[BlockQ8_0]; R] = rows.map(|r| &r[..blocks]);
-        let act_pairs: [&[ActPair]; T] = acts.map(|a| &a.pairs[..pairs]);
+        let rows = {
+            let mut cut: [&[BlockQ8_0]; R] = [&[]; R];
+            for (cut, x) in cut.iter_mut().zip(rows) {
+                *cut = &x[..blocks];
+            }
+            cut
+        };
+        let act_pairs = {
+            let mut cut: [&[ActPair]; T] = [&[]; T];
+            for (cut, x) in cut.iter_mut().zip(acts) {
+                *cut = &x.pairs[..pairs];
+            }
+            cut
+        };
         let mut acc = [[_mm512_setzero_ps(); T]; R];
         let d_index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         for p in 0..pairs {
