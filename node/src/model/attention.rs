@@ -86,7 +86,7 @@ fn check(step: &Step<'_>) -> Result<()> {
             step.heads
         );
     }
-    if nkv == 0 || step.heads % nkv != 0 {
+    if nkv == 0 || !step.heads.is_multiple_of(nkv) {
         bail!(
             "{} query heads cannot share {nkv} key/value heads",
             step.heads

@@ -293,8 +293,8 @@ impl Attention {
             .forward(&Tensor::from_vec(y, (b, tokens, nh * hd), &Device::Cpu)?)
     }
 
-    /// One sequence's rows of Q, K and V (side by side in `qkv`, `[batch, tokens, (heads
-    /// + 2 kv_heads) × head_dim]`, the sequence's tokens `part.start..` of them): K
+    /// One sequence's rows of Q, K and V (side by side in `qkv`, `[batch, tokens,
+    /// (heads + 2 kv_heads) × head_dim]`, the sequence's tokens `part.start..` of them): K
     /// rotated and V written straight into the sequence's cache, Q rotated and
     /// returned as `[seq, batch, heads, head_dim]`, so that each position's queries
     /// lie together.
