@@ -106,10 +106,10 @@ impl ShardCache {
     }
 
     /// Makes room for `extra` more positions in every layer (growing by whole chunks).
-    pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
+    pub(crate) fn reserve(&mut self, extra: usize) {
         let needed = self.len + extra;
         if needed <= self.capacity {
-            return Ok(());
+            return;
         }
         let new_capacity = needed
             .div_ceil(CHUNK_POSITIONS)
@@ -124,7 +124,6 @@ impl ShardCache {
             }
         }
         self.capacity = new_capacity;
-        Ok(())
     }
 
     /// Writes `seq` new positions of `layer` after the filled ones (room for them
@@ -228,7 +227,7 @@ mod tests {
 
     fn append(cache: &mut ShardCache, layer: usize, seq: usize) {
         let start = cache.len();
-        cache.reserve(seq).unwrap();
+        cache.reserve(seq);
         cache
             .append_with(layer, shape(), seq, |b, h, t, k, v| {
                 k.fill(row(b, h, start + t));
@@ -268,7 +267,7 @@ mod tests {
         // Nothing reserved yet.
         let ok = |_: usize, _: usize, _: usize, _: &mut [f32], _: &mut [f32]| Ok(());
         assert!(cache.append_with(0, shape(), 1, ok).is_err());
-        cache.reserve(2).unwrap();
+        cache.reserve(2);
         assert!(
             cache.append_with(1, shape(), 1, ok).is_err(),
             "no such layer"

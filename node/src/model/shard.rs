@@ -175,7 +175,7 @@ impl Shard {
         for (hidden, cache) in jobs.iter_mut() {
             let seq = hidden.dims()[1];
             cache.set_batch(batch);
-            cache.reserve(seq)?;
+            cache.reserve(seq);
             parts.push(Part {
                 start,
                 len: seq,

@@ -249,6 +249,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     use super::{quad, ActBlock, Acts, GroupQ4_1, GROUP};
+    use crate::model::kernels::driver::cut_each;
 
     /// How far ahead of the group in use to prefetch weights, in bytes: every product
     /// streams its weights from memory once (2,048 and 8,192 were slower here).
@@ -319,11 +320,7 @@ mod simd {
     ) {
         let blocks = acts[0].blocks.len();
         let group = &group[..blocks];
-        let mut cut: [&[ActBlock]; T] = [&[]; T];
-        for (cut, a) in cut.iter_mut().zip(acts) {
-            *cut = &a.blocks[..blocks];
-        }
-        let acts = cut;
+        let acts = cut_each(acts, |a| &a.blocks[..blocks]);
         let mut acc = [_mm256_setzero_ps(); T];
         for (b, x) in group.iter().enumerate() {
             prefetch(x);
@@ -390,14 +387,7 @@ mod simd {
     ) {
         let blocks = acts[0].blocks.len();
         let group = &group[..blocks];
-        // A plain loop, not `array::map`: the compiler does not always inline `map`
-        // into this function, and a build where it called it for every group of rows
-        // prefilled about 10% slower (BENCHMARKS.md, step 18).
-        let mut cut: [&[ActBlock]; T] = [&[]; T];
-        for (cut, a) in cut.iter_mut().zip(acts) {
-            *cut = &a.blocks[..blocks];
-        }
-        let acts = cut;
+        let acts = cut_each(acts, |a| &a.blocks[..blocks]);
         let low = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); T];
         for (b, x) in group.iter().enumerate() {
@@ -415,7 +405,7 @@ mod simd {
                 )
             };
             // Weights 4e..4e + 4 of every row (e < 8), spelled out rather than through
-            // `array::from_fn` (see the cut of `acts` above).
+            // `array::from_fn` (see `cut_each`).
             let lo = |r: __m512i| _mm512_and_si512(r, low);
             let hi = |r: __m512i| _mm512_and_si512(_mm512_srli_epi16(r, 4), low);
             let w: [__m512i; 8] = [

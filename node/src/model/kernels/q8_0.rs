@@ -160,7 +160,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     use super::{ActBlock, Acts, BlockQ8_0};
-    use crate::model::kernels::activations::ActPair;
+    use crate::model::kernels::driver::cut_each;
     use crate::model::kernels::driver::finish;
 
     /// How far ahead of the block in use to prefetch weights, in bytes.
@@ -201,20 +201,8 @@ mod simd {
         stride: usize,
     ) {
         let blocks = rows[0].len();
-        let rows = {
-            let mut cut: [&[BlockQ8_0]; R] = [&[]; R];
-            for (cut, x) in cut.iter_mut().zip(rows) {
-                *cut = &x[..blocks];
-            }
-            cut
-        };
-        let acts = {
-            let mut cut: [&[ActBlock]; T] = [&[]; T];
-            for (cut, x) in cut.iter_mut().zip(acts) {
-                *cut = &x.blocks[..blocks];
-            }
-            cut
-        };
+        let rows = cut_each(rows, |r| &r[..blocks]);
+        let acts = cut_each(acts, |a| &a.blocks[..blocks]);
         // [group][row][token]: group 0 takes even blocks, group 1 odd ones.
         let mut acc = [[[_mm256_setzero_ps(); T]; R]; 2];
         for b in 0..blocks {
@@ -257,20 +245,8 @@ mod simd {
     ) {
         let blocks = rows[0].len();
         let pairs = blocks / 2;
-        let rows = {
-            let mut cut: [&[BlockQ8_0]; R] = [&[]; R];
-            for (cut, x) in cut.iter_mut().zip(rows) {
-                *cut = &x[..blocks];
-            }
-            cut
-        };
-        let act_pairs = {
-            let mut cut: [&[ActPair]; T] = [&[]; T];
-            for (cut, x) in cut.iter_mut().zip(acts) {
-                *cut = &x.pairs[..pairs];
-            }
-            cut
-        };
+        let rows = cut_each(rows, |r| &r[..blocks]);
+        let act_pairs = cut_each(acts, |a| &a.pairs[..pairs]);
         let mut acc = [[_mm512_setzero_ps(); T]; R];
         let d_index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         for p in 0..pairs {
