@@ -1,4 +1,5 @@
-# Starting and stopping local `allmende serve` nodes; sourced by demo.sh.
+# Starting and stopping local `allmende serve` nodes; sourced by demo.sh and
+# trace-hops.sh.
 # The caller sets: bin (the binary), model (the GGUF file), and
 # threads (compute threads per node).
 

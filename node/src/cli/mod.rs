@@ -109,13 +109,9 @@ pub fn share_cores() {
 }
 
 /// The async runtime for networking, with one worker: model compute runs on its own
-/// threads, never on the runtime, and a message costs the runtime tens of
-/// microseconds. With two workers every message that arrives also wakes the second
-/// one, and on cores that the compute threads of the swarm's other processes share
-/// those wake-ups cost more than the work: measured with `allmende bench` (3 nodes
-/// and the client on 2 cores), one worker gave swarm decode 0.75× of local against
-/// 0.69× with two (medians of ten alternating rounds) and 8 sessions 653 tok/s
-/// against 583.
+/// threads, never on the runtime, and a message costs the runtime about 0.1 ms. With
+/// two, every arriving message also woke the second worker: one more context switch
+/// per message on cores the swarm's compute threads share (BENCHMARKS.md, step 19).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
