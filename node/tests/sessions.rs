@@ -44,8 +44,9 @@ async fn a_full_node_says_busy_and_the_client_uses_another_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kv_cache_budget_is_never_over_committed() {
-    // A position costs 2 × 192 floats × 4 B × 30 layers = 45 KiB, so 8 MiB hold 182.
-    let node = Node::start("0..30", None, &["--max-cache-mb", "8"]);
+    // A position costs 2 × 192 values × 2 B (f16) × 30 layers = 22.5 KiB, so 4 MiB
+    // hold 182.
+    let node = Node::start("0..30", None, &["--max-cache-mb", "4"]);
     let client = RawClient::connect(&node).await;
     let everything = LayerRange::new(0, 30);
     let (_first, reply) = client.open(everything, 100).await;
@@ -65,7 +66,7 @@ async fn the_kv_cache_budget_is_never_over_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_leave_no_memory_behind() {
     // Three layers keep the compute cheap; each session still reserves a KV cache of
-    // 256 positions (1.2 MB), so 50 abandoned ones hold about 60 MB until they time out.
+    // 256 positions (0.6 MB), so 50 abandoned ones hold about 30 MB until they time out.
     let node = Node::start(
         "0..3",
         None,

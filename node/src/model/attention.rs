@@ -158,7 +158,8 @@ fn push_tasks<'s>(step: &Step<'s>, tasks: &mut Vec<Task<'s>>) {
 mod tests {
     use super::*;
     use crate::model::kv_cache::KvShape;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
+    use half::f16;
 
     /// The same attention as candle operations.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Tensor {
@@ -178,6 +179,18 @@ mod tests {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
+    /// `t` rounded to f16 and back, as the cache stores it.
+    fn to_f16_values(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::F16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    fn f16s(t: &Tensor) -> Vec<f16> {
+        values(t).into_iter().map(f16::from_f32).collect()
+    }
+
     #[test]
     fn equals_candle_operations_within_rounding() {
         let dev = &Device::Cpu;
@@ -190,7 +203,9 @@ mod tests {
             // Caches larger than what is filled, as ShardCache keeps them.
             let kc = Tensor::randn(0f32, 1.0, (b, nkv, capacity, hd), dev).unwrap();
             let vc = Tensor::randn(0f32, 1.0, (b, nkv, capacity, hd), dev).unwrap();
-            let (kv, vv, qv) = (values(&kc), values(&vc), values(&q));
+            // The cache holds f16; the reference gets the same values.
+            let (kc, vc) = (to_f16_values(&kc), to_f16_values(&vc));
+            let (kv, vv, qv) = (f16s(&kc), f16s(&vc), values(&q));
             let cache = KvView {
                 k: &kv,
                 v: &vv,
@@ -229,9 +244,15 @@ mod tests {
     #[test]
     fn many_steps_run_in_rounds_with_the_same_results() {
         // 3,000 steps × 3 KV heads: more tasks than one round takes. Step `i` has
-        // every query, key and value equal to `i`, so its output is all `i`.
-        let data: Vec<(Vec<f32>, Vec<f32>)> = (0..3000)
-            .map(|i| (vec![i as f32; 6 * 16], vec![i as f32; 3 * 16]))
+        // every query, key and value equal to `i`, so its output is all `i` (as
+        // the f16 cache holds it).
+        let data: Vec<(Vec<f32>, Vec<f16>)> = (0..3000)
+            .map(|i| {
+                (
+                    vec![i as f32; 6 * 16],
+                    vec![f16::from_f32(i as f32); 3 * 16],
+                )
+            })
             .collect();
         let steps: Vec<Step> = data
             .iter()
@@ -253,13 +274,14 @@ mod tests {
         for i in [0, 2730, 2731, 2999] {
             let alone = single_positions(&steps[i..=i]).unwrap().remove(0);
             assert_eq!(together[i], alone, "step {i}");
-            assert!(alone.iter().all(|&y| y == i as f32));
+            let v = f16::from_f32(i as f32).to_f32();
+            assert!(alone.iter().all(|&y| y == v));
         }
     }
 
     #[test]
     fn refuses_shapes_that_do_not_fit() {
-        let (q, kv) = (vec![0f32; 4 * 8], vec![0f32; 3 * 5 * 8]);
+        let (q, kv) = (vec![0f32; 4 * 8], vec![f16::ZERO; 3 * 5 * 8]);
         let cache = KvView {
             k: &kv,
             v: &kv,

@@ -1,23 +1,34 @@
 //! Per-session key/value caches for the layers of one shard.
 //!
 //! Storage is plain memory, `[batch, kv_heads, capacity, head_dim]` values per layer
-//! for keys and for values. It grows in chunks of [`CHUNK_POSITIONS`] and is written
-//! in place, so a decode step neither re-allocates nor copies the history, and a
-//! session that only ever uses 100 positions never pays for the model's full
-//! context. New rows are written straight from a layer's Q/K/V product
-//! ([`ShardCache::append_with`]) and attention reads them where they lie
+//! for keys and for values, in f16 as llama.cpp keeps them: half the bytes of f32 for
+//! attention to read and for a session to hold, and logits closer to llama.cpp's
+//! (`tests/golden.rs`). A row is rounded once, when it is written (to nearest, ties
+//! to even); attention widens it back to f32 exactly. The cache grows in chunks of
+//! [`CHUNK_POSITIONS`] and is written in place, so a decode step neither re-allocates
+//! nor copies the history, and a session that only ever uses 100 positions never pays
+//! for the model's full context. New rows are written straight from a layer's Q/K/V
+//! product ([`ShardCache::append_with`]) and attention reads them where they lie
 //! ([`KvView`]): no tensor operation per session and layer.
 
 use allmende_protocol::LayerRange;
 use candle_core::{bail, Result};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// Positions added each time a cache grows.
 pub const CHUNK_POSITIONS: usize = 256;
 
+/// Bytes a session's cache holds per position and layer: a key row and a value row
+/// of `kv_size` (KV heads × head size) f16 values each.
+pub fn bytes_per_position_and_layer(kv_size: usize) -> u64 {
+    (2 * kv_size * std::mem::size_of::<f16>()) as u64
+}
+
 /// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]` each.
 struct LayerKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<f16>,
+    v: Vec<f16>,
 }
 
 /// The shape of a session's cached rows: batch rows, KV heads and head size.
@@ -32,8 +43,8 @@ pub struct KvShape {
 /// rows of each (batch row, KV head), `capacity` rows apart.
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: &'a [f16],
+    pub v: &'a [f16],
     pub shape: KvShape,
     pub capacity: usize,
     pub positions: usize,
@@ -127,8 +138,8 @@ impl ShardCache {
     }
 
     /// Writes `seq` new positions of `layer` after the filled ones (room for them
-    /// must have been reserved): `fill(b, h, t, key, value)` writes the rows of batch
-    /// row `b`, KV head `h`, new position `t` in place.
+    /// must have been reserved): `fill(b, h, t, key, value)` computes the f32 rows of
+    /// batch row `b`, KV head `h`, new position `t`, which are then stored in f16.
     pub(crate) fn append_with(
         &mut self,
         layer: usize,
@@ -155,16 +166,19 @@ impl ShardCache {
         };
         let values = shape.batch * shape.kv_heads * capacity * hd;
         let kv = slot.get_or_insert_with(|| LayerKv {
-            k: vec![0f32; values],
-            v: vec![0f32; values],
+            k: vec![f16::ZERO; values],
+            v: vec![f16::ZERO; values],
         });
+        let (mut key, mut value) = (vec![0f32; hd], vec![0f32; hd]);
         for b in 0..shape.batch {
             for h in 0..shape.kv_heads {
                 let first = ((b * shape.kv_heads + h) * capacity + len) * hd;
                 let keys = kv.k[first..][..seq * hd].chunks_exact_mut(hd);
                 let values = kv.v[first..][..seq * hd].chunks_exact_mut(hd);
-                for (t, (key, value)) in keys.zip(values).enumerate() {
-                    fill(b, h, t, key, value)?;
+                for (t, (k, v)) in keys.zip(values).enumerate() {
+                    fill(b, h, t, &mut key, &mut value)?;
+                    k.convert_from_f32_slice(&key);
+                    v.convert_from_f32_slice(&value);
                 }
             }
         }
@@ -199,9 +213,9 @@ impl ShardCache {
 }
 
 /// `old` rows per (batch row, KV head) as `capacity.1` rows, the first `len` kept.
-fn grow(old: &[f32], shape: KvShape, (from, to): (usize, usize), len: usize) -> Vec<f32> {
+fn grow(old: &[f16], shape: KvShape, (from, to): (usize, usize), len: usize) -> Vec<f16> {
     let hd = shape.head_dim;
-    let mut bigger = vec![0f32; shape.batch * shape.kv_heads * to * hd];
+    let mut bigger = vec![f16::ZERO; shape.batch * shape.kv_heads * to * hd];
     for i in 0..shape.batch * shape.kv_heads {
         bigger[i * to * hd..][..len * hd].copy_from_slice(&old[i * from * hd..][..len * hd]);
     }
@@ -220,9 +234,10 @@ mod tests {
         }
     }
 
-    /// A row's values name its batch row, head and absolute position.
-    fn row(b: usize, h: usize, pos: usize) -> f32 {
-        (b * 10_000 + h * 1_000 + pos) as f32
+    /// A key row names its absolute position, a value row its batch row and head
+    /// (small integers, exact in f16).
+    fn row(b: usize, h: usize, pos: usize) -> (f32, f32) {
+        (pos as f32, (b * 3 + h) as f32)
     }
 
     fn append(cache: &mut ShardCache, layer: usize, seq: usize) {
@@ -230,8 +245,9 @@ mod tests {
         cache.reserve(seq);
         cache
             .append_with(layer, shape(), seq, |b, h, t, k, v| {
-                k.fill(row(b, h, start + t));
-                v.fill(-row(b, h, start + t));
+                let (key, value) = row(b, h, start + t);
+                k.fill(key);
+                v.fill(value);
                 Ok(())
             })
             .unwrap();
@@ -254,11 +270,38 @@ mod tests {
             for h in 0..3 {
                 for pos in 0..562 {
                     let at = view.offset(b, h) + pos * 4;
-                    assert_eq!(view.k[at..at + 4], [row(b, h, pos); 4]);
-                    assert_eq!(view.v[at..at + 4], [-row(b, h, pos); 4]);
+                    let (key, value) = row(b, h, pos);
+                    assert_eq!(view.k[at..at + 4], [f16::from_f32(key); 4]);
+                    assert_eq!(view.v[at..at + 4], [f16::from_f32(value); 4]);
                 }
             }
         }
+    }
+
+    #[test]
+    fn stores_rows_rounded_to_the_nearest_f16() {
+        let mut cache = ShardCache::new(LayerRange::new(0, 1), 8);
+        cache.reserve(1);
+        // Inexact in f16: a third, a tie (1 + 2^-11 rounds to even, 1), a value past
+        // f16's largest finite one, a subnormal.
+        let key = [1.0 / 3.0, 1.0 + 2f32.powi(-11), 65_519.0, 1e-6];
+        let one = KvShape {
+            batch: 1,
+            kv_heads: 1,
+            head_dim: 4,
+        };
+        cache
+            .append_with(0, one, 1, |_, _, _, k, v| {
+                k.copy_from_slice(&key);
+                v.copy_from_slice(&key.map(|x| -x));
+                Ok(())
+            })
+            .unwrap();
+        cache.advance(1);
+        let view = cache.view(0, 1).unwrap();
+        assert_eq!(view.k[..4], key.map(f16::from_f32));
+        assert_eq!(view.v[..4], key.map(|x| f16::from_f32(-x)));
+        assert_eq!(view.k[1], f16::ONE);
     }
 
     #[test]

@@ -132,8 +132,8 @@ impl ShardServer {
 
     /// KV-cache bytes per position of a session over `layers` layers.
     pub fn kv_bytes_per_position(&self, layers: u32) -> u64 {
-        let cfg = self.shard.config();
-        2 * (cfg.kv_size() * std::mem::size_of::<f32>()) as u64 * layers as u64
+        crate::model::kv_cache::bytes_per_position_and_layer(self.shard.config().kv_size())
+            * layers as u64
     }
 
     /// Sessions currently open.

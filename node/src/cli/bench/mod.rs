@@ -30,6 +30,7 @@ use serde_json::json;
 use crate::client::connect::{connect, RouteOptions};
 use crate::client::Timings;
 use crate::client::{generate, ClientModel, GenerationParams, LocalPipeline, SamplingParams};
+use crate::model::kv_cache::bytes_per_position_and_layer;
 use crate::model::shard::layer_bytes;
 use crate::model::{GgufFile, LlamaConfig, Shard};
 
@@ -421,10 +422,10 @@ async fn client_network(nodes: &[ServeProcess]) -> anyhow::Result<crate::network
     super::swarm::join_as_client(&args).await
 }
 
-/// KV cache bytes of `sessions` sessions of `positions`, summed over all layers (f32
-/// K and V).
+/// KV cache bytes of `sessions` sessions of `positions`, summed over all layers.
 fn kv_bytes(config: &LlamaConfig, positions: usize, sessions: usize) -> u64 {
-    (sessions * positions * config.block_count * 2 * config.kv_size() * 4) as u64
+    (sessions * positions * config.block_count) as u64
+        * bytes_per_position_and_layer(config.kv_size())
 }
 
 /// `kv_all_layers`: KV bytes summed over all layers; each node holds its share.

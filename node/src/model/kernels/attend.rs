@@ -1,5 +1,6 @@
-//! Attention of the query heads that share one KV head over cached keys and values,
-//! in f32: the arithmetic of a decode step's attention. A sequence's positions are cut
+//! Attention of the query heads that share one KV head over cached keys and values
+//! (stored in f16, widened to f32 exactly as they are read), in f32: the arithmetic of
+//! a decode step's attention. A sequence's positions are cut
 //! into chunks of [`CHUNK`] (fixed by position, so a sequence's result does not depend
 //! on its batch or the thread count); each chunk is a task ([`partial`]) and
 //! [`merge`] combines them. Like the matrix kernels, every path performs the same
@@ -21,6 +22,8 @@
 // The SIMD paths are `unsafe` functions called after checking the CPU's features.
 #![allow(unsafe_code)]
 
+use half::f16;
+
 use super::softmax::softmax_rows;
 use super::Simd;
 
@@ -36,7 +39,7 @@ const LANES: usize = 16;
 /// one KV head).
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {
-    pub data: &'a [f32],
+    pub data: &'a [f16],
     pub start: usize,
     pub stride: usize,
     pub count: usize,
@@ -188,15 +191,15 @@ unsafe fn weighted_into(simd: Simd, weights: &[f32], values: Rows, out: &mut [f3
     for (j, &w) in weights.iter().enumerate() {
         let v = &values.data[values.start + j * values.stride..][..out.len()];
         for (y, &v) in out.iter_mut().zip(v) {
-            *y = w.mul_add(v, *y);
+            *y = w.mul_add(v.to_f32(), *y);
         }
     }
 }
 
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+fn dot_portable(a: &[f32], b: &[f16]) -> f32 {
     let mut acc = [0f32; LANES];
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        acc[i % LANES] = x.mul_add(y, acc[i % LANES]);
+        acc[i % LANES] = x.mul_add(y.to_f32(), acc[i % LANES]);
     }
     sum_lanes(acc)
 }
@@ -210,6 +213,28 @@ fn sum_lanes(acc: [f32; LANES]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+
+/// Sixteen cached values from `p`, widened to f32 (exactly).
+///
+/// # Safety
+/// AVX-512F; 16 values readable from `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load16(p: *const f16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+}
+
+/// Eight cached values from `p`, widened to f32 (exactly).
+///
+/// # Safety
+/// F16C; 8 values readable from `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn load8(p: *const f16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+}
 
 /// Four lanes of `quad` summed as [`sum_lanes`] does: `(0 + 2) + (1 + 3)`.
 #[cfg(target_arch = "x86_64")]
@@ -231,7 +256,7 @@ unsafe fn scores_avx512(q: &[f32], keys: Rows, scale: f32, scores: &mut [f32]) {
         let mut acc = _mm512_setzero_ps();
         for c in 0..chunks {
             let qc = _mm512_loadu_ps(q.as_ptr().add(c * LANES));
-            acc = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k.add(c * LANES)), acc);
+            acc = _mm512_fmadd_ps(qc, load16(k.add(c * LANES)), acc);
         }
         let v = _mm256_add_ps(
             _mm512_castps512_ps256(acc),
@@ -263,7 +288,7 @@ unsafe fn weighted_avx512(weights: &[f32], values: Rows, out: &mut [f32]) {
                 base.add(j * values.stride + first * LANES),
             );
             for (c, y) in y.iter_mut().enumerate().take(group) {
-                *y = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(c * LANES)), *y);
+                *y = _mm512_fmadd_ps(w, load16(row.add(c * LANES)), *y);
             }
         }
         for (c, y) in y.iter().enumerate().take(group) {
@@ -312,15 +337,19 @@ unsafe fn group_avx512(
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_ROWS: usize = 8;
 
-/// Requests the `lines` cache lines (16 values each) of the row at `row`.
+/// Cached values in one 64-byte cache line.
+#[cfg(target_arch = "x86_64")]
+const LINE_VALUES: usize = 64 / std::mem::size_of::<f16>();
+
+/// Requests the `lines` cache lines of the row at `row`.
 ///
 /// # Safety
 /// SSE (prefetches never fault, so `row` may point past the cache).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn prefetch_lines(row: *const f32, lines: usize) {
+unsafe fn prefetch_lines(row: *const f16, lines: usize) {
     for c in 0..lines {
-        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(c * LANES) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(c * LINE_VALUES) as *const i8);
     }
 }
 
@@ -342,6 +371,7 @@ unsafe fn scores_heads_avx512<const C: usize>(
 ) {
     let hd = C * LANES;
     let heads = q.len() / hd;
+    let lines = hd.div_ceil(LINE_VALUES);
     let kb = keys.data.as_ptr().add(keys.start);
     let vb = values.data.as_ptr().add(values.start);
     let scale4 = _mm_set1_ps(scale);
@@ -351,10 +381,13 @@ unsafe fn scores_heads_avx512<const C: usize>(
         for (p, row) in rows.iter_mut().enumerate() {
             let k = kb.add((j + p) * keys.stride);
             for (c, v) in row.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(k.add(c * LANES));
+                *v = load16(k.add(c * LANES));
             }
-            prefetch_lines(kb.wrapping_add((j + p + PREFETCH_ROWS) * keys.stride), C);
-            prefetch_lines(vb.wrapping_add((j + p) * values.stride), C);
+            prefetch_lines(
+                kb.wrapping_add((j + p + PREFETCH_ROWS) * keys.stride),
+                lines,
+            );
+            prefetch_lines(vb.wrapping_add((j + p) * values.stride), lines);
         }
         for h in 0..heads {
             let qh = q.as_ptr().add(h * hd);
@@ -445,13 +478,14 @@ unsafe fn weighted_pass<const C: usize, const G: usize>(
     let hd = C * LANES;
     assert!(weights.len() >= (G - 1) * positions + positions && out.len() >= G * hd);
     let vb = values.data.as_ptr().add(values.start);
+    let lines = hd.div_ceil(LINE_VALUES);
     let mut y = [[_mm512_setzero_ps(); C]; G];
     for j in 0..positions {
         let row = vb.add(j * values.stride);
-        prefetch_lines(row.wrapping_add(PREFETCH_ROWS * values.stride), C);
+        prefetch_lines(row.wrapping_add(PREFETCH_ROWS * values.stride), lines);
         let mut v = [_mm512_setzero_ps(); C];
         for (c, v) in v.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(row.add(c * LANES));
+            *v = load16(row.add(c * LANES));
         }
         for (g, y) in y.iter_mut().enumerate() {
             let w = _mm512_set1_ps(*weights.get_unchecked(g * positions + j));
@@ -474,10 +508,10 @@ unsafe fn weighted_pass<const C: usize, const G: usize>(
 /// prefetched meanwhile.
 ///
 /// # Safety
-/// AVX2 and FMA; `hd` a multiple of 16; `keys` and `values` hold `positions` rows of
-/// `hd` values; `scores.len() == q.len() / hd × positions`.
+/// AVX2, FMA and F16C; `hd` a multiple of 16; `keys` and `values` hold `positions`
+/// rows of `hd` values; `scores.len() == q.len() / hd × positions`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_heads_avx2(
     q: &[f32],
     hd: usize,
@@ -487,7 +521,7 @@ unsafe fn scores_heads_avx2(
     positions: usize,
     scores: &mut [f32],
 ) {
-    let lines = hd / LANES;
+    let lines = hd.div_ceil(LINE_VALUES);
     let kb = keys.data.as_ptr().add(keys.start);
     let vb = values.data.as_ptr().add(values.start);
     let full = positions / 4 * 4;
@@ -516,18 +550,18 @@ unsafe fn scores_heads_avx2(
 /// chains of fused multiply-adds, where one position alone waits on two.
 ///
 /// # Safety
-/// AVX2 and FMA; `q.len()` a multiple of 16; the four rows in bounds.
+/// AVX2, FMA and F16C; `q.len()` a multiple of 16; the four rows in bounds.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores4_avx2(q: &[f32], k: *const f32, stride: usize, scale: f32) -> __m128 {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores4_avx2(q: &[f32], k: *const f16, stride: usize, scale: f32) -> __m128 {
     let (mut lo, mut hi) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
     for c in 0..q.len() / LANES {
         let qc = q.as_ptr().add(c * LANES);
         let (ql, qh) = (_mm256_loadu_ps(qc), _mm256_loadu_ps(qc.add(8)));
         for p in 0..4 {
             let kc = k.add(p * stride + c * LANES);
-            lo[p] = _mm256_fmadd_ps(ql, _mm256_loadu_ps(kc), lo[p]);
-            hi[p] = _mm256_fmadd_ps(qh, _mm256_loadu_ps(kc.add(8)), hi[p]);
+            lo[p] = _mm256_fmadd_ps(ql, load8(kc), lo[p]);
+            hi[p] = _mm256_fmadd_ps(qh, load8(kc.add(8)), hi[p]);
         }
     }
     let v = [
@@ -540,9 +574,9 @@ unsafe fn scores4_avx2(q: &[f32], k: *const f32, stride: usize, scale: f32) -> _
 }
 
 /// # Safety
-/// AVX2 and FMA; as [`scores_avx512`].
+/// AVX2, FMA and F16C; as [`scores_avx512`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_avx2(q: &[f32], keys: Rows, scale: f32, scores: &mut [f32]) {
     let chunks = q.len() / LANES;
     let base = keys.data.as_ptr().add(keys.start);
@@ -556,8 +590,8 @@ unsafe fn scores_avx2(q: &[f32], keys: Rows, scale: f32, scores: &mut [f32]) {
         let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for c in 0..chunks {
             let (qc, kc) = (q.as_ptr().add(c * LANES), k.add(c * LANES));
-            lo = _mm256_fmadd_ps(_mm256_loadu_ps(qc), _mm256_loadu_ps(kc), lo);
-            hi = _mm256_fmadd_ps(_mm256_loadu_ps(qc.add(8)), _mm256_loadu_ps(kc.add(8)), hi);
+            lo = _mm256_fmadd_ps(_mm256_loadu_ps(qc), load8(kc), lo);
+            hi = _mm256_fmadd_ps(_mm256_loadu_ps(qc.add(8)), load8(kc.add(8)), hi);
         }
         let v = _mm256_add_ps(lo, hi);
         let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -600,9 +634,9 @@ fn sum_lanes_4x8(v: [__m256; 4]) -> __m128 {
 /// multiply-add units busy; four waited on their latency).
 ///
 /// # Safety
-/// AVX2 and FMA; as [`weighted_avx512`].
+/// AVX2, FMA and F16C; as [`weighted_avx512`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_avx2(weights: &[f32], values: Rows, out: &mut [f32]) {
     let chunks = out.len() / 8;
     let group = [8, 4, 1]
@@ -618,7 +652,7 @@ unsafe fn weighted_avx2(weights: &[f32], values: Rows, out: &mut [f32]) {
         for (j, &w) in weights.iter().enumerate() {
             let (w, row) = (_mm256_set1_ps(w), base.add(j * values.stride + first * 8));
             for (c, y) in y.iter_mut().enumerate().take(group) {
-                *y = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(c * 8)), *y);
+                *y = _mm256_fmadd_ps(w, load8(row.add(c * 8)), *y);
             }
         }
         for (c, y) in y.iter().enumerate().take(group) {
@@ -651,7 +685,13 @@ mod tests {
         simd: Simd,
     ) -> Vec<f32> {
         let q = random(heads * hd, 1);
-        let (k, v) = (random(positions * stride, 2), random(positions * stride, 3));
+        let cached = |seed| -> Vec<f16> {
+            random(positions * stride, seed)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect()
+        };
+        let (k, v) = (cached(2), cached(3));
         let rows = |data| Rows {
             data,
             start: 0,
