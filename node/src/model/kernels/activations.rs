@@ -37,21 +37,17 @@ impl Acts {
     /// Quantizes `x` (whole blocks); `sums`: also the Q8_1 block sums; `pairs`: also
     /// the blocks as [`ActPair`]s.
     pub fn quantize(x: &[f32], sums: bool, pairs: bool) -> Self {
-        let blocks: Vec<ActBlock> = x
-            .chunks_exact(BLOCK)
-            .map(|xs| {
-                let (d, qs) = quantize_block(xs);
-                let s = match sums {
-                    true => f16_round(d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32),
-                    false => 0.0,
-                };
-                ActBlock {
-                    d: f16_round(d),
-                    s,
-                    qs,
-                }
-            })
-            .collect();
+        let mut blocks = Vec::with_capacity(x.len() / BLOCK);
+        #[cfg(target_arch = "x86_64")]
+        let simd = matches!(Simd::cached(), Simd::Avx512 | Simd::Avx2);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        match simd {
+            // SAFETY: the CPU supports AVX2 and F16C (checked at detection).
+            #[cfg(target_arch = "x86_64")]
+            true => unsafe { quantize_blocks_avx2(x, sums, &mut blocks) },
+            _ => quantize_blocks_portable(x, sums, &mut blocks),
+        }
         let pairs = if pairs {
             blocks
                 .chunks(2)
@@ -85,63 +81,95 @@ pub fn f16_round(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
-/// ggml's activation quantization for 32 values (its AVX2 `quantize_row_q8_0/1`):
-/// quants `round_half_even(x × 127 / amax)`, scale `amax / 127`. Returns the scale
-/// unrounded. Both paths give identical results.
-pub fn quantize_block(xs: &[f32]) -> (f32, [i8; BLOCK]) {
-    #[cfg(target_arch = "x86_64")]
-    if xs.len() == BLOCK && matches!(Simd::cached(), Simd::Avx512 | Simd::Avx2) {
-        // SAFETY: the CPU supports AVX2 (checked); `xs` holds 32 values.
-        return unsafe { quantize_avx2(xs) };
-    }
-    quantize_portable(xs)
+/// ggml's activation quantization (its AVX2 `quantize_row_q8_0/1`), for every whole
+/// block of `xs`, appended to `out`: quants `round_half_even(x × 127 / amax)`, scale
+/// `amax / 127` rounded to f16, and with `sums` the scale (unrounded) × the quants'
+/// sum, rounded to f16. [`quantize_blocks_avx2`] gives identical results.
+fn quantize_blocks_portable(xs: &[f32], sums: bool, out: &mut Vec<ActBlock>) {
+    out.extend(xs.chunks_exact(BLOCK).map(|xs| {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut qs = [0i8; BLOCK];
+        for (q, x) in qs.iter_mut().zip(xs) {
+            *q = (x * id).round_ties_even() as i8;
+        }
+        let d = amax / 127.0;
+        let s = match sums {
+            true => f16_round(d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32),
+            false => 0.0,
+        };
+        ActBlock {
+            d: f16_round(d),
+            s,
+            qs,
+        }
+    }));
 }
 
-pub fn quantize_portable(xs: &[f32]) -> (f32, [i8; BLOCK]) {
-    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    let mut qs = [0i8; BLOCK];
-    for (q, x) in qs.iter_mut().zip(xs) {
-        *q = (x * id).round_ties_even() as i8;
-    }
-    (amax / 127.0, qs)
-}
-
+/// Every whole block of `xs` as [`quantize_blocks_portable`] makes it, appended to
+/// `out`: the block's largest magnitude, its quants and their sum in
+/// vector registers, the scales rounded to f16 by F16C (round to nearest even, as
+/// `half` rounds). One call per token: a call and the path's checks per block cost
+/// as much as the arithmetic.
+///
 /// # Safety
-/// The CPU must support AVX2; `xs` must hold 32 values.
+/// The CPU must support AVX2 and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_avx2(xs: &[f32]) -> (f32, [i8; BLOCK]) {
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn quantize_blocks_avx2(xs: &[f32], sums: bool, out: &mut Vec<ActBlock>) {
     use std::arch::x86_64::*;
-    // SAFETY (loads): `xs` holds 32 floats, read in four unaligned 8-float loads.
-    let v: [__m256; 4] =
-        std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) });
+    let f16_round = |x: f32| {
+        let half = _mm_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm_set_ss(x));
+        _mm_cvtss_f32(_mm_cvtph_ps(half))
+    };
     let sign = _mm256_set1_ps(-0.0);
-    let mut max = _mm256_andnot_ps(sign, v[0]);
-    for x in &v[1..] {
-        max = _mm256_max_ps(max, _mm256_andnot_ps(sign, *x));
+    for xs in xs.chunks_exact(BLOCK) {
+        // SAFETY (loads): `xs` holds 32 floats, read in four unaligned 8-float loads.
+        let v: [__m256; 4] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) });
+        let abs = |x: __m256| _mm256_andnot_ps(sign, x);
+        let max = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        // The largest of the eight lanes (a maximum, whatever the order).
+        let max = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps::<1>(max));
+        let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+        let amax = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps::<1>(max, max)));
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        // Round half to even (the default rounding mode), as `round_ties_even`.
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm256_mul_ps(v[i], id)))
+        });
+        // Pack to bytes (the values are within ±127), then undo the packs' lane
+        // interleave.
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut block = ActBlock {
+            d: f16_round(amax / 127.0),
+            s: 0.0,
+            qs: [0; BLOCK],
+        };
+        // SAFETY: `qs` is 32 bytes; an unaligned store of exactly that size.
+        unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered) };
+        if sums {
+            // The quants' exact sum, in integers.
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let sum = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256::<1>(sum),
+            );
+            let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum)));
+            block.s = f16_round(amax / 127.0 * sum as f32);
+        }
+        out.push(block);
     }
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` is 8 floats; an unaligned store of exactly that size.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max) };
-    let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
-    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-    // Round half to even (the default rounding mode), as `round_ties_even`.
-    let q: [__m256i; 4] = std::array::from_fn(|i| {
-        _mm256_cvtps_epi32(_mm256_round_ps::<
-            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
-        >(_mm256_mul_ps(v[i], id)))
-    });
-    // Pack to bytes (the values are within ±127), then undo the packs' lane interleave.
-    let bytes = _mm256_packs_epi16(
-        _mm256_packs_epi32(q[0], q[1]),
-        _mm256_packs_epi32(q[2], q[3]),
-    );
-    let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    let mut qs = [0i8; BLOCK];
-    // SAFETY: `qs` is 32 bytes; an unaligned store of exactly that size.
-    unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), ordered) };
-    (amax / 127.0, qs)
 }
 
 #[cfg(test)]
@@ -152,20 +180,35 @@ mod tests {
     fn quantization_paths_agree() {
         let mut cases: Vec<Vec<f32>> = (0..64)
             .map(|i| {
-                (0..32)
-                    .map(|j| (((i * 32 + j) * 7919 % 1000) as f32 - 500.0) / (1.0 + i as f32))
+                (0..96)
+                    .map(|j| (((i * 96 + j) * 7919 % 1000) as f32 - 500.0) / (1.0 + i as f32))
                     .collect()
             })
             .collect();
-        cases.push(vec![0.0; 32]);
+        cases.push(vec![0.0; 64]);
         // Exact halves after scaling: 127 × k / 254 = k / 2 for amax 254.
         cases.push(
             (0..32)
                 .map(|k| if k == 0 { 254.0 } else { k as f32 })
                 .collect(),
         );
+        // Scales and sums past f16's range and below its normal numbers.
+        cases.push((0..32).map(|k| 1e6 * (k as f32 - 15.5)).collect());
+        cases.push((0..32).map(|k| 1e-6 * (k as f32 - 15.5)).collect());
+        let fields = |blocks: &[ActBlock]| -> Vec<(u32, u32, [i8; BLOCK])> {
+            blocks
+                .iter()
+                .map(|b| (b.d.to_bits(), b.s.to_bits(), b.qs))
+                .collect()
+        };
         for xs in &cases {
-            assert_eq!(quantize_block(xs), quantize_portable(xs), "{xs:?}");
+            for sums in [false, true] {
+                let mut portable = Vec::new();
+                quantize_blocks_portable(xs, sums, &mut portable);
+                assert_eq!(portable.len(), xs.len() / BLOCK);
+                let ours = Acts::quantize(xs, sums, false);
+                assert_eq!(fields(&ours.blocks), fields(&portable), "{xs:?}");
+            }
         }
     }
 }
