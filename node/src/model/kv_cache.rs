@@ -14,7 +14,7 @@
 use allmende_protocol::LayerRange;
 use candle_core::{bail, Result};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 /// Positions added each time a cache grows.
 pub const CHUNK_POSITIONS: usize = 256;
@@ -25,10 +25,12 @@ pub fn bytes_per_position_and_layer(kv_size: usize) -> u64 {
     (2 * kv_size * std::mem::size_of::<f16>()) as u64
 }
 
-/// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]` each.
+/// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]` each, as
+/// f16 bits: a zeroed vector of integers is allocated zeroed by the system, so
+/// capacity a session never fills costs address space, not memory.
 struct LayerKv {
-    k: Vec<f16>,
-    v: Vec<f16>,
+    k: Vec<u16>,
+    v: Vec<u16>,
 }
 
 /// The shape of a session's cached rows: batch rows, KV heads and head size.
@@ -166,15 +168,16 @@ impl ShardCache {
         };
         let values = shape.batch * shape.kv_heads * capacity * hd;
         let kv = slot.get_or_insert_with(|| LayerKv {
-            k: vec![f16::ZERO; values],
-            v: vec![f16::ZERO; values],
+            k: vec![0; values],
+            v: vec![0; values],
         });
         let (mut key, mut value) = (vec![0f32; hd], vec![0f32; hd]);
         for b in 0..shape.batch {
             for h in 0..shape.kv_heads {
                 let first = ((b * shape.kv_heads + h) * capacity + len) * hd;
-                let keys = kv.k[first..][..seq * hd].chunks_exact_mut(hd);
-                let values = kv.v[first..][..seq * hd].chunks_exact_mut(hd);
+                let keys = kv.k[first..][..seq * hd].reinterpret_cast_mut::<f16>();
+                let values = kv.v[first..][..seq * hd].reinterpret_cast_mut::<f16>();
+                let (keys, values) = (keys.chunks_exact_mut(hd), values.chunks_exact_mut(hd));
                 for (t, (k, v)) in keys.zip(values).enumerate() {
                     fill(b, h, t, &mut key, &mut value)?;
                     k.convert_from_f32_slice(&key);
@@ -198,8 +201,8 @@ impl ShardCache {
             );
         }
         Ok(KvView {
-            k: &kv.k,
-            v: &kv.v,
+            k: kv.k.reinterpret_cast(),
+            v: kv.v.reinterpret_cast(),
             shape,
             capacity: self.capacity,
             positions,
@@ -213,9 +216,9 @@ impl ShardCache {
 }
 
 /// `old` rows per (batch row, KV head) as `capacity.1` rows, the first `len` kept.
-fn grow(old: &[f16], shape: KvShape, (from, to): (usize, usize), len: usize) -> Vec<f16> {
+fn grow(old: &[u16], shape: KvShape, (from, to): (usize, usize), len: usize) -> Vec<u16> {
     let hd = shape.head_dim;
-    let mut bigger = vec![f16::ZERO; shape.batch * shape.kv_heads * to * hd];
+    let mut bigger = vec![0; shape.batch * shape.kv_heads * to * hd];
     for i in 0..shape.batch * shape.kv_heads {
         bigger[i * to * hd..][..len * hd].copy_from_slice(&old[i * from * hd..][..len * hd]);
     }
