@@ -209,7 +209,9 @@ pub fn finish(acc: [f32; 16], even: f32, odd: f32) -> f32 {
 /// `f` of each item, as an array, by a plain loop (the kernels' first step: their
 /// inputs cut to the blocks in use). Not `array::map`: the compiler does not always
 /// inline it into the SIMD kernels, and a build where a kernel called it for every
-/// group of rows prefilled about 10% slower (BENCHMARKS.md, step 18).
+/// group of rows prefilled about 10% slower (BENCHMARKS.md, step 18). Only the x86
+/// kernels take fixed-size arrays of inputs.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub fn cut_each<'a, X: ?Sized, Y, const N: usize>(
     items: [&'a X; N],
