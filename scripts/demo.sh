@@ -9,8 +9,13 @@ cd "$(dirname "$0")/.."
 
 prompt="${1:-The three most important inventions in history are}"
 model="$(scripts/fetch-model.sh)"
-echo "building ..." >&2
-cargo build --release --quiet
+if [ ! -x target/release/allmende ]; then
+    echo "building allmende (the first build compiles about 400 crates: 10-15 minutes on 2 cores) ..." >&2
+else
+    echo "building allmende ..." >&2
+fi
+# cargo shows each crate it compiles and, on a terminal, a progress bar.
+cargo build --release --bin allmende
 bin=./target/release/allmende
 threads=1
 

@@ -1,15 +1,40 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: fetches the test model if needed, builds and tests every
-# crate in release mode (the model code is too slow unoptimised), then runs the
-# end-to-end tests in tests/e2e (Python: openai, pytest, selenium; Chromium), then a
-# short run of every fuzz target.
+# The project's test command, for a fresh machine with a Rust toolchain and Python 3:
+# installs what is missing (scripts/setup-test-deps.sh: the model, Python packages in
+# target/e2e-venv, Chromium as root), then builds and tests every crate in release
+# mode (the model code is too slow unoptimised), runs the end-to-end tests in
+# tests/e2e (the openai client, headless Chromium and a terminal chat against real
+# nodes), and a short run of every fuzz target. Prints how long each stage took.
+#
+#   scripts/test.sh [cargo test args...]      # FUZZ_RUNS=N sets the fuzzing length
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ALLMENDE_MODEL="$(scripts/fetch-model.sh)"
-export ALLMENDE_MODEL
-cargo test --release --workspace "$@"
-# End-to-end: the official openai client and headless Chromium against a real swarm,
-# using the binary the tests above built.
-python3 -m pytest -q tests/e2e
+
+started=$(date +%s)
+times=()
+stage() {
+    local name=$1 t0
+    shift
+    echo "==> $name" >&2
+    t0=$(date +%s)
+    "$@"
+    times+=("$(printf '%-22s %5d s' "$name" $(( $(date +%s) - t0 )))")
+}
+report() {
+    echo >&2
+    echo "stage times:" >&2
+    for t in "${times[@]}"; do echo "  $t" >&2; done
+    echo "  $(printf '%-22s %5d s' total $(( $(date +%s) - started )))" >&2
+}
+trap report EXIT
+
+fetch_model() { ALLMENDE_MODEL="$(scripts/fetch-model.sh)"; export ALLMENDE_MODEL; }
+setup() { python="$(scripts/setup-test-deps.sh)"; }
+
+stage "model" fetch_model
+stage "test dependencies" setup
+stage "cargo test" cargo test --release --workspace "$@"
+# End-to-end: real clients against real nodes, using the binary the tests above built.
+stage "end-to-end tests" "$python" -m pytest -q tests/e2e
 # A short fuzzing run of every decoder (scripts/fuzz.sh runs the long one).
-scripts/fuzz.sh "${FUZZ_RUNS:-20000}"
+stage "fuzzing" scripts/fuzz.sh "${FUZZ_RUNS:-20000}"

@@ -33,21 +33,8 @@ pub struct GenerateArgs {
     /// The text to complete.
     #[arg(long)]
     prompt: String,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only from the K most likely tokens (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Sample only from the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Random seed for sampling [default: drawn at random, and reported with --json].
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Keep generating after end-of-generation tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -60,6 +47,53 @@ pub struct GenerateArgs {
     /// Print one JSON object with ids and timings as the last line.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    route: RouteArgs,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+}
+
+/// Sampling flags, shared by `generate` and `chat`.
+#[derive(Args, Debug)]
+pub(super) struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only from the K most likely tokens (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only from the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed for sampling [default: drawn at random, and reported with --json].
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The generation parameters these flags ask for, checked.
+    pub fn params(&self, ignore_eos: bool) -> anyhow::Result<GenerationParams> {
+        let params = GenerationParams {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed.unwrap_or_else(rand::random),
+            },
+            ignore_eos,
+        };
+        params.sampling.validate()?;
+        Ok(params)
+    }
+}
+
+/// How a swarm session carries its steps, shared by `generate` and `chat`.
+#[derive(Args, Debug)]
+pub(super) struct RouteArgs {
     /// Seconds to look for other servers when one fails mid-generation, before giving
     /// up with the layers that have no server.
     #[arg(long, default_value_t = 20)]
@@ -73,8 +107,16 @@ pub struct GenerateArgs {
     /// and relayed around without this flag).
     #[arg(long)]
     no_forward: bool,
-    #[command(flatten)]
-    swarm: SwarmArgs,
+}
+
+impl RouteArgs {
+    pub fn options(&self) -> RouteOptions {
+        let patience = std::time::Duration::from_secs(self.failover_timeout);
+        RouteOptions {
+            forward: !self.no_forward,
+            ..RouteOptions::new(self.wire_dtype.into(), patience)
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -103,17 +145,7 @@ struct Prepared {
 
 fn prepare(args: &GenerateArgs) -> anyhow::Result<Prepared> {
     let model_path = model_file(args.model.as_deref())?;
-    let params = GenerationParams {
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed.unwrap_or_else(rand::random),
-        },
-        ignore_eos: args.ignore_eos,
-    };
-    params.sampling.validate()?;
+    let params = args.sampling.params(args.ignore_eos)?;
     let mut gguf = GgufFile::open(&model_path)?;
     let model = ClientModel::from_gguf(&mut gguf)?;
     let prompt = match args.chat {
@@ -175,12 +207,7 @@ async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
     drop(gguf);
     let network = join_as_client(&args.swarm).await?;
     let max_len = session_length(&model, prompt_ids.len(), &params) as u32;
-    let patience = std::time::Duration::from_secs(args.failover_timeout);
-    let options = RouteOptions {
-        forward: !args.no_forward,
-        ..RouteOptions::new(args.wire_dtype.into(), patience)
-    };
-    let mut pipeline = connect(&network, &target, max_len, options).await?;
+    let mut pipeline = connect(&network, &target, max_len, args.route.options()).await?;
     let (output, pipeline) = tokio::task::spawn_blocking(move || {
         let output = stream_generation(&model, &mut pipeline, &prompt_ids, &params);
         (output.map(|o| (o, prompt_ids, params)), pipeline)

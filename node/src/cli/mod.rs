@@ -1,6 +1,7 @@
 //! The `allmende` command line: argument parsing and the commands behind it.
 
 mod bench;
+mod chat;
 mod gateway;
 mod generate;
 mod keygen;
@@ -13,10 +14,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// The version, with the git commit it was built from when built from a checkout
+/// (set by build.rs).
+const VERSION: &str = env!("ALLMENDE_VERSION");
+
 #[derive(Parser, Debug)]
 #[command(
     name = "allmende",
-    version,
+    version = VERSION,
     about = "Run large language models together: donate compute to the swarm, or send it prompts."
 )]
 pub struct Cli {
@@ -28,6 +33,8 @@ pub struct Cli {
 enum Command {
     /// Generate text from a prompt, through the swarm or with --local.
     Generate(generate::GenerateArgs),
+    /// Chat with the model in the terminal, through the swarm or with --local.
+    Chat(chat::ChatArgs),
     /// Donate compute: host a range of the model's layers for the swarm.
     Serve(serve::ServeArgs),
     /// Show which servers host which layers of a model, and what is missing.
@@ -48,6 +55,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Status(args) => status::run(args),
         Command::Gateway(args) => gateway::run(args),

@@ -116,7 +116,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .identity
         .clone()
         .unwrap_or_else(|| crate::paths::data_dir().join("identity.key"));
-    let network = join_swarm(&args.swarm, Some(&identity), listen, true).await?;
+    // Held until this node exits: no other node may run under its peer id meanwhile.
+    let identity = crate::network::identity::hold(&identity)?;
+    let network = join_swarm(&args.swarm, Some(identity.keypair.clone()), listen, true).await?;
     println!("peer id: {}", network.peer_id());
     // Let every listener report its address before printing them.
     tokio::time::sleep(Duration::from_millis(200)).await;

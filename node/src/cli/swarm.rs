@@ -11,7 +11,7 @@ use libp2p::Multiaddr;
 
 use crate::client::connect::ModelTarget;
 use crate::model::GgufFile;
-use crate::network::{identity, Network, NetworkConfig};
+use crate::network::{Network, NetworkConfig};
 use crate::paths;
 
 /// How long to wait for the first peer after dialling the bootstrap addresses.
@@ -55,17 +55,14 @@ impl SwarmArgs {
 }
 
 /// Starts a node on the swarm and waits until it knows a peer (when it has a way to
-/// find one). `identity`: a key file, or `None` for a throw-away client identity.
+/// find one). `identity`: a node's held key, or `None` for a throw-away client identity.
 pub async fn join_swarm(
     args: &SwarmArgs,
-    identity: Option<&Path>,
+    identity: Option<Keypair>,
     listen: Vec<Multiaddr>,
     dht_server: bool,
 ) -> anyhow::Result<Network> {
-    let keypair = match identity {
-        Some(path) => identity::load_or_create(path)?,
-        None => Keypair::generate_ed25519(),
-    };
+    let keypair = identity.unwrap_or_else(Keypair::generate_ed25519);
     let swarm_key = args.load_swarm_key()?;
     if swarm_key.is_some() {
         let quic = listen.iter().chain(&args.bootstrap).find(|a| is_quic(a));

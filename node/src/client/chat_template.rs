@@ -11,11 +11,15 @@ pub struct ChatMessage {
 }
 
 impl ChatMessage {
-    pub fn user(content: impl Into<String>) -> Self {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
-            role: "user".into(),
+            role: role.into(),
             content: content.into(),
         }
+    }
+
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
     }
 }
 

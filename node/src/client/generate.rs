@@ -48,6 +48,9 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// Positions the session holds afterwards: the past ones, the prompt, then
+    /// `token_ids[..timings.decode_steps]` (a last sampled token is not fed back).
+    pub positions: usize,
     pub timings: Timings,
 }
 
@@ -102,8 +105,45 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     check_prompt(model, prompt_ids)?;
+    let session = SessionSpan {
+        past: 0,
+        capacity: session_length(model, prompt_ids.len(), params),
+    };
+    continue_session(model, pipeline, session, prompt_ids, params, on_text)
+}
+
+/// Where a generation stands in its session: a conversation's later turns continue
+/// the session their earlier turns left, so that only their new tokens are computed.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionSpan {
+    /// Positions the session already holds.
+    pub past: usize,
+    /// Positions the session was opened for.
+    pub capacity: usize,
+}
+
+/// Like [`generate`], but `new_ids` follow the `session.past` positions the session
+/// already holds. Generation ends at `max_tokens` or when the session is full.
+pub fn continue_session(
+    model: &ClientModel,
+    pipeline: &mut dyn Pipeline,
+    session: SessionSpan,
+    new_ids: &[u32],
+    params: &GenerationParams,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation, GenerateError> {
+    if new_ids.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if session.past + new_ids.len() > session.capacity {
+        return Err(GenerateError::PromptTooLong {
+            tokens: session.past + new_ids.len(),
+            context: session.capacity,
+        });
+    }
     params.sampling.validate()?;
-    let max_len = session_length(model, prompt_ids.len(), params);
+    let prompt_ids = new_ids;
+    let max_len = session.capacity;
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut stream = TextStream::new(&model.tokenizer);
 
@@ -113,7 +153,7 @@ pub fn generate(
     let prefill = start.elapsed();
 
     let mut ids = Vec::new();
-    let mut position = prompt_ids.len();
+    let mut position = session.past + prompt_ids.len();
     let mut decode_steps = 0;
     let mut streamed = 0;
     let mut max_step = std::time::Duration::ZERO;
@@ -153,6 +193,7 @@ pub fn generate(
         token_ids: ids,
         text,
         finish_reason,
+        positions: position,
         timings: Timings {
             prefill_ms: prefill.as_secs_f64() * 1e3,
             prefill_tokens_per_s: prompt_ids.len() as f64 / prefill.as_secs_f64().max(1e-9),

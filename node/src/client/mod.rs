@@ -4,6 +4,7 @@
 
 pub mod chat_template;
 pub mod connect;
+pub mod conversation;
 pub mod generate;
 pub mod head;
 pub mod pipeline;
@@ -16,7 +17,10 @@ use std::path::Path;
 
 use crate::model::{GgufFile, LlamaConfig, ModelError};
 
-pub use generate::{generate, FinishReason, GenerateError, Generation, GenerationParams, Timings};
+pub use generate::{
+    continue_session, generate, FinishReason, GenerateError, Generation, GenerationParams,
+    SessionSpan, Timings,
+};
 pub use head::ClientHead;
 pub use pipeline::{LocalPipeline, Pipeline, PipelineError};
 pub use remote::{HopCounts, RemotePipeline, RouteSegment};

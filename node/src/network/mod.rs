@@ -51,6 +51,8 @@ pub enum NetworkError {
     OpenStream { peer: PeerId, reason: String },
     #[error("cannot read identity file {path}: {reason}")]
     Identity { path: String, reason: String },
+    #[error("identity file {path} is held by another running node{holder}; give each node on this machine its own key file with --identity FILE")]
+    IdentityInUse { path: String, holder: String },
 }
 
 #[derive(Debug)]

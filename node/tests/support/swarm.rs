@@ -1,6 +1,7 @@
 //! Real `allmende serve` processes on loopback for integration tests.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -23,6 +24,21 @@ impl Node {
     pub fn start(layers: &str, bootstrap: Option<&str>, extra: &[&str]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let identity = dir.path().join("identity.key");
+        Self::start_as(&identity, dir, layers, bootstrap, extra)
+    }
+
+    /// Like [`Node::start`], with the identity key file `identity`.
+    pub fn start_with_identity(identity: &Path, layers: &str, extra: &[&str]) -> Node {
+        Self::start_as(identity, tempfile::tempdir().unwrap(), layers, None, extra)
+    }
+
+    fn start_as(
+        identity: &Path,
+        dir: tempfile::TempDir,
+        layers: &str,
+        bootstrap: Option<&str>,
+        extra: &[&str],
+    ) -> Node {
         let mut cmd = Command::new(binary());
         cmd.args([
             "serve",
@@ -33,7 +49,7 @@ impl Node {
             "--no-mdns",
         ])
         .arg("--identity")
-        .arg(&identity)
+        .arg(identity)
         .args(["--threads", "1"])
         .args(extra)
         .env("ALLMENDE_MODEL", super::model_path())
