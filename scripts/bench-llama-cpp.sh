@@ -5,10 +5,8 @@
 #
 #   scripts/bench-llama-cpp.sh [THREADS] [ROUNDS]
 #
-# The first run builds llama.cpp's `llama-bench` into target/llama.cpp from the
-# llama-cpp-python source package on PyPI, which vendors llama.cpp (needs cmake, which
-# pip installs if missing, and a C++ compiler; about 10 minutes on 2 cores). Built
-# without AMX: some virtual machines report AMX but fault on its instructions.
+# llama.cpp's `llama-bench` comes from scripts/llama-cpp.sh, which builds it once
+# (about 13 minutes on 2 cores) into a cache outside the checkout.
 #
 # Compared: llama.cpp's decode of 128 tokens after a 217-token context (`tg128 @ d217`)
 # and its prefill of 217 tokens (`pp217`), against ours on a 217-token prompt and 128
@@ -18,38 +16,9 @@ cd "$(dirname "$0")/.."
 threads="${1:-2}"
 rounds="${2:-3}"
 
-VERSION="0.3.36"
-SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-dir="target/llama.cpp"
-llama_bench="$dir/build/bin/llama-bench"
-
 model="$(scripts/fetch-model.sh)"
 cargo build --release --quiet
-
-if [ ! -x "$llama_bench" ]; then
-    mkdir -p "$dir"
-    echo "downloading llama-cpp-python $VERSION (source) from PyPI ..." >&2
-    python3 - "$VERSION" "$dir/src.tar.gz" <<'PY'
-import json, sys, urllib.parse, urllib.request
-version, out = sys.argv[1:]
-index = "https://pypi.org/pypi/llama-cpp-python/json"
-files = json.load(urllib.request.urlopen(index))["releases"][version]
-url = next(f["url"] for f in files if f["packagetype"] == "sdist")
-urllib.request.urlretrieve(urllib.parse.urljoin(index, url), out)
-PY
-    echo "$SHA256  $dir/src.tar.gz" | sha256sum -c --quiet
-    tar -xzf "$dir/src.tar.gz" -C "$dir"
-    src="$dir/llama_cpp_python-$VERSION/vendor/llama.cpp"
-    command -v cmake > /dev/null || python3 -m pip install --quiet cmake
-    echo "building llama.cpp's llama-bench into $dir (log: $dir/build.log) ..." >&2
-    flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
-    if grep -q avx512_vnni /proc/cpuinfo; then
-        flags+=(-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON)
-    fi
-    cmake -S "$src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF "${flags[@]}" > "$dir/cmake.log" 2>&1
-    cmake --build "$dir/build" -j "$(nproc)" --target llama-bench > "$dir/build.log" 2>&1
-fi
+llama_bench="$(scripts/llama-cpp.sh)/llama-bench"
 
 prompt=$(python3 -c "print('The history of the city is long and full of events. ' * 18)")
 for _ in $(seq "$rounds"); do

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The project's test command, for a fresh machine with a Rust toolchain and Python 3:
-# installs what is missing (scripts/setup-test-deps.sh: the model, Python packages in
-# target/e2e-venv, Chromium as root), then builds and tests every crate in release
-# mode (the model code is too slow unoptimised), runs the end-to-end tests in
-# tests/e2e (the openai client, headless Chromium and a terminal chat against real
-# nodes), and a short run of every fuzz target. Prints how long each stage took.
+# installs what is missing (the model; scripts/setup-test-deps.sh: Python packages in
+# target/e2e-venv, Chromium as root; scripts/llama-cpp.sh: llama.cpp, built once into
+# a cache), makes the reference models (scripts/reference-models.sh), then builds and
+# tests every crate in release mode (the model code is too slow unoptimised), runs the
+# end-to-end tests in tests/e2e (the openai client, headless Chromium and a terminal
+# chat against real nodes), and a short run of every fuzz target. Prints how long
+# each stage took.
 #
 #   scripts/test.sh [cargo test args...]      # FUZZ_RUNS=N sets the fuzzing length
 set -euo pipefail
@@ -29,10 +31,27 @@ report() {
 trap report EXIT
 
 fetch_model() { ALLMENDE_MODEL="$(scripts/fetch-model.sh)"; export ALLMENDE_MODEL; }
-setup() { python="$(scripts/setup-test-deps.sh)"; }
+setup() {
+    python="$(scripts/setup-test-deps.sh)"
+    ALLMENDE_TEST_PYTHON="$PWD/$python"
+    export ALLMENDE_TEST_PYTHON
+}
+# llama.cpp is the independent reference: its tokenizer test vectors, chat templates,
+# quantizer and outputs (built once into a cache outside the checkout, ~13 minutes).
+llama_cpp() {
+    ALLMENDE_LLAMA_CPP_DIR="$(dirname "$(dirname "$(scripts/llama-cpp.sh)")")"
+    export ALLMENDE_LLAMA_CPP_DIR
+}
+references() {
+    ALLMENDE_REFERENCE_DIR="$PWD/target/reference-models"
+    export ALLMENDE_REFERENCE_DIR
+    scripts/reference-models.sh "$ALLMENDE_REFERENCE_DIR"
+}
 
 stage "model" fetch_model
 stage "test dependencies" setup
+stage "llama.cpp" llama_cpp
+stage "reference models" references
 stage "cargo test" cargo test --release --workspace "$@"
 # End-to-end: real clients against real nodes, using the binary the tests above built.
 stage "end-to-end tests" "$python" -m pytest -q tests/e2e

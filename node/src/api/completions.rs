@@ -218,6 +218,7 @@ fn prepare(gateway: &Gateway, kind: Kind, prompt: &str, common: Common) -> Resul
                 seed: common.seed.unwrap_or_else(rand::random),
             },
             ignore_eos: false,
+            logprobs: None,
         },
         stops,
     })

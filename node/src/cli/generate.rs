@@ -35,7 +35,7 @@ pub struct GenerateArgs {
     prompt: String,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Keep generating after end-of-generation tokens.
+    /// Never choose an end-of-generation token: generate --max-tokens tokens.
     #[arg(long)]
     ignore_eos: bool,
     /// Wrap the prompt in the model's chat template as a user message.
@@ -47,6 +47,10 @@ pub struct GenerateArgs {
     /// Print one JSON object with ids and timings as the last line.
     #[arg(long)]
     json: bool,
+    /// With --json: each generated token's log-probability (natural log, temperature 1)
+    /// and the K most likely tokens at its position.
+    #[arg(long, value_name = "K", requires = "json", value_parser = clap::value_parser!(u32).range(0..=100))]
+    logprobs: Option<u32>,
     #[command(flatten)]
     route: RouteArgs,
     #[command(flatten)]
@@ -85,6 +89,7 @@ impl SamplingArgs {
                 seed: self.seed.unwrap_or_else(rand::random),
             },
             ignore_eos,
+            logprobs: None,
         };
         params.sampling.validate()?;
         Ok(params)
@@ -145,7 +150,8 @@ struct Prepared {
 
 fn prepare(args: &GenerateArgs) -> anyhow::Result<Prepared> {
     let model_path = model_file(args.model.as_deref())?;
-    let params = args.sampling.params(args.ignore_eos)?;
+    let mut params = args.sampling.params(args.ignore_eos)?;
+    params.logprobs = args.logprobs.map(|k| k as usize);
     let mut gguf = GgufFile::open(&model_path)?;
     let model = ClientModel::from_gguf(&mut gguf)?;
     let prompt = match args.chat {
@@ -269,6 +275,9 @@ fn report(
         "seed": params.sampling.seed,
         "timings": output.timings,
     });
+    if let Some(logprobs) = &output.logprobs {
+        report["logprobs"] = serde_json::to_value(logprobs)?;
+    }
     if let Some(swarm) = swarm {
         report["route"] = swarm
             .route

@@ -41,8 +41,24 @@ pub fn render(
     eos_token: &str,
 ) -> Result<String, ChatTemplateError> {
     let mut env = Environment::new();
-    // Templates written for Python Jinja call str methods such as .strip() and .title().
+    // As Hugging Face's transformers renders chat templates (what their authors test
+    // against): blocks trimmed, Python str methods (.strip(), .title()), and the
+    // globals it adds.
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("strftime_now", |format: String| -> Result<String, Error> {
+        use std::fmt::Write;
+        let mut out = String::new();
+        // An invalid format is an error, not a panic: the template comes with the file.
+        write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("strftime_now({format:?}): not a strftime format"),
+            )
+        })?;
+        Ok(out)
+    });
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
@@ -73,6 +89,14 @@ mod tests {
             out,
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn a_bad_date_format_is_an_error() {
+        let err = render("{{ strftime_now('%Q%') }}", &[], false, "", "").unwrap_err();
+        assert!(err.to_string().contains("not a strftime format"), "{err}");
+        let year = render("{{ strftime_now('%Y') }}", &[], false, "", "").unwrap();
+        assert_eq!(year.len(), 4);
     }
 
     #[test]

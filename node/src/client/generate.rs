@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::logprobs::{token_logprob, TokenLogprob};
 use super::sampling::{Sampler, SamplingError};
 use super::stream::TextStream;
 use super::PipelineError;
@@ -16,8 +17,11 @@ use crate::model::ModelError;
 pub struct GenerationParams {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
-    /// Keep going past end-of-generation tokens.
+    /// Never choose an end-of-generation token (as llama.cpp's `ignore_eos`): the
+    /// generation runs to `max_tokens` or the session's length.
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -48,6 +52,8 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// One entry per token of `token_ids`, when `params.logprobs` asked for them.
+    pub logprobs: Option<Vec<TokenLogprob>>,
     /// Positions the session holds afterwards: the past ones, the prompt, then
     /// `token_ids[..timings.decode_steps]` (a last sampled token is not fed back).
     pub positions: usize,
@@ -153,6 +159,7 @@ pub fn continue_session(
     let prefill = start.elapsed();
 
     let mut ids = Vec::new();
+    let mut logprobs = params.logprobs.map(|_| Vec::new());
     let mut position = session.past + prompt_ids.len();
     let mut decode_steps = 0;
     let mut streamed = 0;
@@ -161,9 +168,22 @@ pub fn continue_session(
         if ids.len() >= params.max_tokens {
             break FinishReason::Length;
         }
+        // Log-probabilities are the model's, before `ignore_eos` takes any token away.
+        let report = params.logprobs.map(|k| (k, logits.clone()));
+        if params.ignore_eos {
+            // As llama.cpp: end-of-generation tokens are never chosen.
+            for &id in model.tokenizer.end_of_generation() {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let next = sampler.sample(&logits);
-        if !params.ignore_eos && model.tokenizer.is_end_of_generation(next) {
+        if model.tokenizer.is_end_of_generation(next) {
             break FinishReason::Stop;
+        }
+        if let (Some((k, unbiased)), Some(list)) = (report, logprobs.as_mut()) {
+            list.push(token_logprob(&unbiased, next, k));
         }
         ids.push(next);
         if let Some(piece) = stream.push(next)? {
@@ -193,6 +213,7 @@ pub fn continue_session(
         token_ids: ids,
         text,
         finish_reason,
+        logprobs,
         positions: position,
         timings: Timings {
             prefill_ms: prefill.as_secs_f64() * 1e3,

@@ -7,6 +7,7 @@ pub mod connect;
 pub mod conversation;
 pub mod generate;
 pub mod head;
+pub mod logprobs;
 pub mod pipeline;
 pub mod remote;
 pub mod sampling;

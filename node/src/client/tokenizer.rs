@@ -29,6 +29,9 @@ const END_OF_GENERATION: &[&str] = &[
 /// Llama 3's pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen 2's: Llama 3's with every digit on its own (`LLAMA_VOCAB_PRE_TYPE_QWEN2`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 pub struct ModelTokenizer {
     inner: Tokenizer,
     bos: Option<u32>,
@@ -36,6 +39,72 @@ pub struct ModelTokenizer {
     eos: u32,
     end_of_generation: Vec<u32>,
     chat_template: Option<String>,
+}
+
+/// `tokenizer.ggml.` keys this tokenizer applies, or that do not change what it does
+/// (special-token ids it does not insert, scores a BPE model does not use).
+const UNDERSTOOD_KEYS: &[&str] = &[
+    "model",
+    "pre",
+    "tokens",
+    "token_type",
+    "token_type_count",
+    "merges",
+    "scores",
+    "bos_token_id",
+    "eos_token_id",
+    "eot_token_id",
+    "eom_token_id",
+    "unknown_token_id",
+    "padding_token_id",
+    "seperator_token_id",
+    "cls_token_id",
+    "mask_token_id",
+    "prefix_token_id",
+    "suffix_token_id",
+    "middle_token_id",
+    "fim_pre_token_id",
+    "fim_suf_token_id",
+    "fim_mid_token_id",
+    "fim_pad_token_id",
+    "fim_rep_token_id",
+    "fim_sep_token_id",
+];
+
+/// Flags this tokenizer implements only in their `false` setting.
+const FLAGS_ONLY_FALSE: &[&str] = &[
+    "add_eos_token",
+    "add_space_prefix",
+    "add_sep_token",
+    "remove_extra_whitespaces",
+];
+
+/// Refuses tokenizer metadata that would change tokenization in a way this tokenizer
+/// does not implement: ignoring it would give wrong token ids silently.
+fn check_keys(gguf: &GgufFile) -> Result<(), ModelError> {
+    use candle_core::quantized::gguf_file::Value;
+    for key in gguf.metadata_keys() {
+        let Some(field) = key.strip_prefix("tokenizer.ggml.") else {
+            continue;
+        };
+        if UNDERSTOOD_KEYS.contains(&field) || field == "add_bos_token" {
+            continue;
+        }
+        if FLAGS_ONLY_FALSE.contains(&field) {
+            match gguf.metadata(key) {
+                Some(Value::Bool(false)) => continue,
+                _ => {
+                    return Err(ModelError::NotUnderstood(format!(
+                        "metadata {key} is set, and this tokenizer does not apply it"
+                    )))
+                }
+            }
+        }
+        return Err(ModelError::NotUnderstood(format!(
+            "metadata {key}: this tokenizer does not know it"
+        )));
+    }
+    Ok(())
 }
 
 impl ModelTokenizer {
@@ -46,6 +115,7 @@ impl ModelTokenizer {
                 "tokenizer.ggml.model = {model:?}; only byte-level BPE (\"gpt2\") is supported"
             )));
         }
+        check_keys(gguf)?;
         let pre = gguf.string("tokenizer.ggml.pre").unwrap_or("default");
         let tokens = string_array(gguf, "tokenizer.ggml.tokens")?;
         let merges = string_array(gguf, "tokenizer.ggml.merges")?;
@@ -64,13 +134,17 @@ impl ModelTokenizer {
                     .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge {m:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let family = PreTokenizer::from_name(pre)?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            // Llama 3 takes a pre-token that is itself in the vocabulary whole, as
+            // llama.cpp does (`ignore_merges`), even where merges would split it.
+            .ignore_merges(family == PreTokenizer::Llama3)
             .build()
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
 
         let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+        inner.with_pre_tokenizer(Some(family.steps()?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         let special: Vec<AddedToken> = tokens
             .iter()
@@ -82,6 +156,13 @@ impl ModelTokenizer {
 
         let eos = gguf.usize("tokenizer.ggml.eos_token_id")? as u32;
         let mut end_of_generation = vec![eos];
+        // Turn ends the model declares (Llama 3's <|eot_id|>, <|eom_id|>).
+        end_of_generation.extend(
+            ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+                .iter()
+                .filter_map(|k| gguf.usize(k).ok())
+                .map(|id| id as u32),
+        );
         end_of_generation.extend(
             END_OF_GENERATION
                 .iter()
@@ -95,10 +176,12 @@ impl ModelTokenizer {
                 .usize("tokenizer.ggml.bos_token_id")
                 .ok()
                 .map(|b| b as u32),
-            add_bos: matches!(
-                gguf.metadata("tokenizer.ggml.add_bos_token"),
-                Some(candle_core::quantized::gguf_file::Value::Bool(true))
-            ),
+            // llama.cpp's default where the file does not say: Llama 3 vocabularies
+            // begin with BOS.
+            add_bos: match gguf.metadata("tokenizer.ggml.add_bos_token") {
+                Some(candle_core::quantized::gguf_file::Value::Bool(b)) => *b,
+                _ => family == PreTokenizer::Llama3,
+            },
             eos,
             end_of_generation,
             chat_template: gguf
@@ -111,16 +194,21 @@ impl ModelTokenizer {
     /// Token ids of `text`. Control tokens written in the text (e.g. `<|im_start|>`)
     /// become their ids, as chat templates need; BOS is added only if the model asks.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let mut ids = Vec::with_capacity(text.len() / 3 + 2);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend(self.encode_without_bos(text)?);
+        Ok(ids)
+    }
+
+    /// Token ids of `text` alone, with no BOS: llama.cpp's tokenizer test vectors.
+    pub fn encode_without_bos(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let encoding = self
             .inner
             .encode(text, false)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
-        if self.add_bos {
-            ids.extend(self.bos);
-        }
-        ids.extend_from_slice(encoding.get_ids());
-        Ok(ids)
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`, without control tokens.
@@ -128,6 +216,11 @@ impl ModelTokenizer {
         self.inner
             .decode(ids, true)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    /// The tokens that end a generation, in id order.
+    pub fn end_of_generation(&self) -> &[u32] {
+        &self.end_of_generation
     }
 
     pub fn is_end_of_generation(&self, id: u32) -> bool {
@@ -151,33 +244,55 @@ impl ModelTokenizer {
     }
 }
 
-/// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`.
-fn pre_tokenizer(pre: &str) -> Result<Sequence, ModelError> {
-    let byte_level =
-        |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
-    let steps = match pre {
-        // SmolLM: every digit on its own, then GPT-2's split, no prefix space.
-        "smollm" => vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            byte_level(true),
-        ],
-        "gpt2" | "default" => vec![byte_level(true)],
-        "llama3" | "llama-bpe" => {
-            let split = Split::new(
-                SplitPattern::Regex(LLAMA3_SPLIT.into()),
+/// The pre-tokenizer families of `tokenizer.ggml.pre` that this tokenizer implements,
+/// each as llama.cpp does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PreTokenizer {
+    /// SmolLM: every digit on its own, then GPT-2's split, no prefix space.
+    SmolLm,
+    Gpt2,
+    Llama3,
+    Qwen2,
+}
+
+impl PreTokenizer {
+    fn from_name(pre: &str) -> Result<Self, ModelError> {
+        Ok(match pre {
+            "smollm" => Self::SmolLm,
+            "gpt2" | "gpt-2" | "default" => Self::Gpt2,
+            "llama3" | "llama-v3" | "llama-bpe" => Self::Llama3,
+            "qwen2" => Self::Qwen2,
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "pre-tokenizer {other:?} is not supported (supported: smollm, gpt2, gpt-2, llama-bpe, qwen2)"
+                )))
+            }
+        })
+    }
+
+    fn steps(self) -> Result<Sequence, ModelError> {
+        let byte_level =
+            |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+        let split = |pattern: &str| {
+            Split::new(
+                SplitPattern::Regex(pattern.into()),
                 SplitDelimiterBehavior::Isolated,
                 false,
             )
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-            vec![PreTokenizerWrapper::Split(split), byte_level(false)]
-        }
-        other => {
-            return Err(ModelError::Tokenizer(format!(
-                "pre-tokenizer {other:?} is not supported (supported: smollm, gpt2, llama-bpe)"
-            )))
-        }
-    };
-    Ok(Sequence::new(steps))
+            .map(PreTokenizerWrapper::Split)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+        };
+        let steps = match self {
+            Self::SmolLm => vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level(true),
+            ],
+            Self::Gpt2 => vec![byte_level(true)],
+            Self::Llama3 => vec![split(LLAMA3_SPLIT)?, byte_level(false)],
+            Self::Qwen2 => vec![split(QWEN2_SPLIT)?, byte_level(false)],
+        };
+        Ok(Sequence::new(steps))
+    }
 }
 
 fn string_array<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, ModelError> {

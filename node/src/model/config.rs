@@ -61,6 +61,7 @@ impl LlamaConfig {
             vocab_size,
         };
         config.validate()?;
+        super::understood::check(gguf, arch, &config)?;
         Ok(config)
     }
 

@@ -56,6 +56,14 @@ impl GgufFile {
         self.content.metadata.get(key)
     }
 
+    pub fn metadata_keys(&self) -> impl Iterator<Item = &str> {
+        self.content.metadata.keys().map(String::as_str)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.content.tensor_infos.keys().map(String::as_str)
+    }
+
     pub fn tensor_info(&self, name: &str) -> Option<&gguf_file::TensorInfo> {
         self.content.tensor_infos.get(name)
     }

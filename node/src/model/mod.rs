@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod model_id;
 pub mod rope;
 pub mod shard;
+pub mod understood;
 
 use std::path::PathBuf;
 
@@ -58,6 +59,8 @@ pub enum ModelError {
     },
     #[error("unsupported model configuration: {0}")]
     BadConfig(String),
+    #[error("unsupported model file: {0}; this version cannot compute this model exactly, so it refuses to run it")]
+    NotUnderstood(String),
     #[error(transparent)]
     LayerRange(#[from] allmende_protocol::LayerRangeError),
     #[error("unsupported tokenizer: {0}")]

@@ -318,6 +318,7 @@ fn bench_params(args: &BenchArgs) -> GenerationParams {
             seed: 0,
         },
         ignore_eos: true,
+        logprobs: None,
     }
 }
 
