@@ -234,8 +234,8 @@ fn every_type_generates_as_llama_cpp_up_to_near_ties() {
             compare(&model, &shard, r, references.top, tolerance, &mut summary);
         }
         table.push(format!(
-            "{:<7} tokens identical {:<16} logprob diff ≤ {:.3} (chosen {:.3})  divergences (ours/llama.cpp margin) {:<28} {}",
-            m.kind,
+            "{:<26} tokens identical {:<16} logprob diff ≤ {:.3} (chosen {:.3})  divergences (ours/llama.cpp margin) {:<28} {}",
+            m.file.trim_end_matches(".gguf"),
             summary.identical.join("/"),
             summary.worst_logprob,
             summary.worst_chosen,

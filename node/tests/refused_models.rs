@@ -48,23 +48,23 @@ fn f32_tensor(len: usize, value: f32) -> QTensor {
     QTensor::quantize(&t, GgmlDType::F32).unwrap()
 }
 
-fn generate(model: &Path) -> std::process::Output {
-    let model = model.to_str().unwrap();
-    allmende(&[
+/// `generate --local --json` on `model`, or on the test model itself.
+fn generate(model: Option<&Path>) -> std::process::Output {
+    let mut args = vec![
         "generate",
         "--local",
         "--prompt",
         "The capital of France is",
-        "--max-tokens",
-        "6",
-        "--json",
-        "--model",
-        model,
-    ])
+    ];
+    args.extend(["--max-tokens", "6", "--json"]);
+    if let Some(model) = model {
+        args.extend(["--model", model.to_str().unwrap()]);
+    }
+    allmende(&args)
 }
 
 fn refused(model: &Path, expected: &[&str]) {
-    let out = generate(model);
+    let out = generate(Some(model));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{} ran", model.display());
     for part in expected {
@@ -83,11 +83,6 @@ fn set(metadata: &mut Metadata, key: &str, value: Value) {
 fn every_kind_of_unknown_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-
-    let m = rewritten(d, "rope-freqs.gguf", |_, t| {
-        t.push(("rope_freqs.weight".into(), f32_tensor(32, 1.0)));
-    });
-    refused(&m, &["tensor rope_freqs.weight", "RoPE frequency factors"]);
 
     let m = rewritten(d, "bias.gguf", |_, t| {
         t.push(("blk.0.attn_q.bias".into(), f32_tensor(576, 0.01)));
@@ -140,18 +135,32 @@ fn neutral_settings_still_run_to_the_same_tokens() {
         set(md, "llama.attention.value_length", Value::U32(64));
         set(md, "llama.expert_count", Value::U32(0));
     });
-    let original = allmende(&[
-        "generate",
-        "--local",
-        "--prompt",
-        "The capital of France is",
-        "--max-tokens",
-        "6",
-        "--json",
-    ]);
-    let neutral = generate(&m);
+    let original = generate(None);
+    let neutral = generate(Some(&m));
     assert_eq!(
         support::swarm::ids(&support::swarm::json_of(&neutral)),
         support::swarm::ids(&support::swarm::json_of(&original))
+    );
+}
+
+#[test]
+fn rope_frequency_factors_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |name: &str, factors: QTensor| {
+        rewritten(dir.path(), name, |_, t| {
+            t.push(("rope_freqs.weight".into(), factors))
+        })
+    };
+    let ids = |m: &Path| support::swarm::ids(&support::swarm::json_of(&generate(Some(m))));
+    let original = support::swarm::ids(&support::swarm::json_of(&generate(None)));
+    // Factors of one leave every angle as it was, to the bit.
+    assert_eq!(ids(&with("ones.gguf", f32_tensor(32, 1.0))), original);
+    // Slowing every frequency eightfold changes the model.
+    assert_ne!(ids(&with("eights.gguf", f32_tensor(32, 8.0))), original);
+    let wrong = with("short.gguf", f32_tensor(16, 1.0));
+    let err = String::from_utf8_lossy(&generate(Some(&wrong)).stderr).to_string();
+    assert!(
+        err.contains("tensor rope_freqs.weight has shape [16], expected [32]"),
+        "{err}"
     );
 }

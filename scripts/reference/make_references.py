@@ -1,7 +1,8 @@
 """Builds the reference test models and llama.cpp's outputs on them.
 
 From the test model (SmolLM2-135M-Instruct, Q4_1), llama.cpp's llama-quantize makes an
-F16 copy and, from it, one file per tensor type; llama-server (on 127.0.0.1) then
+F16 copy and, from it, one file per tensor type; the same weights are also dressed as
+a Llama 3.1-style file (F16 and Q4_K_M); llama-server (on 127.0.0.1) then
 generates greedy continuations of the golden prompts on each, with the top
 log-probabilities at every position. Writes references.json beside the files.
 
@@ -39,6 +40,55 @@ def quantize(bin_dir, source, target, kind):
     if out.returncode != 0:
         sys.exit(f"llama-quantize {kind} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     partial.rename(target)
+
+
+def rewrite(source, target, metadata, extra_tensors):
+    """Copies a GGUF file with metadata values replaced or added and extra tensors."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    reader = GGUFReader(str(source))
+    arch = reader.fields["general.architecture"].contents()
+    partial = target.with_suffix(".partial")
+    writer = GGUFWriter(str(partial), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):
+            continue
+        if name in metadata:
+            continue
+        kind = field.types[0]
+        sub = field.types[1] if kind == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub)
+    for name, (value, kind) in metadata.items():
+        writer.add_key_value(name, value, kind)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    for name, array in extra_tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.rename(target)
+
+
+def llama3_style(base, target):
+    """The test model's weights dressed as a Llama 3.1-style file: RoPE frequency
+    factors (on every pair, so that short prompts show them), an untied LM head,
+    Llama 3's pre-tokenizer and the key/value length keys its converter writes."""
+    if target.exists() and target.stat().st_mtime >= base.stat().st_mtime:
+        return
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType
+    log(f"making {target.name} ...")
+    reader = GGUFReader(str(base))
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    head = (np.asarray(embedding.data).astype(np.float32) * 1.05).astype(np.float16)
+    factors = np.geomspace(1.0, 2.0, 32).astype(np.float32)
+    rewrite(base, target, {
+        "tokenizer.ggml.pre": ("llama-bpe", GGUFValueType.STRING),
+        "llama.attention.key_length": (64, GGUFValueType.UINT32),
+        "llama.attention.value_length": (64, GGUFValueType.UINT32),
+    }, {"rope_freqs.weight": factors, "output.weight": head})
 
 
 def tensor_types(path):
@@ -119,10 +169,15 @@ def main():
 
     base = args.out / "smollm2-base-F16.gguf"
     quantize(args.llama_bin, args.model, base, "F16")
+    llama3 = args.out / "llama3-style-F16.gguf"
+    llama3_style(base, llama3)
+    files = [(kind, base, args.out / f"smollm2-{kind}.gguf") for kind in TYPES]
+    files += [("F16", llama3, args.out / "llama3-style-F16.gguf"),
+              ("Q4_K_M", llama3, args.out / "llama3-style-Q4_K_M.gguf")]
     models = []
-    for kind in TYPES:
-        path = args.out / f"smollm2-{kind}.gguf"
-        quantize(args.llama_bin, base, path, kind)
+    for kind, source, path in files:
+        if path != source:
+            quantize(args.llama_bin, source, path, kind)
         log(f"llama.cpp on {path.name} ...")
         server = Server(args.llama_bin, path, args.out)
         try:

@@ -119,3 +119,35 @@ def test_metrics_count_what_was_served(swarm):
     assert values["allmende_steps_total"] >= 3
     assert values["allmende_step_seconds_count"] == values["allmende_steps_total"]
     assert "allmende_busy_refusals_total" in values and "allmende_failovers_total" in values
+
+
+def test_logprobs_in_openais_shapes_equal_the_clis(swarm):
+    cli = swarm.cli("generate", "--local", "--chat", "--prompt", QUESTION, "--temperature", "0",
+                    "--max-tokens", "8", "--json", "--logprobs", "3")
+    reply = client(swarm).chat.completions.create(
+        model=model_id(swarm), messages=[{"role": "user", "content": QUESTION}],
+        temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == len(cli["token_ids"])
+    for ours, theirs in zip(content, cli["logprobs"]):
+        assert ours.logprob == pytest.approx(theirs["logprob"], abs=1e-6)
+        assert [t.logprob for t in ours.top_logprobs] == \
+            pytest.approx([t["logprob"] for t in theirs["top"]], abs=1e-6)
+        assert ours.top_logprobs[0].logprob >= ours.top_logprobs[-1].logprob
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+
+    text = client(swarm).completions.create(
+        model=model_id(swarm), prompt="The capital of France is", temperature=0,
+        max_tokens=5, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == text.choices[0].text
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+
+    with pytest.raises(openai.BadRequestError):
+        client(swarm).chat.completions.create(
+            model=model_id(swarm), messages=[{"role": "user", "content": "x"}],
+            logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError):
+        client(swarm).completions.create(model=model_id(swarm), prompt="x", logprobs=6)

@@ -21,6 +21,7 @@ use super::{ApiError, Gateway};
 use crate::client::chat_template::ChatMessage;
 use crate::client::connect::{connect, RouteOptions};
 use crate::client::generate::session_length;
+use crate::client::logprobs::TokenLogprob;
 use crate::client::{generate, FinishReason, GenerationParams, SamplingParams};
 
 /// Tokens generated when a request sets no `max_tokens`.
@@ -53,6 +54,10 @@ struct Common {
 #[derive(Deserialize)]
 pub struct ChatRequest {
     messages: Vec<ChatMessage>,
+    /// Log-probabilities of the output tokens, with `top_logprobs` alternatives each.
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u32>,
     #[serde(flatten)]
     common: Common,
 }
@@ -60,9 +65,15 @@ pub struct ChatRequest {
 #[derive(Deserialize)]
 pub struct CompletionRequest {
     prompt: String,
+    /// The legacy API's form: this many alternatives (0 to 5) with each token.
+    logprobs: Option<u32>,
     #[serde(flatten)]
     common: Common,
 }
+
+/// OpenAI's limits on alternatives per token.
+const MAX_TOP_LOGPROBS_CHAT: u32 = 20;
+const MAX_LOGPROBS_COMPLETIONS: u32 = 5;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -89,6 +100,8 @@ struct Job {
 
 struct Outcome {
     text: String,
+    /// One per generated token, when the request asked for them.
+    logprobs: Option<Vec<TokenLogprob>>,
     finish_reason: &'static str,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -107,6 +120,22 @@ pub async fn chat(
             .param("messages")
             .into_response();
     }
+    let logprobs = match (request.logprobs, request.top_logprobs) {
+        (_, Some(k)) if k > MAX_TOP_LOGPROBS_CHAT => {
+            return ApiError::bad_request(format!(
+                "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS_CHAT}, got {k}"
+            ))
+            .param("top_logprobs")
+            .into_response()
+        }
+        (false, Some(_)) => {
+            return ApiError::bad_request("top_logprobs needs logprobs set to true")
+                .param("top_logprobs")
+                .into_response()
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
     let prompt = match gateway.model.chat_prompt(&request.messages) {
         Ok(p) => p,
         Err(e) => {
@@ -115,36 +144,71 @@ pub async fn chat(
                 .into_response()
         }
     };
-    respond(gateway, Kind::Chat, prompt, request.common).await
+    respond(gateway, Kind::Chat, prompt, logprobs, request.common).await
 }
 
 pub async fn completion(
     State(gateway): State<Arc<Gateway>>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
-    match body {
-        Ok(Json(request)) => respond(gateway, Kind::Text, request.prompt, request.common).await,
-        Err(e) => ApiError::bad_request(e.body_text()).into_response(),
+    let request = match body {
+        Ok(Json(request)) => request,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
+    if let Some(k) = request.logprobs.filter(|&k| k > MAX_LOGPROBS_COMPLETIONS) {
+        return ApiError::bad_request(format!(
+            "logprobs must be between 0 and {MAX_LOGPROBS_COMPLETIONS}, got {k}"
+        ))
+        .param("logprobs")
+        .into_response();
     }
+    let logprobs = request.logprobs.map(|k| k as usize);
+    respond(
+        gateway,
+        Kind::Text,
+        request.prompt,
+        logprobs,
+        request.common,
+    )
+    .await
 }
 
-async fn respond(gateway: Arc<Gateway>, kind: Kind, prompt: String, common: Common) -> Response {
+async fn respond(
+    gateway: Arc<Gateway>,
+    kind: Kind,
+    prompt: String,
+    logprobs: Option<usize>,
+    common: Common,
+) -> Response {
     let stream = common.stream;
-    let job = match prepare(&gateway, kind, &prompt, common) {
+    if stream && logprobs.is_some() {
+        return ApiError::bad_request(
+            "log-probabilities are not available for streamed responses yet; set stream to false",
+        )
+        .param("logprobs")
+        .into_response();
+    }
+    let job = match prepare(&gateway, kind, &prompt, logprobs, common) {
         Ok(job) => job,
         Err(e) => return e.into_response(),
     };
     gateway.metrics.requests.inc();
     match stream {
         false => match run(&gateway, &job, None).await {
-            Ok(outcome) => Json(full_response(&job.header, &outcome)).into_response(),
+            Ok(outcome) => Json(full_response(&gateway, &job.header, &outcome)).into_response(),
             Err(e) => e.into_response(),
         },
         true => stream_response(gateway, job).into_response(),
     }
 }
 
-fn prepare(gateway: &Gateway, kind: Kind, prompt: &str, common: Common) -> Result<Job, ApiError> {
+fn prepare(
+    gateway: &Gateway,
+    kind: Kind,
+    prompt: &str,
+    logprobs: Option<usize>,
+    common: Common,
+) -> Result<Job, ApiError> {
     if let Some(model) = &common.model {
         if !gateway.serves(model) {
             return Err(ApiError::unknown_model(model));
@@ -218,7 +282,7 @@ fn prepare(gateway: &Gateway, kind: Kind, prompt: &str, common: Common) -> Resul
                 seed: common.seed.unwrap_or_else(rand::random),
             },
             ignore_eos: false,
-            logprobs: None,
+            logprobs,
         },
         stops,
     })
@@ -289,6 +353,7 @@ async fn run(
     };
     Ok(Outcome {
         text,
+        logprobs: generation.logprobs,
         finish_reason,
         prompt_tokens: job.prompt_ids.len(),
         completion_tokens: generation.token_ids.len(),
@@ -303,19 +368,26 @@ fn usage(outcome: &Outcome) -> Value {
     })
 }
 
-fn full_response(header: &Header, outcome: &Outcome) -> Value {
+fn full_response(gateway: &Gateway, header: &Header, outcome: &Outcome) -> Value {
+    let logprobs = outcome
+        .logprobs
+        .as_deref()
+        .map_or(Value::Null, |l| match header.kind {
+            Kind::Chat => chat_logprobs(gateway, l),
+            Kind::Text => completion_logprobs(gateway, l),
+        });
     let choice = match header.kind {
         Kind::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": outcome.text},
             "finish_reason": outcome.finish_reason,
-            "logprobs": null,
+            "logprobs": logprobs,
         }),
         Kind::Text => json!({
             "index": 0,
             "text": outcome.text,
             "finish_reason": outcome.finish_reason,
-            "logprobs": null,
+            "logprobs": logprobs,
         }),
     };
     json!({
@@ -325,6 +397,56 @@ fn full_response(header: &Header, outcome: &Outcome) -> Value {
         "model": header.model,
         "choices": [choice],
         "usage": usage(outcome),
+    })
+}
+
+/// The chat API's shape: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`.
+fn chat_logprobs(gateway: &Gateway, tokens: &[TokenLogprob]) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let token = gateway.model.tokenizer.token_piece(id);
+        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+    };
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(t.token_id, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|a| entry(a.token_id, a.logprob)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// The legacy completions shape: parallel lists, alternatives as text → log-probability.
+fn completion_logprobs(gateway: &Gateway, tokens: &[TokenLogprob]) -> Value {
+    let piece = |id: u32| gateway.model.tokenizer.token_piece(id);
+    let mut offset = 0;
+    let mut text_offset = Vec::with_capacity(tokens.len());
+    let texts: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            let p = piece(t.token_id);
+            text_offset.push(offset);
+            offset += p.len();
+            p
+        })
+        .collect();
+    let top: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let map: serde_json::Map<String, Value> = t
+                .top
+                .iter()
+                .map(|a| (piece(a.token_id), json!(a.logprob)))
+                .collect();
+            Value::Object(map)
+        })
+        .collect();
+    json!({
+        "tokens": texts,
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": text_offset,
     })
 }
 

@@ -218,6 +218,12 @@ impl ModelTokenizer {
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
+    /// The text of one token, control tokens included (a token that holds part of a
+    /// character shows U+FFFD for it).
+    pub fn token_piece(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     /// The tokens that end a generation, in id order.
     pub fn end_of_generation(&self) -> &[u32] {
         &self.end_of_generation

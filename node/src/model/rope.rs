@@ -1,6 +1,11 @@
 //! Rotary position embeddings in llama.cpp's "normal" convention for Llama GGUFs:
 //! rotation of adjacent pairs (2i, 2i+1). (The GGUF converter permutes Q and K so
-//! that this matches the half-split rotation of the original checkpoint.)
+//! that this matches the half-split rotation of the original checkpoint.) Llama 3.1
+//! and later divide each pair's angle by a frequency factor (`rope_freqs.weight`).
+//!
+//! The tables come from the `libm` crate's `powf`, `cosf` and `sinf`, not the
+//! platform's: glibc picks FMA or plain variants at run time and other C libraries
+//! differ, and the rotation must give the same bits on every machine.
 
 use candle_core::{bail, Result};
 
@@ -13,21 +18,36 @@ pub struct Rope {
 
 impl Rope {
     /// Tables for positions `0..max_positions`. Angles are built as ggml builds them,
-    /// `theta_i = pos * base^(-2i/d)` accumulated by repeated f32 multiplication, so the
-    /// rotation matches llama.cpp to the last bit wherever the libm agrees.
-    pub fn new(head_dim: usize, freq_base: f32, max_positions: usize) -> Result<Self> {
+    /// `theta_i = pos * base^(-2i/d)` accumulated by repeated f32 multiplication, then
+    /// divided by pair i's frequency factor where the model has them, so the rotation
+    /// matches llama.cpp to the last bit wherever the maths libraries agree.
+    pub fn new(
+        head_dim: usize,
+        freq_base: f32,
+        max_positions: usize,
+        factors: Option<&[f32]>,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         if half == 0 {
             bail!("head size {head_dim} is too small for rotary embeddings");
         }
-        let theta_scale = freq_base.powf(-2.0 / head_dim as f32);
+        if let Some(f) = factors {
+            if f.len() != half || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                bail!("RoPE frequency factors must be {half} positive numbers");
+            }
+        }
+        let theta_scale = libm::powf(freq_base, -2.0 / head_dim as f32);
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
             let mut theta = pos as f32;
-            for _ in 0..half {
-                cos.push(theta.cos());
-                sin.push(theta.sin());
+            for i in 0..half {
+                let angle = match factors {
+                    Some(f) => theta / f[i],
+                    None => theta,
+                };
+                cos.push(libm::cosf(angle));
+                sin.push(libm::sinf(angle));
                 theta *= theta_scale;
             }
         }
@@ -69,7 +89,7 @@ mod tests {
     fn rotates_as_candle_does() {
         use candle_core::{Device, Tensor};
         let (hd, positions) = (8, 5);
-        let rope = Rope::new(hd, 10_000.0, positions).unwrap();
+        let rope = Rope::new(hd, 10_000.0, positions, None).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 2, positions, hd), &Device::Cpu).unwrap();
         let cos = Tensor::from_vec(rope.cos.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
         let sin = Tensor::from_vec(rope.sin.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
@@ -88,5 +108,25 @@ mod tests {
         assert!(rope
             .rotate_into(&values[..hd - 2], &mut out[..hd - 2], 0)
             .is_err());
+    }
+
+    #[test]
+    fn frequency_factors_divide_each_pairs_angle() {
+        let (hd, positions) = (8, 6);
+        let plain = Rope::new(hd, 10_000.0, positions, None).unwrap();
+        let ones = Rope::new(hd, 10_000.0, positions, Some(&[1.0; 4])).unwrap();
+        assert_eq!((&plain.cos, &plain.sin), (&ones.cos, &ones.sin));
+        let factors = [1.0, 2.0, 4.0, 8.0];
+        let scaled = Rope::new(hd, 10_000.0, positions, Some(&factors)).unwrap();
+        let theta_scale = libm::powf(10_000.0, -2.0 / hd as f32);
+        for pos in 0..positions {
+            let mut theta = pos as f32;
+            for (i, f) in factors.iter().enumerate() {
+                assert_eq!(scaled.cos[pos * 4 + i], libm::cosf(theta / f));
+                theta *= theta_scale;
+            }
+        }
+        assert!(Rope::new(hd, 10_000.0, positions, Some(&[1.0; 3])).is_err());
+        assert!(Rope::new(hd, 10_000.0, positions, Some(&[1.0, 0.0, 1.0, 1.0])).is_err());
     }
 }

@@ -46,10 +46,12 @@ impl Shard {
             blocks.push(Block::load(gguf, &config, index as usize)?);
             progress.inc(layer_bytes(gguf, index as usize));
         }
+        let factors = rope_factors(gguf, &config)?;
         let rope = Rope::new(
             config.head_dim,
             config.rope_freq_base,
             config.context_length,
+            factors.as_deref(),
         )?;
         Ok(Self {
             config,
@@ -206,20 +208,26 @@ impl Shard {
     }
 }
 
+/// Llama 3.1's RoPE frequency factors (`rope_freqs.weight`, one per rotated pair),
+/// where the model has them.
+fn rope_factors(gguf: &mut GgufFile, config: &LlamaConfig) -> Result<Option<Vec<f32>>, ModelError> {
+    const NAME: &str = "rope_freqs.weight";
+    if gguf.tensor_info(NAME).is_none() {
+        return Ok(None);
+    }
+    let q = super::block::load_checked(gguf, NAME, &[config.head_dim / 2], |t| {
+        t == candle_core::quantized::GgmlDType::F32
+    })?;
+    let values = q
+        .dequantize(&candle_core::Device::Cpu)
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| ModelError::Candle(super::candle_message(&e)))?;
+    Ok(Some(values))
+}
+
 /// Bytes on disk of layer `index`'s tensors.
 pub fn layer_bytes(gguf: &GgufFile, index: usize) -> u64 {
-    const TENSORS: [&str; 9] = [
-        "attn_norm",
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_norm",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
-    TENSORS
+    super::understood::LAYER_TENSORS
         .iter()
         .map(|t| gguf.tensor_bytes(&format!("blk.{index}.{t}.weight")))
         .sum()

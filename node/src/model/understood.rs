@@ -22,8 +22,14 @@ pub const LAYER_TENSORS: &[&str] = &[
     "ffn_down",
 ];
 
-/// The client's tensors; `output.weight` is optional (a tied LM head).
-const MODEL_TENSORS: &[&str] = &["token_embd.weight", "output_norm.weight", "output.weight"];
+/// The client's tensors, and the servers' RoPE frequency factors; `output.weight`
+/// (absent when the LM head is tied) and `rope_freqs.weight` are optional.
+const MODEL_TENSORS: &[&str] = &[
+    "token_embd.weight",
+    "output_norm.weight",
+    "output.weight",
+    "rope_freqs.weight",
+];
 
 /// `<arch>.` keys the config reads, or that only describe the file.
 const ARCH_KEYS: &[&str] = &[
@@ -181,9 +187,9 @@ mod tests {
         assert!(check_tensor("blk.0.attn_q.weight", 30).is_ok());
         assert!(check_tensor("blk.29.ffn_down.weight", 30).is_ok());
         assert!(check_tensor("output.weight", 30).is_ok());
+        assert!(check_tensor("rope_freqs.weight", 30).is_ok());
         for (name, part) in [
             ("blk.30.attn_q.weight", "does not know"),
-            ("rope_freqs.weight", "RoPE frequency factors"),
             ("blk.3.attn_q.bias", "biases"),
             ("blk.3.attn_k_norm.weight", "key norms"),
             ("blk.3.attn_qkv.weight", "fused QKV"),
