@@ -61,13 +61,7 @@ pub struct ChatArgs {
 const DEFAULT_CONTEXT: usize = 4096;
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
-    super::set_compute_threads(
-        args.threads
-            .map_or_else(super::default_threads, usize::from),
-    );
-    if !args.local {
-        super::share_cores();
-    }
+    super::client_threads(args.threads, args.local);
     let params = args.sampling.params(false)?;
     let model_path = model_file(args.model.as_deref())?;
     let mut gguf = GgufFile::open(&model_path)?;

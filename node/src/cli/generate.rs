@@ -169,13 +169,7 @@ fn prepare(args: &GenerateArgs) -> anyhow::Result<Prepared> {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    super::set_compute_threads(
-        args.threads
-            .map_or_else(super::default_threads, usize::from),
-    );
-    if !args.local {
-        super::share_cores();
-    }
+    super::client_threads(args.threads, args.local);
     let prepared = prepare(&args)?;
     match args.local {
         true => run_local(&args, prepared),

@@ -108,6 +108,15 @@ pub fn set_compute_threads(threads: usize) {
     std::env::set_var("CANDLE_NUM_THREADS", &n);
 }
 
+/// Compute threads of a client (`generate`, `chat`): `--threads`, else the default;
+/// through the swarm, idle threads sleep sooner, since servers may share the cores.
+pub fn client_threads(threads: Option<u16>, local: bool) {
+    set_compute_threads(threads.map_or_else(default_threads, usize::from));
+    if !local {
+        share_cores();
+    }
+}
+
 /// For processes of a swarm, which often share cores with other nodes or the client:
 /// idle compute threads sleep sooner. Must run before the first tensor operation.
 pub fn share_cores() {
