@@ -263,11 +263,11 @@ impl Chat {
             );
         }
         match self.answer(&turn) {
-            Ok((reply, past)) => {
+            Ok(reply) => {
                 tracing::debug!(
                     "turn sent {} new tokens after {} held; the session holds {}",
-                    reply.positions - past - reply.timings.decode_steps,
-                    past,
+                    turn.tokens.len() - turn.held,
+                    turn.held,
                     reply.positions
                 );
                 self.conversation.answer(turn, &reply);
@@ -282,13 +282,12 @@ impl Chat {
         }
     }
 
-    /// Streams the answer to `turn`; returns it and how many positions the session
-    /// held before.
-    fn answer(&mut self, turn: &Turn) -> anyhow::Result<(Generation, usize)> {
-        let mut turn_held = turn.held;
-        if turn_held == 0 || self.pipeline.is_none() {
+    /// Streams the answer to `turn`, in the open session when the turn continues it
+    /// (the conversation holds tokens only while its session is open), else in a new
+    /// one.
+    fn answer(&mut self, turn: &Turn) -> anyhow::Result<Generation> {
+        if turn.held == 0 {
             self.close_session();
-            turn_held = 0;
         }
         let session = match &mut self.pipeline {
             Some(session) => session,
@@ -297,7 +296,7 @@ impl Chat {
                 .insert(self.backend.open(&self.runtime, self.capacity)?),
         };
         let span = SessionSpan {
-            past: turn_held,
+            past: turn.held,
             capacity: self.capacity,
         };
         // A new seed each turn: the same seed would repeat one random stream every turn.
@@ -313,7 +312,7 @@ impl Chat {
             &self.model,
             session.pipeline(),
             span,
-            &turn.tokens[turn_held..],
+            &turn.tokens[turn.held..],
             &params,
             &mut |piece| {
                 let _ = stdout.write_all(piece.as_bytes());
@@ -329,7 +328,7 @@ impl Chat {
             let _ = write!(stdout, " [stopped]");
         }
         let _ = writeln!(stdout);
-        Ok((result?, turn_held))
+        Ok(result?)
     }
 
     fn close_session(&mut self) {

@@ -128,27 +128,26 @@ pub struct SessionSpan {
     pub capacity: usize,
 }
 
-/// Like [`generate`], but `new_ids` follow the `session.past` positions the session
+/// Like [`generate`], but `prompt_ids` follow the `session.past` positions the session
 /// already holds. Generation ends at `max_tokens` or when the session is full.
 pub fn continue_session(
     model: &ClientModel,
     pipeline: &mut dyn Pipeline,
     session: SessionSpan,
-    new_ids: &[u32],
+    prompt_ids: &[u32],
     params: &GenerationParams,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
-    if new_ids.is_empty() {
+    if prompt_ids.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    if session.past + new_ids.len() > session.capacity {
+    if session.past + prompt_ids.len() > session.capacity {
         return Err(GenerateError::PromptTooLong {
-            tokens: session.past + new_ids.len(),
+            tokens: session.past + prompt_ids.len(),
             context: session.capacity,
         });
     }
     params.sampling.validate()?;
-    let prompt_ids = new_ids;
     let max_len = session.capacity;
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut stream = TextStream::new(&model.tokenizer);
@@ -168,8 +167,9 @@ pub fn continue_session(
         if ids.len() >= params.max_tokens {
             break FinishReason::Length;
         }
-        // Log-probabilities are the model's, before `ignore_eos` takes any token away.
-        let report = params.logprobs.map(|k| (k, logits.clone()));
+        // Log-probabilities are the model's, before `ignore_eos` takes any token away:
+        // a copy of the logits only where both apply.
+        let unbiased = (params.ignore_eos && params.logprobs.is_some()).then(|| logits.clone());
         if params.ignore_eos {
             // As llama.cpp: end-of-generation tokens are never chosen.
             for &id in model.tokenizer.end_of_generation() {
@@ -182,8 +182,12 @@ pub fn continue_session(
         if model.tokenizer.is_end_of_generation(next) {
             break FinishReason::Stop;
         }
-        if let (Some((k, unbiased)), Some(list)) = (report, logprobs.as_mut()) {
-            list.push(token_logprob(&unbiased, next, k));
+        if let (Some(k), Some(list)) = (params.logprobs, logprobs.as_mut()) {
+            list.push(token_logprob(
+                unbiased.as_deref().unwrap_or(&logits),
+                next,
+                k,
+            ));
         }
         ids.push(next);
         if let Some(piece) = stream.push(next)? {

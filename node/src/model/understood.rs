@@ -1,8 +1,8 @@
 //! What the loader understands of a GGUF file, as lists: the metadata keys and the
 //! tensors that the compute uses, or that are known not to change what it computes.
-//! Anything else in a file (llama3's `rope_freqs`, a bias, RoPE scaling, a sliding
-//! window, experts, a LoRA adapter, one part of a split file) is refused with an error
-//! that names it: ignoring it would run the model silently wrong.
+//! Anything else in a file (a bias, RoPE scaling by type, a sliding window, experts,
+//! a LoRA adapter, one part of a split file) is refused with an error that names it:
+//! ignoring it would run the model silently wrong.
 
 use candle_core::quantized::gguf_file::Value;
 
@@ -97,8 +97,8 @@ fn check_key(
             show(value)
         )))
     };
-    if let Some(count) = key.strip_prefix("split.") {
-        return match count {
+    if let Some(field) = key.strip_prefix("split.") {
+        return match field {
             "count" if gguf.usize(key).is_ok_and(|n| n <= 1) => Ok(()),
             "count" => refuse(
                 "split GGUF files are not supported; merge them with llama-gguf-split --merge",
