@@ -1,8 +1,8 @@
 //! A model file with anything the loader does not understand is refused with an error
 //! that names it, never run: the real model rewritten (with a real GGUF writer) with
 //! one addition each, run through `allmende generate --local`. A neutral addition
-//! (RoPE scaling "none", key length equal to the head size) still runs, to the same
-//! tokens.
+//! (linear RoPE scaling by 1, key length equal to the head size) still runs, to the
+//! same tokens.
 
 mod support;
 
@@ -84,25 +84,44 @@ fn every_kind_of_unknown_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
-    let m = rewritten(d, "bias.gguf", |_, t| {
+    let m = rewritten(d, "output-bias.gguf", |_, t| {
+        t.push(("blk.0.attn_output.bias".into(), f32_tensor(576, 0.01)));
+    });
+    refused(
+        &m,
+        &["tensor blk.0.attn_output.bias", "bias is not applied"],
+    );
+
+    let m = rewritten(d, "q-bias-only.gguf", |_, t| {
         t.push(("blk.0.attn_q.bias".into(), f32_tensor(576, 0.01)));
     });
-    refused(&m, &["tensor blk.0.attn_q.bias", "biases"]);
+    refused(&m, &["layer 0 has biases on some of Q, K and V only"]);
 
     let m = rewritten(d, "q-norm.gguf", |_, t| {
         t.push(("blk.4.attn_q_norm.weight".into(), f32_tensor(64, 1.0)));
     });
-    refused(&m, &["tensor blk.4.attn_q_norm.weight"]);
+    refused(&m, &["tensor blk.4.attn_q_norm.weight", "qwen3"]);
 
-    let m = rewritten(d, "linear-rope.gguf", |md, _| {
-        set(
-            md,
-            "llama.rope.scaling.type",
-            Value::String("linear".into()),
-        );
+    let m = rewritten(d, "yarn.gguf", |md, _| {
+        set(md, "llama.rope.scaling.type", Value::String("yarn".into()));
         set(md, "llama.rope.scaling.factor", Value::F32(4.0));
     });
-    refused(&m, &["metadata llama.rope.scaling.factor = 4"]);
+    refused(
+        &m,
+        &["llama.rope.scaling.factor = 4", "\"yarn\"", "only linear"],
+    );
+
+    let m = rewritten(d, "gemma.gguf", |md, _| {
+        set(md, "general.architecture", Value::String("gemma".into()));
+    });
+    let out = generate(Some(&m));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("\"gemma\"")
+            && err.contains("llama, qwen2, qwen3, phi3"),
+        "{err}"
+    );
 
     let m = rewritten(d, "sliding-window.gguf", |md, _| {
         set(md, "llama.attention.sliding_window", Value::U32(4096));
@@ -130,7 +149,12 @@ fn every_kind_of_unknown_is_refused_by_name() {
 fn neutral_settings_still_run_to_the_same_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let m = rewritten(dir.path(), "neutral.gguf", |md, _| {
-        set(md, "llama.rope.scaling.type", Value::String("none".into()));
+        set(
+            md,
+            "llama.rope.scaling.type",
+            Value::String("linear".into()),
+        );
+        set(md, "llama.rope.scaling.factor", Value::F32(1.0));
         set(md, "llama.attention.key_length", Value::U32(64));
         set(md, "llama.attention.value_length", Value::U32(64));
         set(md, "llama.expert_count", Value::U32(0));

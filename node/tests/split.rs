@@ -82,7 +82,7 @@ fn uneven_splits_are_exact_too() {
 fn a_shard_reads_only_its_own_layers() {
     let path = support::model_path();
     let mut gguf = GgufFile::open(&path).unwrap();
-    let config = allmende_node::model::LlamaConfig::from_gguf(&gguf).unwrap();
+    let config = allmende_node::model::ModelConfig::from_gguf(&gguf).unwrap();
     let shard = Shard::from_gguf(
         &mut gguf,
         config,

@@ -10,7 +10,7 @@ use allmende_node::client::ModelTokenizer;
 use allmende_node::model::GgufFile;
 
 /// The vocabularies of the families this tokenizer supports.
-const VOCABULARIES: &[&str] = &["gpt-2", "llama-bpe", "qwen2"];
+const VOCABULARIES: &[&str] = &["gpt-2", "llama-bpe", "qwen2", "llama-spm", "phi-3"];
 
 const SEPARATOR: &str = "\n__ggml_vocab_test__\n";
 
@@ -48,5 +48,21 @@ fn every_supported_vocabulary_tokenizes_as_llama_cpp() {
         }
         eprintln!("{name}: {} texts, {} differ", outputs.len(), wrong.len());
         assert!(wrong.is_empty(), "{name}:\n{}", wrong.join("\n"));
+    }
+}
+
+#[test]
+fn bos_is_added_once_even_when_the_text_writes_it() {
+    let models = models_dir();
+    for (name, bos_text) in [("llama-bpe", "<|begin_of_text|>"), ("llama-spm", "<s>")] {
+        let gguf = GgufFile::open(&models.join(format!("ggml-vocab-{name}.gguf"))).unwrap();
+        let tokenizer = ModelTokenizer::from_gguf(&gguf).unwrap();
+        let bos = tokenizer.bos().unwrap();
+        let plain = tokenizer.encode("Hello world").unwrap();
+        assert_eq!(plain[0], bos, "{name}: BOS is added");
+        assert_ne!(plain[1], bos, "{name}");
+        let written = tokenizer.encode(&format!("{bos_text}Hello world")).unwrap();
+        assert_eq!(written[0], bos, "{name}");
+        assert_ne!(written[1], bos, "{name}: a second BOS");
     }
 }

@@ -136,14 +136,7 @@ pub async fn chat(
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, None) => None,
     };
-    let prompt = match gateway.model.chat_prompt(&request.messages) {
-        Ok(p) => p,
-        Err(e) => {
-            return ApiError::bad_request(e.to_string())
-                .param("messages")
-                .into_response()
-        }
-    };
+    let prompt = Prompt::Chat(request.messages);
     respond(gateway, Kind::Chat, prompt, logprobs, request.common).await
 }
 
@@ -166,17 +159,24 @@ pub async fn completion(
     respond(
         gateway,
         Kind::Text,
-        request.prompt,
+        Prompt::Text(request.prompt),
         logprobs,
         request.common,
     )
     .await
 }
 
+/// What a request asks to complete: a raw prompt, whose control tokens' texts are
+/// control tokens, or chat messages, whose contents are text throughout.
+enum Prompt {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+}
+
 async fn respond(
     gateway: Arc<Gateway>,
     kind: Kind,
-    prompt: String,
+    prompt: Prompt,
     logprobs: Option<usize>,
     common: Common,
 ) -> Response {
@@ -205,7 +205,7 @@ async fn respond(
 fn prepare(
     gateway: &Gateway,
     kind: Kind,
-    prompt: &str,
+    prompt: &Prompt,
     logprobs: Option<usize>,
     common: Common,
 ) -> Result<Job, ApiError> {
@@ -227,11 +227,17 @@ fn prepare(
             ApiError::bad_request(format!("top_p must be in (0, 1], got {top_p}")).param("top_p"),
         );
     }
-    let prompt_ids = gateway
-        .model
-        .tokenizer
-        .encode(prompt)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let prompt_ids = match prompt {
+        Prompt::Text(text) => gateway
+            .model
+            .tokenizer
+            .encode(text)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        Prompt::Chat(messages) => gateway
+            .model
+            .chat_prompt_ids(messages)
+            .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?,
+    };
     if prompt_ids.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
     }

@@ -154,11 +154,10 @@ fn prepare(args: &GenerateArgs) -> anyhow::Result<Prepared> {
     params.logprobs = args.logprobs.map(|k| k as usize);
     let mut gguf = GgufFile::open(&model_path)?;
     let model = ClientModel::from_gguf(&mut gguf)?;
-    let prompt = match args.chat {
-        true => model.chat_prompt(&[ChatMessage::user(args.prompt.clone())])?,
-        false => args.prompt.clone(),
+    let prompt_ids = match args.chat {
+        true => model.chat_prompt_ids(&[ChatMessage::user(args.prompt.clone())])?,
+        false => model.tokenizer.encode(&args.prompt)?,
     };
-    let prompt_ids = model.tokenizer.encode(&prompt)?;
     check_prompt(&model, &prompt_ids)?;
     Ok(Prepared {
         gguf,

@@ -12,7 +12,7 @@ use libp2p::Multiaddr;
 use super::gateway::{build_gateway, ApiArgs};
 use super::swarm::{join_swarm, model_file, model_target, SwarmArgs};
 use crate::model::shard::layer_bytes;
-use crate::model::{GgufFile, LlamaConfig, Shard};
+use crate::model::{GgufFile, ModelConfig, Shard};
 use crate::network::discovery::discover;
 use crate::routing::choose_layers;
 use crate::server::{announce_loop, measure_throughput, ServerLimits, ShardServer};
@@ -91,7 +91,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let model_path = model_file(args.model.as_deref())?;
     let mut gguf = GgufFile::open(&model_path)?;
-    let config = LlamaConfig::from_gguf(&gguf)?;
+    let config = ModelConfig::from_gguf(&gguf)?;
     let target = model_target(&gguf, config.block_count)?;
     let (model, model_name) = (target.id, target.name);
 
@@ -283,7 +283,7 @@ fn default_kv_budget() -> u64 {
 }
 
 /// How many layers fit in half of the memory available now.
-fn layers_that_fit(gguf: &GgufFile, config: &LlamaConfig) -> u32 {
+fn layers_that_fit(gguf: &GgufFile, config: &ModelConfig) -> u32 {
     let per_layer = layer_bytes(gguf, 0).max(1);
     let available = available_memory().unwrap_or(u64::MAX / 4);
     ((available / 2) / per_layer).clamp(1, config.block_count as u64) as u32

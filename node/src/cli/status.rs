@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Args;
 
 use super::swarm::{join_as_client, model_file, SwarmArgs};
-use crate::model::{GgufFile, LlamaConfig};
+use crate::model::{GgufFile, ModelConfig};
 use crate::network::discovery::discover;
 use crate::network::report::swarm_report;
 
@@ -40,7 +40,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         None => {
             let path = model_file(args.model.as_deref())?;
             let gguf = GgufFile::open(&path)?;
-            let config = LlamaConfig::from_gguf(&gguf)?;
+            let config = ModelConfig::from_gguf(&gguf)?;
             let name = gguf.string("general.name").ok().map(String::from);
             let id = crate::model::model_id(&path, &indicatif::ProgressBar::hidden())?;
             (id, Some(config.block_count as u32), name)

@@ -29,6 +29,8 @@ pub enum ChatTemplateError {
     Missing,
     #[error("the model's chat template failed: {0}")]
     Render(String),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::model::ModelError),
 }
 
 /// Renders `messages` and, when `add_generation_prompt`, the opening of the

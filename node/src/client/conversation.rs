@@ -98,8 +98,7 @@ impl Conversation {
             messages.push(ChatMessage::new("system", system.clone()));
         }
         messages.extend(self.messages.iter().cloned());
-        let text = model.chat_prompt(&messages)?;
-        Ok(model.tokenizer.encode(&text)?)
+        Ok(model.chat_prompt_ids(&messages)?)
     }
 }
 

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use crate::model::block::{load_checked, RmsNorm};
 use crate::model::gguf::{self, GgufFile};
 use crate::model::kernels::Linear;
-use crate::model::{LlamaConfig, ModelError};
+use crate::model::{ModelConfig, ModelError};
 
 pub struct ClientHead {
     embedding: Linear,
@@ -20,7 +20,7 @@ pub struct ClientHead {
 }
 
 impl ClientHead {
-    pub fn load(gguf: &mut GgufFile, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+    pub fn load(gguf: &mut GgufFile, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let (vocab, d) = (cfg.vocab_size, cfg.hidden_size);
         let matrix = |gguf: &mut GgufFile, name: &str| -> Result<Linear, ModelError> {
             let q = load_checked(gguf, name, &[vocab, d], gguf::is_supported_weight_type)?;

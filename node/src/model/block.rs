@@ -1,5 +1,7 @@
 //! One transformer block: pre-norm grouped-query attention, then a pre-norm SwiGLU MLP.
-//! Tensor names are llama.cpp's (`blk.N.attn_q.weight`, ...).
+//! Tensor names are llama.cpp's (`blk.N.attn_q.weight`, ...). What the architectures
+//! change (fused tensors, Q/K/V biases, per-head Q/K norms, RoPE's pairing) is read
+//! from the file and its [`Architecture`](super::arch::Architecture).
 
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +13,7 @@ use super::gguf::{self, GgufFile};
 use super::kernels::{rms_norm, swiglu as swiglu_row, Linear, Simd, Stacked};
 use super::kv_cache::{KvShape, ShardCache};
 use super::rope::Rope;
-use super::{LlamaConfig, ModelError};
+use super::{ModelConfig, ModelError};
 
 /// Rows per task when a norm is split over the compute threads; up to this many rows
 /// run on the calling thread alone (eight rows take one or two microseconds).
@@ -112,17 +114,89 @@ fn load_matmul(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> LoadR
     Ok(Linear::new(load_weights(gguf, name, out, inp)?)?)
 }
 
+/// Q, K and V of layer `index`: one fused `attn_qkv` or three matrices, not both.
+fn load_qkv(
+    gguf: &mut GgufFile,
+    index: usize,
+    (d, q, kv): (usize, usize, usize),
+) -> LoadResult<Vec<Arc<QTensor>>> {
+    let name = |t: &str| format!("blk.{index}.{t}.weight");
+    let fused = name("attn_qkv");
+    if gguf.tensor_info(&fused).is_none() {
+        return Ok(vec![
+            load_weights(gguf, &name("attn_q"), q, d)?,
+            load_weights(gguf, &name("attn_k"), kv, d)?,
+            load_weights(gguf, &name("attn_v"), kv, d)?,
+        ]);
+    }
+    if let Some(both) = ["attn_q", "attn_k", "attn_v"]
+        .map(name)
+        .into_iter()
+        .find(|t| gguf.tensor_info(t).is_some())
+    {
+        return Err(ModelError::NotUnderstood(format!(
+            "tensor {both} beside the fused {fused}: which one holds the weights is ambiguous"
+        )));
+    }
+    Ok(vec![load_weights(gguf, &fused, q + 2 * kv, d)?])
+}
+
+/// The biases of layer `index`'s Q, K and V side by side: one fused
+/// `attn_qkv.bias` or all three of `attn_{q,k,v}.bias`, or none.
+fn load_qkv_bias(
+    gguf: &mut GgufFile,
+    index: usize,
+    (q, kv): (usize, usize),
+) -> LoadResult<Option<Vec<f32>>> {
+    let name = |t: &str| format!("blk.{index}.{t}.bias");
+    let vector = |gguf: &mut GgufFile, name: &str, size: usize| -> LoadResult<Vec<f32>> {
+        let t = load_checked(gguf, name, &[size], gguf::is_supported_norm_type)?;
+        Ok(t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+    };
+    let parts = [("attn_q", q), ("attn_k", kv), ("attn_v", kv)];
+    let present: Vec<bool> = parts
+        .iter()
+        .map(|(t, _)| gguf.tensor_info(&name(t)).is_some())
+        .collect();
+    let fused = name("attn_qkv");
+    match (gguf.tensor_info(&fused).is_some(), &present[..]) {
+        (false, [false, false, false]) => Ok(None),
+        (true, [false, false, false]) => Ok(Some(vector(gguf, &fused, q + 2 * kv)?)),
+        (false, [true, true, true]) => {
+            let mut all = Vec::with_capacity(q + 2 * kv);
+            for (t, size) in parts {
+                all.extend(vector(gguf, &name(t), size)?);
+            }
+            Ok(Some(all))
+        }
+        _ => Err(ModelError::NotUnderstood(format!(
+            "layer {index} has biases on some of Q, K and V only, or both fused and separate ones"
+        ))),
+    }
+}
+
 pub struct Attention {
-    /// Q, K and V.
+    /// Q, K and V side by side: three matrices or one fused.
     qkv: Stacked,
+    /// Biases of Q, K and V side by side, where the model has them.
+    qkv_bias: Option<Vec<f32>>,
+    /// Per-head RMS norms of queries and of keys before RoPE (Qwen 3).
+    head_norms: Option<HeadNorms>,
     wo: Linear,
     head_count: usize,
     head_count_kv: usize,
     head_dim: usize,
 }
 
+/// Weights (`head_dim` values each) of the per-head query and key norms.
+pub struct HeadNorms {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    eps: f32,
+}
+
 pub struct Mlp {
-    /// Gate and up.
+    /// Gate and up side by side: two matrices or one fused.
     gate_up: Stacked,
     down: Linear,
 }
@@ -135,28 +209,43 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn load(gguf: &mut GgufFile, cfg: &LlamaConfig, index: usize) -> LoadResult<Self> {
+    pub fn load(gguf: &mut GgufFile, cfg: &ModelConfig, index: usize) -> LoadResult<Self> {
         let name = |t: &str| format!("blk.{index}.{t}.weight");
-        let (d, kv, ff) = (cfg.hidden_size, cfg.kv_size(), cfg.feed_forward_size);
+        let (d, q, kv, ff) = (
+            cfg.hidden_size,
+            cfg.q_size(),
+            cfg.kv_size(),
+            cfg.feed_forward_size,
+        );
+        let gate_up = match cfg.arch.fused_gate_up {
+            true => vec![load_weights(gguf, &name("ffn_up"), 2 * ff, d)?],
+            false => vec![
+                load_weights(gguf, &name("ffn_gate"), ff, d)?,
+                load_weights(gguf, &name("ffn_up"), ff, d)?,
+            ],
+        };
+        let head_norms = match cfg.arch.qk_norm {
+            true => Some(HeadNorms {
+                q: RmsNorm::load(gguf, &name("attn_q_norm"), cfg.head_dim, cfg.rms_eps)?.weight,
+                k: RmsNorm::load(gguf, &name("attn_k_norm"), cfg.head_dim, cfg.rms_eps)?.weight,
+                eps: cfg.rms_eps,
+            }),
+            false => None,
+        };
         Ok(Self {
             attn_norm: RmsNorm::load(gguf, &name("attn_norm"), d, cfg.rms_eps)?,
             attn: Attention {
-                qkv: Stacked::new(vec![
-                    load_weights(gguf, &name("attn_q"), d, d)?,
-                    load_weights(gguf, &name("attn_k"), kv, d)?,
-                    load_weights(gguf, &name("attn_v"), kv, d)?,
-                ])?,
-                wo: load_matmul(gguf, &name("attn_output"), d, d)?,
+                qkv: Stacked::new(load_qkv(gguf, index, (d, q, kv))?)?,
+                qkv_bias: load_qkv_bias(gguf, index, (q, kv))?,
+                head_norms,
+                wo: load_matmul(gguf, &name("attn_output"), d, q)?,
                 head_count: cfg.head_count,
                 head_count_kv: cfg.head_count_kv,
                 head_dim: cfg.head_dim,
             },
             ffn_norm: RmsNorm::load(gguf, &name("ffn_norm"), d, cfg.rms_eps)?,
             mlp: Mlp {
-                gate_up: Stacked::new(vec![
-                    load_weights(gguf, &name("ffn_gate"), ff, d)?,
-                    load_weights(gguf, &name("ffn_up"), ff, d)?,
-                ])?,
+                gate_up: Stacked::new(gate_up)?,
                 down: load_matmul(gguf, &name("ffn_down"), d, ff)?,
             },
         })
@@ -232,11 +321,19 @@ impl Attention {
         layer: usize,
         rope: &Rope,
     ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?;
+        let mut qkv = self.qkv.forward(x)?;
         let (b, tokens, width) = qkv.dims3()?;
         let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
         if width != (nh + 2 * nkv) * hd {
             candle_core::bail!("Q, K and V expected side by side, got width {width}");
+        }
+        if let Some(bias) = &self.qkv_bias {
+            let biased = super::with_values(&qkv, |values| {
+                let rows = values.chunks_exact(width);
+                rows.flat_map(|row| row.iter().zip(bias).map(|(v, b)| v + b))
+                    .collect::<Vec<f32>>()
+            })?;
+            qkv = Tensor::from_vec(biased, (b, tokens, width), &Device::Cpu)?;
         }
         let y = super::with_values(&qkv, |values| -> Result<Vec<f32>> {
             // Each sequence's rows rotated and its keys and values written into its
@@ -316,10 +413,24 @@ impl Attention {
         let row = |bi: usize, t: usize, head: usize| {
             &qkv[(bi * tokens + start + t) * width + head * hd..][..hd]
         };
+        // A head's row, normed where the model norms heads, then rotated.
+        let mut normed = vec![0f32; hd];
+        let mut rotate = |x: &[f32], norm: Option<&[f32]>, out: &mut [f32], pos: usize| match (
+            &self.head_norms,
+            norm,
+        ) {
+            (Some(n), Some(weight)) => {
+                rms_norm(x, weight, n.eps, &mut normed);
+                rope.rotate_into(&normed, out, pos)
+            }
+            _ => rope.rotate_into(x, out, pos),
+        };
+        let q_norm = self.head_norms.as_ref().map(|n| n.q.as_slice());
+        let k_norm = self.head_norms.as_ref().map(|n| n.k.as_slice());
         let mut q = vec![0f32; seq * b * nh * hd];
         for (i, out) in q.chunks_exact_mut(hd).enumerate() {
             let (t, bi, h) = (i / (b * nh), i / nh % b, i % nh);
-            rope.rotate_into(row(bi, t, h), out, pos + t)?;
+            rotate(row(bi, t, h), q_norm, out, pos + t)?;
         }
         let shape = KvShape {
             batch: b,
@@ -328,7 +439,7 @@ impl Attention {
         };
         part.cache
             .append_with(layer, shape, seq, |bi, h, t, key, value| {
-                rope.rotate_into(row(bi, t, nh + h), key, pos + t)?;
+                rotate(row(bi, t, nh + h), k_norm, key, pos + t)?;
                 value.copy_from_slice(row(bi, t, nh + nkv + h));
                 Ok(())
             })?;

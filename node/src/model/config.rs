@@ -1,13 +1,15 @@
-//! Hyper-parameters of a Llama-architecture model, read from GGUF metadata (`llama.*`).
+//! Hyper-parameters of a model, read from GGUF metadata (`<architecture>.*`).
 
+use candle_core::quantized::gguf_file::Value;
+
+use super::arch::{self, Architecture};
 use super::gguf::GgufFile;
+use super::rope::RopeSpec;
 use super::ModelError;
 
-/// Architectures whose GGUF tensors follow llama.cpp's `llama` layout.
-const LLAMA_LIKE: &[&str] = &["llama"];
-
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
+    pub arch: &'static Architecture,
     pub block_count: usize,
     pub hidden_size: usize,
     pub feed_forward_size: usize,
@@ -16,25 +18,40 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rope_dimension: usize,
     pub rope_freq_base: f32,
+    /// Linear RoPE scaling's `1 / factor`; 1 without.
+    pub rope_freq_scale: f32,
     pub rms_eps: f32,
+    /// The model's context length, or its sliding window where that is shorter.
     pub context_length: usize,
     pub vocab_size: usize,
 }
 
-impl LlamaConfig {
+impl ModelConfig {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ModelError> {
-        let arch = gguf.string("general.architecture")?;
-        if !LLAMA_LIKE.contains(&arch) {
-            return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
+        let name = gguf.string("general.architecture")?;
+        let arch = arch::find(name).ok_or_else(|| ModelError::UnsupportedArchitecture {
+            name: name.to_string(),
+        })?;
+        let key = |k: &str| format!("{name}.{k}");
         let hidden_size = gguf.usize(&key("embedding_length"))?;
         let head_count = gguf.usize(&key("attention.head_count"))?;
         let head_count_kv = match gguf.has(&key("attention.head_count_kv")) {
             true => gguf.usize(&key("attention.head_count_kv"))?,
             false => head_count,
         };
-        let head_dim = hidden_size.checked_div(head_count).unwrap_or(0);
+        // Qwen 3 sizes its heads apart from the width; others may say so redundantly.
+        let head_dim = match gguf.has(&key("attention.key_length")) {
+            true => gguf.usize(&key("attention.key_length"))?,
+            false => hidden_size.checked_div(head_count).unwrap_or(0),
+        };
+        if gguf.has(&key("attention.value_length"))
+            && gguf.usize(&key("attention.value_length"))? != head_dim
+        {
+            return Err(ModelError::BadConfig(format!(
+                "value heads of another size than key heads ({}) are not supported",
+                head_dim
+            )));
+        }
         let rope_dimension = match gguf.has(&key("rope.dimension_count")) {
             true => gguf.usize(&key("rope.dimension_count"))?,
             false => head_dim,
@@ -43,11 +60,18 @@ impl LlamaConfig {
             true => gguf.f32(&key("rope.freq_base"))?,
             false => 10_000.0,
         };
+        let mut context_length = gguf.usize(&key("context_length"))?;
+        if let Some(window) = arch.sliding_window_key.map(key) {
+            if gguf.has(&window) && gguf.usize(&window)? > 0 {
+                context_length = context_length.min(gguf.usize(&window)?);
+            }
+        }
         let vocab_size = gguf
             .tensor_info("token_embd.weight")
             .map(|info| info.shape.dims()[0])
             .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
         let config = Self {
+            arch,
             block_count: gguf.usize(&key("block_count"))?,
             hidden_size,
             feed_forward_size: gguf.usize(&key("feed_forward_length"))?,
@@ -56,12 +80,13 @@ impl LlamaConfig {
             head_dim,
             rope_dimension,
             rope_freq_base,
+            rope_freq_scale: rope_freq_scale(gguf, name)?,
             rms_eps: gguf.f32(&key("attention.layer_norm_rms_epsilon"))?,
-            context_length: gguf.usize(&key("context_length"))?,
+            context_length,
             vocab_size,
         };
         config.validate()?;
-        super::understood::check(gguf, arch, &config)?;
+        super::understood::check(gguf, name, &config)?;
         Ok(config)
     }
 
@@ -71,11 +96,8 @@ impl LlamaConfig {
         if self.block_count == 0 || self.hidden_size == 0 || self.head_count == 0 {
             return bad("block count, embedding length and head count must be positive".into());
         }
-        if !self.hidden_size.is_multiple_of(self.head_count) {
-            return bad(format!(
-                "embedding length {} is not a multiple of head count {}",
-                self.hidden_size, self.head_count
-            ));
+        if self.head_dim == 0 {
+            return bad("head size must be positive".into());
         }
         if self.head_count_kv == 0 || !self.head_count.is_multiple_of(self.head_count_kv) {
             return bad(format!(
@@ -97,5 +119,50 @@ impl LlamaConfig {
 
     pub fn kv_size(&self) -> usize {
         self.head_count_kv * self.head_dim
+    }
+
+    /// The width of all query heads together (the hidden size, except in Qwen 3).
+    pub fn q_size(&self) -> usize {
+        self.head_count * self.head_dim
+    }
+
+    pub fn rope(&self) -> RopeSpec {
+        RopeSpec {
+            head_dim: self.head_dim,
+            freq_base: self.rope_freq_base,
+            freq_scale: self.rope_freq_scale,
+            style: self.arch.rope,
+        }
+    }
+}
+
+/// `1 / factor` of linear RoPE scaling, else 1. As in llama.cpp, a factor
+/// (`rope.scaling.factor`, or the older `rope.scale_linear`) scales linearly when
+/// `rope.scaling.type` is absent or `linear`; with any other type a factor other
+/// than 1 is refused, since this version computes no other scaling.
+fn rope_freq_scale(gguf: &GgufFile, arch: &str) -> Result<f32, ModelError> {
+    let kind_key = format!("{arch}.rope.scaling.type");
+    let kind = match gguf.metadata(&kind_key) {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(ModelError::BadMetadata(kind_key, "a string")),
+        None => "linear",
+    };
+    let factor_key = [
+        format!("{arch}.rope.scaling.factor"),
+        format!("{arch}.rope.scale_linear"),
+    ]
+    .into_iter()
+    .find(|k| gguf.has(k));
+    let Some(factor_key) = factor_key else {
+        return Ok(1.0);
+    };
+    match gguf.f32(&factor_key)? {
+        f if f == 0.0 || f == 1.0 => Ok(1.0),
+        f if kind == "linear" && f.is_finite() && f > 0.0 => Ok(1.0 / f),
+        _ if kind == "linear" => Err(ModelError::BadMetadata(factor_key, "a positive number")),
+        f => Err(ModelError::NotUnderstood(format!(
+            "metadata {factor_key} = {f} with {kind_key} = {kind:?}: \
+             only linear RoPE scaling is computed by this version"
+        ))),
     }
 }

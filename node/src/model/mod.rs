@@ -1,10 +1,12 @@
-//! Model compute: reading a GGUF Llama model and running a contiguous range of its
-//! transformer layers (a *shard*) over hidden states.
+//! Model compute: reading a GGUF model of a supported architecture ([`arch`]) and
+//! running a contiguous range of its transformer layers (a *shard*) over hidden
+//! states.
 //!
 //! The file reads top-down as the model does: [`config`] → [`rope`] → [`block`]
 //! (attention + MLP) → [`shard`]. KV caches live in [`kv_cache`], outside the
 //! weights, one per session, so many sessions share one loaded shard.
 
+pub mod arch;
 mod attention;
 pub mod block;
 pub mod config;
@@ -18,7 +20,7 @@ pub mod understood;
 
 use std::path::PathBuf;
 
-pub use config::LlamaConfig;
+pub use config::ModelConfig;
 pub use gguf::GgufFile;
 pub use kv_cache::ShardCache;
 pub use model_id::model_id;
@@ -38,8 +40,11 @@ pub enum ModelError {
     Truncated { path: PathBuf, detail: String },
     #[error("model file {path} has a malformed GGUF header: {detail}")]
     BadHeader { path: PathBuf, detail: String },
-    #[error("unsupported model architecture {0:?}: only Llama-architecture models (general.architecture = \"llama\") are supported")]
-    UnsupportedArchitecture(String),
+    #[error(
+        "unsupported model architecture {name:?}: supported are {}",
+        arch::names()
+    )]
+    UnsupportedArchitecture { name: String },
     #[error("unsupported tensor type {dtype}{}", tensor.as_ref().map(|t| format!(" for tensor {t}")).unwrap_or_default())]
     UnsupportedTensorType {
         tensor: Option<String>,

@@ -1,7 +1,8 @@
-//! Rotary position embeddings in llama.cpp's "normal" convention for Llama GGUFs:
-//! rotation of adjacent pairs (2i, 2i+1). (The GGUF converter permutes Q and K so
-//! that this matches the half-split rotation of the original checkpoint.) Llama 3.1
-//! and later divide each pair's angle by a frequency factor (`rope_freqs.weight`).
+//! Rotary position embeddings as llama.cpp computes them: pairs of adjacent values
+//! (its "normal" rope, for Llama GGUFs, whose converter permutes Q and K to match)
+//! or of values half a head apart ("neox", for Qwen and Phi-3); Llama 3.1 and later
+//! divide each pair's angle by a frequency factor (`rope_freqs.weight`), and linear
+//! RoPE scaling multiplies every angle by `1 / factor`.
 //!
 //! The tables come from the `libm` crate's `powf`, `cosf` and `sinf`, not the
 //! platform's: glibc picks FMA or plain variants at run time and other C libraries
@@ -9,24 +10,39 @@
 
 use candle_core::{bail, Result};
 
+pub use super::arch::RopeStyle;
+
+/// What a model's RoPE is: everything but the positions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeSpec {
+    pub head_dim: usize,
+    pub freq_base: f32,
+    /// Linear scaling's `1 / factor`; 1 without scaling.
+    pub freq_scale: f32,
+    pub style: RopeStyle,
+}
+
 pub struct Rope {
     /// `cos(theta)` and `sin(theta)` per position, `head_dim / 2` values each.
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
+    style: RopeStyle,
 }
 
 impl Rope {
     /// Tables for positions `0..max_positions`. Angles are built as ggml builds them,
     /// `theta_i = pos * base^(-2i/d)` accumulated by repeated f32 multiplication, then
-    /// divided by pair i's frequency factor where the model has them, so the rotation
-    /// matches llama.cpp to the last bit wherever the maths libraries agree.
-    pub fn new(
-        head_dim: usize,
-        freq_base: f32,
-        max_positions: usize,
-        factors: Option<&[f32]>,
-    ) -> Result<Self> {
+    /// divided by pair i's frequency factor where the model has them and multiplied
+    /// by the linear scale, so the rotation matches llama.cpp to the last bit
+    /// wherever the maths libraries agree.
+    pub fn new(spec: RopeSpec, max_positions: usize, factors: Option<&[f32]>) -> Result<Self> {
+        let RopeSpec {
+            head_dim,
+            freq_base,
+            freq_scale,
+            style,
+        } = spec;
         let half = head_dim / 2;
         if half == 0 {
             bail!("head size {head_dim} is too small for rotary embeddings");
@@ -46,17 +62,24 @@ impl Rope {
                     Some(f) => theta / f[i],
                     None => theta,
                 };
+                // `1 × angle` is `angle`: unscaled models keep their bits.
+                let angle = freq_scale * angle;
                 cos.push(libm::cosf(angle));
                 sin.push(libm::sinf(angle));
                 theta *= theta_scale;
             }
         }
-        Ok(Self { cos, sin, half })
+        Ok(Self {
+            cos,
+            sin,
+            half,
+            style,
+        })
     }
 
     /// One head's row `x` (`head_dim` values) rotated for position `pos`, written to
-    /// `out`: the pair `(x0, x1)` becomes `(x0 cos - x1 sin, x0 sin + x1 cos)`, as
-    /// candle's `rope_i` computes it.
+    /// `out`: each pair `(x0, x1)` becomes `(x0 cos - x1 sin, x0 sin + x1 cos)`, as
+    /// candle's `rope_i` (adjacent pairs) and `rope` (halves) compute it.
     pub fn rotate_into(&self, x: &[f32], out: &mut [f32], pos: usize) -> Result<()> {
         let half = self.half;
         if x.len() != 2 * half || out.len() != 2 * half || (pos + 1) * half > self.cos.len() {
@@ -71,11 +94,24 @@ impl Rope {
             &self.cos[pos * half..][..half],
             &self.sin[pos * half..][..half],
         );
-        let pairs = x.chunks_exact(2).zip(out.chunks_exact_mut(2));
-        for ((pair, y), (&c, &s)) in pairs.zip(cos.iter().zip(sin)) {
-            let (x0, x1) = (pair[0], pair[1]);
-            y[0] = x0 * c - x1 * s;
-            y[1] = x0 * s + x1 * c;
+        match self.style {
+            RopeStyle::Adjacent => {
+                let pairs = x.chunks_exact(2).zip(out.chunks_exact_mut(2));
+                for ((pair, y), (&c, &s)) in pairs.zip(cos.iter().zip(sin)) {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    y[0] = x0 * c - x1 * s;
+                    y[1] = x0 * s + x1 * c;
+                }
+            }
+            RopeStyle::Halves => {
+                let (x_lo, x_hi) = x.split_at(half);
+                let (y_lo, y_hi) = out.split_at_mut(half);
+                for i in 0..half {
+                    let (x0, x1, c, s) = (x_lo[i], x_hi[i], cos[i], sin[i]);
+                    y_lo[i] = x0 * c - x1 * s;
+                    y_hi[i] = x0 * s + x1 * c;
+                }
+            }
         }
         Ok(())
     }
@@ -85,11 +121,20 @@ impl Rope {
 mod tests {
     use super::*;
 
+    fn spec(head_dim: usize, style: RopeStyle) -> RopeSpec {
+        RopeSpec {
+            head_dim,
+            freq_base: 10_000.0,
+            freq_scale: 1.0,
+            style,
+        }
+    }
+
     #[test]
     fn rotates_as_candle_does() {
         use candle_core::{Device, Tensor};
         let (hd, positions) = (8, 5);
-        let rope = Rope::new(hd, 10_000.0, positions, None).unwrap();
+        let rope = Rope::new(spec(hd, RopeStyle::Adjacent), positions, None).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 2, positions, hd), &Device::Cpu).unwrap();
         let cos = Tensor::from_vec(rope.cos.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
         let sin = Tensor::from_vec(rope.sin.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
@@ -113,11 +158,11 @@ mod tests {
     #[test]
     fn frequency_factors_divide_each_pairs_angle() {
         let (hd, positions) = (8, 6);
-        let plain = Rope::new(hd, 10_000.0, positions, None).unwrap();
-        let ones = Rope::new(hd, 10_000.0, positions, Some(&[1.0; 4])).unwrap();
+        let plain = Rope::new(spec(hd, RopeStyle::Adjacent), positions, None).unwrap();
+        let ones = Rope::new(spec(hd, RopeStyle::Adjacent), positions, Some(&[1.0; 4])).unwrap();
         assert_eq!((&plain.cos, &plain.sin), (&ones.cos, &ones.sin));
         let factors = [1.0, 2.0, 4.0, 8.0];
-        let scaled = Rope::new(hd, 10_000.0, positions, Some(&factors)).unwrap();
+        let scaled = Rope::new(spec(hd, RopeStyle::Adjacent), positions, Some(&factors)).unwrap();
         let theta_scale = libm::powf(10_000.0, -2.0 / hd as f32);
         for pos in 0..positions {
             let mut theta = pos as f32;
@@ -126,7 +171,44 @@ mod tests {
                 theta *= theta_scale;
             }
         }
-        assert!(Rope::new(hd, 10_000.0, positions, Some(&[1.0; 3])).is_err());
-        assert!(Rope::new(hd, 10_000.0, positions, Some(&[1.0, 0.0, 1.0, 1.0])).is_err());
+        let adjacent = spec(hd, RopeStyle::Adjacent);
+        assert!(Rope::new(adjacent, positions, Some(&[1.0; 3])).is_err());
+        assert!(Rope::new(adjacent, positions, Some(&[1.0, 0.0, 1.0, 1.0])).is_err());
+    }
+
+    #[test]
+    fn halves_rotate_as_candles_neox_rope() {
+        use candle_core::{Device, Tensor};
+        let (hd, positions) = (8, 5);
+        let rope = Rope::new(spec(hd, RopeStyle::Halves), positions, None).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 2, positions, hd), &Device::Cpu).unwrap();
+        let cos = Tensor::from_vec(rope.cos.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(rope.sin.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
+        let theirs = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
+        let theirs = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, row) in values.chunks_exact(hd).enumerate() {
+            let mut ours = vec![0f32; hd];
+            rope.rotate_into(row, &mut ours, i % positions).unwrap();
+            assert_eq!(ours, theirs[i * hd..][..hd], "row {i}");
+        }
+    }
+
+    #[test]
+    fn linear_scaling_multiplies_each_angle() {
+        let (hd, positions) = (8, 6);
+        let scaled = RopeSpec {
+            freq_scale: 0.25,
+            ..spec(hd, RopeStyle::Adjacent)
+        };
+        let rope = Rope::new(scaled, positions, None).unwrap();
+        let theta_scale = libm::powf(10_000.0, -2.0 / hd as f32);
+        for pos in 0..positions {
+            let mut theta = pos as f32;
+            for i in 0..hd / 2 {
+                assert_eq!(rope.sin[pos * 4 + i], libm::sinf(0.25 * theta));
+                theta *= theta_scale;
+            }
+        }
     }
 }

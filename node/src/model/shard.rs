@@ -11,10 +11,10 @@ use super::block::{Block, Part};
 use super::gguf::GgufFile;
 use super::kv_cache::ShardCache;
 use super::rope::Rope;
-use super::{ForwardError, LlamaConfig, ModelError};
+use super::{ForwardError, ModelConfig, ModelError};
 
 pub struct Shard {
-    config: LlamaConfig,
+    config: ModelConfig,
     range: LayerRange,
     blocks: Vec<Block>,
     rope: Rope,
@@ -28,13 +28,13 @@ impl Shard {
         progress: &ProgressBar,
     ) -> Result<Self, ModelError> {
         let mut gguf = GgufFile::open(path)?;
-        let config = LlamaConfig::from_gguf(&gguf)?;
+        let config = ModelConfig::from_gguf(&gguf)?;
         Self::from_gguf(&mut gguf, config, range, progress)
     }
 
     pub fn from_gguf(
         gguf: &mut GgufFile,
-        config: LlamaConfig,
+        config: ModelConfig,
         range: LayerRange,
         progress: &ProgressBar,
     ) -> Result<Self, ModelError> {
@@ -47,12 +47,7 @@ impl Shard {
             progress.inc(layer_bytes(gguf, index as usize));
         }
         let factors = rope_factors(gguf, &config)?;
-        let rope = Rope::new(
-            config.head_dim,
-            config.rope_freq_base,
-            config.context_length,
-            factors.as_deref(),
-        )?;
+        let rope = Rope::new(config.rope(), config.context_length, factors.as_deref())?;
         Ok(Self {
             config,
             range,
@@ -61,7 +56,7 @@ impl Shard {
         })
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -210,7 +205,7 @@ impl Shard {
 
 /// Llama 3.1's RoPE frequency factors (`rope_freqs.weight`, one per rotated pair),
 /// where the model has them.
-fn rope_factors(gguf: &mut GgufFile, config: &LlamaConfig) -> Result<Option<Vec<f32>>, ModelError> {
+fn rope_factors(gguf: &mut GgufFile, config: &ModelConfig) -> Result<Option<Vec<f32>>, ModelError> {
     const NAME: &str = "rope_freqs.weight";
     if gguf.tensor_info(NAME).is_none() {
         return Ok(None);
@@ -227,8 +222,9 @@ fn rope_factors(gguf: &mut GgufFile, config: &LlamaConfig) -> Result<Option<Vec<
 
 /// Bytes on disk of layer `index`'s tensors.
 pub fn layer_bytes(gguf: &GgufFile, index: usize) -> u64 {
-    super::understood::LAYER_TENSORS
-        .iter()
-        .map(|t| gguf.tensor_bytes(&format!("blk.{index}.{t}.weight")))
+    let prefix = format!("blk.{index}.");
+    gguf.tensor_names()
+        .filter(|name| name.starts_with(&prefix))
+        .map(|name| gguf.tensor_bytes(name))
         .sum()
 }

@@ -6,21 +6,36 @@
 
 use candle_core::quantized::gguf_file::Value;
 
+use super::arch::Architecture;
 use super::gguf::GgufFile;
-use super::{LlamaConfig, ModelError};
+use super::{ModelConfig, ModelError};
 
-/// Per-layer tensors (`blk.N.<name>.weight`) of the Llama layout.
-pub const LAYER_TENSORS: &[&str] = &[
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
+/// Per-layer tensors (`blk.N.<name>`) every architecture may have: Q, K and V
+/// separate or fused, with or without biases (as llama.cpp reads them for all of
+/// these architectures), and the block loader checks that one complete set is there.
+const LAYER_TENSORS: &[&str] = &[
+    "attn_norm.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_qkv.weight",
+    "attn_q.bias",
+    "attn_k.bias",
+    "attn_v.bias",
+    "attn_qkv.bias",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
 ];
+
+/// Per-layer tensors only some architectures have.
+fn arch_layer_tensors(arch: &'static Architecture) -> impl Iterator<Item = &'static str> {
+    let qk_norm = ["attn_q_norm.weight", "attn_k_norm.weight"];
+    let gate = ["ffn_gate.weight"];
+    let qk_norm = qk_norm.into_iter().filter(move |_| arch.qk_norm);
+    qk_norm.chain(gate.into_iter().filter(move |_| !arch.fused_gate_up))
+}
 
 /// The client's tensors, and the servers' RoPE frequency factors; `output.weight`
 /// (absent when the LM head is tied) and `rope_freqs.weight` are optional.
@@ -42,6 +57,10 @@ const ARCH_KEYS: &[&str] = &[
     "attention.layer_norm_rms_epsilon",
     "rope.freq_base",
     "rope.dimension_count",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "rope.scaling.original_context_length",
+    "rope.scaling.finetuned",
     "vocab_size",
 ];
 
@@ -52,13 +71,21 @@ const NEUTRAL_NAMESPACES: &[&str] = &["general.", "quantize.", "tokenizer."];
 /// Why a known tensor outside the lists is refused, for the error message.
 const KNOWN_TENSORS: &[(&str, &str)] = &[
     (
-        "rope_freqs",
-        "RoPE frequency factors (llama3 rope scaling) are not applied yet",
+        ".bias",
+        "this bias is not applied (only Q, K and V biases are)",
     ),
-    (".bias", "biases are not applied yet"),
-    ("attn_q_norm", "per-head query norms are not applied yet"),
-    ("attn_k_norm", "per-head key norms are not applied yet"),
-    ("attn_qkv", "fused QKV weights are not supported yet"),
+    (
+        "attn_q_norm",
+        "per-head query norms are applied only to qwen3 files",
+    ),
+    (
+        "attn_k_norm",
+        "per-head key norms are applied only to qwen3 files",
+    ),
+    (
+        "ffn_gate.",
+        "a separate gate in a phi3 file (its gate is fused into ffn_up)",
+    ),
     ("_exps", "mixture-of-experts layers are not supported"),
     (
         "rope_factors_",
@@ -67,7 +94,7 @@ const KNOWN_TENSORS: &[(&str, &str)] = &[
 ];
 
 /// Refuses `gguf` unless every key and tensor in it is one the loader understands.
-pub fn check(gguf: &GgufFile, arch: &str, config: &LlamaConfig) -> Result<(), ModelError> {
+pub fn check(gguf: &GgufFile, arch: &str, config: &ModelConfig) -> Result<(), ModelError> {
     let mut keys: Vec<&str> = gguf.metadata_keys().collect();
     keys.sort_unstable();
     for key in keys {
@@ -76,7 +103,7 @@ pub fn check(gguf: &GgufFile, arch: &str, config: &LlamaConfig) -> Result<(), Mo
     let mut tensors: Vec<&str> = gguf.tensor_names().collect();
     tensors.sort_unstable();
     for name in tensors {
-        check_tensor(name, config.block_count)?;
+        check_tensor(name, config)?;
     }
     Ok(())
 }
@@ -85,7 +112,7 @@ fn check_key(
     gguf: &GgufFile,
     arch: &str,
     key: &str,
-    config: &LlamaConfig,
+    config: &ModelConfig,
 ) -> Result<(), ModelError> {
     if NEUTRAL_NAMESPACES.iter().any(|ns| key.starts_with(ns)) {
         return Ok(());
@@ -112,7 +139,9 @@ fn check_key(
     else {
         return refuse("not a key of a model file this version knows");
     };
-    if ARCH_KEYS.contains(&field) {
+    // The scaling factor is read with its type (`config::rope_freq_scale`), which
+    // refuses every type but linear.
+    if ARCH_KEYS.contains(&field) || config.arch.sliding_window_key == Some(field) {
         return Ok(());
     }
     // Keys that are harmless with their neutral values.
@@ -120,12 +149,8 @@ fn check_key(
         "attention.key_length" | "attention.value_length" => {
             gguf.usize(key).is_ok_and(|n| n == config.head_dim)
         }
-        "rope.scaling.type" => matches!(value, Some(Value::String(s)) if s == "none"),
-        "rope.scaling.factor" => {
-            gguf.f32(key).is_ok_and(|f| f == 1.0 || f == 0.0) || scaling_is_none(gguf, arch)
-        }
-        "rope.scaling.original_context_length" | "rope.scaling.finetuned" => {
-            scaling_is_none(gguf, arch) || !gguf.has(&format!("{arch}.rope.scaling.type"))
+        "rope.scaling.type" => {
+            matches!(value, Some(Value::String(s)) if s == "none" || s == "linear")
         }
         "expert_count" | "expert_used_count" => gguf.usize(key).is_ok_and(|n| n == 0),
         _ => false,
@@ -136,29 +161,28 @@ fn check_key(
     }
 }
 
-fn scaling_is_none(gguf: &GgufFile, arch: &str) -> bool {
-    matches!(gguf.metadata(&format!("{arch}.rope.scaling.type")), Some(Value::String(s)) if s == "none")
-}
-
-fn check_tensor(name: &str, block_count: usize) -> Result<(), ModelError> {
+fn check_tensor(name: &str, config: &ModelConfig) -> Result<(), ModelError> {
     if MODEL_TENSORS.contains(&name) {
         return Ok(());
     }
     let layer_tensor = name
         .strip_prefix("blk.")
         .and_then(|rest| rest.split_once('.'))
-        .and_then(|(index, rest)| {
-            Some((index.parse::<usize>().ok()?, rest.strip_suffix(".weight")?))
-        });
+        .and_then(|(index, rest)| Some((index.parse::<usize>().ok()?, rest)));
     if let Some((index, tensor)) = layer_tensor {
-        if index < block_count && LAYER_TENSORS.contains(&tensor) {
+        let known =
+            LAYER_TENSORS.contains(&tensor) || arch_layer_tensors(config.arch).any(|t| t == tensor);
+        if index < config.block_count && known {
             return Ok(());
         }
     }
-    let why = KNOWN_TENSORS
-        .iter()
-        .find(|(part, _)| name.contains(part))
-        .map_or("this version does not know what it is for", |(_, why)| why);
+    let why = match name {
+        "output.bias" => "a bias on the LM head is not applied",
+        _ => KNOWN_TENSORS
+            .iter()
+            .find(|(part, _)| name.contains(part))
+            .map_or("this version does not know what it is for", |(_, why)| why),
+    };
     Err(ModelError::NotUnderstood(format!("tensor {name}: {why}")))
 }
 
@@ -181,23 +205,62 @@ fn show(value: Option<&Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::arch;
+
+    fn config(arch: &str) -> ModelConfig {
+        ModelConfig {
+            arch: arch::find(arch).unwrap(),
+            block_count: 30,
+            hidden_size: 576,
+            feed_forward_size: 1536,
+            head_count: 9,
+            head_count_kv: 3,
+            head_dim: 64,
+            rope_dimension: 64,
+            rope_freq_base: 10_000.0,
+            rope_freq_scale: 1.0,
+            rms_eps: 1e-5,
+            context_length: 2048,
+            vocab_size: 49152,
+        }
+    }
 
     #[test]
     fn layer_tensors_of_the_layout_pass_and_others_are_named() {
-        assert!(check_tensor("blk.0.attn_q.weight", 30).is_ok());
-        assert!(check_tensor("blk.29.ffn_down.weight", 30).is_ok());
-        assert!(check_tensor("output.weight", 30).is_ok());
-        assert!(check_tensor("rope_freqs.weight", 30).is_ok());
+        let llama = config("llama");
+        for name in [
+            "blk.0.attn_q.weight",
+            "blk.29.ffn_down.weight",
+            "blk.3.attn_q.bias",
+            "blk.3.attn_qkv.weight",
+            "blk.3.ffn_gate.weight",
+            "output.weight",
+            "rope_freqs.weight",
+        ] {
+            assert!(check_tensor(name, &llama).is_ok(), "{name}");
+        }
         for (name, part) in [
             ("blk.30.attn_q.weight", "does not know"),
-            ("blk.3.attn_q.bias", "biases"),
+            ("blk.3.attn_output.bias", "bias is not applied"),
+            ("blk.3.ffn_up.bias", "bias is not applied"),
+            ("output.bias", "LM head"),
             ("blk.3.attn_k_norm.weight", "key norms"),
-            ("blk.3.attn_qkv.weight", "fused QKV"),
             ("blk.3.ffn_up_exps.weight", "mixture-of-experts"),
+            ("blk.3.rope_factors_long.weight", "long/short"),
             ("blk.3.attn_q", "does not know"),
         ] {
-            let err = check_tensor(name, 30).unwrap_err().to_string();
+            let err = check_tensor(name, &llama).unwrap_err().to_string();
             assert!(err.contains(name) && err.contains(part), "{name}: {err}");
         }
+    }
+
+    #[test]
+    fn each_architecture_has_its_own_tensors() {
+        assert!(check_tensor("blk.0.attn_q_norm.weight", &config("qwen3")).is_ok());
+        assert!(check_tensor("blk.0.attn_k_norm.weight", &config("qwen3")).is_ok());
+        assert!(check_tensor("blk.0.attn_q_norm.weight", &config("qwen2")).is_err());
+        assert!(check_tensor("blk.0.ffn_gate.weight", &config("qwen2")).is_ok());
+        let err = check_tensor("blk.0.ffn_gate.weight", &config("phi3")).unwrap_err();
+        assert!(err.to_string().contains("fused into ffn_up"), "{err}");
     }
 }

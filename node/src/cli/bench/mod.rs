@@ -32,7 +32,7 @@ use crate::client::Timings;
 use crate::client::{generate, ClientModel, GenerationParams, LocalPipeline, SamplingParams};
 use crate::model::kv_cache::bytes_per_position_and_layer;
 use crate::model::shard::layer_bytes;
-use crate::model::{GgufFile, LlamaConfig, Shard};
+use crate::model::{GgufFile, ModelConfig, Shard};
 
 use nodes::{split_layers, ServeProcess};
 
@@ -424,7 +424,7 @@ async fn client_network(nodes: &[ServeProcess]) -> anyhow::Result<crate::network
 }
 
 /// KV cache bytes of `sessions` sessions of `positions`, summed over all layers.
-fn kv_bytes(config: &LlamaConfig, positions: usize, sessions: usize) -> u64 {
+fn kv_bytes(config: &ModelConfig, positions: usize, sessions: usize) -> u64 {
     (sessions * positions * config.block_count) as u64
         * bytes_per_position_and_layer(config.kv_size())
 }

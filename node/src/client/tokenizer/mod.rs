@@ -1,5 +1,8 @@
 //! The model's tokenizer, rebuilt with the `tokenizers` crate from the vocabulary and
-//! merges stored in the GGUF file, so no separate tokenizer.json is needed.
+//! merges (or scores) stored in the GGUF file, so no separate tokenizer.json is
+//! needed: byte-level BPE (`gpt2`) here, SentencePiece-style `llama` in [`spm`].
+
+mod spm;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -34,6 +37,10 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 pub struct ModelTokenizer {
     inner: Tokenizer,
+    /// `inner` with control tokens' texts read as plain text, for text a user wrote.
+    literal: Tokenizer,
+    /// Ids of the control and user-defined tokens, in order.
+    controls: Vec<u32>,
     bos: Option<u32>,
     add_bos: bool,
     eos: u32,
@@ -80,14 +87,16 @@ const FLAGS_ONLY_FALSE: &[&str] = &[
 ];
 
 /// Refuses tokenizer metadata that would change tokenization in a way this tokenizer
-/// does not implement: ignoring it would give wrong token ids silently.
-fn check_keys(gguf: &GgufFile) -> Result<(), ModelError> {
+/// does not implement: ignoring it would give wrong token ids silently. `applied`:
+/// flags the tokenizer of this vocabulary applies in either setting.
+fn check_keys(gguf: &GgufFile, applied: &[&str]) -> Result<(), ModelError> {
     use candle_core::quantized::gguf_file::Value;
     for key in gguf.metadata_keys() {
         let Some(field) = key.strip_prefix("tokenizer.ggml.") else {
             continue;
         };
-        if UNDERSTOOD_KEYS.contains(&field) || field == "add_bos_token" {
+        if UNDERSTOOD_KEYS.contains(&field) || field == "add_bos_token" || applied.contains(&field)
+        {
             continue;
         }
         if FLAGS_ONLY_FALSE.contains(&field) {
@@ -110,42 +119,35 @@ fn check_keys(gguf: &GgufFile) -> Result<(), ModelError> {
 impl ModelTokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ModelError> {
         let model = gguf.string("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
-                "tokenizer.ggml.model = {model:?}; only byte-level BPE (\"gpt2\") is supported"
-            )));
-        }
-        check_keys(gguf)?;
-        let pre = gguf.string("tokenizer.ggml.pre").unwrap_or("default");
         let tokens = string_array(gguf, "tokenizer.ggml.tokens")?;
-        let merges = string_array(gguf, "tokenizer.ggml.merges")?;
         let types = int_array(gguf, "tokenizer.ggml.token_type").unwrap_or_default();
-
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        let merges = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge {m:?}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let family = PreTokenizer::from_name(pre)?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            // Llama 3 takes a pre-token that is itself in the vocabulary whole, as
-            // llama.cpp does (`ignore_merges`), even where merges would split it.
-            .ignore_merges(family == PreTokenizer::Llama3)
-            .build()
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-
-        let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(family.steps()?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let (mut inner, family) = match model {
+            "gpt2" => {
+                check_keys(gguf, &[])?;
+                let pre = gguf.string("tokenizer.ggml.pre").unwrap_or("default");
+                let family = PreTokenizer::from_name(pre)?;
+                (byte_level_bpe(gguf, &tokens, family)?, Some(family))
+            }
+            "llama" => {
+                check_keys(gguf, &["add_space_prefix"])?;
+                let scores = float_array(gguf, "tokenizer.ggml.scores")?;
+                let unknown = gguf
+                    .usize("tokenizer.ggml.unknown_token_id")
+                    .ok()
+                    .and_then(|id| tokens.get(id).copied());
+                let space_prefix = !matches!(
+                    gguf.metadata("tokenizer.ggml.add_space_prefix"),
+                    Some(candle_core::quantized::gguf_file::Value::Bool(false))
+                );
+                let spm = spm::build(&tokens, &scores, &types, unknown, space_prefix)?;
+                (spm, None)
+            }
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "tokenizer.ggml.model = {other:?}; supported are byte-level BPE (\"gpt2\") and SentencePiece-style (\"llama\")"
+                )))
+            }
+        };
         let special: Vec<AddedToken> = tokens
             .iter()
             .zip(types.iter().chain(std::iter::repeat(&1)))
@@ -153,6 +155,13 @@ impl ModelTokenizer {
             .map(|(tok, _)| AddedToken::from(tok.to_string(), true))
             .collect();
         inner.add_special_tokens(&special);
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
+        let mut controls: Vec<u32> = special
+            .iter()
+            .filter_map(|t| inner.token_to_id(&t.content))
+            .collect();
+        controls.sort_unstable();
 
         let eos = gguf.usize("tokenizer.ggml.eos_token_id")? as u32;
         let mut end_of_generation = vec![eos];
@@ -172,15 +181,17 @@ impl ModelTokenizer {
         end_of_generation.dedup();
         Ok(Self {
             inner,
+            literal,
+            controls,
             bos: gguf
                 .usize("tokenizer.ggml.bos_token_id")
                 .ok()
                 .map(|b| b as u32),
-            // llama.cpp's default where the file does not say: Llama 3 vocabularies
-            // begin with BOS.
+            // llama.cpp's default where the file does not say: Llama 3 and
+            // SentencePiece vocabularies begin with BOS.
             add_bos: match gguf.metadata("tokenizer.ggml.add_bos_token") {
                 Some(candle_core::quantized::gguf_file::Value::Bool(b)) => *b,
-                _ => family == PreTokenizer::Llama3,
+                _ => matches!(family, Some(PreTokenizer::Llama3) | None),
             },
             eos,
             end_of_generation,
@@ -193,13 +204,75 @@ impl ModelTokenizer {
 
     /// Token ids of `text`. Control tokens written in the text (e.g. `<|im_start|>`)
     /// become their ids, as chat templates need; BOS is added only if the model asks.
+    /// A text that itself begins with BOS (a chat template that writes it, as Llama 3's
+    /// does) gets no second one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let mut ids = Vec::with_capacity(text.len() / 3 + 2);
-        if self.add_bos {
-            ids.extend(self.bos);
+        Ok(self.with_bos(self.encode_without_bos(text)?))
+    }
+
+    /// Token ids of a rendered chat prompt, as [`encode`](Self::encode) gives them,
+    /// except that in the byte ranges `literal` (what users wrote: message contents)
+    /// the text of a control token is text: a user cannot end a turn or speak as the
+    /// system by typing `<|im_end|>`. Where no control token falls in those ranges,
+    /// which is every honest prompt, the ids are exactly `encode`'s; otherwise the
+    /// prompt is tokenized piece by piece at the ranges' edges.
+    pub fn encode_with_literals(
+        &self,
+        text: &str,
+        literal: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>, ModelError> {
+        let err = |e: tokenizers::Error| ModelError::Tokenizer(e.to_string());
+        let whole = self.inner.encode(text, false).map_err(err)?;
+        let smuggled = whole
+            .get_ids()
+            .iter()
+            .zip(whole.get_offsets())
+            .filter(|(id, _)| self.controls.binary_search(id).is_ok())
+            .any(|(_, &(start, end))| literal.iter().any(|r| start < r.end && r.start < end));
+        if !smuggled {
+            return Ok(self.with_bos(whole.get_ids().to_vec()));
         }
-        ids.extend(self.encode_without_bos(text)?);
-        Ok(ids)
+        let mut ids = Vec::with_capacity(whole.len() + 8);
+        let mut at = 0;
+        for range in literal {
+            if range.start < at || range.end > text.len() {
+                return Err(ModelError::Tokenizer(
+                    "literal ranges must be in order and inside the text".into(),
+                ));
+            }
+            let template = text.get(at..range.start);
+            let user = text.get(range.clone());
+            let (Some(template), Some(user)) = (template, user) else {
+                return Err(ModelError::Tokenizer(
+                    "a literal range does not fall on character boundaries".into(),
+                ));
+            };
+            ids.extend(self.inner.encode(template, false).map_err(err)?.get_ids());
+            ids.extend(self.literal.encode(user, false).map_err(err)?.get_ids());
+            at = range.end;
+        }
+        ids.extend(
+            self.inner
+                .encode(&text[at..], false)
+                .map_err(err)?
+                .get_ids(),
+        );
+        Ok(self.with_bos(ids))
+    }
+
+    /// Whether `text` holds the text of a control or user-defined token.
+    pub fn has_control_text(&self, text: &str) -> Result<bool, ModelError> {
+        let ids = self.encode_without_bos(text)?;
+        Ok(ids.iter().any(|id| self.controls.binary_search(id).is_ok()))
+    }
+
+    fn with_bos(&self, body: Vec<u32>) -> Vec<u32> {
+        match self.bos {
+            Some(bos) if self.add_bos && body.first() != Some(&bos) => {
+                std::iter::once(bos).chain(body).collect()
+            }
+            _ => body,
+        }
     }
 
     /// Token ids of `text` alone, with no BOS: llama.cpp's tokenizer test vectors.
@@ -248,6 +321,39 @@ impl ModelTokenizer {
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }
+}
+
+/// A byte-level BPE tokenizer (`gpt2`) from the file's tokens and merges.
+fn byte_level_bpe(
+    gguf: &GgufFile,
+    tokens: &[&str],
+    family: PreTokenizer,
+) -> Result<Tokenizer, ModelError> {
+    let merges = string_array(gguf, "tokenizer.ggml.merges")?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    let merges = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge {m:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        // Llama 3 takes a pre-token that is itself in the vocabulary whole, as
+        // llama.cpp does (`ignore_merges`), even where merges would split it.
+        .ignore_merges(family == PreTokenizer::Llama3)
+        .build()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut inner = Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(family.steps()?));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
 }
 
 /// The pre-tokenizer families of `tokenizer.ggml.pre` that this tokenizer implements,
@@ -310,6 +416,20 @@ fn string_array<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, Model
             _ => Err(ModelError::BadMetadata(
                 key.to_string(),
                 "an array of strings",
+            )),
+        })
+        .collect()
+}
+
+fn float_array(gguf: &GgufFile, key: &str) -> Result<Vec<f32>, ModelError> {
+    use candle_core::quantized::gguf_file::Value;
+    gguf.array(key)?
+        .iter()
+        .map(|v| match v {
+            Value::F32(x) => Ok(*x),
+            _ => Err(ModelError::BadMetadata(
+                key.to_string(),
+                "an array of floats",
             )),
         })
         .collect()

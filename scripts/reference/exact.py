@@ -1,0 +1,125 @@
+"""The exact reference: a model's forward pass in float64 from its weights as the file
+holds them (dequantized by the gguf package), written from the architectures'
+definitions, independent of llama.cpp and of Allmende. Where a greedy token of
+Allmende's differs from llama.cpp's, this decides which side is closer to the model.
+
+For every position of a token sequence (llama.cpp's prompt and continuation) it gives
+the exact log-probabilities of the next token's top candidates, and for the prompt the
+hidden state of its last position after every layer.
+"""
+
+import numpy as np
+
+TOP = 20
+
+
+class Model:
+    def __init__(self, path):
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+        reader = GGUFReader(str(path))
+        fields = reader.fields
+        self.arch = fields["general.architecture"].contents()
+        get = lambda key, default=None: (fields[f"{self.arch}.{key}"].contents()
+                                         if f"{self.arch}.{key}" in fields else default)
+        self.layers = int(get("block_count"))
+        self.heads = int(get("attention.head_count"))
+        self.kv_heads = int(get("attention.head_count_kv", self.heads))
+        width = int(get("embedding_length"))
+        self.head_dim = int(get("attention.key_length", width // self.heads))
+        self.eps = float(get("attention.layer_norm_rms_epsilon"))
+        self.base = float(get("rope.freq_base", 10000.0))
+        factor = float(get("rope.scaling.factor", 0.0) or 0.0)
+        self.scale = 1.0 / factor if factor not in (0.0, 1.0) else 1.0
+        self.halves = self.arch in ("qwen2", "qwen3", "phi3")
+        self.t = {}
+        for t in reader.tensors:
+            values = dequantize(t.data, t.tensor_type).astype(np.float64)
+            self.t[t.name] = values.reshape([int(n) for n in reversed(t.shape)])
+        self.freqs = self.t.get("rope_freqs.weight")
+
+    def norm(self, x, weight):
+        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps) * weight
+
+    def rope(self, x, positions):
+        """x: [tokens, heads, head_dim]."""
+        half = self.head_dim // 2
+        inv = self.base ** (-np.arange(half) * 2.0 / self.head_dim)
+        if self.freqs is not None:
+            inv = inv / self.freqs
+        angles = self.scale * positions[:, None] * inv[None, :]
+        cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+        if self.halves:
+            x0, x1 = x[..., :half], x[..., half:]
+            return np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        return out
+
+    def layer(self, i, x):
+        w = lambda name: self.t.get(f"blk.{i}.{name}")
+        tokens = x.shape[0]
+        h = self.norm(x, w("attn_norm.weight"))
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if w("attn_qkv.weight") is not None:
+            qkv = h @ w("attn_qkv.weight").T
+            q, k, v = np.split(qkv, [q_size, q_size + kv_size], axis=-1)
+        else:
+            q, k, v = h @ w("attn_q.weight").T, h @ w("attn_k.weight").T, h @ w("attn_v.weight").T
+        for name, part in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v")):
+            if w(f"{name}.bias") is not None:
+                q, k, v = [a + w(f"{name}.bias") if p == part else a
+                           for a, p in ((q, "q"), (k, "k"), (v, "v"))]
+        q = q.reshape(tokens, self.heads, self.head_dim)
+        k = k.reshape(tokens, self.kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.kv_heads, self.head_dim)
+        if w("attn_q_norm.weight") is not None:
+            q, k = self.norm(q, w("attn_q_norm.weight")), self.norm(k, w("attn_k_norm.weight"))
+        positions = np.arange(tokens, dtype=np.float64)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        group = self.heads // self.kv_heads
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(self.head_dim)
+        scores += np.triu(np.full((tokens, tokens), -np.inf), 1)[None]
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        attended = np.einsum("hts,shd->thd", scores, v).reshape(tokens, q_size)
+        x = x + attended @ w("attn_output.weight").T
+        h = self.norm(x, w("ffn_norm.weight"))
+        if w("ffn_gate.weight") is not None:
+            gate, up = h @ w("ffn_gate.weight").T, h @ w("ffn_up.weight").T
+        else:
+            gate, up = np.split(h @ w("ffn_up.weight").T, 2, axis=-1)
+        return x + (gate / (1.0 + np.exp(-gate)) * up) @ w("ffn_down.weight").T
+
+    def forward(self, ids, prompt_len):
+        """Top log-probabilities after each position from prompt_len - 1 on, and the
+        prompt's last hidden state after each layer."""
+        x = self.t["token_embd.weight"][ids]
+        hidden = []
+        for i in range(self.layers):
+            x = self.layer(i, x)
+            hidden.append(x[prompt_len - 1])
+        head = self.t.get("output.weight", self.t["token_embd.weight"])
+        logits = self.norm(x[prompt_len - 1:], self.t["output_norm.weight"]) @ head.T
+        logits -= logits.max(axis=-1, keepdims=True)
+        logprobs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        top = []
+        for row in logprobs:
+            best = np.argsort(-row)[:TOP]
+            top.append([{"token_id": int(t), "logprob": float(row[t])} for t in best])
+        return top, hidden
+
+
+def reference(path, continuations, with_hidden=2):
+    """The exact reference for each of llama.cpp's continuations on one file, with
+    per-layer hidden states for the first `with_hidden` prompts."""
+    model = Model(path)
+    out = []
+    for i, c in enumerate(continuations):
+        ids = np.array(c["prompt_token_ids"] + c["token_ids"][:-1])
+        top, hidden = model.forward(ids, len(c["prompt_token_ids"]))
+        hidden = [[float(v) for v in h] for h in hidden] if i < with_hidden else []
+        out.append({"top_logprobs": top, "prompt_hidden": hidden})
+    return out
