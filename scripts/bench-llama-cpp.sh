@@ -5,30 +5,40 @@
 #
 #   scripts/bench-llama-cpp.sh [THREADS] [ROUNDS]
 #
+# ALLMENDE_BENCH_MODEL names another GGUF than the test model (scripts/bench-1b.sh
+# passes a 1B-shape one), and ALLMENDE_BENCH_PROMPT_TOKENS a prompt length of about
+# that many tokens (the exact count is measured and given to llama-bench).
+#
 # llama.cpp's `llama-bench` comes from scripts/llama-cpp.sh, which builds it once
 # (about 13 minutes on 2 cores) into a cache outside the checkout.
 #
-# Compared: llama.cpp's decode of 128 tokens after a 217-token context (`tg128 @ d217`)
-# and its prefill of 217 tokens (`pp217`), against ours on a 217-token prompt and 128
-# greedy tokens (as scripts/bench-local.sh).
+# Compared: llama.cpp's decode of 128 tokens after an n-token context (`tg128 @ dn`,
+# n = 217 by default) and its prefill of n tokens (`ppn`), against ours on an n-token
+# prompt and 128 greedy tokens (as scripts/bench-local.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-2}"
 rounds="${2:-3}"
 
-model="$(scripts/fetch-model.sh)"
+model="${ALLMENDE_BENCH_MODEL:-$(scripts/fetch-model.sh)}"
 cargo build --release --quiet
 llama_bench="$(scripts/llama-cpp.sh)/llama-bench"
 
-prompt=$(python3 -c "print('The history of the city is long and full of events. ' * 18)")
+# Twelve tokens a sentence for the test model's tokenizer: 18 of them are 217 tokens.
+sentences=$(( (${ALLMENDE_BENCH_PROMPT_TOKENS:-217} + 11) / 12 ))
+prompt=$(python3 -c "print('The history of the city is long and full of events. ' * $sentences)")
+n=$(./target/release/allmende generate --local --model "$model" --prompt "$prompt" \
+        --max-tokens 1 --threads "$threads" --json 2> /dev/null | tail -n 1 |
+    python3 -c 'import json, sys; print(len(json.load(sys.stdin)["prompt_token_ids"]))')
+echo "prompt: $n tokens" >&2
 for _ in $(seq "$rounds"); do
-    "$llama_bench" -m "$model" -t "$threads" -p 217 -n 128 -d 0,217 -r 2 -o csv 2> /dev/null |
+    "$llama_bench" -m "$model" -t "$threads" -p "$n" -n 128 -d "0,$n" -r 2 -o csv 2> /dev/null |
         python3 -c '
 import csv, json, sys
 rows = list(csv.DictReader(sys.stdin))
 pick = lambda prompt, depth: next(float(r["avg_ts"]) for r in rows
                                   if (int(r["n_prompt"]) > 0) == prompt and r["n_depth"] == depth)
-print(json.dumps({"who": "llama.cpp", "prefill": pick(True, "0"), "decode": pick(False, "217"),
+print(json.dumps({"who": "llama.cpp", "prefill": pick(True, "0"), "decode": pick(False, "'"$n"'"),
                   "decode_empty_context": pick(False, "0")}))'
     ./target/release/allmende generate --local --model "$model" --prompt "$prompt" \
         --max-tokens 128 --ignore-eos --temperature 0 --threads "$threads" --json |
