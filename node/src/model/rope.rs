@@ -130,15 +130,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rotates_as_candle_does() {
+    type CandleRope = fn(
+        &candle_core::Tensor,
+        &candle_core::Tensor,
+        &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor>;
+
+    /// Our rotation of random rows in `style` equals candle's `theirs`, bit for bit;
+    /// returns the rope and one row for further checks.
+    fn rotates_as(style: RopeStyle, theirs: CandleRope) -> (Rope, Vec<f32>) {
         use candle_core::{Device, Tensor};
         let (hd, positions) = (8, 5);
-        let rope = Rope::new(spec(hd, RopeStyle::Adjacent), positions, None).unwrap();
+        let rope = Rope::new(spec(hd, style), positions, None).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 2, positions, hd), &Device::Cpu).unwrap();
         let cos = Tensor::from_vec(rope.cos.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
         let sin = Tensor::from_vec(rope.sin.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
-        let theirs = candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap();
+        let theirs = theirs(&x, &cos, &sin).unwrap();
         let theirs = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (i, row) in values.chunks_exact(hd).enumerate() {
@@ -146,13 +153,23 @@ mod tests {
             rope.rotate_into(row, &mut ours, i % positions).unwrap();
             assert_eq!(ours, theirs[i * hd..][..hd], "row {i}");
         }
+        (rope, values[..hd].to_vec())
+    }
+
+    #[test]
+    fn rotates_as_candle_does() {
+        let (rope, row) = rotates_as(RopeStyle::Adjacent, candle_nn::rotary_emb::rope_i);
+        let (hd, positions) = (row.len(), 5);
         let mut out = vec![0f32; hd];
+        assert!(rope.rotate_into(&row, &mut out, positions).is_err());
         assert!(rope
-            .rotate_into(&values[..hd], &mut out, positions)
+            .rotate_into(&row[..hd - 2], &mut out[..hd - 2], 0)
             .is_err());
-        assert!(rope
-            .rotate_into(&values[..hd - 2], &mut out[..hd - 2], 0)
-            .is_err());
+    }
+
+    #[test]
+    fn halves_rotate_as_candles_neox_rope() {
+        rotates_as(RopeStyle::Halves, candle_nn::rotary_emb::rope);
     }
 
     #[test]
@@ -174,24 +191,6 @@ mod tests {
         let adjacent = spec(hd, RopeStyle::Adjacent);
         assert!(Rope::new(adjacent, positions, Some(&[1.0; 3])).is_err());
         assert!(Rope::new(adjacent, positions, Some(&[1.0, 0.0, 1.0, 1.0])).is_err());
-    }
-
-    #[test]
-    fn halves_rotate_as_candles_neox_rope() {
-        use candle_core::{Device, Tensor};
-        let (hd, positions) = (8, 5);
-        let rope = Rope::new(spec(hd, RopeStyle::Halves), positions, None).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 2, positions, hd), &Device::Cpu).unwrap();
-        let cos = Tensor::from_vec(rope.cos.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
-        let sin = Tensor::from_vec(rope.sin.clone(), (positions, hd / 2), &Device::Cpu).unwrap();
-        let theirs = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
-        let theirs = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (i, row) in values.chunks_exact(hd).enumerate() {
-            let mut ours = vec![0f32; hd];
-            rope.rotate_into(row, &mut ours, i % positions).unwrap();
-            assert_eq!(ours, theirs[i * hd..][..hd], "row {i}");
-        }
     }
 
     #[test]
