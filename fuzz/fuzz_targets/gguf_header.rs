@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use allmende_node::model::{GgufFile, LlamaConfig};
+use allmende_node::model::{GgufFile, ModelConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,6 +21,6 @@ fuzz_target!(|data: &[u8]| {
     }
     drop(file);
     if let Ok(gguf) = GgufFile::open(&path) {
-        let _ = LlamaConfig::from_gguf(&gguf);
+        let _ = ModelConfig::from_gguf(&gguf);
     }
 });
