@@ -28,8 +28,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(gguf: &mut GgufFile, name: &str, size: usize, eps: f32) -> LoadResult<Self> {
-        let q = load_checked(gguf, name, &[size], gguf::is_supported_norm_type)?;
-        let weight = q.dequantize(&candle_core::Device::Cpu)?.to_vec1::<f32>()?;
+        let weight = load_vector(gguf, name, size)?;
         Ok(Self { weight, eps })
     }
 
@@ -73,6 +72,12 @@ fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 type LoadResult<T> = std::result::Result<T, ModelError>;
+
+/// A one-dimensional tensor of `size` values (a norm's weight, a bias), in f32.
+fn load_vector(gguf: &mut GgufFile, name: &str, size: usize) -> LoadResult<Vec<f32>> {
+    let t = load_checked(gguf, name, &[size], gguf::is_supported_norm_type)?;
+    Ok(t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+}
 
 /// Reads a tensor after checking its type and shape (candle order: `[out, in]`).
 pub fn load_checked(
@@ -149,10 +154,6 @@ fn load_qkv_bias(
     (q, kv): (usize, usize),
 ) -> LoadResult<Option<Vec<f32>>> {
     let name = |t: &str| format!("blk.{index}.{t}.bias");
-    let vector = |gguf: &mut GgufFile, name: &str, size: usize| -> LoadResult<Vec<f32>> {
-        let t = load_checked(gguf, name, &[size], gguf::is_supported_norm_type)?;
-        Ok(t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
-    };
     let parts = [("attn_q", q), ("attn_k", kv), ("attn_v", kv)];
     let present: Vec<bool> = parts
         .iter()
@@ -161,11 +162,11 @@ fn load_qkv_bias(
     let fused = name("attn_qkv");
     match (gguf.tensor_info(&fused).is_some(), &present[..]) {
         (false, [false, false, false]) => Ok(None),
-        (true, [false, false, false]) => Ok(Some(vector(gguf, &fused, q + 2 * kv)?)),
+        (true, [false, false, false]) => Ok(Some(load_vector(gguf, &fused, q + 2 * kv)?)),
         (false, [true, true, true]) => {
             let mut all = Vec::with_capacity(q + 2 * kv);
             for (t, size) in parts {
-                all.extend(vector(gguf, &name(t), size)?);
+                all.extend(load_vector(gguf, &name(t), size)?);
             }
             Ok(Some(all))
         }
@@ -188,11 +189,10 @@ pub struct Attention {
     head_dim: usize,
 }
 
-/// Weights (`head_dim` values each) of the per-head query and key norms.
+/// The per-head query and key norms (`head_dim` weights each).
 pub struct HeadNorms {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    eps: f32,
+    q: RmsNorm,
+    k: RmsNorm,
 }
 
 pub struct Mlp {
@@ -226,9 +226,8 @@ impl Block {
         };
         let head_norms = match cfg.arch.qk_norm {
             true => Some(HeadNorms {
-                q: RmsNorm::load(gguf, &name("attn_q_norm"), cfg.head_dim, cfg.rms_eps)?.weight,
-                k: RmsNorm::load(gguf, &name("attn_k_norm"), cfg.head_dim, cfg.rms_eps)?.weight,
-                eps: cfg.rms_eps,
+                q: RmsNorm::load(gguf, &name("attn_q_norm"), cfg.head_dim, cfg.rms_eps)?,
+                k: RmsNorm::load(gguf, &name("attn_k_norm"), cfg.head_dim, cfg.rms_eps)?,
             }),
             false => None,
         };
@@ -415,18 +414,16 @@ impl Attention {
         };
         // A head's row, normed where the model norms heads, then rotated.
         let mut normed = vec![0f32; hd];
-        let mut rotate = |x: &[f32], norm: Option<&[f32]>, out: &mut [f32], pos: usize| match (
-            &self.head_norms,
-            norm,
-        ) {
-            (Some(n), Some(weight)) => {
-                rms_norm(x, weight, n.eps, &mut normed);
+        let mut rotate = |x: &[f32], norm: Option<&RmsNorm>, out: &mut [f32], pos: usize| match norm
+        {
+            Some(n) => {
+                rms_norm(x, &n.weight, n.eps, &mut normed);
                 rope.rotate_into(&normed, out, pos)
             }
-            _ => rope.rotate_into(x, out, pos),
+            None => rope.rotate_into(x, out, pos),
         };
-        let q_norm = self.head_norms.as_ref().map(|n| n.q.as_slice());
-        let k_norm = self.head_norms.as_ref().map(|n| n.k.as_slice());
+        let q_norm = self.head_norms.as_ref().map(|n| &n.q);
+        let k_norm = self.head_norms.as_ref().map(|n| &n.k);
         let mut q = vec![0f32; seq * b * nh * hd];
         for (i, out) in q.chunks_exact_mut(hd).enumerate() {
             let (t, bi, h) = (i / (b * nh), i / nh % b, i % nh);
