@@ -5,16 +5,18 @@
 //! `ALLMENDE_REFERENCE_DIR`).
 //!
 //! Per file and prompt: the prompt tokenizes to llama.cpp's ids; the greedy tokens
-//! are llama.cpp's up to the first divergence, which must be a near-tie on both sides;
-//! up to there, each chosen token's log-probability and those of the top-5 tokens both
-//! sides list agree within the tolerances below.
+//! are llama.cpp's up to the first divergence, which must be a near-tie on both sides
+//! (where each lists the other's token); up to there, each chosen token's
+//! log-probability and those of the top-5 tokens both sides list agree within the
+//! tolerances below.
 //!
 //! llama.cpp is itself an approximation (16-bit queries in its attention, its own
 //! rounding), so the same script also computes the exact reference: the file's
 //! weights dequantized and the forward in float64 (`scripts/reference/exact.py`).
-//! It decides every divergence (the exact margin between the two tokens must be a
-//! near-tie), excuses a disagreement with llama.cpp where ours is the closer to it,
-//! and bounds ours: no farther from the exact log-probabilities than llama.cpp is
+//! It decides every divergence (the exact reference may not prefer llama.cpp's token
+//! by more than a near-tie), excuses a disagreement with llama.cpp where ours is the
+//! closer to it or within the tolerance of it, and bounds ours: no farther from the
+//! exact log-probabilities than llama.cpp is
 //! (with a little room), and per-layer hidden states close to the exact ones. Run
 //! as one-layer shards, every file's model equals its unsplit self bit for bit.
 
@@ -197,12 +199,16 @@ fn compare(
         s.from_exact_sum.0 += ours_from_exact;
         s.from_exact_sum.1 += theirs_from_exact;
         s.from_exact_sum.2 += 1;
-        // A disagreement with llama.cpp is llama.cpp's where ours is the closer to
-        // the exact reference.
+        // A disagreement with llama.cpp is excused where ours is the closer to the
+        // exact reference, or itself within the tolerance of it: both sides are
+        // approximations with noise of their own (ours quantizes activations per 32
+        // values for every type, llama.cpp per 256 for K-quants), and a position where
+        // llama.cpp happens to be near the exact value and ours a little less near
+        // differs by the two noises added.
         let ours_closer = ours_from_exact <= theirs_from_exact;
         let chosen = (logprobs[i].logprob - r.logprobs[i]).abs();
         s.worst_chosen = s.worst_chosen.max(chosen);
-        if chosen > tolerance.0 && !ours_closer {
+        if chosen > tolerance.0 && !ours_closer && ours_from_exact > tolerance.0 {
             s.failures.push(format!(
                 "{:?} position {i}: the chosen token's log-probability differs by {chosen:.3}",
                 r.prompt
@@ -220,7 +226,7 @@ fn compare(
                 worst = (theirs.token_id, mine.logprob, theirs.logprob);
             }
         }
-        if diff > tolerance.1 && !ours_closer {
+        if diff > tolerance.1 && !ours_closer && ours_from_exact > tolerance.1 {
             s.failures.push(format!(
                 "{:?} position {i}: log-probabilities differ by {diff:.3} (token {}: ours {:.3}, llama.cpp {:.3})",
                 r.prompt, worst.0, worst.1, worst.2
@@ -250,13 +256,9 @@ fn compare(
         .zip(find(&their_list, mine))
         .map(|(a, b)| a - b);
     s.identical.push(format!("{agreed}"));
-    let (Some(here), Some(there)) = (here, there) else {
-        s.failures.push(format!(
-            "{:?} position {i}: ours {mine}, llama.cpp's {theirs}, not in each other's top {top}",
-            r.prompt
-        ));
-        return;
-    };
+    // Where each side's token is missing from the other's list, only the exact
+    // reference can say which side is wrong.
+    let (here, there) = (here.unwrap_or(f32::NAN), there.unwrap_or(f32::NAN));
     if here > NEAR_TIE || there > NEAR_TIE {
         s.failures.push(format!(
             "{:?} position {i}: ours {mine} by {here:.3}, llama.cpp's {theirs} by {there:.3}: not a near-tie",
@@ -279,12 +281,11 @@ fn compare(
         ));
         return;
     };
-    if margin.abs() > NEAR_TIE {
+    // Where the exact reference clearly prefers our token, llama.cpp's is the error.
+    if margin < -NEAR_TIE {
         s.failures.push(format!(
-            "{:?} position {i}: the exact reference prefers {} by {:.3}: not a near-tie",
-            r.prompt,
-            if margin > 0.0 { mine } else { theirs },
-            margin.abs()
+            "{:?} position {i}: the exact reference prefers llama.cpp's {theirs} by {:.3}: not a near-tie",
+            r.prompt, -margin
         ));
     }
     let winner = if margin >= 0.0 { "ours" } else { "llama.cpp" };

@@ -73,7 +73,7 @@ impl ClientHead {
             // candle's own products run best on a thread of its pool (a hand-off there
             // and back); this project's kernels spread their work from any thread.
             Linear::Candle(_) => candle_core::utils::with_threadpool(|| lm_head.forward(&normed))?,
-            Linear::Q4_1(_) | Linear::Q8_0(_) => lm_head.forward(&normed)?,
+            Linear::Ours(_) => lm_head.forward(&normed)?,
         };
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }

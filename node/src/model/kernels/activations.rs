@@ -9,12 +9,16 @@ use super::Simd;
 use super::BLOCK;
 
 /// One block of 32 quantized activations: scale and (Q8_1) scale × sum of the quants,
-/// both rounded to f16 as ggml stores them, and the quants.
+/// both rounded to f16 as ggml stores them, and the quants; with the sums, also the
+/// exact integer sums of the quants and of their first half (the grouped kernels
+/// subtract weight offsets and minimums from these, as ggml's Q8_K block sums).
 #[derive(Clone, Copy, Debug)]
 pub struct ActBlock {
     pub d: f32,
     pub s: f32,
     pub qs: [i8; 32],
+    pub sum: i32,
+    pub front: i32,
 }
 
 /// Two consecutive blocks laid out for 512-bit kernels: the quants of both, the even
@@ -57,6 +61,8 @@ impl Acts {
                         d: 0.0,
                         s: 0.0,
                         qs: [0; 32],
+                        sum: 0,
+                        front: 0,
                     };
                     let (even, odd) = (&two[0], two.get(1).unwrap_or(&zero));
                     let mut pair = ActPair {
@@ -94,14 +100,20 @@ fn quantize_blocks_portable(xs: &[f32], sums: bool, out: &mut Vec<ActBlock>) {
             *q = (x * id).round_ties_even() as i8;
         }
         let d = amax / 127.0;
-        let s = match sums {
-            true => f16_round(d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32),
-            false => 0.0,
+        let (s, sum, front) = match sums {
+            true => {
+                let sum = qs.iter().map(|&q| q as i32).sum::<i32>();
+                let front = qs[..16].iter().map(|&q| q as i32).sum::<i32>();
+                (f16_round(d * sum as f32), sum, front)
+            }
+            false => (0.0, 0, 0),
         };
         ActBlock {
             d: f16_round(d),
             s,
             qs,
+            sum,
+            front,
         }
     }));
 }
@@ -156,19 +168,23 @@ unsafe fn quantize_blocks_avx2(xs: &[f32], sums: bool, out: &mut Vec<ActBlock>) 
             d: f16_round(d),
             s: 0.0,
             qs: [0; BLOCK],
+            sum: 0,
+            front: 0,
         };
         // SAFETY: `qs` is 32 bytes; an unaligned store of exactly that size.
         unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered) };
         if sums {
-            // The quants' exact sum, in integers.
-            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            let sum = _mm_add_epi32(
-                _mm256_castsi256_si128(sum),
-                _mm256_extracti128_si256::<1>(sum),
-            );
-            let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
-            let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum)));
+            // The quants' exact sums (first half, second half), in integers.
+            let total = |v: __m256i| {
+                let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                let v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
+                _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32::<1>(v)))
+            };
+            let front = total(_mm256_add_epi32(q[0], q[1]));
+            let sum = front + total(_mm256_add_epi32(q[2], q[3]));
             block.s = f16_round(d * sum as f32);
+            block.sum = sum;
+            block.front = front;
         }
         out.push(block);
     }
@@ -197,10 +213,10 @@ mod tests {
         // Scales and sums past f16's range and below its normal numbers.
         cases.push((0..32).map(|k| 1e6 * (k as f32 - 15.5)).collect());
         cases.push((0..32).map(|k| 1e-6 * (k as f32 - 15.5)).collect());
-        let fields = |blocks: &[ActBlock]| -> Vec<(u32, u32, [i8; BLOCK])> {
+        let fields = |blocks: &[ActBlock]| -> Vec<(u32, u32, [i8; BLOCK], i32, i32)> {
             blocks
                 .iter()
-                .map(|b| (b.d.to_bits(), b.s.to_bits(), b.qs))
+                .map(|b| (b.d.to_bits(), b.s.to_bits(), b.qs, b.sum, b.front))
                 .collect()
         };
         for xs in &cases {

@@ -14,15 +14,17 @@ use super::driver::matmul;
 use super::pages::{Blocks, Placing};
 use super::{Simd, BLOCK};
 
-/// A unit of quantized weights (one 32-value block of each of `ROWS` rows), and the
-/// kernels that multiply rows of them. Each type documents the fixed sequence of float
-/// operations every path performs per output.
+/// A unit of quantized weights (one block of `VALUES` values of each of `ROWS` rows),
+/// and the kernels that multiply rows of them. Each type documents the fixed sequence
+/// of float operations every path performs per output.
 pub trait WeightBlock: Copy + Send + Sync + 'static {
     const DTYPE: GgmlDType;
-    /// Bytes of one 32-value block in the file.
+    /// Values of a row one unit holds: the file's block (32, or 256 for K-quants).
+    const VALUES: usize = BLOCK;
+    /// Bytes of one file block (`VALUES` values).
     const BYTES: usize;
     /// Rows one unit holds: a matrix is `rows.div_ceil(ROWS)` rows of units (unit
-    /// rows), each `cols / 32` units long; the rows past the last are zero.
+    /// rows), each `cols / VALUES` units long; the rows past the last are zero.
     const ROWS: usize;
     /// Whether activations carry Q8_1 block sums.
     const SUMS: bool;
@@ -32,7 +34,7 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     /// Appends one unit row from up to `ROWS` rows of whole blocks as stored in the
     /// file (all of one length).
     fn parse_rows(rows: &[&[u8]], out: &mut Vec<Self>);
-    /// Appends the 32 values of row `lane` of the unit.
+    /// Appends the `VALUES` values of row `lane` of the unit.
     fn dequantize(&self, lane: usize, out: &mut Vec<f32>);
     /// One output: row `lane` of a unit row, in plain Rust.
     fn dot_portable(row: &[Self], lane: usize, act: &Acts) -> f32;
@@ -76,7 +78,7 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
 pub struct Matrix<B> {
     rows: usize,
     cols: usize,
-    /// `rows.div_ceil(B::ROWS) × cols / 32` units, unit row by unit row, in
+    /// `rows.div_ceil(B::ROWS) × cols / B::VALUES` units, unit row by unit row, in
     /// huge-page-backed memory.
     blocks: Blocks<B>,
     simd: Simd,
@@ -95,7 +97,7 @@ impl<B: WeightBlock> Matrix<B> {
             bail!("no matrices to stack");
         };
         let cols = first.shape().dims2()?.1;
-        if cols == 0 || cols % BLOCK != 0 {
+        if cols == 0 || cols % B::VALUES != 0 {
             bail!("{:?} rows of {cols} values are not whole blocks", B::DTYPE);
         }
         if let Some(part) = parts.iter().find(|p| p.dtype() != B::DTYPE) {
@@ -114,7 +116,7 @@ impl<B: WeightBlock> Matrix<B> {
             if part_cols != cols {
                 bail!("stacked matrices must have equal row lengths");
             }
-            let expected = part_rows * cols / BLOCK;
+            let expected = part_rows * cols / B::VALUES;
             if bytes.len() != expected * B::BYTES {
                 bail!(
                     "{:?} tensor holds {} bytes, expected {} blocks",
@@ -123,10 +125,10 @@ impl<B: WeightBlock> Matrix<B> {
                     expected
                 );
             }
-            all_rows.extend(bytes.chunks_exact(cols / BLOCK * B::BYTES));
+            all_rows.extend(bytes.chunks_exact(cols / B::VALUES * B::BYTES));
         }
-        let mut blocks = Placing::new(all_rows.len().div_ceil(B::ROWS) * cols / BLOCK);
-        let mut unit = Vec::with_capacity(cols / BLOCK);
+        let mut blocks = Placing::new(all_rows.len().div_ceil(B::ROWS) * cols / B::VALUES);
+        let mut unit = Vec::with_capacity(cols / B::VALUES);
         for unit_row in all_rows.chunks(B::ROWS) {
             unit.clear();
             B::parse_rows(unit_row, &mut unit);
@@ -153,7 +155,7 @@ impl<B: WeightBlock> Matrix<B> {
 
     /// Unit row `i`: rows `i × B::ROWS..` of the matrix.
     pub fn unit_row(&self, i: usize) -> &[B] {
-        let per_row = self.cols / BLOCK;
+        let per_row = self.cols / B::VALUES;
         &self.blocks[i * per_row..(i + 1) * per_row]
     }
 

@@ -1,24 +1,31 @@
-//! Matrix kernels for the quantized weights of the test model family, which candle
-//! runs slowly on plain builds (no SIMD for Q4_1 unless the whole binary targets the
-//! host CPU).
+//! Matrix kernels for the quantized weights of real GGUF files: Q4_1 and Q8_0 in
+//! their own modules, the formats with small unsigned quants and per-32-value scales
+//! (Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) through one [`grouped`] kernel.
 //!
-//! Both kernels follow ggml's arithmetic (activations quantized to 8 bits per block,
-//! integer block dot products, f32 accumulation with fused multiply-adds by the block
-//! scales), each in one fixed order its module describes ([`q4_1`], [`q8_0`]). Every
-//! output is the same sequence of float operations whatever the tile, thread count,
-//! batch or SIMD width it is computed with: results are bit-identical on every path (portable,
-//! AVX2, AVX-512, NEON), and a token's result does not depend on which other tokens share
+//! All follow ggml's arithmetic (activations quantized to 8 bits per block, integer
+//! block dot products, f32 accumulation with fused multiply-adds by the block
+//! scales), each in one fixed order its module describes. Every output is the same
+//! sequence of float operations whatever the tile, thread count, batch or SIMD width
+//! it is computed with: results are bit-identical on every path (portable, AVX2,
+//! AVX-512, NEON), and a token's result does not depend on which other tokens share
 //! its batch, which batched decode relies on. The path is chosen at run time.
 
 mod activations;
 pub mod attend;
 mod driver;
+mod grouped;
 #[cfg(target_arch = "aarch64")]
 mod half_neon;
 mod matrix;
 mod norm;
 mod pages;
+pub mod q4_0;
 pub mod q4_1;
+pub mod q4_k;
+pub mod q5_0;
+pub mod q5_1;
+pub mod q5_k;
+pub mod q6_k;
 pub mod q8_0;
 pub mod softmax;
 mod swiglu;
@@ -35,14 +42,30 @@ use candle_core::{Device, Module, Result, Tensor};
 /// Values per quantized block.
 const BLOCK: usize = 32;
 
+/// A weight matrix computed by this module's kernels, whatever its block type.
+pub trait Product: Send + Sync {
+    /// `x`: `[..., in]` → `[..., out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Rows `ids`, dequantized: `[ids.len(), in]`.
+    fn rows_of(&self, ids: &[u32]) -> Result<Tensor>;
+}
+
+impl<B: WeightBlock> Product for Matrix<B> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Matrix::forward(self, x)
+    }
+
+    fn rows_of(&self, ids: &[u32]) -> Result<Tensor> {
+        Matrix::rows_of(self, ids)
+    }
+}
+
 /// A weight matrix.
 pub enum Linear {
-    /// Any quantization candle supports, computed by candle.
+    /// A type this module has no kernel for, computed by candle.
     Candle(QMatMul),
-    /// Q4_1, computed by [`q4_1`]'s kernels.
-    Q4_1(Matrix<q4_1::GroupQ4_1>),
-    /// Q8_0, computed by [`q8_0`]'s kernels.
-    Q8_0(Matrix<q8_0::BlockQ8_0>),
+    /// A type this module computes.
+    Ours(Box<dyn Product>),
 }
 
 impl Linear {
@@ -62,19 +85,27 @@ impl Linear {
         if parts.iter().any(|p| p.dtype() != dtype) {
             return Ok(None);
         }
-        Ok(match dtype {
-            GgmlDType::Q4_1 => Some(Linear::Q4_1(Matrix::stack(parts)?)),
-            GgmlDType::Q8_0 => Some(Linear::Q8_0(Matrix::stack(parts)?)),
-            _ => None,
-        })
+        fn boxed<B: WeightBlock>(parts: &[&QTensor]) -> Result<Option<Linear>> {
+            Ok(Some(Linear::Ours(Box::new(Matrix::<B>::stack(parts)?))))
+        }
+        match dtype {
+            GgmlDType::Q4_0 => boxed::<q4_0::GroupQ4_0>(parts),
+            GgmlDType::Q4_1 => boxed::<q4_1::GroupQ4_1>(parts),
+            GgmlDType::Q5_0 => boxed::<q5_0::GroupQ5_0>(parts),
+            GgmlDType::Q5_1 => boxed::<q5_1::GroupQ5_1>(parts),
+            GgmlDType::Q8_0 => boxed::<q8_0::BlockQ8_0>(parts),
+            GgmlDType::Q4K => boxed::<q4_k::GroupQ4K>(parts),
+            GgmlDType::Q5K => boxed::<q5_k::GroupQ5K>(parts),
+            GgmlDType::Q6K => boxed::<q6_k::GroupQ6K>(parts),
+            _ => Ok(None),
+        }
     }
 
     /// Rows `ids` of the matrix, dequantized: `[ids.len(), in]` (an embedding lookup).
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         match self {
             Linear::Candle(m) => m.embedding(&Tensor::from_slice(ids, ids.len(), &Device::Cpu)?),
-            Linear::Q4_1(m) => m.rows_of(ids),
-            Linear::Q8_0(m) => m.rows_of(ids),
+            Linear::Ours(m) => m.rows_of(ids),
         }
     }
 
@@ -82,8 +113,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle(m) => m.forward(x),
-            Linear::Q4_1(m) => m.forward(x),
-            Linear::Q8_0(m) => m.forward(x),
+            Linear::Ours(m) => m.forward(x),
         }
     }
 }
@@ -202,6 +232,18 @@ pub(crate) mod tests {
     //! reference is the exact product instead.)
     use super::*;
 
+    /// The types this module has kernels for.
+    pub const OURS: [GgmlDType; 8] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
     pub fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
@@ -219,8 +261,12 @@ pub(crate) mod tests {
             (70, 576, 5),
             (33, 96, 9),
             (8, 32, 2),
+            (40, 2048, 8),
         ];
+        // Rows of whole blocks (K-quants' are 256 values).
+        let unit = dtype.block_size();
         for (rows, cols, tokens) in shapes {
+            let cols = (cols as usize).div_ceil(unit) * unit;
             let q = weights(dtype, rows, cols);
             let ours = build(&q, Simd::cached());
             let others: Vec<(Simd, Linear)> = Simd::available()
@@ -282,13 +328,13 @@ pub(crate) mod tests {
 
     #[test]
     fn stacked_parts_equal_separate_matrices() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        for dtype in OURS.into_iter().chain([GgmlDType::Q2K]) {
             let parts: Vec<Arc<QTensor>> = [64, 32, 32]
                 .into_iter()
-                .map(|rows| Arc::new(weights(dtype, rows, 128)))
+                .map(|rows| Arc::new(weights(dtype, rows, 256)))
                 .collect();
             let stacked = Stacked::new(parts.clone()).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (1, 3, 128), &Device::Cpu).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (1, 3, 256), &Device::Cpu).unwrap();
             let joined = stacked.forward(&x).unwrap();
             let mut start = 0;
             for part in parts {
@@ -304,17 +350,18 @@ pub(crate) mod tests {
 
     #[test]
     fn no_tokens_give_an_empty_product() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let linear = Linear::new(Arc::new(weights(dtype, 48, 96))).unwrap();
-            let x = Tensor::zeros((1, 0, 96), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for dtype in OURS {
+            let linear = Linear::new(Arc::new(weights(dtype, 48, 256))).unwrap();
+            assert!(matches!(linear, Linear::Ours(_)), "{dtype:?}");
+            let x = Tensor::zeros((1, 0, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
             assert_eq!(linear.forward(&x).unwrap().dims(), &[1, 0, 48]);
         }
     }
 
     #[test]
     fn rows_equal_candles_dequantization() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let q = Arc::new(weights(dtype, 10, 64));
+        for dtype in OURS {
+            let q = Arc::new(weights(dtype, 10, 256));
             let ours = Linear::new(q.clone()).unwrap().rows(&[7, 0, 7]).unwrap();
             let all = q.dequantize(&Device::Cpu).unwrap();
             let ids = Tensor::new(&[7u32, 0, 7], &Device::Cpu).unwrap();
@@ -324,17 +371,50 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn q4_1_agrees_with_candle_and_is_the_same_on_every_path() {
-        check(GgmlDType::Q4_1, |q, path| {
-            Linear::Q4_1(Matrix::from_qtensor(q).unwrap().on(path))
+    /// `check` for block type `B` on every path.
+    fn check_type<B: WeightBlock>() {
+        check(B::DTYPE, |q, path| {
+            Linear::Ours(Box::new(Matrix::<B>::from_qtensor(q).unwrap().on(path)))
         });
     }
 
     #[test]
-    fn q8_0_agrees_with_candle_and_is_the_same_on_every_path() {
-        check(GgmlDType::Q8_0, |q, path| {
-            Linear::Q8_0(Matrix::from_qtensor(q).unwrap().on(path))
-        });
+    fn q4_1_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<q4_1::GroupQ4_1>();
+    }
+
+    #[test]
+    fn q8_0_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<q8_0::BlockQ8_0>();
+    }
+
+    #[test]
+    fn q4_0_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<q4_0::GroupQ4_0>();
+    }
+
+    #[test]
+    fn q5_0_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<q5_0::GroupQ5_0>();
+    }
+
+    #[test]
+    fn q5_1_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<q5_1::GroupQ5_1>();
+    }
+
+    #[test]
+    fn q4_k_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<q4_k::GroupQ4K>();
+    }
+
+    #[test]
+    fn q5_k_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<q5_k::GroupQ5K>();
+    }
+
+    #[test]
+    fn q6_k_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<q6_k::GroupQ6K>();
     }
 }

@@ -462,7 +462,9 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (1, tokens, cols), &Device::Cpu).unwrap();
             let xs = values(&x);
             for path in Simd::available() {
-                let linear = Linear::Q4_1(Matrix::from_qtensor(&q).unwrap().on(path));
+                let linear = Linear::Ours(Box::new(
+                    Matrix::<GroupQ4_1>::from_qtensor(&q).unwrap().on(path),
+                ));
                 let ours = values(&linear.forward(&x).unwrap());
                 for t in 0..tokens {
                     let act = Acts::quantize(&xs[t * cols..][..cols], true, false);
