@@ -35,9 +35,21 @@ pub struct Acts {
     pub blocks: Vec<ActBlock>,
     /// Filled only when asked for (the Q8_0 kernel's AVX-512 layout).
     pub pairs: Vec<ActPair>,
+    /// The values themselves, for the kernels of 16-bit float weights (and then
+    /// no blocks).
+    pub values: Vec<f32>,
 }
 
 impl Acts {
+    /// `x` as it is, for kernels that multiply floats.
+    pub fn raw(x: &[f32]) -> Self {
+        Acts {
+            blocks: Vec::new(),
+            pairs: Vec::new(),
+            values: x.to_vec(),
+        }
+    }
+
     /// Quantizes `x` (whole blocks); `sums`: also the Q8_1 block sums; `pairs`: also
     /// the blocks as [`ActPair`]s.
     pub fn quantize(x: &[f32], sums: bool, pairs: bool) -> Self {
@@ -78,7 +90,11 @@ impl Acts {
         } else {
             Vec::new()
         };
-        Acts { blocks, pairs }
+        Acts {
+            blocks,
+            pairs,
+            values: Vec::new(),
+        }
     }
 }
 

@@ -34,8 +34,10 @@ pub fn matmul<B: WeightBlock>(
         _ => bail!("input of shape {:?} does not end in {cols}", x.dims()),
     }
     let pairs = B::PAIRS && m.simd() == Simd::Avx512;
-    let acts =
-        crate::model::with_values(x, |values| quantize_tokens(values, cols, B::SUMS, pairs))?;
+    let acts = crate::model::with_values(x, |values| match B::FLOAT {
+        true => values.chunks_exact(cols).map(Acts::raw).collect(),
+        false => quantize_tokens(values, cols, B::SUMS, pairs),
+    })?;
     let tokens = acts.len();
     if tokens == 0 {
         return Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu);

@@ -30,6 +30,8 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     const SUMS: bool;
     /// Whether the AVX-512 kernel reads activations as pairs of blocks.
     const PAIRS: bool;
+    /// Whether the kernels read the activations as they are (f32), not quantized.
+    const FLOAT: bool = false;
 
     /// Appends one unit row from up to `ROWS` rows of whole blocks as stored in the
     /// file (all of one length).

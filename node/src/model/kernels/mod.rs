@@ -1,8 +1,9 @@
-//! Matrix kernels for the quantized weights of real GGUF files: Q4_1 and Q8_0 in
-//! their own modules, the formats with small unsigned quants and per-32-value scales
-//! (Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) through one [`grouped`] kernel.
+//! Matrix kernels for the weights of real GGUF files: Q4_1 and Q8_0 in their own
+//! modules, the formats with small unsigned quants and per-32-value scales (Q4_0,
+//! Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) through one [`grouped`] kernel, and F16 and BF16
+//! kept in 16 bits ([`float16`]).
 //!
-//! All follow ggml's arithmetic (activations quantized to 8 bits per block, integer
+//! The quantized kernels follow ggml's arithmetic (activations quantized to 8 bits per block, integer
 //! block dot products, f32 accumulation with fused multiply-adds by the block
 //! scales), each in one fixed order its module describes. Every output is the same
 //! sequence of float operations whatever the tile, thread count, batch or SIMD width
@@ -13,6 +14,7 @@
 mod activations;
 pub mod attend;
 mod driver;
+pub mod float16;
 mod grouped;
 #[cfg(target_arch = "aarch64")]
 mod half_neon;
@@ -97,6 +99,8 @@ impl Linear {
             GgmlDType::Q4K => boxed::<q4_k::GroupQ4K>(parts),
             GgmlDType::Q5K => boxed::<q5_k::GroupQ5K>(parts),
             GgmlDType::Q6K => boxed::<q6_k::GroupQ6K>(parts),
+            GgmlDType::F16 => boxed::<float16::BlockF16>(parts),
+            GgmlDType::BF16 => boxed::<float16::BlockBf16>(parts),
             _ => Ok(None),
         }
     }
@@ -233,7 +237,9 @@ pub(crate) mod tests {
     use super::*;
 
     /// The types this module has kernels for.
-    pub const OURS: [GgmlDType; 8] = [
+    pub const OURS: [GgmlDType; 10] = [
+        GgmlDType::F16,
+        GgmlDType::BF16,
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
@@ -416,5 +422,15 @@ pub(crate) mod tests {
     #[test]
     fn q6_k_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
         check_type::<q6_k::GroupQ6K>();
+    }
+
+    #[test]
+    fn f16_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<float16::BlockF16>();
+    }
+
+    #[test]
+    fn bf16_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<float16::BlockBf16>();
     }
 }
