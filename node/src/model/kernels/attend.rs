@@ -24,7 +24,7 @@
 
 use half::f16;
 
-use super::softmax::softmax_rows;
+use super::softmax::{exp, softmax_rows};
 use super::Simd;
 
 /// Positions per task.
@@ -145,7 +145,8 @@ pub fn merge(parts: &[Partial], out: &mut [f32]) {
         let mut sum = 0f32;
         y.fill(0.0);
         for part in parts {
-            let factor = (part.max[r] - max).exp();
+            // The module's own `exp`, not the platform's: the same bits everywhere.
+            let factor = exp(part.max[r] - max);
             sum += part.sum[r] * factor;
             for (y, &v) in y.iter_mut().zip(&part.out[r * hd..][..hd]) {
                 *y += v * factor;

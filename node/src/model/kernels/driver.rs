@@ -1,4 +1,4 @@
-//! What both kernels share: splitting a matrix product into row tasks for candle's
+//! What the matrix kernels share: splitting a matrix product into row tasks for candle's
 //! compute threads, tiling rows against tokens, choosing the SIMD path, and the final
 //! sum every path performs the same way.
 
@@ -33,10 +33,9 @@ pub fn matmul<B: WeightBlock>(
         Some(last) if *last == cols => *last = rows,
         _ => bail!("input of shape {:?} does not end in {cols}", x.dims()),
     }
-    let pairs = B::PAIRS && m.simd() == Simd::Avx512;
     let acts = crate::model::with_values(x, |values| match B::FLOAT {
         true => values.chunks_exact(cols).map(Acts::raw).collect(),
-        false => quantize_tokens(values, cols, B::SUMS, pairs),
+        false => quantize_tokens(values, cols, B::SUMS),
     })?;
     let tokens = acts.len();
     if tokens == 0 {
@@ -102,9 +101,9 @@ impl TokenMajor {
 }
 
 /// Each token's activations quantized, several tokens across the compute threads.
-fn quantize_tokens(values: &[f32], cols: usize, sums: bool, pairs: bool) -> Vec<Acts> {
+fn quantize_tokens(values: &[f32], cols: usize, sums: bool) -> Vec<Acts> {
     let tokens: Vec<&[f32]> = values.chunks_exact(cols).collect();
-    let quantize = |x: &&[f32]| Acts::quantize(x, sums, pairs);
+    let quantize = |x: &&[f32]| Acts::quantize(x, sums);
     // A few tokens take less time than waking the other threads.
     match tokens.len() {
         0..QUANTIZE_ALONE => tokens.iter().map(quantize).collect(),
@@ -198,14 +197,6 @@ fn tile<B: WeightBlock, const R: usize>(
             }
         }
     }
-}
-
-/// Q8_0's result from the two lane groups (`acc[..8]` for even blocks, `acc[8..]` for odd
-/// ones) and the two offset sums, in the one order every path uses.
-pub fn finish(acc: [f32; 16], even: f32, odd: f32) -> f32 {
-    let v: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
-    let quad = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
-    ((quad[0] + quad[2]) + (quad[1] + quad[3])) + (even + odd)
 }
 
 /// `f` of each item, as an array, by a plain loop (the kernels' first step: their

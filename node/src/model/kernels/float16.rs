@@ -3,10 +3,11 @@
 //! float to f32 is exact, so every product is the f32 fused multiply-add of the
 //! file's weight and the activation.
 //!
-//! The arithmetic every path performs, per row and token: sixteen f32 lanes, value `j`
-//! of a 32-value block added to lane `j % 16` as `acc = fma(w, x, acc)` (values
-//! `l` then `l + 16` of each block, blocks in order), then the lanes summed in one
-//! fixed tree ([`sum_lanes`]).
+//! Weights are kept in groups of [`GROUP`] rows, a column of the group per vector,
+//! so that each product is one lane's fused multiply-add and no lanes are summed.
+//!
+//! The arithmetic every path performs, per row and token: `acc = fma(w_j, x_j, acc)`
+//! for every value `j` of the row in order, `acc` starting at zero.
 
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
@@ -98,57 +99,56 @@ impl HalfFloat for Bf16 {
     }
 }
 
-/// 32 weights of one row as stored in the file (one cache line).
+/// Rows per group.
+pub const GROUP: usize = 16;
+
+/// 32 columns of each of [`GROUP`] rows: `w[j][lane]` is value `j` of row `lane`, so
+/// that one vector holds a column of the group. Rows past the matrix's last are zero.
 #[derive(Clone, Copy)]
 pub struct Halves<H> {
-    w: [u16; BLOCK],
+    w: [[u16; GROUP]; BLOCK],
     format: PhantomData<H>,
 }
 
 pub type BlockF16 = Halves<F16>;
 pub type BlockBf16 = Halves<Bf16>;
 
-/// The lanes' total, in the one order every path uses.
-pub fn sum_lanes(acc: [f32; 16]) -> f32 {
-    let eight: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
-    let four: [f32; 4] = std::array::from_fn(|l| eight[l] + eight[l + 4]);
-    (four[0] + four[2]) + (four[1] + four[3])
-}
-
 impl<H: HalfFloat> WeightBlock for Halves<H> {
     const DTYPE: GgmlDType = H::DTYPE;
     const BYTES: usize = 2 * BLOCK;
-    const ROWS: usize = 1;
+    const ROWS: usize = GROUP;
     const SUMS: bool = false;
-    const PAIRS: bool = false;
     const FLOAT: bool = true;
 
     fn parse_rows(rows: &[&[u8]], out: &mut Vec<Self>) {
-        let bytes = rows.first().copied().unwrap_or_default();
-        out.extend(bytes.chunks_exact(Self::BYTES).map(|b| {
-            let mut w = [0u16; BLOCK];
-            for (w, two) in w.iter_mut().zip(b.chunks_exact(2)) {
-                *w = u16::from_le_bytes([two[0], two[1]]);
-            }
-            Halves {
-                w,
+        let blocks = rows.first().map_or(0, |r| r.len() / Self::BYTES);
+        out.extend((0..blocks).map(|b| {
+            let mut group = Halves {
+                w: [[0; GROUP]; BLOCK],
                 format: PhantomData,
+            };
+            for (lane, row) in rows.iter().enumerate() {
+                let x = &row[b * Self::BYTES..][..Self::BYTES];
+                for (j, two) in x.chunks_exact(2).enumerate() {
+                    group.w[j][lane] = u16::from_le_bytes([two[0], two[1]]);
+                }
             }
+            group
         }));
     }
 
-    fn dequantize(&self, _lane: usize, out: &mut Vec<f32>) {
-        out.extend(self.w.iter().map(|&w| H::to_f32(w)));
+    fn dequantize(&self, lane: usize, out: &mut Vec<f32>) {
+        out.extend(self.w.iter().map(|column| H::to_f32(column[lane])));
     }
 
-    fn dot_portable(row: &[Self], _lane: usize, act: &Acts) -> f32 {
-        let mut acc = [0f32; 16];
+    fn dot_portable(row: &[Self], lane: usize, act: &Acts) -> f32 {
+        let mut acc = 0f32;
         for (x, ys) in row.iter().zip(act.values.chunks_exact(BLOCK)) {
-            for (j, (&w, &y)) in x.w.iter().zip(ys).enumerate() {
-                acc[j % 16] = H::to_f32(w).mul_add(y, acc[j % 16]);
+            for (column, &y) in x.w.iter().zip(ys) {
+                acc = H::to_f32(column[lane]).mul_add(y, acc);
             }
         }
-        sum_lanes(acc)
+        acc
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -158,9 +158,12 @@ impl<H: HalfFloat> WeightBlock for Halves<H> {
         out: &mut [f32],
         stride: usize,
     ) {
-        for (r, row) in rows.into_iter().enumerate() {
-            // SAFETY: the caller guarantees the CPU features.
-            unsafe { simd::row_avx2(row, acts, &mut out[r..], stride) }
+        for (r, group) in rows.into_iter().enumerate() {
+            for half in 0..2 {
+                let out = &mut out[r * GROUP + 8 * half..];
+                // SAFETY: the caller guarantees the CPU features.
+                unsafe { simd::half_avx2(group, half, acts, out, stride) }
+            }
         }
     }
 
@@ -171,8 +174,10 @@ impl<H: HalfFloat> WeightBlock for Halves<H> {
         out: &mut [f32],
         stride: usize,
     ) {
-        // SAFETY: the caller guarantees the CPU features.
-        unsafe { simd::tile_avx512(rows, acts, out, stride) }
+        for (r, group) in rows.into_iter().enumerate() {
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe { simd::group_avx512(group, acts, &mut out[r * GROUP..], stride) }
+        }
     }
 
     /// The portable arithmetic (no Arm kernel yet).
@@ -184,8 +189,10 @@ impl<H: HalfFloat> WeightBlock for Halves<H> {
         stride: usize,
     ) {
         for (r, row) in rows.into_iter().enumerate() {
-            for (t, act) in acts.iter().enumerate() {
-                out[t * stride + r] = Self::dot_portable(row, 0, act);
+            for lane in 0..GROUP {
+                for (t, act) in acts.iter().enumerate() {
+                    out[t * stride + r * GROUP + lane] = Self::dot_portable(row, lane, act);
+                }
             }
         }
     }
@@ -195,108 +202,82 @@ impl<H: HalfFloat> WeightBlock for Halves<H> {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{sum_lanes, Acts, HalfFloat, Halves, BLOCK};
+    use super::{Acts, HalfFloat, Halves, BLOCK, GROUP};
     use crate::model::kernels::driver::cut_each;
 
-    /// How far ahead of the block in use to prefetch weights, in bytes.
+    /// How far ahead of the group in use to prefetch weights, in bytes.
     const PREFETCH: usize = 4096;
 
+    /// Every cache line of the group [`PREFETCH`] bytes ahead of `x`.
     #[inline(always)]
     fn prefetch<H>(x: &Halves<H>) {
-        let ahead = x.w.as_ptr().cast::<i8>().wrapping_add(PREFETCH);
-        // SAFETY: a prefetch only hints; it never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead) };
-    }
-
-    /// One row against `T` tokens into `out[t * stride]`: lanes 0..8 and 8..16 as two
-    /// vectors.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn row_avx2<H: HalfFloat, const T: usize>(
-        row: &[Halves<H>],
-        acts: [&Acts; T],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        let blocks = row.len();
-        let xs = cut_each(acts, |a| &a.values[..blocks * BLOCK]);
-        let mut acc = [[_mm256_setzero_ps(); 2]; T];
-        for (b, x) in row.iter().enumerate() {
-            prefetch(x);
-            // SAFETY: the block's 32 values, widened 8 at a time.
-            let w: [__m256; 4] = unsafe {
-                let p = x.w.as_ptr();
-                [
-                    H::wide256(p),
-                    H::wide256(p.add(8)),
-                    H::wide256(p.add(16)),
-                    H::wide256(p.add(24)),
-                ]
-            };
-            for t in 0..T {
-                let y = &xs[t][b * BLOCK..][..BLOCK];
-                // SAFETY: `y` holds 32 floats; unaligned loads of 8 of them.
-                let v = |i: usize| unsafe { _mm256_loadu_ps(y.as_ptr().add(8 * i)) };
-                let [lo, hi] = &mut acc[t];
-                *lo = _mm256_fmadd_ps(w[0], v(0), *lo);
-                *hi = _mm256_fmadd_ps(w[1], v(1), *hi);
-                *lo = _mm256_fmadd_ps(w[2], v(2), *lo);
-                *hi = _mm256_fmadd_ps(w[3], v(3), *hi);
-            }
-        }
-        for (t, [lo, hi]) in acc.into_iter().enumerate() {
-            let mut lanes = [0f32; 16];
-            // SAFETY: `lanes` holds 16 floats; two unaligned 8-float stores into it.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
-            }
-            out[t * stride] = sum_lanes(lanes);
+        let ahead = (x as *const Halves<H>).cast::<i8>().wrapping_add(PREFETCH);
+        for line in (0..std::mem::size_of::<Halves<H>>()).step_by(64) {
+            // SAFETY: a prefetch only hints; it never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line)) };
         }
     }
 
-    /// `R` rows against `T` tokens into `out[t * stride + r]`, the sixteen lanes in one
-    /// vector.
+    /// A group of rows against `T` tokens, one row per lane, into
+    /// `out[t * stride + row]`.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub fn tile_avx512<H: HalfFloat, const R: usize, const T: usize>(
-        rows: [&[Halves<H>]; R],
+    pub fn group_avx512<H: HalfFloat, const T: usize>(
+        group: &[Halves<H>],
         acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {
-        let blocks = rows[0].len();
-        let rows = cut_each(rows, |r| &r[..blocks]);
+        let blocks = acts[0].values.len() / BLOCK;
+        let group = &group[..blocks];
         let xs = cut_each(acts, |a| &a.values[..blocks * BLOCK]);
-        let mut acc = [[_mm512_setzero_ps(); T]; R];
-        for b in 0..blocks {
-            let mut w = [[_mm512_setzero_ps(); 2]; R];
-            for r in 0..R {
-                let x = &rows[r][b];
-                prefetch(x);
-                // SAFETY: the block's 32 values, widened 16 at a time.
-                w[r] = unsafe { [H::wide512(x.w.as_ptr()), H::wide512(x.w.as_ptr().add(16))] };
-            }
-            for t in 0..T {
-                let y = &xs[t][b * BLOCK..][..BLOCK];
-                // SAFETY: `y` holds 32 floats; unaligned loads of 16 of them.
-                let v = unsafe {
-                    [
-                        _mm512_loadu_ps(y.as_ptr()),
-                        _mm512_loadu_ps(y.as_ptr().add(16)),
-                    ]
-                };
-                for r in 0..R {
-                    acc[r][t] = _mm512_fmadd_ps(w[r][0], v[0], acc[r][t]);
-                    acc[r][t] = _mm512_fmadd_ps(w[r][1], v[1], acc[r][t]);
+        let mut acc = [_mm512_setzero_ps(); T];
+        for (b, x) in group.iter().enumerate() {
+            prefetch(x);
+            for (j, column) in x.w.iter().enumerate() {
+                // SAFETY: the column's 16 values.
+                let w = unsafe { H::wide512(column.as_ptr()) };
+                for t in 0..T {
+                    let y = _mm512_set1_ps(xs[t][b * BLOCK + j]);
+                    acc[t] = _mm512_fmadd_ps(w, y, acc[t]);
                 }
             }
         }
-        for r in 0..R {
-            for t in 0..T {
-                let mut lanes = [0f32; 16];
-                // SAFETY: `lanes` holds 16 floats; an unaligned store of that size.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r][t]) };
-                out[t * stride + r] = sum_lanes(lanes);
+        for (t, acc) in acc.iter().enumerate() {
+            let out = &mut out[t * stride..][..GROUP];
+            // SAFETY: `out` holds 16 floats; an unaligned store of that size.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), *acc) };
+        }
+    }
+
+    /// Rows `8 × half..8 × half + 8` of a group against `T` tokens, one row per lane,
+    /// into `out[t * stride + row]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn half_avx2<H: HalfFloat, const T: usize>(
+        group: &[Halves<H>],
+        half: usize,
+        acts: [&Acts; T],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let blocks = acts[0].values.len() / BLOCK;
+        let group = &group[..blocks];
+        let xs = cut_each(acts, |a| &a.values[..blocks * BLOCK]);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for (b, x) in group.iter().enumerate() {
+            prefetch(x);
+            for (j, column) in x.w.iter().enumerate() {
+                // SAFETY: 8 of the column's 16 values.
+                let w = unsafe { H::wide256(column.as_ptr().add(8 * half)) };
+                for t in 0..T {
+                    let y = _mm256_set1_ps(xs[t][b * BLOCK + j]);
+                    acc[t] = _mm256_fmadd_ps(w, y, acc[t]);
+                }
             }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            let out = &mut out[t * stride..][..8];
+            // SAFETY: `out` holds 8 floats; an unaligned store of that size.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
         }
     }
 }
@@ -312,7 +293,7 @@ mod tests {
     use crate::model::kernels::{Linear, Matrix, Simd};
 
     /// Every path against the exact product of the file's weights and the
-    /// activations: only f32 rounding may differ.
+    /// activations: only f32 rounding of the running sum may differ.
     fn exact<H: HalfFloat>() {
         for (rows, cols, tokens) in [(33, 576, 3), (8, 2048, 9), (2, 32, 1)] {
             let q = Arc::new(weights(H::DTYPE, rows, cols));
@@ -330,8 +311,11 @@ mod tests {
                             magnitude += (w as f64 * x as f64).abs();
                         }
                         let got = ours[t * rows + r] as f64;
+                        // Recursive summation's bound: n unit roundoffs of the terms'
+                        // magnitude (fused products add no rounding of their own).
+                        let bound = cols as f64 * f64::powi(2.0, -24) * magnitude;
                         assert!(
-                            (got - exact).abs() <= 1e-6 * magnitude.max(1e-3),
+                            (got - exact).abs() <= bound.max(1e-9),
                             "{path:?}: {got} vs {exact} ({rows}x{cols}, row {r}, token {t})"
                         );
                     }

@@ -28,8 +28,6 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     const ROWS: usize;
     /// Whether activations carry Q8_1 block sums.
     const SUMS: bool;
-    /// Whether the AVX-512 kernel reads activations as pairs of blocks.
-    const PAIRS: bool;
     /// Whether the kernels read the activations as they are (f32), not quantized.
     const FLOAT: bool = false;
 

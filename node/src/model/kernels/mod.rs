@@ -95,7 +95,7 @@ impl Linear {
             GgmlDType::Q4_1 => boxed::<q4_1::GroupQ4_1>(parts),
             GgmlDType::Q5_0 => boxed::<q5_0::GroupQ5_0>(parts),
             GgmlDType::Q5_1 => boxed::<q5_1::GroupQ5_1>(parts),
-            GgmlDType::Q8_0 => boxed::<q8_0::BlockQ8_0>(parts),
+            GgmlDType::Q8_0 => boxed::<q8_0::GroupQ8_0>(parts),
             GgmlDType::Q4K => boxed::<q4_k::GroupQ4K>(parts),
             GgmlDType::Q5K => boxed::<q5_k::GroupQ5K>(parts),
             GgmlDType::Q6K => boxed::<q6_k::GroupQ6K>(parts),
@@ -391,7 +391,7 @@ pub(crate) mod tests {
 
     #[test]
     fn q8_0_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
-        check_type::<q8_0::BlockQ8_0>();
+        check_type::<q8_0::GroupQ8_0>();
     }
 
     #[test]

@@ -71,7 +71,6 @@ impl WeightBlock for GroupQ4_1 {
     const DTYPE: GgmlDType = GgmlDType::Q4_1;
     const BYTES: usize = FILE_BLOCK;
     const ROWS: usize = GROUP;
-    const PAIRS: bool = false;
     const SUMS: bool = true;
 
     fn parse_rows(rows: &[&[u8]], out: &mut Vec<Self>) {
@@ -467,7 +466,7 @@ mod tests {
                 ));
                 let ours = values(&linear.forward(&x).unwrap());
                 for t in 0..tokens {
-                    let act = Acts::quantize(&xs[t * cols..][..cols], true, false);
+                    let act = Acts::quantize(&xs[t * cols..][..cols], true);
                     for r in 0..rows {
                         // f32 rounding is relative to the terms' magnitudes, not to
                         // their sum, which cancellation can bring near zero.

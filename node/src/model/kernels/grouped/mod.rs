@@ -115,7 +115,6 @@ impl<F: Format, const SUB: usize, const PLANES: usize> WeightBlock for Group<F, 
     const BYTES: usize = F::BYTES;
     const ROWS: usize = GROUP;
     const SUMS: bool = true;
-    const PAIRS: bool = false;
 
     fn parse_rows(rows: &[&[u8]], out: &mut Vec<Self>) {
         let () = Self::CHECK;
