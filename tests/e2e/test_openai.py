@@ -150,4 +150,34 @@ def test_logprobs_in_openais_shapes_equal_the_clis(swarm):
             model=model_id(swarm), messages=[{"role": "user", "content": "x"}],
             logprobs=True, top_logprobs=21)
     with pytest.raises(openai.BadRequestError):
+        client(swarm).chat.completions.create(
+            model=model_id(swarm), messages=[{"role": "user", "content": "x"}],
+            logprobs=False, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError):
         client(swarm).completions.create(model=model_id(swarm), prompt="x", logprobs=6)
+
+
+def test_streamed_logprobs_equal_the_whole_responses(swarm):
+    messages = [{"role": "user", "content": QUESTION}]
+    ask = dict(model=model_id(swarm), messages=messages, temperature=0, max_tokens=12,
+               logprobs=True, top_logprobs=3)
+    whole = client(swarm).chat.completions.create(**ask).choices[0].logprobs.content
+    chunks = list(client(swarm).chat.completions.create(**ask, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert len(streamed) == len(whole) == 12
+    for ours, theirs in zip(streamed, whole):
+        assert (ours.token, ours.logprob) == (theirs.token, theirs.logprob)
+        assert [(t.token, t.logprob) for t in ours.top_logprobs] == \
+            [(t.token, t.logprob) for t in theirs.top_logprobs]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "".join(t.token for t in streamed) == text
+
+    prompt = dict(model=model_id(swarm), prompt="The capital of France is", temperature=0,
+                  max_tokens=6, logprobs=2)
+    whole = client(swarm).completions.create(**prompt).choices[0].logprobs
+    parts = [c.choices[0].logprobs for c in client(swarm).completions.create(**prompt, stream=True)
+             if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == whole.tokens
+    assert [x for p in parts for x in p.token_logprobs] == whole.token_logprobs
+    assert [x for p in parts for x in p.text_offset] == whole.text_offset

@@ -181,13 +181,6 @@ async fn respond(
     common: Common,
 ) -> Response {
     let stream = common.stream;
-    if stream && logprobs.is_some() {
-        return ApiError::bad_request(
-            "log-probabilities are not available for streamed responses yet; set stream to false",
-        )
-        .param("logprobs")
-        .into_response();
-    }
     let job = match prepare(&gateway, kind, &prompt, logprobs, common) {
         Ok(job) => job,
         Err(e) => return e.into_response(),
@@ -299,7 +292,7 @@ fn prepare(
 async fn run(
     gateway: &Arc<Gateway>,
     job: &Job,
-    sink: Option<mpsc::Sender<String>>,
+    sink: Option<mpsc::Sender<Streamed>>,
 ) -> Result<Outcome, ApiError> {
     let Ok(_permit) = gateway.generations.clone().try_acquire_owned() else {
         return Err(ApiError::unavailable(
@@ -320,25 +313,42 @@ async fn run(
     let (result, pipeline) = tokio::task::spawn_blocking(move || {
         let mut matcher = StopMatcher::new(stops);
         let mut text = String::new();
-        let emit = |piece: String, text: &mut String| -> ControlFlow<()> {
-            if piece.is_empty() {
+        // Log-probabilities of tokens whose text the stop matcher still holds back:
+        // they go out with that text, or with the last chunk.
+        let mut pending = Vec::new();
+        let emit = |piece: Streamed, text: &mut String| -> ControlFlow<()> {
+            if piece.text.is_empty() && piece.logprobs.is_empty() {
                 return ControlFlow::Continue(());
             }
-            text.push_str(&piece);
+            text.push_str(&piece.text);
             match &sink {
                 Some(sink) if sink.blocking_send(piece).is_err() => ControlFlow::Break(()),
                 _ => ControlFlow::Continue(()),
             }
         };
         let result = generate(&model, &mut pipeline, &prompt_ids, &params, &mut |piece| {
-            let shown = matcher.push(piece);
-            emit(shown, &mut text)?;
+            pending.extend_from_slice(piece.logprobs);
+            let shown = matcher.push(piece.text);
+            if !shown.is_empty() {
+                let logprobs = std::mem::take(&mut pending);
+                emit(
+                    Streamed {
+                        text: shown,
+                        logprobs,
+                    },
+                    &mut text,
+                )?;
+            }
             match matcher.is_stopped() {
                 true => ControlFlow::Break(()),
                 false => ControlFlow::Continue(()),
             }
         });
-        let _ = emit(matcher.finish(), &mut text);
+        let last = Streamed {
+            text: matcher.finish(),
+            logprobs: pending,
+        };
+        let _ = emit(last, &mut text);
         (result.map(|g| (g, text, matcher.is_stopped())), pipeline)
     })
     .await
@@ -425,15 +435,24 @@ fn chat_logprobs(gateway: &Gateway, tokens: &[TokenLogprob]) -> Value {
 
 /// The legacy completions shape: parallel lists, alternatives as text → log-probability.
 fn completion_logprobs(gateway: &Gateway, tokens: &[TokenLogprob]) -> Value {
+    completion_logprobs_from(gateway, tokens, &mut 0)
+}
+
+/// [`completion_logprobs`] for tokens whose text starts at `*offset` in the
+/// completion, which moves past them.
+fn completion_logprobs_from(
+    gateway: &Gateway,
+    tokens: &[TokenLogprob],
+    offset: &mut usize,
+) -> Value {
     let piece = |id: u32| gateway.model.tokenizer.token_piece(id);
-    let mut offset = 0;
     let mut text_offset = Vec::with_capacity(tokens.len());
     let texts: Vec<String> = tokens
         .iter()
         .map(|t| {
             let p = piece(t.token_id);
-            text_offset.push(offset);
-            offset += p.len();
+            text_offset.push(*offset);
+            *offset += p.len();
             p
         })
         .collect();
@@ -454,6 +473,13 @@ fn completion_logprobs(gateway: &Gateway, tokens: &[TokenLogprob]) -> Value {
         "top_logprobs": top,
         "text_offset": text_offset,
     })
+}
+
+/// Text released to a streamed response, with the log-probabilities of the tokens
+/// it came from (when the request asked for them).
+struct Streamed {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
 }
 
 /// One streamed chunk; `finish` and `usage` only on the last.
@@ -498,16 +524,25 @@ fn stream_response(
         {
             return;
         }
-        let (pieces, mut texts) = mpsc::channel::<String>(STREAM_BUFFER);
+        let (pieces, mut texts) = mpsc::channel::<Streamed>(STREAM_BUFFER);
         let forward = {
-            let (events, header) = (events.clone(), header.clone());
+            let (events, header, gateway) = (events.clone(), header.clone(), gateway.clone());
+            let logprobs = job.params.logprobs.is_some();
             tokio::spawn(async move {
-                while let Some(text) = texts.recv().await {
-                    if events
-                        .send(data(chunk(&header, Some(&text), false, None)))
-                        .await
-                        .is_err()
-                    {
+                // Where the next token's text starts in the completion.
+                let mut offset = 0;
+                while let Some(piece) = texts.recv().await {
+                    let text = (!piece.text.is_empty()).then_some(piece.text.as_str());
+                    let mut chunk = chunk(&header, text, false, None);
+                    if logprobs {
+                        chunk["choices"][0]["logprobs"] = match header.kind {
+                            Kind::Chat => chat_logprobs(&gateway, &piece.logprobs),
+                            Kind::Text => {
+                                completion_logprobs_from(&gateway, &piece.logprobs, &mut offset)
+                            }
+                        };
+                    }
+                    if events.send(data(chunk)).await.is_err() {
                         return;
                     }
                 }

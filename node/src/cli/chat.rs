@@ -315,7 +315,7 @@ impl Chat {
             &turn.tokens[turn.held..],
             &params,
             &mut |piece| {
-                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.write_all(piece.text.as_bytes());
                 let _ = stdout.flush();
                 match interrupt.stop.load(Ordering::SeqCst) {
                     true => ControlFlow::Break(()),

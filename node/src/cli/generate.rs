@@ -234,7 +234,7 @@ fn stream_generation(
     let mut stdout = std::io::stdout().lock();
     let output = generate(model, pipeline, prompt_ids, params, &mut |piece| {
         // A closed stdout (e.g. `| head`) must not abort the generation with a panic.
-        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.write_all(piece.text.as_bytes());
         let _ = stdout.flush();
         std::ops::ControlFlow::Continue(())
     })?;

@@ -99,8 +99,16 @@ pub fn check_prompt(model: &ClientModel, prompt_ids: &[u32]) -> Result<(), Gener
     Ok(())
 }
 
+/// What a generation hands on as it goes: printable text, and the log-probabilities
+/// (when asked for) of the tokens generated since the last piece, so that each
+/// token's are handed on once, with the text it completes.
+pub struct Piece<'a> {
+    pub text: &'a str,
+    pub logprobs: &'a [TokenLogprob],
+}
+
 /// Generates from `prompt_ids` through `pipeline`, whose session must hold at least
-/// [`session_length`] positions. `on_text` receives printable text as it is produced,
+/// [`session_length`] positions. `on_text` receives [`Piece`]s as they are produced,
 /// and may end the generation early (a stop sequence, a departed listener) by
 /// returning `Break`, which finishes it with [`FinishReason::Stop`].
 pub fn generate(
@@ -108,7 +116,7 @@ pub fn generate(
     pipeline: &mut dyn Pipeline,
     prompt_ids: &[u32],
     params: &GenerationParams,
-    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    on_text: &mut dyn FnMut(Piece<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     check_prompt(model, prompt_ids)?;
     let session = SessionSpan {
@@ -136,7 +144,7 @@ pub fn continue_session(
     session: SessionSpan,
     prompt_ids: &[u32],
     params: &GenerationParams,
-    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    on_text: &mut dyn FnMut(Piece<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     if prompt_ids.is_empty() {
         return Err(GenerateError::EmptyPrompt);
@@ -162,6 +170,8 @@ pub fn continue_session(
     let mut position = session.past + prompt_ids.len();
     let mut decode_steps = 0;
     let mut streamed = 0;
+    // Log-probabilities handed on so far.
+    let mut reported = 0;
     let mut max_step = std::time::Duration::ZERO;
     let finish_reason = loop {
         if ids.len() >= params.max_tokens {
@@ -190,9 +200,16 @@ pub fn continue_session(
             ));
         }
         ids.push(next);
-        if let Some(piece) = stream.push(next)? {
-            streamed += piece.len();
-            if on_text(&piece).is_break() {
+        if let Some(text) = stream.push(next)? {
+            streamed += text.len();
+            let fresh = logprobs.as_deref().map_or(&[][..], |l| &l[reported..]);
+            reported += fresh.len();
+            if on_text(Piece {
+                text: &text,
+                logprobs: fresh,
+            })
+            .is_break()
+            {
                 break FinishReason::Stop;
             }
         }
@@ -210,8 +227,13 @@ pub fn continue_session(
     let decode_secs = (total - prefill).as_secs_f64();
     let text = model.tokenizer.decode(&ids)?;
     // A trailing partial character held back by the stream is complete now.
-    if let Some(rest) = text.get(streamed..).filter(|r| !r.is_empty()) {
-        let _ = on_text(rest);
+    let rest = text.get(streamed..).unwrap_or_default();
+    let fresh = logprobs.as_deref().map_or(&[][..], |l| &l[reported..]);
+    if !rest.is_empty() || !fresh.is_empty() {
+        let _ = on_text(Piece {
+            text: rest,
+            logprobs: fresh,
+        });
     }
     Ok(Generation {
         token_ids: ids,

@@ -19,7 +19,7 @@ use std::path::Path;
 use crate::model::{GgufFile, ModelConfig, ModelError};
 
 pub use generate::{
-    continue_session, generate, FinishReason, GenerateError, Generation, GenerationParams,
+    continue_session, generate, FinishReason, GenerateError, Generation, GenerationParams, Piece,
     SessionSpan, Timings,
 };
 pub use head::ClientHead;
