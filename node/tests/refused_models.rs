@@ -102,14 +102,30 @@ fn every_kind_of_unknown_is_refused_by_name() {
     });
     refused(&m, &["tensor blk.4.attn_q_norm.weight", "qwen3"]);
 
-    let m = rewritten(d, "yarn.gguf", |md, _| {
-        set(md, "llama.rope.scaling.type", Value::String("yarn".into()));
+    let m = rewritten(d, "longrope.gguf", |md, _| {
+        set(
+            md,
+            "llama.rope.scaling.type",
+            Value::String("longrope".into()),
+        );
         set(md, "llama.rope.scaling.factor", Value::F32(4.0));
     });
     refused(
         &m,
-        &["llama.rope.scaling.factor = 4", "\"yarn\"", "only linear"],
+        &[
+            "llama.rope.scaling.factor = 4",
+            "\"longrope\"",
+            "only linear and YaRN",
+        ],
     );
+
+    // YaRN computes with its default betas and factors only.
+    let m = rewritten(d, "yarn-beta.gguf", |md, _| {
+        set(md, "llama.rope.scaling.type", Value::String("yarn".into()));
+        set(md, "llama.rope.scaling.factor", Value::F32(4.0));
+        set(md, "llama.rope.scaling.yarn_beta_fast", Value::F32(16.0));
+    });
+    refused(&m, &["llama.rope.scaling.yarn_beta_fast"]);
 
     let m = rewritten(d, "gemma.gguf", |md, _| {
         set(md, "general.architecture", Value::String("gemma".into()));

@@ -8,6 +8,8 @@ the exact log-probabilities of the next token's top candidates, and for the prom
 hidden state of its last position after every layer.
 """
 
+import math
+
 import numpy as np
 
 TOP = 20
@@ -31,6 +33,18 @@ class Model:
         self.base = float(get("rope.freq_base", 10000.0))
         factor = float(get("rope.scaling.factor", 0.0) or 0.0)
         self.scale = 1.0 / factor if factor not in (0.0, 1.0) else 1.0
+        # YaRN as transformers computes it (_compute_yarn_parameters, beta_fast 32,
+        # beta_slow 1): per pair, a blend of scaled and unscaled frequencies, and the
+        # attention factor 0.1 ln(factor) + 1 on cos and sin.
+        self.yarn = None
+        if get("rope.scaling.type") == "yarn" and self.scale != 1.0:
+            original = int(get("rope.scaling.original_context_length",
+                               get("context_length")))
+            corr = lambda rotations: (self.head_dim * math.log(
+                original / (rotations * 2 * math.pi)) / (2 * math.log(self.base)))
+            low = max(math.floor(corr(32.0)), 0)
+            high = min(math.ceil(corr(1.0)), self.head_dim - 1)
+            self.yarn = (low, high, 0.1 * math.log(factor) + 1.0)
         self.halves = self.arch in ("qwen2", "qwen3", "phi3")
         self.t = {}
         for t in reader.tensors:
@@ -47,8 +61,16 @@ class Model:
         inv = self.base ** (-np.arange(half) * 2.0 / self.head_dim)
         if self.freqs is not None:
             inv = inv / self.freqs
-        angles = self.scale * positions[:, None] * inv[None, :]
-        cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+        mscale = 1.0
+        if self.yarn is None:
+            inv = self.scale * inv
+        else:
+            low, high, mscale = self.yarn
+            ramp = np.clip((np.arange(half) - low) / max(high - low, 0.001), 0.0, 1.0)
+            inv = self.scale * inv * ramp + inv * (1.0 - ramp)
+        angles = positions[:, None] * inv[None, :]
+        cos = mscale * np.cos(angles)[:, None, :]
+        sin = mscale * np.sin(angles)[:, None, :]
         if self.halves:
             x0, x1 = x[..., :half], x[..., half:]
             return np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)

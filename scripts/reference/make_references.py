@@ -2,11 +2,11 @@
 
 From the test model (SmolLM2-135M-Instruct, Q4_1), llama.cpp's llama-quantize makes an
 F16 copy and, from it, one file per tensor type; the same weights are also dressed as
-each supported architecture (a Llama 3.1-style file, one with linear RoPE scaling,
-Qwen 2-, Qwen 3- and Phi-3-style files; F16 and a quantized type each); llama-server
-(on 127.0.0.1) then generates greedy continuations of the golden prompts on each,
-with the top log-probabilities at every position. Writes references.json beside the
-files.
+each supported architecture (a Llama 3.1-style file, ones with linear and with YaRN
+RoPE scaling, Qwen 2-, Qwen 3- and Phi-3-style files; F16 and a quantized type each);
+llama-server (on 127.0.0.1) then generates greedy continuations of the golden prompts
+on each, with the top log-probabilities at every position. Writes references.json
+beside the files.
 
     python make_references.py --llama-bin DIR --model GGUF --prompts JSON --out DIR
 """
@@ -29,6 +29,7 @@ TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 # Each architecture's dressed file, and the quantized type it is also checked in.
 STYLES = [("llama3-style", lambda b, t: llama3_style(b, t), "Q4_K_M"),
           ("linear-rope", lambda b, t: linear_rope_style(b, t), "Q8_0"),
+          ("yarn-rope", lambda b, t: yarn_rope_style(b, t), "Q6_K"),
           ("qwen2-style", lambda b, t: qwen2_style(b, t), "Q8_0"),
           ("qwen3-style", lambda b, t: qwen3_style(b, t), "Q4_K_M"),
           ("phi3-style", lambda b, t: phi3_style(b, t), "Q5_K_M")]
@@ -133,6 +134,19 @@ def linear_rope_style(base, target):
     rewrite(base, target, {
         "llama.rope.scaling.type": ("linear", GGUFValueType.STRING),
         "llama.rope.scaling.factor": (2.0, GGUFValueType.FLOAT32),
+    })
+
+
+def yarn_rope_style(base, target):
+    """The test model with YaRN scaling by 4 over an original context of 2048, as
+    Qwen 2.5's long-context configurations and many fine-tunes write it."""
+    if not fresh(target, base):
+        return
+    from gguf import GGUFValueType
+    rewrite(base, target, {
+        "llama.rope.scaling.type": ("yarn", GGUFValueType.STRING),
+        "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32),
+        "llama.rope.scaling.original_context_length": (2048, GGUFValueType.UINT32),
     })
 
 

@@ -4,7 +4,7 @@ use candle_core::quantized::gguf_file::Value;
 
 use super::arch::{self, Architecture};
 use super::gguf::GgufFile;
-use super::rope::RopeSpec;
+use super::rope::{RopeSpec, Yarn};
 use super::ModelError;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -18,8 +18,9 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub rope_dimension: usize,
     pub rope_freq_base: f32,
-    /// Linear RoPE scaling's `1 / factor`; 1 without.
+    /// RoPE scaling's `1 / factor` (linear or YaRN); 1 without.
     pub rope_freq_scale: f32,
+    pub rope_yarn: Option<Yarn>,
     pub rms_eps: f32,
     /// The model's context length, or its sliding window where that is shorter.
     pub context_length: usize,
@@ -61,6 +62,8 @@ impl ModelConfig {
             false => 10_000.0,
         };
         let mut context_length = gguf.usize(&key("context_length"))?;
+        let (rope_freq_scale, rope_yarn) =
+            rope_scaling(gguf, name, head_dim, rope_freq_base, context_length)?;
         if let Some(window) = arch.sliding_window_key.map(key) {
             if gguf.has(&window) && gguf.usize(&window)? > 0 {
                 context_length = context_length.min(gguf.usize(&window)?);
@@ -80,7 +83,8 @@ impl ModelConfig {
             head_dim,
             rope_dimension,
             rope_freq_base,
-            rope_freq_scale: rope_freq_scale(gguf, name)?,
+            rope_freq_scale,
+            rope_yarn,
             rms_eps: gguf.f32(&key("attention.layer_norm_rms_epsilon"))?,
             context_length,
             vocab_size,
@@ -131,16 +135,25 @@ impl ModelConfig {
             head_dim: self.head_dim,
             freq_base: self.rope_freq_base,
             freq_scale: self.rope_freq_scale,
+            yarn: self.rope_yarn,
             style: self.arch.rope,
         }
     }
 }
 
-/// `1 / factor` of linear RoPE scaling, else 1. As in llama.cpp, a factor
-/// (`rope.scaling.factor`, or the older `rope.scale_linear`) scales linearly when
-/// `rope.scaling.type` is absent or `linear`; with any other type a factor other
-/// than 1 is refused, since this version computes no other scaling.
-fn rope_freq_scale(gguf: &GgufFile, arch: &str) -> Result<f32, ModelError> {
+/// RoPE scaling: `1 / factor`, and YaRN's parameters where its type is `yarn`. As
+/// in llama.cpp, a factor (`rope.scaling.factor`, or the older `rope.scale_linear`)
+/// scales linearly when `rope.scaling.type` is absent or `linear`; `yarn` takes its
+/// original context from `rope.scaling.original_context_length`, else the context
+/// length; with any other type a factor other than 1 is refused, since this version
+/// computes no other scaling.
+fn rope_scaling(
+    gguf: &GgufFile,
+    arch: &str,
+    head_dim: usize,
+    freq_base: f32,
+    context: usize,
+) -> Result<(f32, Option<Yarn>), ModelError> {
     let kind_key = format!("{arch}.rope.scaling.type");
     let kind = match gguf.metadata(&kind_key) {
         Some(Value::String(s)) => s.as_str(),
@@ -154,15 +167,30 @@ fn rope_freq_scale(gguf: &GgufFile, arch: &str) -> Result<f32, ModelError> {
     .into_iter()
     .find(|k| gguf.has(k));
     let Some(factor_key) = factor_key else {
-        return Ok(1.0);
+        return Ok((1.0, None));
     };
-    match gguf.f32(&factor_key)? {
-        f if f == 0.0 || f == 1.0 => Ok(1.0),
-        f if kind == "linear" && f.is_finite() && f > 0.0 => Ok(1.0 / f),
-        _ if kind == "linear" => Err(ModelError::BadMetadata(factor_key, "a positive number")),
-        f => Err(ModelError::NotUnderstood(format!(
-            "metadata {factor_key} = {f} with {kind_key} = {kind:?}: \
-             only linear RoPE scaling is computed by this version"
+    let factor = gguf.f32(&factor_key)?;
+    match kind {
+        _ if factor == 0.0 || factor == 1.0 => Ok((1.0, None)),
+        "linear" | "yarn" if !(factor.is_finite() && factor > 0.0) => {
+            Err(ModelError::BadMetadata(factor_key, "a positive number"))
+        }
+        "linear" => Ok((1.0 / factor, None)),
+        "yarn" => {
+            let original_key = format!("{arch}.rope.scaling.original_context_length");
+            let original = match gguf.has(&original_key) {
+                true => gguf.usize(&original_key)?,
+                false => context,
+            };
+            if original == 0 {
+                return Err(ModelError::BadMetadata(original_key, "a positive number"));
+            }
+            let yarn = Yarn::new(head_dim, freq_base, factor, original);
+            Ok((1.0 / factor, Some(yarn)))
+        }
+        _ => Err(ModelError::NotUnderstood(format!(
+            "metadata {factor_key} = {factor} with {kind_key} = {kind:?}: \
+             only linear and YaRN RoPE scaling are computed by this version"
         ))),
     }
 }

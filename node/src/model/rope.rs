@@ -1,8 +1,9 @@
 //! Rotary position embeddings as llama.cpp computes them: pairs of adjacent values
 //! (its "normal" rope, for Llama GGUFs, whose converter permutes Q and K to match)
 //! or of values half a head apart ("neox", for Qwen and Phi-3); Llama 3.1 and later
-//! divide each pair's angle by a frequency factor (`rope_freqs.weight`), and linear
-//! RoPE scaling multiplies every angle by `1 / factor`.
+//! divide each pair's angle by a frequency factor (`rope_freqs.weight`), linear
+//! RoPE scaling multiplies every angle by `1 / factor`, and YaRN ([`Yarn`]) blends
+//! scaled and unscaled angles by frequency and scales the rotation.
 //!
 //! The tables come from the `libm` crate's `powf`, `cosf` and `sinf`, not the
 //! platform's: glibc picks FMA or plain variants at run time and other C libraries
@@ -20,6 +21,47 @@ pub struct RopeSpec {
     /// Linear scaling's `1 / factor`; 1 without scaling.
     pub freq_scale: f32,
     pub style: RopeStyle,
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN ("NTK-by-parts" interpolation with attention scaling), as llama.cpp and
+/// transformers compute it: pairs that turn fewer than `beta_slow` (1) times over the
+/// original context keep their unscaled angles, pairs that turn more than
+/// `beta_fast` (32) times are scaled as linear scaling would, those between blend
+/// the two along a ramp; cos and sin are multiplied by `1 + 0.1 ln(factor)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    /// The ramp's ends, as pair indices (ggml's `corr_dims`).
+    pub low: f32,
+    pub high: f32,
+    pub mscale: f32,
+}
+
+impl Yarn {
+    const BETA_FAST: f32 = 32.0;
+    const BETA_SLOW: f32 = 1.0;
+
+    /// YaRN for a model of `head_dim`-wide heads trained on `original_context`
+    /// positions, scaled by `factor`.
+    pub fn new(head_dim: usize, freq_base: f32, factor: f32, original_context: usize) -> Self {
+        let dims = head_dim as f32;
+        // ggml_rope_yarn_corr_dim: the pair index that turns `rotations` times.
+        let corr = |rotations: f32| {
+            let turns = original_context as f32 / (rotations * 2.0 * std::f32::consts::PI);
+            dims * libm::logf(turns) / (2.0 * libm::logf(freq_base))
+        };
+        Yarn {
+            low: libm::floorf(corr(Self::BETA_FAST)).max(0.0),
+            high: libm::ceilf(corr(Self::BETA_SLOW)).min(dims - 1.0),
+            mscale: 0.1 * libm::logf(factor) + 1.0,
+        }
+    }
+
+    /// The share of pair `i`'s angle that stays unscaled (1 below the ramp, 0 above).
+    fn unscaled(&self, i: usize) -> f32 {
+        let y = (i as f32 - self.low) / (self.high - self.low).max(0.001);
+        1.0 - y.clamp(0.0, 1.0)
+    }
 }
 
 pub struct Rope {
@@ -42,6 +84,7 @@ impl Rope {
             freq_base,
             freq_scale,
             style,
+            yarn,
         } = spec;
         let half = head_dim / 2;
         if half == 0 {
@@ -63,9 +106,16 @@ impl Rope {
                     None => theta,
                 };
                 // `1 × angle` is `angle`: unscaled models keep their bits.
-                let angle = freq_scale * angle;
-                cos.push(libm::cosf(angle));
-                sin.push(libm::sinf(angle));
+                let scaled = freq_scale * angle;
+                let (angle, mscale) = match yarn {
+                    None => (scaled, 1.0),
+                    Some(y) => {
+                        let keep = y.unscaled(i);
+                        (scaled * (1.0 - keep) + angle * keep, y.mscale)
+                    }
+                };
+                cos.push(libm::cosf(angle) * mscale);
+                sin.push(libm::sinf(angle) * mscale);
                 theta *= theta_scale;
             }
         }
@@ -127,6 +177,7 @@ mod tests {
             freq_base: 10_000.0,
             freq_scale: 1.0,
             style,
+            yarn: None,
         }
     }
 
@@ -191,6 +242,40 @@ mod tests {
         let adjacent = spec(hd, RopeStyle::Adjacent);
         assert!(Rope::new(adjacent, positions, Some(&[1.0; 3])).is_err());
         assert!(Rope::new(adjacent, positions, Some(&[1.0, 0.0, 1.0, 1.0])).is_err());
+    }
+
+    /// YaRN against transformers' formulation in f64 (`_compute_yarn_parameters`:
+    /// the blend made on inverse frequencies, the attention factor on cos and sin).
+    #[test]
+    fn yarn_blends_frequencies_as_transformers_does() {
+        let (hd, base, factor, original, positions) = (64, 10_000f32, 4f32, 2048, 300);
+        let yarn = Yarn::new(hd, base, factor, original);
+        assert_eq!((yarn.low, yarn.high), (8.0, 21.0));
+        let spec = RopeSpec {
+            freq_scale: 1.0 / factor,
+            yarn: Some(yarn),
+            ..spec(hd, RopeStyle::Halves)
+        };
+        let rope = Rope::new(spec, positions, None).unwrap();
+        let attention_factor = 0.1 * (factor as f64).ln() + 1.0;
+        for i in 0..hd / 2 {
+            let extrapolation = (base as f64).powf(-2.0 * i as f64 / hd as f64);
+            let interpolation = extrapolation / factor as f64;
+            let ramp = ((i as f64 - 8.0) / (21.0 - 8.0)).clamp(0.0, 1.0);
+            let inv = interpolation * ramp + extrapolation * (1.0 - ramp);
+            for pos in [0, 1, 17, 299] {
+                let angle = pos as f64 * inv;
+                let (c, s) = (rope.cos[pos * hd / 2 + i], rope.sin[pos * hd / 2 + i]);
+                assert!(
+                    (c as f64 - angle.cos() * attention_factor).abs() < 1e-4,
+                    "{i} {pos}"
+                );
+                assert!(
+                    (s as f64 - angle.sin() * attention_factor).abs() < 1e-4,
+                    "{i} {pos}"
+                );
+            }
+        }
     }
 
     #[test]

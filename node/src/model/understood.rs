@@ -139,8 +139,8 @@ fn check_key(
     else {
         return refuse("not a key of a model file this version knows");
     };
-    // The scaling factor is read with its type (`config::rope_freq_scale`), which
-    // refuses every type but linear.
+    // The scaling factor is read with its type (`config::rope_scaling`), which
+    // refuses every type but linear and YaRN.
     if ARCH_KEYS.contains(&field) || config.arch.sliding_window_key == Some(field) {
         return Ok(());
     }
@@ -150,7 +150,7 @@ fn check_key(
             gguf.usize(key).is_ok_and(|n| n == config.head_dim)
         }
         "rope.scaling.type" => {
-            matches!(value, Some(Value::String(s)) if s == "none" || s == "linear")
+            matches!(value, Some(Value::String(s)) if ["none", "linear", "yarn"].contains(&s.as_str()))
         }
         "expert_count" | "expert_used_count" => gguf.usize(key).is_ok_and(|n| n == 0),
         _ => false,
@@ -219,6 +219,7 @@ mod tests {
             rope_dimension: 64,
             rope_freq_base: 10_000.0,
             rope_freq_scale: 1.0,
+            rope_yarn: None,
             rms_eps: 1e-5,
             context_length: 2048,
             vocab_size: 49152,
