@@ -266,6 +266,7 @@ fn report(
         "prompt_token_ids": prompt_ids,
         "finish_reason": output.finish_reason,
         "seed": params.sampling.seed,
+        "kernels": crate::model::kernels::Simd::in_use().name(),
         "timings": output.timings,
     });
     if let Some(logprobs) = &output.logprobs {
