@@ -21,8 +21,9 @@
 //! (with a little room), and per-layer hidden states close to the exact ones. Run
 //! as one-layer shards, every file's model equals its unsplit self bit for bit.
 
+mod support;
+
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use allmende_node::client::{
@@ -116,19 +117,6 @@ struct ExactContinuation {
 struct Top {
     token_id: u32,
     logprob: f32,
-}
-
-fn reference_dir() -> PathBuf {
-    let dir = std::env::var_os("ALLMENDE_REFERENCE_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/reference-models"),
-        PathBuf::from,
-    );
-    assert!(
-        dir.join("references.json").exists(),
-        "{}/references.json is missing: run scripts/reference-models.sh",
-        dir.display()
-    );
-    dir
 }
 
 /// What one model's comparison found, for the summary.
@@ -315,7 +303,7 @@ fn compare(
 
 #[test]
 fn every_type_generates_as_llama_cpp_up_to_near_ties() {
-    let dir = reference_dir();
+    let dir = support::reference_dir();
     let text = std::fs::read_to_string(dir.join("references.json")).unwrap();
     let references: References = serde_json::from_str(&text).unwrap();
     assert!(!references.models.is_empty());

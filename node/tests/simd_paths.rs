@@ -7,9 +7,9 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 
+use support::reference_dir;
 use support::swarm::{binary, json_of};
 
 /// Files whose tensors cover every type with its own kernel: Q4_K, Q5_0, Q6_K and
@@ -24,19 +24,6 @@ const FILES: &[&str] = &[
 ];
 
 const PATHS: &[&str] = &["avx512", "avx2", "neon", "portable"];
-
-fn reference_dir() -> PathBuf {
-    let dir = std::env::var_os("ALLMENDE_REFERENCE_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/reference-models"),
-        PathBuf::from,
-    );
-    assert!(
-        dir.join("references.json").exists(),
-        "{}/references.json is missing: run scripts/reference-models.sh",
-        dir.display()
-    );
-    dir
-}
 
 #[test]
 fn every_path_generates_the_same_bits_on_real_files() {

@@ -73,3 +73,18 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .expect("a VmRSS line");
     kb * 1024
 }
+
+/// The reference models' directory (`scripts/reference-models.sh`; `scripts/test.sh`
+/// passes it as `ALLMENDE_REFERENCE_DIR`). Tests fail, rather than skip, without it.
+pub fn reference_dir() -> PathBuf {
+    let dir = std::env::var_os("ALLMENDE_REFERENCE_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/reference-models"),
+        PathBuf::from,
+    );
+    assert!(
+        dir.join("references.json").exists(),
+        "{}/references.json is missing: run scripts/reference-models.sh",
+        dir.display()
+    );
+    dir
+}
