@@ -63,9 +63,10 @@ impl SignedAnnouncement {
         if self.signature.len() > MAX_SIGNATURE_BYTES {
             return Err(AnnouncementError::TooLarge("signature"));
         }
-        let age = now as i64 - self.issued_at as i64;
-        if age.unsigned_abs() > max_age_secs {
-            return Err(AnnouncementError::Stale(-age));
+        if now.abs_diff(self.issued_at) > max_age_secs {
+            let ahead = i128::from(self.issued_at) - i128::from(now);
+            let ahead = ahead.clamp(i64::MIN.into(), i64::MAX.into()) as i64;
+            return Err(AnnouncementError::Stale(ahead));
         }
         Ok(())
     }
@@ -95,6 +96,15 @@ mod tests {
             announcement(1200).check(1100, 60),
             Err(AnnouncementError::Stale(100))
         );
+        // Times anywhere in u64's range are compared without overflow.
+        assert!(matches!(
+            announcement(u64::MAX).check(1_800_000_000, 60),
+            Err(AnnouncementError::Stale(i64::MAX))
+        ));
+        assert!(matches!(
+            announcement(0).check(u64::MAX, 60),
+            Err(AnnouncementError::Stale(i64::MIN))
+        ));
         let mut big = announcement(1000);
         big.public_key = vec![0; MAX_PUBLIC_KEY_BYTES + 1];
         assert_eq!(

@@ -53,11 +53,18 @@ pub type SessionToken = [u8; TOKEN_BYTES];
 pub const MAX_FORWARD_HOPS: usize = 64;
 /// Longest peer id accepted in a [`NextHop`] (a libp2p peer id is at most 42 bytes).
 pub const MAX_PEER_ID_BYTES: usize = 64;
+/// Most steps one `Replay` message may carry; clients split longer histories.
+pub const MAX_REPLAY_STEPS: usize = 4096;
+/// Positions every server accepts in one step. Clients send prefills in chunks of at
+/// most this many, so a server's own limit (never below it) is never hit by an
+/// honest client.
+pub const STEP_POSITIONS: usize = 512;
 
 /// A server further down a route, and the session there to forward a step into.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NextHop {
     /// The server's libp2p peer id, as bytes.
+    #[serde(deserialize_with = "crate::bounded::list::<MAX_PEER_ID_BYTES, _, _>")]
     pub peer: Vec<u8>,
     pub session: u64,
     pub token: SessionToken,
@@ -98,6 +105,7 @@ pub enum ClientMessage<'a> {
         position: u32,
         /// The servers that come next on the route, if the output should go straight
         /// to the first of them (see the module's documentation). Empty: reply only.
+        #[serde(deserialize_with = "crate::bounded::list::<MAX_FORWARD_HOPS, _, _>")]
         forward: Vec<NextHop>,
         hidden: WireTensor<'a>,
     },
@@ -108,6 +116,7 @@ pub enum ClientMessage<'a> {
         session: u64,
         token: SessionToken,
         position: u32,
+        #[serde(deserialize_with = "crate::bounded::list::<MAX_FORWARD_HOPS, _, _>")]
         forward: Vec<NextHop>,
         hidden: WireTensor<'a>,
     },
@@ -116,6 +125,7 @@ pub enum ClientMessage<'a> {
     Replay {
         session: u64,
         position: u32,
+        #[serde(deserialize_with = "crate::bounded::list::<MAX_REPLAY_STEPS, _, _>")]
         steps: Vec<WireTensor<'a>>,
     },
     /// End the session and free its cache.
@@ -187,6 +197,7 @@ pub struct ServerInfo {
     pub free_sessions: u32,
     pub max_sessions: u32,
     /// Multiaddresses the server listens on, as strings.
+    #[serde(deserialize_with = "crate::bounded::list::<MAX_ADDRS, _, _>")]
     pub addrs: Vec<String>,
     /// The server is shutting down: it serves open sessions but takes no new ones.
     pub draining: bool,
@@ -235,7 +246,7 @@ impl ServerInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{decode, encode};
+    use crate::{decode, encode, MAX_MESSAGE_BYTES};
 
     fn info() -> ServerInfo {
         ServerInfo {
@@ -326,6 +337,51 @@ mod tests {
         assert!(NextHop::check_list(&[hop(38), hop(MAX_PEER_ID_BYTES)]).is_ok());
         assert!(NextHop::check_list(&[hop(MAX_PEER_ID_BYTES + 1)]).is_err());
         assert!(NextHop::check_list(&vec![hop(1); MAX_FORWARD_HOPS + 1]).is_err());
+    }
+
+    /// A frame's bytes cannot decode to much more memory than they take: lists are
+    /// capped while they are read, and the caps are what a real message needs.
+    #[test]
+    fn lists_are_capped_while_decoding() {
+        let empty = WireTensor::from_f32(&[], &[0.0], WireDType::F32).unwrap();
+        let empty = WireTensor {
+            shape: vec![0],
+            values: vec![].into(),
+            ..empty
+        };
+        let replay = |n| ClientMessage::Replay {
+            session: 1,
+            position: 0,
+            steps: vec![empty.clone(); n],
+        };
+        assert!(decode::<ClientMessage>(&encode(&replay(MAX_REPLAY_STEPS)).unwrap()).is_ok());
+        // Millions of empty tensors in one frame: refused at the first one over the cap.
+        let flood = encode(&replay(MAX_MESSAGE_BYTES / 5)).unwrap();
+        assert!(flood.len() > MAX_MESSAGE_BYTES / 2);
+        assert!(decode::<ClientMessage>(&flood).is_err());
+
+        let hop = NextHop {
+            peer: vec![1; 38],
+            session: 1,
+            token: [0; TOKEN_BYTES],
+        };
+        let step = |forward| ClientMessage::Step {
+            session: 1,
+            position: 0,
+            forward,
+            hidden: WireTensor::from_f32(&[1, 1, 1], &[1.0], WireDType::F32).unwrap(),
+        };
+        let many_hops = vec![hop.clone(); MAX_FORWARD_HOPS + 1];
+        assert!(decode::<ClientMessage>(&encode(&step(many_hops)).unwrap()).is_err());
+        let long_peer = NextHop {
+            peer: vec![1; MAX_PEER_ID_BYTES + 1],
+            ..hop
+        };
+        assert!(decode::<ClientMessage>(&encode(&step(vec![long_peer])).unwrap()).is_err());
+
+        let mut info = info();
+        info.addrs = vec![String::new(); MAX_ADDRS + 1];
+        assert!(decode::<ServerInfo>(&encode(&info).unwrap()).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`layers`]: [`LayerRange`], the contiguous block of transformer layers a shard hosts.
 //! - [`model`]: [`ModelId`], a content-derived identity that nodes with the same file agree on.
 //! - [`tensor`]: [`WireTensor`], hidden states as they travel between nodes.
+//! - [`bounded`]: lists decoded with a cap on their length.
 //! - [`codec`]: the one bounded bincode encoder/decoder every message goes through.
 //! - [`frame`]: length prefixes of stream frames, bounded before allocation.
 //! - [`inference`]: the session protocol's messages and the servers' announcements.
@@ -13,6 +14,7 @@
 //! peers must agree on byte for byte.
 
 pub mod announcement;
+pub mod bounded;
 pub mod codec;
 pub mod frame;
 pub mod inference;

@@ -260,7 +260,9 @@ impl<'de> Visitor<'de> for TensorVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let missing = |what| de::Error::custom(format!("tensor without its {what}"));
-        let shape: Vec<u32> = seq.next_element()?.ok_or_else(|| missing("shape"))?;
+        let shape: Vec<u32> = seq
+            .next_element_seed(crate::bounded::Bounded::new(MAX_TENSOR_RANK))?
+            .ok_or_else(|| missing("shape"))?;
         let dtype: WireDType = seq.next_element()?.ok_or_else(|| missing("type"))?;
         let values = seq
             .next_element_seed(ValuesSeed(dtype))?
@@ -363,6 +365,13 @@ mod tests {
             WireTensor::from_f32(&[3], &[1.0], WireDType::F32),
             Err(TensorError::ShapeMismatch { .. })
         ));
+        // A shape of more dimensions than allowed is refused as it is read.
+        let deep = WireTensor {
+            shape: vec![1; MAX_TENSOR_RANK + 1],
+            dtype: WireDType::F32,
+            values: Cow::Owned(vec![0.0]),
+        };
+        assert!(decode::<WireTensor>(&encode(&deep).unwrap()).is_err());
         // Bytes that are not whole values are a malformed message.
         let ragged = [1, 1, 0, 3, 0, 0, 0];
         assert!(decode::<WireTensor>(&ragged).is_err());

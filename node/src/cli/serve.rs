@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use allmende_protocol::inference::STEP_POSITIONS;
 use allmende_protocol::LayerRange;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -61,8 +62,9 @@ pub struct ServeArgs {
     /// Peers that keep exceeding it, or send malformed frames, are banned for a while.
     #[arg(long, default_value_t = 200.0)]
     max_requests_per_second: f64,
-    /// Most positions one step may carry (a prefill chunk).
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Most positions one step may carry (a prefill chunk). Clients send prefills in
+    /// steps of the protocol's 512 positions, which every server accepts.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(STEP_POSITIONS as i64..))]
     max_step_positions: u32,
     /// On SIGINT/SIGTERM, seconds to keep serving open sessions while clients move
     /// them elsewhere; a second signal exits at once.
@@ -175,6 +177,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .max_cache_mb
             .map_or_else(default_kv_budget, |mb| mb << 20),
     };
+    println!(
+        "sessions' KV caches: up to {} MiB",
+        limits.kv_cache_bytes >> 20
+    );
     let announced: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let server = ShardServer::new(
@@ -277,27 +283,15 @@ impl Signals {
     }
 }
 
-/// A quarter of the memory available now.
+/// A quarter of the memory available now (to this process's control group, if it
+/// has a limit).
 fn default_kv_budget() -> u64 {
-    available_memory().map_or(1 << 30, |bytes| bytes / 4)
+    crate::server::memory_limit::available().map_or(1 << 30, |bytes| bytes / 4)
 }
 
 /// How many layers fit in half of the memory available now.
 fn layers_that_fit(gguf: &GgufFile, config: &ModelConfig) -> u32 {
     let per_layer = layer_bytes(gguf, 0).max(1);
-    let available = available_memory().unwrap_or(u64::MAX / 4);
+    let available = crate::server::memory_limit::available().unwrap_or(u64::MAX / 4);
     ((available / 2) / per_layer).clamp(1, config.block_count as u64) as u32
-}
-
-fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
 }

@@ -36,6 +36,17 @@ impl<P: Eq + Hash + Clone> BanList<P> {
     pub fn is_banned(&self, peer: &P, now: Instant) -> bool {
         self.bans.get(peer).is_some_and(|(until, _)| now < *until)
     }
+
+    /// Forgets bans that ended more than [`MAX_BAN`] ago, and with them the peer's
+    /// strikes: the list holds only peers that failed recently, however many failed.
+    pub fn prune(&mut self, now: Instant) {
+        self.bans.retain(|_, (until, _)| now < *until + MAX_BAN);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.bans.len()
+    }
 }
 
 #[cfg(test)]
@@ -57,5 +68,24 @@ mod tests {
             bans.ban(&1, t0);
         }
         assert_eq!(bans.ban(&1, t0), MAX_BAN);
+    }
+
+    #[test]
+    fn pruning_forgets_long_expired_bans_and_their_strikes() {
+        let mut bans = BanList::default();
+        let t0 = Instant::now();
+        bans.ban(&1, t0);
+        bans.ban(&1, t0);
+        bans.ban(&2, t0 + MAX_BAN * 2);
+        bans.prune(t0 + BASE_BAN * 2 + MAX_BAN / 2);
+        assert_eq!(bans.len(), 2, "a recent failure is remembered");
+        bans.prune(t0 + BASE_BAN * 2 + MAX_BAN);
+        assert_eq!(bans.len(), 1);
+        assert!(bans.is_banned(&2, t0 + MAX_BAN * 2));
+        assert_eq!(
+            bans.ban(&1, t0 + MAX_BAN * 3),
+            BASE_BAN,
+            "strikes start over"
+        );
     }
 }

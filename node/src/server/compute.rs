@@ -38,7 +38,7 @@ pub struct ComputeJob {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the compute worker has stopped")]
+#[error("the step's compute failed, and the session with it")]
 pub struct WorkerStopped;
 
 #[derive(Clone)]
@@ -107,9 +107,11 @@ fn run_batch(shard: &Shard, jobs: Vec<ComputeJob>) {
     }
 }
 
-/// The worker's loop: takes a job and every job already waiting, runs them, until
-/// every sender is gone.
-fn work(shard: &Shard, mut receiver: mpsc::Receiver<ComputeJob>) {
+/// The worker's loop: takes a job and every job already waiting, runs them with
+/// `run`, until every sender is gone. A batch that panics loses its jobs (their
+/// sessions get an error and their caches are gone) and the worker goes on with the
+/// next: a node that announces itself keeps computing.
+fn work(mut run: impl FnMut(Vec<ComputeJob>), mut receiver: mpsc::Receiver<ComputeJob>) {
     let mut waiting: Option<ComputeJob> = None;
     let mut last_batch = 1;
     while let Some(first) = waiting.take().or_else(|| receiver.blocking_recv()) {
@@ -136,25 +138,25 @@ fn work(shard: &Shard, mut receiver: mpsc::Receiver<ComputeJob>) {
         }
         last_batch = jobs.len();
         tracing::debug!(jobs = jobs.len(), positions, "compute batch");
-        run_batch(shard, jobs);
+        let batch = std::panic::AssertUnwindSafe(|| run(jobs));
+        if std::panic::catch_unwind(batch).is_err() {
+            tracing::error!("a compute batch panicked; its sessions get an error");
+        }
     }
 }
 
 impl ComputeQueue {
     /// Starts the worker on a thread of its own. `capacity` bounds queued jobs: with
-    /// one step in flight per session, the session limit is the natural size. If the
-    /// worker stops (a panic), its queue reports [`WorkerStopped`] and the process
-    /// goes on.
+    /// one step in flight per session, the session limit is the natural size.
     pub fn start(shard: Arc<Shard>, capacity: usize) -> Self {
+        Self::start_with(capacity, move |jobs| run_batch(&shard, jobs))
+    }
+
+    fn start_with(capacity: usize, run: impl FnMut(Vec<ComputeJob>) + Send + 'static) -> Self {
         let (jobs, receiver) = mpsc::channel::<ComputeJob>(capacity.max(1));
         let worker = std::thread::Builder::new()
             .name("allmende-compute".into())
-            .spawn(move || {
-                let run = std::panic::AssertUnwindSafe(|| work(&shard, receiver));
-                if std::panic::catch_unwind(run).is_err() {
-                    tracing::error!("the compute worker stopped on a panic");
-                }
-            });
+            .spawn(move || work(run, receiver));
         if let Err(e) = worker {
             tracing::error!("cannot start the compute thread: {e}");
         }
@@ -193,5 +195,32 @@ mod tests {
         assert!(keep_gathering(3, 8, short));
         assert!(!keep_gathering(8, 8, short));
         assert!(!keep_gathering(3, 8, GATHER_WINDOW));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_does_not_stop_the_worker() {
+        use allmende_protocol::LayerRange;
+        let queue = ComputeQueue::start_with(4, |jobs: Vec<ComputeJob>| {
+            for job in jobs {
+                let poison = job.hidden.dims()[1] == 2;
+                assert!(!poison, "a bug in the forward");
+                let _ = job.reply.send((job.cache, Ok(job.hidden)));
+            }
+        });
+        let cache = || ShardCache::new(LayerRange::new(0, 1), 8);
+        let hidden = |n| {
+            Tensor::zeros(
+                (1, n, 4),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()
+        };
+        assert!(queue.run(hidden(2), cache()).await.is_err());
+        let (_, out) = queue
+            .run(hidden(1), cache())
+            .await
+            .expect("the worker goes on");
+        assert_eq!(out.unwrap().dims(), &[1, 1, 4]);
     }
 }

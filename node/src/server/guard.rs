@@ -146,6 +146,7 @@ impl<P: Eq + Hash + Clone> PeerGuard<P> {
                 .retain(|t| now.saturating_duration_since(*t) < OFFENCE_WINDOW);
             s.sessions > 0 || !s.offences.is_empty()
         });
+        self.bans.prune(now);
     }
 }
 
@@ -214,5 +215,19 @@ mod tests {
         assert_eq!(g.offend(&1, Offence::BadFrame, later), Verdict::Refuse);
         g.prune(later + OFFENCE_WINDOW * 2);
         assert!(g.peers.is_empty());
+    }
+
+    #[test]
+    fn bans_are_pruned_with_the_peers() {
+        let mut g = PeerGuard::new(limits());
+        let t0 = Instant::now();
+        for peer in 0..100 {
+            for _ in 0..3 {
+                g.offend(&peer, Offence::BadFrame, t0);
+            }
+        }
+        assert!(g.is_banned(&7, t0));
+        g.prune(t0 + Duration::from_secs(3600));
+        assert_eq!(g.bans.len(), 0);
     }
 }

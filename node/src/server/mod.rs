@@ -6,6 +6,7 @@ mod compute;
 mod forwarding;
 pub mod guard;
 mod memory;
+pub(crate) mod memory_limit;
 mod session;
 
 use std::sync::atomic::AtomicU64;

@@ -596,16 +596,16 @@ fn validate(
     }
     let hidden_size = server.shard.config().hidden_size;
     let max_step = server.limits.max_step_positions;
-    let mut batch = cache.batch();
     let mut total = 0usize;
     let mut inputs = Vec::with_capacity(steps.len());
     for step in steps {
-        let (b, seq) = match step.shape.as_slice() {
-            &[b, s, h] if b > 0 && s > 0 && h as usize == hidden_size => (b as usize, s as usize),
+        // One sequence per session: clients batch by opening sessions, which the KV
+        // budget, the session limits and the compute queue all count.
+        let seq = match step.shape.as_slice() {
+            &[1, s, h] if s > 0 && h as usize == hidden_size => s as usize,
             shape => {
-                let msg = format!(
-                    "hidden states have shape {shape:?}; expected [batch, seq, {hidden_size}]"
-                );
+                let msg =
+                    format!("hidden states have shape {shape:?}; expected [1, seq, {hidden_size}]");
                 return Err((ErrorKind::BadTensor, msg));
             }
         };
@@ -613,12 +613,6 @@ fn validate(
             let msg =
                 format!("a step of {seq} positions exceeds this server's limit of {max_step}");
             return Err((ErrorKind::TooLong, msg));
-        }
-        if *batch.get_or_insert(b) != b {
-            return Err((
-                ErrorKind::BadTensor,
-                format!("batch {b} differs from the session's"),
-            ));
         }
         total = total.saturating_add(seq);
         if cache.len() + total > cache.max_len() {
@@ -632,7 +626,7 @@ fn validate(
         let values = step
             .to_f32()
             .map_err(|e| (ErrorKind::BadTensor, e.to_string()))?;
-        let tensor = Tensor::from_vec(values, (b, seq, hidden_size), &Device::Cpu)
+        let tensor = Tensor::from_vec(values, (1, seq, hidden_size), &Device::Cpu)
             .map_err(|e| (ErrorKind::BadTensor, e.to_string()))?;
         inputs.push(tensor);
     }

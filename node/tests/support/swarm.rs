@@ -6,6 +6,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use super::cgroup::MemoryCage;
+
 /// A running server process, killed when dropped.
 pub struct Node {
     pub child: Child,
@@ -24,12 +26,27 @@ impl Node {
     pub fn start(layers: &str, bootstrap: Option<&str>, extra: &[&str]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let identity = dir.path().join("identity.key");
-        Self::start_as(&identity, dir, layers, bootstrap, extra)
+        Self::start_as(&identity, dir, layers, bootstrap, extra, None)
+    }
+
+    /// Like [`Node::start`], inside the memory control group `cage` from its first
+    /// instruction, so every byte it maps or allocates counts against the cage's limit.
+    pub fn start_caged(cage: &MemoryCage, layers: &str, extra: &[&str]) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = dir.path().join("identity.key");
+        Self::start_as(&identity, dir, layers, None, extra, Some(cage))
     }
 
     /// Like [`Node::start`], with the identity key file `identity`.
     pub fn start_with_identity(identity: &Path, layers: &str, extra: &[&str]) -> Node {
-        Self::start_as(identity, tempfile::tempdir().unwrap(), layers, None, extra)
+        Self::start_as(
+            identity,
+            tempfile::tempdir().unwrap(),
+            layers,
+            None,
+            extra,
+            None,
+        )
     }
 
     fn start_as(
@@ -38,8 +55,18 @@ impl Node {
         layers: &str,
         bootstrap: Option<&str>,
         extra: &[&str],
+        cage: Option<&MemoryCage>,
     ) -> Node {
-        let mut cmd = Command::new(binary());
+        let mut cmd = match cage {
+            Some(cage) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", r#"echo $$ > "$0" && exec "$@""#])
+                    .arg(cage.procs())
+                    .arg(binary());
+                sh
+            }
+            None => Command::new(binary()),
+        };
         cmd.args([
             "serve",
             "--layers",

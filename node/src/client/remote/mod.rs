@@ -15,6 +15,7 @@ mod segment;
 
 use std::time::{Duration, Instant};
 
+use allmende_protocol::inference::STEP_POSITIONS;
 use allmende_protocol::{ErrorKind, LayerRange, WireDType, WireTensor};
 use candle_core::{Device, Tensor};
 use libp2p::PeerId;
@@ -71,6 +72,18 @@ pub enum RemoteError {
 }
 
 impl RemoteError {
+    /// A refusal that says the request itself is wrong: every honest server would
+    /// refuse it the same way.
+    pub fn is_deterministic(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Refused {
+                kind: ErrorKind::BadRequest | ErrorKind::BadTensor | ErrorKind::TooLong,
+                ..
+            }
+        )
+    }
+
     /// The server this error concerns, if any.
     pub fn peer(&self) -> Option<PeerId> {
         match self {
@@ -232,6 +245,9 @@ impl Route {
         // Whether segment `i` has its input: sent by this client, or forwarded to it
         // by the previous server.
         let mut has_input = false;
+        // A request every server refuses must not cost the session all its replicas:
+        // after one replacement refused it too, the refusal is the answer.
+        let mut refusals = 0;
         let mut i = 0;
         while i < self.segments.len() {
             if i > 0 {
@@ -250,7 +266,7 @@ impl Route {
                 };
                 let sent = self.segments[i].session.send_step(wire.view(), forward);
                 if let Err(e) = sent.await {
-                    self.fail_over(i, e).await?;
+                    self.fail_over(i, e, &mut refusals).await?;
                     continue;
                 }
             }
@@ -269,11 +285,11 @@ impl Route {
                         range: segment.range,
                         reason,
                     };
-                    self.fail_over(i, error).await?;
+                    self.fail_over(i, error, &mut refusals).await?;
                     has_input = false;
                 }
                 Err(e) => {
-                    self.fail_over(i, e).await?;
+                    self.fail_over(i, e, &mut refusals).await?;
                     has_input = false;
                 }
             }
@@ -284,12 +300,25 @@ impl Route {
         Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| tensor_err(&e))
     }
 
-    /// Replaces segment `i`, whose server just failed, and records the stall.
-    async fn fail_over(&mut self, i: usize, error: RemoteError) -> Result<(), RemoteError> {
+    /// Replaces segment `i`, whose server just failed, and records the stall; unless
+    /// the failure is a second refusal of the request itself (`refusals` counts them).
+    async fn fail_over(
+        &mut self,
+        i: usize,
+        error: RemoteError,
+        refusals: &mut u32,
+    ) -> Result<(), RemoteError> {
+        if error.is_deterministic() {
+            *refusals += 1;
+            if *refusals > 1 {
+                return Err(error);
+            }
+        }
         let started = Instant::now();
         let failed = self.segments.remove(i);
         let (peer, range) = (failed.session.segment.peer, failed.session.segment.range);
         tracing::warn!("{error}; rerouting layers {range}");
+        self.bans.prune(started);
         self.bans.ban(&peer, started);
         let replacement = failover::reroute(
             &self.context,
@@ -333,6 +362,28 @@ impl Pipeline for RemotePipeline {
     /// is woken once per step instead of twice per server (each a wake-up of a
     /// sleeping thread, tens of microseconds on an idle core).
     fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, PipelineError> {
+        // Every server accepts steps of `STEP_POSITIONS`; a longer prefill goes in
+        // steps of that size, with the same results bit for bit (`tests/batching.rs`).
+        let seq = hidden
+            .dim(1)
+            .map_err(|e| RemoteError::Tensor(e.to_string()))?;
+        if seq > STEP_POSITIONS {
+            let mut outputs = Vec::with_capacity(seq.div_ceil(STEP_POSITIONS));
+            for start in (0..seq).step_by(STEP_POSITIONS) {
+                let chunk = hidden
+                    .narrow(1, start, STEP_POSITIONS.min(seq - start))
+                    .map_err(|e| RemoteError::Tensor(e.to_string()))?;
+                outputs.push(self.forward_step(&chunk)?);
+            }
+            return Ok(Tensor::cat(&outputs, 1).map_err(|e| RemoteError::Tensor(e.to_string()))?);
+        }
+        self.forward_step(hidden)
+    }
+}
+
+impl RemotePipeline {
+    /// Runs one step of at most `STEP_POSITIONS` positions through the route.
+    fn forward_step(&mut self, hidden: &Tensor) -> Result<Tensor, PipelineError> {
         let mut route = self
             .route
             .take()

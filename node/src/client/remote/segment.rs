@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use allmende_protocol::inference::{NextHop, SessionToken};
+use allmende_protocol::inference::{NextHop, SessionToken, MAX_REPLAY_STEPS};
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
     MAX_MESSAGE_BYTES,
@@ -192,7 +192,7 @@ impl SegmentSession {
         steps: &[WireTensor<'static>],
     ) -> Result<Vec<WireTensor<'static>>, RemoteError> {
         let mut outputs = Vec::with_capacity(steps.len());
-        for chunk in byte_chunks(steps, REPLAY_CHUNK_BYTES) {
+        for chunk in byte_chunks(steps, REPLAY_CHUNK_BYTES, MAX_REPLAY_STEPS) {
             let positions: u32 = chunk
                 .iter()
                 .map(|s| s.shape.get(1).copied().unwrap_or(0))
@@ -248,12 +248,17 @@ fn connection(segment: &RouteSegment, reason: impl ToString) -> RemoteError {
     }
 }
 
-/// Consecutive runs of `steps` of at most `limit` bytes each (at least one step).
-fn byte_chunks<'s, 'a>(steps: &'s [WireTensor<'a>], limit: usize) -> Vec<&'s [WireTensor<'a>]> {
+/// Consecutive runs of `steps` of at most `limit` bytes and `max_steps` steps each
+/// (at least one step).
+fn byte_chunks<'s, 'a>(
+    steps: &'s [WireTensor<'a>],
+    limit: usize,
+    max_steps: usize,
+) -> Vec<&'s [WireTensor<'a>]> {
     let mut chunks = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, step) in steps.iter().enumerate() {
-        if i > start && bytes + step.wire_bytes() > limit {
+        if i > start && (bytes + step.wire_bytes() > limit || i - start == max_steps) {
             chunks.push(&steps[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -265,17 +270,22 @@ fn byte_chunks<'s, 'a>(steps: &'s [WireTensor<'a>], limit: usize) -> Vec<&'s [Wi
     chunks
 }
 
-/// Splits `[1, total, hidden]` outputs back into one tensor per input step.
+/// Splits `[1, total, hidden]` outputs back into one tensor per input step. The
+/// server's reply is untrusted: anything but exactly that shape is refused.
 fn split_steps(
     joined: &WireTensor<'_>,
     steps: &[WireTensor<'_>],
 ) -> Result<Vec<WireTensor<'static>>, String> {
-    let width = joined.shape.get(2).copied().unwrap_or(0) as usize;
+    let width = steps
+        .first()
+        .and_then(|s| s.shape.get(2).copied())
+        .unwrap_or(0);
     let total: u32 = steps
         .iter()
         .map(|s| s.shape.get(1).copied().unwrap_or(0))
         .sum();
-    if joined.shape.first() != Some(&1) || joined.shape.get(1) != Some(&total) {
+    let width = width as usize;
+    if joined.shape != [1, total, width as u32] {
         return Err(format!(
             "replay returned shape {:?} for {total} positions",
             joined.shape
@@ -314,7 +324,7 @@ mod tests {
     fn chunks_respect_the_byte_limit() {
         let steps = [t(3), t(1), t(1), t(4)];
         let sizes = |limit| {
-            byte_chunks(&steps, limit)
+            byte_chunks(&steps, limit, usize::MAX)
                 .iter()
                 .map(|c| c.len())
                 .collect::<Vec<_>>()
@@ -322,6 +332,8 @@ mod tests {
         assert_eq!(sizes(1 << 20), vec![4]);
         assert_eq!(sizes(40), vec![3, 1]);
         assert_eq!(sizes(1), vec![1, 1, 1, 1]);
+        let by_count = byte_chunks(&steps, 1 << 20, 3);
+        assert_eq!(by_count.iter().map(|c| c.len()).collect::<Vec<_>>(), [3, 1]);
     }
 
     #[test]
@@ -334,5 +346,14 @@ mod tests {
         assert_eq!(*parts[0].values, vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(*parts[1].values, vec![5.0, 6.0]);
         assert!(split_steps(&joined, &[t(1)]).is_err());
+        // A hostile reply: right positions, a fourth axis of length zero.
+        let hostile = WireTensor {
+            shape: vec![1, 3, 2, 0],
+            dtype: WireDType::F32,
+            values: vec![].into(),
+        };
+        assert!(split_steps(&hostile, &steps).is_err());
+        let narrow = WireTensor::from_f32(&[1, 3, 1], &[1.0; 3], WireDType::F32).unwrap();
+        assert!(split_steps(&narrow, &steps).is_err());
     }
 }

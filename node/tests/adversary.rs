@@ -1,0 +1,200 @@
+//! Attacks on a node's memory and on honest clients' requests. Each test runs a real
+//! node in a memory control group whose limit is its budget (the kernel catches every
+//! spike, where polling RSS would miss them), sends the attack over real libp2p
+//! streams, and checks that the node is alive, was never over its budget, and still
+//! gives an honest client the same tokens as before the attack.
+
+mod support;
+
+use allmende_node::network::framing::read_message;
+use allmende_protocol::{
+    ClientMessage, ErrorKind, LayerRange, ServerMessage, WireDType, WireTensor, MAX_MESSAGE_BYTES,
+};
+use futures::AsyncWriteExt;
+use support::cgroup::MemoryCage;
+use support::raw::{ask, RawClient};
+use support::swarm::{allmende, ids, json_of, Node};
+
+/// The node's memory budget: several times what it uses serving (the model file's
+/// pages, its KV caches and its buffers), far below what the attacks would take.
+const BUDGET: u64 = 1 << 30;
+
+/// An honest generation through the node at `addr`: greedy, so always the same tokens.
+async fn honest_tokens(addr: &str) -> Vec<u32> {
+    let addr = addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        allmende(&[
+            "generate",
+            "--bootstrap",
+            &addr,
+            "--no-mdns",
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+            "--json",
+        ])
+    })
+    .await
+    .unwrap();
+    ids(&json_of(&out))
+}
+
+/// The node is running, stayed within its budget, and serves `before` again.
+async fn survived(node: &mut Node, cage: &MemoryCage, before: &[u32]) {
+    assert!(node.child.try_wait().unwrap().is_none(), "the node died");
+    assert_eq!(cage.oom_kills(), 0, "the kernel killed the node for memory");
+    assert!(
+        cage.peak() < BUDGET,
+        "peak memory {} MiB",
+        cage.peak() >> 20
+    );
+    assert_eq!(honest_tokens(&node.addr).await, before);
+    assert!(node.child.try_wait().unwrap().is_none(), "the node died");
+}
+
+fn error_kind(reply: ServerMessage) -> ErrorKind {
+    match reply {
+        ServerMessage::Error { kind, .. } => kind,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+/// Steps carry one sequence. A batch axis would multiply every allocation behind the
+/// checks (KV caches, activations) by a number the peer chooses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_with_a_batch_axis_is_refused() {
+    let cage = MemoryCage::new(BUDGET);
+    let mut node = Node::start_caged(&cage, "0..30", &[]);
+    let before = honest_tokens(&node.addr).await;
+
+    let attacker = RawClient::connect(&node).await;
+    let (mut s, reply) = attacker.open(LayerRange::new(0, 30), 16).await;
+    let ServerMessage::Opened { session, .. } = reply else {
+        panic!("session not opened: {reply:?}");
+    };
+    let step = |batch: u32, position| {
+        let values = vec![0.1; (batch * 576) as usize];
+        ClientMessage::Step {
+            session,
+            position,
+            hidden: WireTensor::from_f32(&[batch, 1, 576], &values, WireDType::F32).unwrap(),
+            forward: vec![],
+        }
+    };
+    assert_eq!(
+        error_kind(ask(&mut s, &step(2, 0)).await),
+        ErrorKind::BadTensor
+    );
+    // 46 MB on the wire; as a batch, gigabytes of caches and activations.
+    assert_eq!(
+        error_kind(ask(&mut s, &step(20_000, 0)).await),
+        ErrorKind::BadTensor
+    );
+    // The session itself is unharmed.
+    assert!(matches!(
+        ask(&mut s, &step(1, 0)).await,
+        ServerMessage::Hidden { position: 0, .. }
+    ));
+    survived(&mut node, &cage, &before).await;
+}
+
+/// Bincode's varint encoding of a length.
+fn varint(n: u64) -> Vec<u8> {
+    match n {
+        0..=250 => vec![n as u8],
+        251..=0xffff => [&[251u8][..], &(n as u16).to_le_bytes()].concat(),
+        0x1_0000..=0xffff_ffff => [&[252u8][..], &(n as u32).to_le_bytes()].concat(),
+        _ => [&[253u8][..], &n.to_le_bytes()].concat(),
+    }
+}
+
+/// The frame limit bounds bytes, not what decoding them allocates: one frame of three-byte
+/// empty tensors would decode to gigabytes before any session is looked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_millions_of_empty_tensors_is_refused_while_decoding() {
+    let cage = MemoryCage::new(BUDGET);
+    let mut node = Node::start_caged(&cage, "0..30", &[]);
+    let before = honest_tokens(&node.addr).await;
+
+    let head = allmende_protocol::encode(&ClientMessage::Replay {
+        session: 1,
+        position: 0,
+        steps: vec![],
+    })
+    .unwrap();
+    assert_eq!(
+        head.last(),
+        Some(&0),
+        "the empty list's length ends the message"
+    );
+    let empty = allmende_protocol::encode(&WireTensor {
+        shape: vec![],
+        dtype: WireDType::F32,
+        values: vec![].into(),
+    })
+    .unwrap();
+    let count = (MAX_MESSAGE_BYTES - head.len() - 16) / empty.len();
+    let mut frame = head[..head.len() - 1].to_vec();
+    frame.extend(varint(count as u64));
+    frame.extend(empty.repeat(count));
+    assert!(count > 10_000_000 && frame.len() <= MAX_MESSAGE_BYTES);
+
+    let attacker = RawClient::connect(&node).await;
+    let peak_before = cage.peak();
+    let mut s = attacker.stream().await;
+    s.write_all(&(frame.len() as u32).to_le_bytes())
+        .await
+        .unwrap();
+    s.write_all(&frame).await.unwrap();
+    s.flush().await.unwrap();
+    drop(frame);
+    let reply: ServerMessage = read_message(&mut s).await.expect("an error reply");
+    assert_eq!(error_kind(reply), ErrorKind::BadRequest);
+    // Reading the frame takes its size; decoding it may take little more.
+    let grown = cage.peak().saturating_sub(peak_before);
+    assert!(
+        grown < MAX_MESSAGE_BYTES as u64 + (16 << 20),
+        "decoding one frame took {} MiB",
+        grown >> 20
+    );
+    survived(&mut node, &cage, &before).await;
+}
+
+/// A prompt longer than a server's step limit goes in steps every server accepts, with
+/// the tokens of the whole prompt computed at once in this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_a_servers_step_limit_is_sent_in_steps() {
+    let cage = MemoryCage::new(BUDGET);
+    let mut node = Node::start_caged(&cage, "0..30", &["--max-step-positions", "512"]);
+    let prompt = "The river runs past the old mill and on to the sea. ".repeat(100);
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            json_of(&allmende(&args))
+        })
+    };
+    let local = run(args(&["--local"])).await.unwrap();
+    let swarm = run(args(&["--bootstrap", &node.addr, "--no-mdns"]))
+        .await
+        .unwrap();
+    let prompt_tokens = swarm["prompt_token_ids"].as_array().map_or(0, Vec::len);
+    assert!(prompt_tokens > 1024, "a prompt of {prompt_tokens} tokens");
+    assert_eq!(ids(&swarm), ids(&local));
+    assert!(node.child.try_wait().unwrap().is_none(), "the node died");
+    assert!(cage.peak() < BUDGET);
+}
