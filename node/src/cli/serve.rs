@@ -55,11 +55,16 @@ pub struct ServeArgs {
     /// memory available at start].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_cache_mb: Option<u64>,
-    /// Sessions one peer may hold at once on this node.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
-    max_sessions_per_peer: u32,
-    /// Messages per second one peer may send (bursts of twice as many are allowed).
-    /// Peers that keep exceeding it, or send malformed frames, are banned for a while.
+    /// Sessions one peer may hold at once on this node; trying for more gets it banned
+    /// for a while [default: no cap beyond the fair share: one address may hold at
+    /// most three quarters of the sessions, and an equal part of them when others
+    /// want some too].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_sessions_per_peer: Option<u32>,
+    /// Requests per second one peer may send (bursts of twice as many are allowed),
+    /// counting everything but steps: steps are paced by their sessions and shared
+    /// fairly, and count only when refused. Peers that keep exceeding it, or send
+    /// malformed frames, are banned for a while.
     #[arg(long, default_value_t = 200.0)]
     max_requests_per_second: f64,
     /// Most positions one step may carry (a prefill chunk). Clients send prefills in
@@ -168,7 +173,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_step_positions: args.max_step_positions as usize,
         peers: crate::server::guard::PeerLimits {
-            sessions_per_peer: args.max_sessions_per_peer as usize,
+            sessions_per_peer: args
+                .max_sessions_per_peer
+                .map_or(usize::MAX, |n| n as usize),
             requests_per_second: args.max_requests_per_second.max(0.1),
             burst: 2.0 * args.max_requests_per_second.max(0.5),
             ..Default::default()

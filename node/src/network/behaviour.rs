@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use libp2p::allow_block_list::{self, BlockedPeers};
+use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -18,10 +19,21 @@ const IDENTIFY_PROTOCOL: &str = "/allmende/id/1.0.0";
 pub const PROVIDER_TTL: Duration = Duration::from_secs(30);
 pub const PROVIDER_REFRESH: Duration = Duration::from_secs(10);
 
+/// Connections one peer may hold with this node: one is what it needs (streams share
+/// it), a few allow for simultaneous dials and a TCP and a QUIC path at once.
+const CONNECTIONS_PER_PEER: u32 = 4;
+/// Handshakes in progress from peers that dialled in: each costs a Noise handshake,
+/// so a flood of them is cut off here rather than in the CPU.
+const PENDING_INCOMING: u32 = 128;
+/// Connections in all: far above a swarm's needs, far below the file descriptors
+/// and memory they would take.
+const ESTABLISHED: u32 = 2048;
+
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     /// Peers banned for misbehaving: their connections are closed and refused.
     pub blocked: allow_block_list::Behaviour<BlockedPeers>,
+    pub limits: connection_limits::Behaviour,
     pub kademlia: kad::Behaviour<MemoryStore>,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -53,6 +65,12 @@ impl Behaviour {
         };
         Ok(Self {
             blocked: allow_block_list::Behaviour::default(),
+            limits: connection_limits::Behaviour::new(
+                ConnectionLimits::default()
+                    .with_max_established_per_peer(Some(CONNECTIONS_PER_PEER))
+                    .with_max_pending_incoming(Some(PENDING_INCOMING))
+                    .with_max_established(Some(ESTABLISHED)),
+            ),
             kademlia,
             identify: identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.to_string(),

@@ -14,6 +14,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, noise, tcp, yamux, Multiaddr, PeerId, Swarm, Transport};
 use tokio::sync::{mpsc, oneshot};
 
+use super::addresses::PeerAddresses;
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use super::{keys, record, Command, NetworkError};
 
@@ -38,6 +39,7 @@ pub struct NetworkConfig {
 pub(super) fn spawn(
     config: NetworkConfig,
     commands: mpsc::Receiver<Command>,
+    addresses: PeerAddresses,
 ) -> Result<(PeerId, libp2p_stream::Control), NetworkError> {
     let private = config.swarm_key.is_some();
     let mut swarm = match config.swarm_key {
@@ -77,6 +79,7 @@ pub(super) fn spawn(
         swarm,
         commands,
         private,
+        addresses,
         talking: HashSet::new(),
         bans: Vec::new(),
         listen_addrs: Vec::new(),
@@ -168,6 +171,7 @@ struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     private: bool,
+    addresses: PeerAddresses,
     /// Peers that completed a handshake and identified as Allmende DHT nodes: the
     /// proof that this node has joined a swarm (a bootstrap address in the routing
     /// table proves nothing yet).
@@ -319,12 +323,19 @@ impl EventLoop {
                     tracing::debug!("incoming connection from {send_back_addr} failed: {error}");
                 }
             }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                self.addresses
+                    .connected(peer_id, endpoint.get_remote_address());
+            }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established: 0,
                 ..
             } => {
                 self.talking.remove(&peer_id);
+                self.addresses.disconnected(&peer_id);
             }
             _ => {}
         }

@@ -6,6 +6,7 @@
 //! [`event_loop::EventLoop`] task that alone owns the `Swarm`. Inference streams are
 //! opened through `libp2p_stream::Control` without going through the event loop.
 
+pub mod addresses;
 mod behaviour;
 pub mod discovery;
 mod event_loop;
@@ -81,6 +82,7 @@ pub struct Network {
     keypair: libp2p::identity::Keypair,
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
+    addresses: addresses::PeerAddresses,
 }
 
 impl Network {
@@ -88,18 +90,25 @@ impl Network {
     pub async fn start(config: NetworkConfig) -> Result<Self, NetworkError> {
         let (commands, receiver) = mpsc::channel(COMMAND_CAPACITY);
         let keypair = config.keypair.clone();
-        let (peer_id, control) = event_loop::spawn(config, receiver)?;
+        let addresses = addresses::PeerAddresses::default();
+        let (peer_id, control) = event_loop::spawn(config, receiver, addresses.clone())?;
         let network = Self {
             peer_id,
             keypair,
             commands,
             control,
+            addresses,
         };
         Ok(network)
     }
 
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// The IP address a connected peer reaches this node from.
+    pub fn address_of(&self, peer: &PeerId) -> Option<std::net::IpAddr> {
+        self.addresses.get(peer)
     }
 
     /// This node's announcement of `info`, signed with its key.

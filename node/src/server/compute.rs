@@ -18,6 +18,8 @@ use candle_core::Tensor;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
+use super::fair_queue::FairQueue;
+use super::share::PeerGroup;
 use crate::model::{ForwardError, Shard, ShardCache};
 
 /// Longest wait for the steps of sessions that stepped together last time.
@@ -32,6 +34,8 @@ pub const MAX_BATCH: usize = 32;
 const MAX_BATCH_POSITIONS: usize = 512;
 
 pub struct ComputeJob {
+    /// Whose share of the compute the step counts in.
+    pub group: PeerGroup,
     pub hidden: Tensor,
     pub cache: ShardCache,
     pub reply: oneshot::Sender<(ShardCache, Result<Tensor, ForwardError>)>,
@@ -112,31 +116,43 @@ fn run_batch(shard: &Shard, jobs: Vec<ComputeJob>) {
 /// sessions get an error and their caches are gone) and the worker goes on with the
 /// next: a node that announces itself keeps computing.
 fn work(mut run: impl FnMut(Vec<ComputeJob>), mut receiver: mpsc::Receiver<ComputeJob>) {
-    let mut waiting: Option<ComputeJob> = None;
+    let mut waiting: Vec<ComputeJob> = Vec::new();
+    let mut fair = FairQueue::default();
     let mut last_batch = 1;
-    while let Some(first) = waiting.take().or_else(|| receiver.blocking_recv()) {
+    loop {
+        if waiting.is_empty() {
+            match receiver.blocking_recv() {
+                Some(job) => waiting.push(job),
+                None => return,
+            }
+        }
         let started = Instant::now();
-        let mut jobs = vec![first];
-        let mut positions = positions_of(&jobs[0]);
-        while jobs.len() < MAX_BATCH {
-            let job = match receiver.try_recv() {
-                Ok(job) => job,
+        while waiting.len() < MAX_BATCH * 4 {
+            match receiver.try_recv() {
+                Ok(job) => waiting.push(job),
                 Err(TryRecvError::Empty)
-                    if keep_gathering(jobs.len(), last_batch, started.elapsed()) =>
+                    if keep_gathering(waiting.len(), last_batch, started.elapsed()) =>
                 {
                     std::thread::sleep(GATHER_POLL);
-                    continue;
                 }
                 Err(_) => break,
-            };
-            if positions + positions_of(&job) > MAX_BATCH_POSITIONS {
-                waiting = Some(job);
-                break;
             }
-            positions += positions_of(&job);
-            jobs.push(job);
         }
+        let order: Vec<(PeerGroup, usize, u64)> = waiting
+            .iter()
+            .map(|j| {
+                let positions = positions_of(j);
+                let work = positions as u64 * j.cache.range().len() as u64;
+                (j.group, positions, work)
+            })
+            .collect();
+        let mut chosen = fair.choose(&order, MAX_BATCH, MAX_BATCH_POSITIONS);
+        // Taken out from the back, so the indices still to take stay valid.
+        chosen.sort_unstable();
+        let mut jobs: Vec<ComputeJob> = chosen.iter().rev().map(|&i| waiting.remove(i)).collect();
+        jobs.reverse();
         last_batch = jobs.len();
+        let positions: usize = jobs.iter().map(positions_of).sum();
         tracing::debug!(jobs = jobs.len(), positions, "compute batch");
         let batch = std::panic::AssertUnwindSafe(|| run(jobs));
         if std::panic::catch_unwind(batch).is_err() {
@@ -166,12 +182,14 @@ impl ComputeQueue {
     /// Runs `hidden` through the session's layers; returns the cache with the result.
     pub async fn run(
         &self,
+        group: PeerGroup,
         hidden: Tensor,
         cache: ShardCache,
     ) -> Result<(ShardCache, Result<Tensor, ForwardError>), WorkerStopped> {
         let (reply, result) = oneshot::channel();
         self.jobs
             .send(ComputeJob {
+                group,
                 hidden,
                 cache,
                 reply,
@@ -216,9 +234,10 @@ mod tests {
             )
             .unwrap()
         };
-        assert!(queue.run(hidden(2), cache()).await.is_err());
+        let group = PeerGroup::Net(1);
+        assert!(queue.run(group, hidden(2), cache()).await.is_err());
         let (_, out) = queue
-            .run(hidden(1), cache())
+            .run(group, hidden(1), cache())
             .await
             .expect("the worker goes on");
         assert_eq!(out.unwrap().dims(), &[1, 1, 4]);

@@ -10,9 +10,11 @@ use crate::routing::BanList;
 
 #[derive(Clone, Debug)]
 pub struct PeerLimits {
-    /// Sessions one peer may hold at once.
+    /// Sessions one peer may hold at once, beyond its address's fair share (see
+    /// `share`); exceeding it is an offence. Unlimited by default.
     pub sessions_per_peer: usize,
-    /// Sustained messages per second from one peer, and the burst allowed above it.
+    /// Sustained messages per second from one peer, and the burst allowed above it:
+    /// messages that are not steps, and steps that are refused.
     pub requests_per_second: f64,
     pub burst: f64,
     /// Offences within [`OFFENCE_WINDOW`] that get a peer banned.
@@ -22,7 +24,7 @@ pub struct PeerLimits {
 impl Default for PeerLimits {
     fn default() -> Self {
         Self {
-            sessions_per_peer: 8,
+            sessions_per_peer: usize::MAX,
             requests_per_second: 200.0,
             burst: 400.0,
             offences_to_ban: 3,

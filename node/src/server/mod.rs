@@ -3,11 +3,13 @@
 
 mod announce;
 mod compute;
+mod fair_queue;
 mod forwarding;
 pub mod guard;
 mod memory;
 pub(crate) mod memory_limit;
 mod session;
+pub mod share;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use tokio::sync::{watch, Semaphore};
 
 pub use announce::{announce_loop, ANNOUNCE_INTERVAL, ANNOUNCE_TTL};
 pub use compute::ComputeQueue;
+use share::{FairShare, PeerGroup};
 
 use crate::metrics::Metrics;
 use crate::model::Shard;
@@ -28,6 +31,24 @@ use crate::network::Network;
 
 /// How often freed session memory is handed back to the system.
 const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How a server's slots are shared among groups of peers.
+pub struct Shares {
+    pub streams: FairShare<PeerGroup>,
+    pub sessions: FairShare<PeerGroup>,
+}
+
+/// A stream's slot in its group's share, given back when dropped.
+struct StreamSlot {
+    server: Arc<ShardServer>,
+    group: PeerGroup,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.server.shares(|s| s.streams.release(&self.group));
+    }
+}
 
 /// Limits a server enforces on every session.
 #[derive(Clone, Debug)]
@@ -57,9 +78,9 @@ pub struct ShardServer {
     sessions: Arc<Semaphore>,
     /// The KV-cache budget, in KiB.
     kv_budget: Arc<Semaphore>,
-    /// Caps open streams (sessions plus probes), so a flood of streams cannot exhaust
-    /// memory or tasks; acquired before a stream is served.
-    streams: Arc<Semaphore>,
+    /// Open streams (sessions plus probes) and sessions, shared fairly among groups
+    /// of peers; a stream's slot is taken before it is served.
+    shares: std::sync::Mutex<Shares>,
     next_session: AtomicU64,
     /// Where steps forwarded by other servers find their sessions.
     inboxes: forwarding::Inboxes,
@@ -90,7 +111,10 @@ impl ShardServer {
             compute,
             sessions: Arc::new(Semaphore::new(limits.max_sessions)),
             kv_budget: Arc::new(Semaphore::new(kv_kib)),
-            streams: Arc::new(Semaphore::new(limits.max_sessions * 2 + 16)),
+            shares: std::sync::Mutex::new(Shares {
+                streams: FairShare::new(limits.max_sessions * 2 + 16),
+                sessions: FairShare::new(limits.max_sessions),
+            }),
             next_session: AtomicU64::new(1),
             inboxes: forwarding::Inboxes::default(),
             guard: std::sync::Mutex::new(guard::PeerGuard::new(limits.peers.clone())),
@@ -149,6 +173,12 @@ impl ShardServer {
         f(&mut guard)
     }
 
+    /// Runs `f` on the fair shares (never held across an await).
+    pub fn shares<T>(&self, f: impl FnOnce(&mut Shares) -> T) -> T {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut shares)
+    }
+
     /// Accepts inference streams until the network stops.
     pub async fn run(
         self: Arc<Self>,
@@ -176,15 +206,20 @@ impl ShardServer {
                 drop(stream);
                 continue;
             }
-            let Ok(permit) = self.streams.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many open streams; refusing one");
+            let group = PeerGroup::of(peer, network.address_of(&peer));
+            if !self.shares(|s| s.streams.try_take(&group)) {
+                tracing::info!(%peer, "its address holds its share of streams; refusing one");
                 drop(stream);
                 continue;
+            }
+            let slot = StreamSlot {
+                server: self.clone(),
+                group,
             };
             let (server, network) = (self.clone(), network.clone());
             tokio::spawn(async move {
-                session::serve_stream(server, network, peer, stream).await;
-                drop(permit);
+                session::serve_stream(server, network, peer, group, stream).await;
+                drop(slot);
             });
         }
         Ok(())

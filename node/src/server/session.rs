@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::forwarding::{ForwardedStep, Forwarder, Registration, Undelivered};
 use super::guard::{Offence, Verdict};
+use super::share::PeerGroup;
 use super::ShardServer;
 use crate::model::{candle_message, with_values, ForwardError, ShardCache};
 use crate::network::framing::{write_frame, write_message, FrameIoError, FrameReader};
@@ -39,15 +40,18 @@ struct OpenSession {
     _peer_slot: PeerSlot,
 }
 
-/// One of a peer's sessions, counted in the per-peer limit until dropped.
+/// One of a peer's sessions, counted in the per-peer limit and its group's share
+/// until dropped.
 struct PeerSlot {
     server: Arc<ShardServer>,
     peer: PeerId,
+    group: PeerGroup,
 }
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
         self.server.guard(|g| g.on_close(&self.peer));
+        self.server.shares(|s| s.sessions.release(&self.group));
         super::memory::session_ended();
     }
 }
@@ -131,23 +135,27 @@ pub async fn serve_stream(
     server: Arc<ShardServer>,
     network: Network,
     peer: PeerId,
+    group: PeerGroup,
     mut stream: Stream,
 ) {
     let mut session: Option<OpenSession> = None;
     let mut reader = FrameReader::default();
     let mut forwarder = Forwarder::default();
+    // Only progress keeps a stream open: a session that opens or computes, not
+    // messages that cost the server little and hold a slot (an `Info` every minute).
+    let mut deadline = tokio::time::Instant::now() + server.limits.idle_timeout;
     loop {
-        // Both the client's messages and steps forwarded by the previous server keep
-        // a session alive; the reader keeps a frame's progress when a step wins.
+        // The reader keeps a frame's progress when a forwarded step wins.
         let input = tokio::select! {
             read = reader.read_message(&mut stream) => Input::Client(read),
             Some(step) = next_forwarded(&mut session) => Input::Forwarded(step),
-            _ = tokio::time::sleep(server.limits.idle_timeout) => Input::Idle,
+            _ = tokio::time::sleep_until(deadline) => Input::Idle,
         };
         let mut out = Outputs {
             server: &server,
             network: &network,
             forwarder: &mut forwarder,
+            group,
         };
         let next = match input {
             Input::Idle => {
@@ -176,6 +184,14 @@ pub async fn serve_stream(
             Next::Nothing => continue,
             Next::Stop => break,
         };
+        let progress = match &reply {
+            Ok(Reply::Hidden { .. }) => true,
+            Ok(Reply::Message(m)) => matches!(m, ServerMessage::Opened { .. }),
+            Err(_) => false,
+        };
+        if progress {
+            deadline = tokio::time::Instant::now() + server.limits.idle_timeout;
+        }
         let frame = match reply.and_then(Reply::frame) {
             Ok(frame) => Ok(frame),
             Err((kind, message)) => encode_frame(&error(kind, message)),
@@ -207,6 +223,8 @@ struct Outputs<'a> {
     server: &'a Arc<ShardServer>,
     network: &'a Network,
     forwarder: &'a mut Forwarder,
+    /// Whose fair share the stream's session and compute count in.
+    group: PeerGroup,
 }
 
 impl Outputs<'_> {
@@ -218,11 +236,20 @@ impl Outputs<'_> {
         message: ClientMessage<'static>,
     ) -> Next {
         let (server, network) = (self.server, self.network);
-        // A forwarded step is counted when it is not delivered (see `deliver`).
+        // Steps are paced by their session (one in flight) and scheduled fairly, so
+        // an honest session at full speed is never throttled: they are counted only
+        // when refused, below. A forwarded step is counted when it is not delivered
+        // (see `deliver`).
         let verdict = match message {
-            ClientMessage::Forwarded { .. } => Verdict::Allow,
+            ClientMessage::Forwarded { .. }
+            | ClientMessage::Step { .. }
+            | ClientMessage::Replay { .. } => Verdict::Allow,
             _ => server.guard(|g| g.on_request(&peer, Instant::now())),
         };
+        let counted = !matches!(
+            message,
+            ClientMessage::Step { .. } | ClientMessage::Replay { .. }
+        );
         if verdict == Verdict::Refuse {
             let reply = (
                 ErrorKind::RateLimited,
@@ -245,11 +272,20 @@ impl Outputs<'_> {
                 if !obey(verdict, network, peer).await {
                     return Next::Stop;
                 }
+                let group = self.group;
                 match verdict {
+                    Verdict::Allow if !server.shares(|s| s.sessions.try_take(&group)) => {
+                        server.guard(|g| g.on_close(&peer));
+                        server.metrics.busy_refusals.inc();
+                        Ok(Reply::Message(ServerMessage::Busy {
+                            reason: "this address holds its fair share of sessions here".into(),
+                        }))
+                    }
                     Verdict::Allow => {
                         let slot = PeerSlot {
                             server: server.clone(),
                             peer,
+                            group,
                         };
                         open(server, session, slot, model, range, max_len, dtype)
                             .map(Reply::Message)
@@ -272,7 +308,7 @@ impl Outputs<'_> {
                 session: id,
                 position,
                 steps,
-            } => run(server, session, id, position, steps).await,
+            } => run(server, self.group, session, id, position, steps).await,
             ClientMessage::Close { session: id } => {
                 if session.as_ref().is_some_and(|s| s.id == id) {
                     *session = None;
@@ -298,6 +334,14 @@ impl Outputs<'_> {
                 return self.deliver(peer, id, &token, step).await;
             }
         };
+        if reply.is_err() && !counted {
+            // A refused step costs the server little, but a stream of them must not
+            // come for free.
+            let verdict = server.guard(|g| g.on_request(&peer, Instant::now()));
+            if !obey(verdict, network, peer).await {
+                return Next::Stop;
+            }
+        }
         Next::Reply(reply)
     }
 
@@ -367,7 +411,7 @@ impl Outputs<'_> {
         forward: Vec<NextHop>,
     ) -> Result<Reply, Refusal> {
         NextHop::check_list(&forward).map_err(|e| (ErrorKind::BadRequest, e))?;
-        let mut reply = run(self.server, session, id, position, vec![hidden]).await?;
+        let mut reply = run(self.server, self.group, session, id, position, vec![hidden]).await?;
         if let (
             Reply::Hidden {
                 output,
@@ -485,6 +529,7 @@ fn open(
 /// and replies with their outputs concatenated along the sequence axis.
 async fn run(
     server: &ShardServer,
+    group: PeerGroup,
     session: &mut Option<OpenSession>,
     id: u64,
     position: u32,
@@ -512,7 +557,7 @@ async fn run(
     for input in inputs {
         let positions = input.dim(1).unwrap_or(0) as u64;
         let started = std::time::Instant::now();
-        let (back, result) = match server.compute.run(input, cache).await {
+        let (back, result) = match server.compute.run(group, input, cache).await {
             Ok(done) => done,
             Err(e) => return Err((ErrorKind::Internal, e.to_string())),
         };

@@ -3,6 +3,7 @@
 //! real server processes ([`swarm`]).
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod cgroup;
 pub mod raw;
 pub mod swarm;

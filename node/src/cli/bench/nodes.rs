@@ -41,8 +41,9 @@ impl ServeProcess {
             .arg("--identity")
             .arg(dir.path().join("identity.key"))
             .args(["--threads", &threads.to_string()])
-            .args(["--max-sessions", "64", "--max-sessions-per-peer", "64"])
-            .args(["--max-requests-per-second", "1000000"])
+            // Room for many concurrent sessions; the per-peer limits stay the defaults
+            // a donor runs with.
+            .args(["--max-sessions", "64"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(match std::env::var_os("ALLMENDE_BENCH_NODE_LOG") {

@@ -1,0 +1,64 @@
+//! The IP address each connected peer reaches this node from, so that the server can
+//! give fair shares to groups of peers by address (`server::share`): a peer id is free
+//! to make, an address is not.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+/// Connected peers' remote addresses; written by the event loop, read by the server.
+#[derive(Clone, Default)]
+pub struct PeerAddresses(Arc<Mutex<HashMap<PeerId, IpAddr>>>);
+
+impl PeerAddresses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, IpAddr>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The address `peer`'s latest connection came from, while it is connected.
+    pub fn get(&self, peer: &PeerId) -> Option<IpAddr> {
+        self.lock().get(peer).copied()
+    }
+
+    pub(super) fn connected(&self, peer: PeerId, remote: &Multiaddr) {
+        if let Some(ip) = ip_of(remote) {
+            self.lock().insert(peer, ip);
+        }
+    }
+
+    pub(super) fn disconnected(&self, peer: &PeerId) {
+        self.lock().remove(peer);
+    }
+}
+
+/// The IP address a multiaddress starts with, if any. A relayed address
+/// (`/ip4/R/.../p2p-circuit/...`) gives the relay's: its users share it.
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_first_ip_of_an_address() {
+        let addr = |s: &str| s.parse::<Multiaddr>().unwrap();
+        assert_eq!(
+            ip_of(&addr("/ip4/198.51.100.4/tcp/4001")),
+            Some("198.51.100.4".parse().unwrap())
+        );
+        assert_eq!(
+            ip_of(&addr("/ip6/2001:db8::1/udp/4001/quic-v1")),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(ip_of(&addr("/dns4/example.org/tcp/1")), None);
+    }
+}

@@ -1,0 +1,171 @@
+//! Fair shares of a node's slots (open streams, sessions) among the peers that want
+//! them, and of its compute among the sessions' steps.
+//!
+//! Peer ids cost nothing to make, so shares go to groups of peers by address: one
+//! IPv4 address or IPv6 /64 is one group, however many peer ids use it, while many
+//! honest users behind one carrier-grade NAT or relay still get a whole group's share
+//! rather than a hard per-peer cap. Loopback peers are grouped by peer id: processes
+//! on the node's own machine are its operator's.
+//!
+//! A group alone may use most of the node; a quarter of every kind of slot stays for
+//! newcomers, and under contention the rest is split equally. Slots a group already
+//! holds above its share are not taken back: they are released as their sessions end
+//! or fall idle, and meanwhile that group gets no more.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+
+use libp2p::PeerId;
+
+/// Fewest slots a group may always hold, however many groups there are.
+pub const MIN_SHARE: usize = 2;
+
+/// Who shares one fair share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerGroup {
+    /// An IPv4 address, or the upper 64 bits of an IPv6 one.
+    Net(u128),
+    /// A peer on loopback, or one whose address is unknown.
+    Peer(PeerId),
+}
+
+impl PeerGroup {
+    pub fn of(peer: PeerId, address: Option<IpAddr>) -> Self {
+        match address {
+            Some(ip) if ip.is_loopback() => PeerGroup::Peer(peer),
+            Some(IpAddr::V4(v4)) => PeerGroup::Net(u32::from(v4) as u128),
+            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => PeerGroup::Net(u32::from(v4) as u128),
+                None => PeerGroup::Net(u128::from(v6) >> 64 << 64 | 1 << 32),
+            },
+            None => PeerGroup::Peer(peer),
+        }
+    }
+}
+
+/// Most of `capacity` slots one group may hold while `others` other groups hold some.
+pub fn share_limit(capacity: usize, others: usize) -> usize {
+    let open = capacity - capacity / 4;
+    (open / (others + 1)).max(MIN_SHARE).min(capacity)
+}
+
+/// Slots of one kind, counted per group.
+#[derive(Debug)]
+pub struct FairShare<G> {
+    capacity: usize,
+    used: usize,
+    held: HashMap<G, usize>,
+}
+
+impl<G: Eq + Hash + Clone> FairShare<G> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            used: 0,
+            held: HashMap::new(),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn available(&self) -> usize {
+        self.capacity - self.used
+    }
+
+    /// Takes a slot for `group` if the node has one and the group is within its share.
+    pub fn try_take(&mut self, group: &G) -> bool {
+        let held = self.held.get(group).copied().unwrap_or(0);
+        let others = self.held.len() - usize::from(held > 0);
+        if self.used >= self.capacity || held >= share_limit(self.capacity, others) {
+            return false;
+        }
+        *self.held.entry(group.clone()).or_default() += 1;
+        self.used += 1;
+        true
+    }
+
+    /// Gives back one of `group`'s slots.
+    pub fn release(&mut self, group: &G) {
+        if let Some(held) = self.held.get_mut(group) {
+            *held -= 1;
+            self.used -= 1;
+            if *held == 0 {
+                self.held.remove(group);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_alone_leaves_a_quarter_for_newcomers() {
+        let mut slots = FairShare::new(16);
+        let taken = (0..20).filter(|_| slots.try_take(&1)).count();
+        assert_eq!(taken, 12);
+        assert!(slots.try_take(&2), "a newcomer finds room");
+        assert_eq!(slots.available(), 3);
+    }
+
+    #[test]
+    fn under_contention_groups_converge_to_equal_shares() {
+        let mut slots = FairShare::new(16);
+        for _ in 0..12 {
+            assert!(slots.try_take(&1));
+        }
+        // Group 2 may take up to its share of 6; group 1 gets nothing more until it
+        // is back under its own.
+        let taken = (0..10).filter(|_| slots.try_take(&2)).count();
+        assert_eq!(taken, 4, "limited by what is free");
+        assert!(!slots.try_take(&1));
+        for _ in 0..7 {
+            slots.release(&1);
+        }
+        assert!(slots.try_take(&1), "back under its share of 6");
+        assert!(!slots.try_take(&1));
+    }
+
+    #[test]
+    fn many_groups_still_get_the_minimum() {
+        let mut slots = FairShare::new(64);
+        for group in 0..20 {
+            assert!(slots.try_take(&group) && slots.try_take(&group));
+        }
+        assert_eq!(share_limit(64, 19), MIN_SHARE);
+        assert!(!slots.try_take(&3));
+        slots.release(&3);
+        assert!(slots.try_take(&3), "a released slot is the group's again");
+    }
+
+    #[test]
+    fn addresses_group_peers() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            PeerGroup::of(a, ip("203.0.113.7")),
+            PeerGroup::of(b, ip("203.0.113.7"))
+        );
+        assert_ne!(
+            PeerGroup::of(a, ip("203.0.113.7")),
+            PeerGroup::of(a, ip("203.0.113.8"))
+        );
+        assert_eq!(
+            PeerGroup::of(a, ip("2001:db8:1:2::5")),
+            PeerGroup::of(b, ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_eq!(
+            PeerGroup::of(a, ip("::ffff:203.0.113.7")),
+            PeerGroup::of(b, ip("203.0.113.7"))
+        );
+        assert_ne!(
+            PeerGroup::of(a, ip("127.0.0.1")),
+            PeerGroup::of(b, ip("127.0.0.1"))
+        );
+        assert_eq!(PeerGroup::of(a, None), PeerGroup::Peer(a));
+    }
+}
