@@ -71,12 +71,7 @@ async fn sessions_leave_no_memory_behind() {
     let node = Node::start(
         "0..3",
         None,
-        &[
-            "--max-sessions",
-            "64",
-            "--idle-timeout",
-            "5",
-        ],
+        &["--max-sessions", "64", "--idle-timeout", "5"],
     );
     let pid = node.child.id();
     let client = RawClient::connect(&node).await;

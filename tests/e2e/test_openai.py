@@ -181,3 +181,40 @@ def test_streamed_logprobs_equal_the_whole_responses(swarm):
     assert [t for p in parts for t in p.tokens] == whole.tokens
     assert [x for p in parts for x in p.token_logprobs] == whole.token_logprobs
     assert [x for p in parts for x in p.text_offset] == whole.text_offset
+
+
+def test_concurrent_streams_beyond_the_gateways_limit_wait_their_turn(swarm):
+    """32 streaming chats at once through a gateway that runs 4 at a time: the rest
+    wait in its queue, and every one completes (none gets an error event or a 503)."""
+    import concurrent.futures
+    import time
+
+    messages = [{"role": "user", "content": QUESTION}]
+    model = model_id(swarm)
+
+    def one(i):
+        started = time.monotonic()
+        stream = client(swarm).chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=8, seed=i, stream=True)
+        first = None
+        text = ""
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.monotonic() - started
+                text += chunk.choices[0].delta.content
+        return first, text
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(one, range(32)))
+    firsts = sorted(first for first, _ in results)
+    assert all(first is not None and text for first, text in results)
+    assert len({text for _, text in results}) == 1, "greedy: the same answer for all"
+    print(f"time to first token over 32 streams: median {firsts[16]:.2f} s, "
+          f"p99 {firsts[-1]:.2f} s")
+
+
+def test_an_overlong_stop_sequence_is_refused(swarm):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(swarm).completions.create(
+            model=model_id(swarm), prompt="Hello", max_tokens=4, stop=["x" * 257])
+    assert "stop" in str(refused.value)

@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::stop::StopMatcher;
 use super::{ApiError, Gateway};
@@ -181,17 +182,29 @@ async fn respond(
     common: Common,
 ) -> Response {
     let stream = common.stream;
-    let job = match prepare(&gateway, kind, &prompt, logprobs, common) {
-        Ok(job) => job,
+    // The slot first: a request waiting for one costs nothing but its body, and the
+    // work of tokenizing and templating is done only for requests that will run.
+    let permit = match gateway.admission.admit().await {
+        Ok(permit) => permit,
         Err(e) => return e.into_response(),
+    };
+    // A long prompt's tokenizing and templating takes milliseconds: off the runtime.
+    let preparing = {
+        let gateway = gateway.clone();
+        tokio::task::spawn_blocking(move || prepare(&gateway, kind, &prompt, logprobs, common))
+    };
+    let job = match preparing.await {
+        Ok(Ok(job)) => job,
+        Ok(Err(e)) => return e.into_response(),
+        Err(e) => return ApiError::internal(e.to_string()).into_response(),
     };
     gateway.metrics.requests.inc();
     match stream {
-        false => match run(&gateway, &job, None).await {
+        false => match run(&gateway, &job, permit, None).await {
             Ok(outcome) => Json(full_response(&gateway, &job.header, &outcome)).into_response(),
             Err(e) => e.into_response(),
         },
-        true => stream_response(gateway, job).into_response(),
+        true => stream_response(gateway, job, permit).into_response(),
     }
 }
 
@@ -256,6 +269,12 @@ fn prepare(
             return Err(ApiError::bad_request("at most 4 stop sequences are allowed").param("stop"))
         }
     };
+    if stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad_request(format!(
+            "a stop sequence may be at most {MAX_STOP_BYTES} bytes long"
+        ))
+        .param("stop"));
+    }
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -287,18 +306,30 @@ fn prepare(
     })
 }
 
-/// Runs one generation through the swarm. Text pieces go to `sink` as they come; a
-/// closed sink (the client went away) ends the generation.
+/// Longest stop sequence: the stop matcher holds back text as long as the longest.
+const MAX_STOP_BYTES: usize = 256;
+
+/// Set when the request that started a generation is gone: a client that hung up
+/// before its (non-streamed) answer was ready.
+struct Abandoned(Arc<AtomicBool>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs one generation through the swarm in the slot `permit` holds. Text pieces go
+/// to `sink` as they come; a closed sink, or a dropped request (the client went
+/// away), ends the generation at its next token.
 async fn run(
     gateway: &Arc<Gateway>,
     job: &Job,
+    permit: OwnedSemaphorePermit,
     sink: Option<mpsc::Sender<Streamed>>,
 ) -> Result<Outcome, ApiError> {
-    let Ok(_permit) = gateway.generations.clone().try_acquire_owned() else {
-        return Err(ApiError::unavailable(
-            "this gateway is running as many generations as it allows; retry shortly",
-        ));
-    };
+    let abandoned = Abandoned(Arc::new(AtomicBool::new(false)));
+    let gone = abandoned.0.clone();
     let max_len = session_length(&gateway.model, job.prompt_ids.len(), &job.params) as u32;
     let options = RouteOptions::new(WireDType::F32, gateway.failover_patience);
     let mut pipeline = connect(&gateway.network, &gateway.target, max_len, options)
@@ -311,6 +342,8 @@ async fn run(
         job.stops.clone(),
     );
     let (result, pipeline) = tokio::task::spawn_blocking(move || {
+        // The slot is the generation's until it ends, even if its request is gone.
+        let _permit = permit;
         let mut matcher = StopMatcher::new(stops);
         let mut text = String::new();
         // Log-probabilities of tokens whose text the stop matcher still holds back:
@@ -327,6 +360,9 @@ async fn run(
             }
         };
         let result = generate(&model, &mut pipeline, &prompt_ids, &params, &mut |piece| {
+            if gone.load(Ordering::Relaxed) {
+                return ControlFlow::Break(());
+            }
             pending.extend_from_slice(piece.logprobs);
             let shown = matcher.push(piece.text);
             if !shown.is_empty() {
@@ -511,6 +547,7 @@ fn chunk(header: &Header, text: Option<&str>, first: bool, finish: Option<&str>)
 fn stream_response(
     gateway: Arc<Gateway>,
     job: Job,
+    permit: OwnedSemaphorePermit,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let (events, receiver) = mpsc::channel::<Event>(STREAM_BUFFER);
     tokio::spawn(async move {
@@ -548,7 +585,7 @@ fn stream_response(
                 }
             })
         };
-        let outcome = run(&gateway, &job, Some(pieces)).await;
+        let outcome = run(&gateway, &job, permit, Some(pieces)).await;
         let _ = forward.await;
         let last = match outcome {
             Ok(outcome) => {

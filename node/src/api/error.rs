@@ -14,6 +14,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub code: Option<&'static str>,
     pub param: Option<&'static str>,
+    /// Seconds the client should wait before retrying (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,6 +26,7 @@ impl ApiError {
             kind: "invalid_request_error",
             code: None,
             param: None,
+            retry_after: None,
         }
     }
 
@@ -46,6 +49,7 @@ impl ApiError {
             kind: "invalid_request_error",
             code: Some("model_not_found"),
             param: Some("model"),
+            retry_after: None,
         }
     }
 
@@ -56,6 +60,7 @@ impl ApiError {
             kind: "invalid_request_error",
             code: Some("invalid_api_key"),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -67,7 +72,13 @@ impl ApiError {
             kind: "server_error",
             code: Some("swarm_unavailable"),
             param: None,
+            retry_after: None,
         }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -77,6 +88,7 @@ impl ApiError {
             kind: "server_error",
             code: None,
             param: None,
+            retry_after: None,
         }
     }
 
@@ -92,6 +104,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }

@@ -5,6 +5,7 @@
 //! The gateway holds the tokenizer, embedding and LM head like any client, so prompts
 //! and text stay on the machine that runs it; servers see only hidden states.
 
+mod admission;
 mod completions;
 mod error;
 mod stop;
@@ -20,7 +21,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Mutex;
 
 pub use error::ApiError;
 
@@ -34,6 +35,9 @@ use crate::network::Network;
 /// The swarm map is refreshed by every open page every few seconds; probing the swarm
 /// once per this interval is plenty.
 const SWARM_CACHE: Duration = Duration::from_secs(2);
+/// Largest request body: a whole context of text in any script, with room for JSON's
+/// escapes.
+const BODY_LIMIT: usize = 4 << 20;
 
 const INDEX_HTML: &str = include_str!("web/index.html");
 
@@ -46,8 +50,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub api_key: Option<String>,
     pub failover_patience: Duration,
-    /// Generations running at once; more are answered 503.
-    generations: Arc<Semaphore>,
+    /// Generations running at once, and the requests waiting for them.
+    admission: admission::Admission,
     swarm_cache: Mutex<Option<(Instant, Value)>>,
 }
 
@@ -71,7 +75,7 @@ impl Gateway {
             metrics,
             api_key,
             failover_patience,
-            generations: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            admission: admission::Admission::new(max_concurrent),
             swarm_cache: Mutex::new(None),
         })
     }
@@ -114,6 +118,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(gateway)
 }
 
@@ -195,5 +200,6 @@ async fn not_found() -> ApiError {
         kind: "invalid_request_error",
         code: None,
         param: None,
+        retry_after: None,
     }
 }
