@@ -390,17 +390,20 @@ async fn forwarded_steps_need_the_sessions_token() {
         ServerMessage::Hidden { position: 1, .. }
     ));
 
-    // The third forged token within a minute cuts the sender off; the session's
-    // client goes on.
-    send(&mut from_upstream, forwarded(2, forged)).await;
-    send(&mut from_upstream, forwarded(2, forged)).await;
-    let cut = read_message::<ServerMessage, _>(&mut from_upstream).await;
-    assert!(
-        matches!(cut, Err(FrameIoError::Closed) | Err(FrameIoError::Io(_))),
-        "{cut:?}"
-    );
+    // Forged tokens are never held against the sender: an honest server forwards to
+    // whatever hop its client names, so a client could otherwise get it banned. After
+    // many, the sender's next forward with the right token is still delivered.
+    for _ in 0..20 {
+        send(&mut from_upstream, forwarded(1, forged)).await;
+    }
+    send(&mut from_upstream, forwarded(2, token)).await;
+    match read_message::<ServerMessage, _>(&mut s).await.unwrap() {
+        ServerMessage::Hidden { position: 2, .. } => {}
+        other => panic!("expected the forwarded step's output, got {other:?}"),
+    }
+    assert!(still_served(&upstream).await, "the forwarder was banned");
     assert!(matches!(
-        ask(&mut s, &step(session, 2, 0.3)).await,
-        ServerMessage::Hidden { position: 2, .. }
+        ask(&mut s, &step(session, 3, 0.3)).await,
+        ServerMessage::Hidden { position: 3, .. }
     ));
 }

@@ -3,6 +3,7 @@
 //! planned again, until the servers run out or the deadline passes.
 
 use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use allmende_protocol::{ModelId, WireDType};
@@ -11,7 +12,7 @@ use libp2p::PeerId;
 use super::remote::{RemotePipeline, RouteContext, RouteSegment};
 use crate::network::discovery::{discover, DiscoveredServer};
 use crate::network::Network;
-use crate::routing::{plan_route, Candidate, RouteError};
+use crate::routing::{plan_route, Candidate, Measured, RouteError};
 
 /// How long to keep looking for servers before reporting what is missing: the DHT of
 /// a swarm that was just joined may need a moment to answer.
@@ -45,13 +46,28 @@ pub struct ModelTarget {
     pub block_count: u32,
 }
 
+/// What this process has measured of the servers its sessions used, shared by all
+/// its sessions (a gateway's many users teach each other's routes).
+pub fn measured() -> std::sync::MutexGuard<'static, Measured<PeerId>> {
+    static MEASURED: LazyLock<Mutex<Measured<PeerId>>> = LazyLock::new(Mutex::default);
+    MEASURED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The servers as the router sees them: at the speed this process measured, or at
+/// their announced speed held to what is plausible (`routing::Measured`).
 pub fn candidates(servers: &[DiscoveredServer]) -> Vec<Candidate<PeerId>> {
+    let claims: Vec<(PeerId, u32, f64)> = servers
+        .iter()
+        .map(|s| (s.peer, s.info.range.len(), s.info.throughput as f64))
+        .collect();
+    let throughputs = measured().routing_throughputs(&claims);
     servers
         .iter()
-        .map(|s| Candidate {
+        .zip(throughputs)
+        .map(|(s, throughput)| Candidate {
             peer: s.peer,
             range: s.info.range,
-            throughput: s.info.throughput as f64,
+            throughput,
             rtt_ms: s.rtt_ms,
             free_sessions: s.info.free_sessions,
         })

@@ -4,8 +4,10 @@
 
 mod assign;
 mod ban;
+mod measured;
 mod route;
 
 pub use assign::{choose_layers, coverage};
 pub use ban::BanList;
+pub use measured::Measured;
 pub use route::{missing_ranges, plan_route, plan_route_over, Candidate, Hop, RouteError};

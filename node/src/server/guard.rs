@@ -44,8 +44,6 @@ pub enum Offence {
     Flooding,
     /// Opening sessions beyond its per-peer limit.
     TooManySessions,
-    /// Forwarding a step into a session without the session's token.
-    BadToken,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +93,15 @@ impl<P: Eq + Hash + Clone> PeerGuard<P> {
 
     /// A message arrived from `peer`: within its rate, or an offence.
     pub fn on_request(&mut self, peer: &P, now: Instant) -> Verdict {
+        match self.within_rate(peer, now) {
+            true => Verdict::Allow,
+            false => self.offend(peer, Offence::Flooding, now),
+        }
+    }
+
+    /// Takes one request from `peer`'s rate if it has one left; going past it is not
+    /// held against the peer (for what an honest peer may relay from another).
+    pub fn within_rate(&mut self, peer: &P, now: Instant) -> bool {
         let (rate, burst) = (self.limits.requests_per_second, self.limits.burst);
         let state = self.state(peer, now);
         let elapsed = now.saturating_duration_since(state.refilled).as_secs_f64();
@@ -102,9 +109,9 @@ impl<P: Eq + Hash + Clone> PeerGuard<P> {
         state.refilled = now;
         if state.tokens >= 1.0 {
             state.tokens -= 1.0;
-            return Verdict::Allow;
+            return true;
         }
-        self.offend(peer, Offence::Flooding, now)
+        false
     }
 
     /// `peer` asks for a session: allowed while under its limit.

@@ -348,7 +348,12 @@ impl Outputs<'_> {
     /// Hands a step forwarded by `peer` to the session it names, on whichever stream
     /// serves it. Nothing is answered on this stream: the session's client gets the
     /// output. A delivered step is not counted against the sender's request rate (it
-    /// is the session's client's step, paced by that client); anything else is.
+    /// is the session's client's step, paced by that client). One that names no open
+    /// session, or a wrong token, is dropped and counted, but never held against the
+    /// sender: an honest server forwards to whatever hop its client named, so a client
+    /// could otherwise get it banned by naming a session with a bad token. Past the
+    /// sender's rate this stream is closed, without a ban. (A 128-bit token cannot be
+    /// guessed, so refusing costs nothing.)
     async fn deliver(
         &mut self,
         peer: PeerId,
@@ -356,7 +361,7 @@ impl Outputs<'_> {
         token: &SessionToken,
         step: ForwardedStep,
     ) -> Next {
-        let (server, network) = (self.server, self.network);
+        let server = self.server;
         let undelivered = match NextHop::check_list(&step.forward) {
             Ok(()) => match server.inboxes.deliver(id, token, step) {
                 Ok(()) => return Next::Nothing,
@@ -369,13 +374,7 @@ impl Outputs<'_> {
         };
         tracing::debug!(%peer, session = id, "forwarded step not delivered: {undelivered:?}");
         server.metrics.forwards_refused.inc();
-        let verdict = match undelivered {
-            Undelivered::BadToken => {
-                server.guard(|g| g.offend(&peer, Offence::BadToken, Instant::now()))
-            }
-            _ => server.guard(|g| g.on_request(&peer, Instant::now())),
-        };
-        match obey(verdict, network, peer).await {
+        match server.guard(|g| g.within_rate(&peer, Instant::now())) {
             true => Next::Nothing,
             false => Next::Stop,
         }

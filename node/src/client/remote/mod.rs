@@ -248,6 +248,10 @@ impl Route {
         // A request every server refuses must not cost the session all its replicas:
         // after one replacement refused it too, the refusal is the answer.
         let mut refusals = 0;
+        // When segment `i`'s input left: the client's send, or the arrival of the
+        // previous segment's output (sent on by its server). Decode steps through a
+        // segment are timed from it, for routing by measured speed.
+        let mut since = Instant::now();
         let mut i = 0;
         while i < self.segments.len() {
             if i > 0 {
@@ -264,6 +268,7 @@ impl Route {
                         .collect(),
                     false => Vec::new(),
                 };
+                since = Instant::now();
                 let sent = self.segments[i].session.send_step(wire.view(), forward);
                 if let Err(e) = sent.await {
                     self.fail_over(i, e, &mut refusals).await?;
@@ -272,6 +277,16 @@ impl Route {
             }
             match self.segments[i].session.output(seq).await {
                 Ok((output, forwarded)) if output.shape == dims => {
+                    if seq == 1 {
+                        let segment = &self.segments[i].session.segment;
+                        let elapsed_ms = since.elapsed().as_secs_f64() * 1e3;
+                        crate::client::connect::measured().record(
+                            &segment.peer,
+                            segment.range.len(),
+                            elapsed_ms,
+                        );
+                    }
+                    since = Instant::now();
                     self.segments[i].history.push(wire);
                     wire = output;
                     has_input = forwarded;
