@@ -62,6 +62,16 @@ impl FrameReader {
         T: DeserializeOwned,
         S: AsyncRead + Unpin,
     {
+        let payload = self.read_frame(stream).await?;
+        Ok(allmende_protocol::decode(&payload)?)
+    }
+
+    /// Reads one frame's payload, undecoded: the caller decides where to decode it
+    /// (a large one off the async runtime).
+    pub async fn read_frame<S>(&mut self, stream: &mut S) -> Result<Vec<u8>, FrameIoError>
+    where
+        S: AsyncRead + Unpin,
+    {
         while self.filled < PREFIX_BYTES {
             match stream.read(&mut self.prefix[self.filled..]).await? {
                 0 if self.filled == 0 => return Err(FrameIoError::Closed),
@@ -84,8 +94,28 @@ impl FrameReader {
         }
         let (payload, _) = self.payload.take().unwrap_or_default();
         self.filled = 0;
-        Ok(allmende_protocol::decode(&payload)?)
+        Ok(payload)
     }
+}
+
+/// Frames up to this size are decoded (and replies encoded) where they are handled;
+/// larger ones on a blocking thread. A hand-off costs tens of microseconds, which a
+/// decode step (a few KB) should not pay, while decoding or checking a prefill or a
+/// replay of megabytes would hold up every other stream on the runtime.
+pub const INLINE_CODEC_BYTES: usize = 256 << 10;
+
+/// Decodes `payload`: inline when small, else on a blocking thread.
+pub async fn decode_frame<T>(payload: Vec<u8>) -> Result<T, FrameIoError>
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    if payload.len() <= INLINE_CODEC_BYTES {
+        return Ok(allmende_protocol::decode(&payload)?);
+    }
+    tokio::task::spawn_blocking(move || allmende_protocol::decode(&payload))
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?
+        .map_err(FrameIoError::from)
 }
 
 /// Writes one message and flushes it. The message is encoded straight into the frame,

@@ -24,7 +24,9 @@ use super::guard::{Offence, Verdict};
 use super::share::PeerGroup;
 use super::ShardServer;
 use crate::model::{candle_message, with_values, ForwardError, ShardCache};
-use crate::network::framing::{write_frame, write_message, FrameIoError, FrameReader};
+use crate::network::framing::{
+    decode_frame, write_frame, write_message, FrameIoError, FrameReader, INLINE_CODEC_BYTES,
+};
 use crate::network::Network;
 
 struct OpenSession {
@@ -117,6 +119,13 @@ impl Reply {
     }
 }
 
+/// What woke a stream's task.
+enum Woken {
+    Frame(Result<Vec<u8>, FrameIoError>),
+    Forwarded(ForwardedStep),
+    Idle,
+}
+
 /// What a stream's task acts on next.
 enum Input {
     Client(Result<ClientMessage<'static>, FrameIoError>),
@@ -146,10 +155,18 @@ pub async fn serve_stream(
     let mut deadline = tokio::time::Instant::now() + server.limits.idle_timeout;
     loop {
         // The reader keeps a frame's progress when a forwarded step wins.
-        let input = tokio::select! {
-            read = reader.read_message(&mut stream) => Input::Client(read),
-            Some(step) = next_forwarded(&mut session) => Input::Forwarded(step),
-            _ = tokio::time::sleep_until(deadline) => Input::Idle,
+        let woken = tokio::select! {
+            read = reader.read_frame(&mut stream) => Woken::Frame(read),
+            Some(step) = next_forwarded(&mut session) => Woken::Forwarded(step),
+            _ = tokio::time::sleep_until(deadline) => Woken::Idle,
+        };
+        let input = match woken {
+            // Decoded out of the select, so a large frame's decode (off the runtime)
+            // cannot be dropped half-way by another branch.
+            Woken::Frame(Ok(payload)) => Input::Client(decode_frame(payload).await),
+            Woken::Frame(Err(e)) => Input::Client(Err(e)),
+            Woken::Forwarded(step) => Input::Forwarded(step),
+            Woken::Idle => Input::Idle,
         };
         let mut out = Outputs {
             server: &server,
@@ -192,7 +209,11 @@ pub async fn serve_stream(
         if progress {
             deadline = tokio::time::Instant::now() + server.limits.idle_timeout;
         }
-        let frame = match reply.and_then(Reply::frame) {
+        let frame = match reply.map(encode_reply) {
+            Ok(encoding) => encoding.await,
+            Err(refusal) => Err(refusal),
+        };
+        let frame = match frame {
             Ok(frame) => Ok(frame),
             Err((kind, message)) => encode_frame(&error(kind, message)),
         };
@@ -208,6 +229,20 @@ pub async fn serve_stream(
             break;
         }
     }
+}
+
+/// The reply as a frame: encoded inline when small, else on a blocking thread.
+async fn encode_reply(reply: Reply) -> Result<Vec<u8>, Refusal> {
+    let bytes = match &reply {
+        Reply::Hidden { output, .. } => output.elem_count() * 4,
+        Reply::Message(_) => 0,
+    };
+    if bytes <= INLINE_CODEC_BYTES {
+        return reply.frame();
+    }
+    tokio::task::spawn_blocking(move || reply.frame())
+        .await
+        .map_err(|e| (ErrorKind::Internal, e.to_string()))?
 }
 
 /// The next step forwarded into the stream's session; never resolves without one.
