@@ -55,7 +55,11 @@ impl Behaviour {
             // (signed, fresh, sane): see the event loop.
             .set_record_filtering(kad::StoreInserts::FilterBoth)
             .set_query_timeout(Duration::from_secs(10));
-        let kademlia = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), config);
+        let kademlia = kad::Behaviour::with_config(
+            peer_id,
+            MemoryStore::with_config(peer_id, super::dht_store::config()),
+            config,
+        );
         let mdns = match use_mdns {
             true => Some(mdns::tokio::Behaviour::new(
                 mdns::Config::default(),

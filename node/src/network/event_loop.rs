@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::addresses::PeerAddresses;
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
-use super::{keys, record, Command, NetworkError};
+use super::{dht_store, keys, record, Command, NetworkError};
 
 /// How long an idle connection stays open. Sessions keep their streams busy; this
 /// only decides when an unused peer connection is dropped.
@@ -249,6 +249,9 @@ impl EventLoop {
             Command::PutRecord { key, value, ttl } => {
                 let mut record = Record::new(key, value);
                 record.expires = Some(Instant::now() + ttl);
+                if kad.store_mut().get(&record.key).is_none() {
+                    dht_store::make_room(kad.store_mut(), Instant::now());
+                }
                 // With no other peer yet the record is still stored locally; the next
                 // refresh reaches peers that joined since.
                 if let Err(e) = kad.put_record(record, Quorum::One) {
@@ -352,7 +355,8 @@ impl EventLoop {
                     },
             } => match record::verify_stored(&record.key, &record.value) {
                 Ok(_) => {
-                    if let Err(e) = self.swarm.behaviour_mut().kademlia.store_mut().put(record) {
+                    let store = self.swarm.behaviour_mut().kademlia.store_mut();
+                    if let Err(e) = dht_store::put(store, record, Instant::now()) {
                         tracing::debug!("cannot store an announcement: {e}");
                     }
                 }
@@ -367,7 +371,7 @@ impl EventLoop {
                     },
             } if keys::is_model_key(&record.key) => {
                 let store = self.swarm.behaviour_mut().kademlia.store_mut();
-                if let Err(e) = store.add_provider(record) {
+                if let Err(e) = dht_store::add_provider(store, record, Instant::now()) {
                     tracing::debug!("cannot store a provider record: {e}");
                 }
             }
@@ -393,8 +397,18 @@ impl EventLoop {
                     }
                 }
                 QueryResult::GetRecord(result) => {
+                    // Any node on the lookup's path may answer with garbage; only a
+                    // record that verifies ends the lookup, others are passed over.
                     let value = match result {
-                        Ok(GetRecordOk::FoundRecord(found)) => Some(found.record.value),
+                        Ok(GetRecordOk::FoundRecord(found)) => {
+                            match record::verify_stored(&found.record.key, &found.record.value) {
+                                Ok(_) => Some(found.record.value),
+                                Err(e) => {
+                                    tracing::info!(peer = ?found.peer, "passed over a record: {e}");
+                                    None
+                                }
+                            }
+                        }
                         _ => None,
                     };
                     let found = value.is_some();

@@ -8,6 +8,7 @@
 
 pub mod addresses;
 mod behaviour;
+mod dht_store;
 pub mod discovery;
 mod event_loop;
 pub mod framing;
