@@ -11,7 +11,7 @@ use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ServerMessage, WireDType, WireTensor, MAX_MESSAGE_BYTES,
 };
 use futures::AsyncWriteExt;
-use support::attack::{error_kind, honest_tokens, survived, BUDGET};
+use support::attack::{error_kind, honest_tokens, replay_flood_frame, survived, BUDGET};
 use support::cgroup::MemoryCage;
 use support::raw::{ask, RawClient};
 use support::swarm::{allmende, ids, json_of, Node};
@@ -55,16 +55,6 @@ async fn a_step_with_a_batch_axis_is_refused() {
     survived(&mut node, &cage, &before).await;
 }
 
-/// Bincode's varint encoding of a length.
-fn varint(n: u64) -> Vec<u8> {
-    match n {
-        0..=250 => vec![n as u8],
-        251..=0xffff => [&[251u8][..], &(n as u16).to_le_bytes()].concat(),
-        0x1_0000..=0xffff_ffff => [&[252u8][..], &(n as u32).to_le_bytes()].concat(),
-        _ => [&[253u8][..], &n.to_le_bytes()].concat(),
-    }
-}
-
 /// The frame limit bounds bytes, not what decoding them allocates: one frame of three-byte
 /// empty tensors would decode to gigabytes before any session is looked up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,27 +63,8 @@ async fn a_replay_of_millions_of_empty_tensors_is_refused_while_decoding() {
     let mut node = Node::start_caged(&cage, "0..30", &[]);
     let before = honest_tokens(&node.addr).await;
 
-    let head = allmende_protocol::encode(&ClientMessage::Replay {
-        session: 1,
-        position: 0,
-        steps: vec![],
-    })
-    .unwrap();
-    assert_eq!(
-        head.last(),
-        Some(&0),
-        "the empty list's length ends the message"
-    );
-    let empty = allmende_protocol::encode(&WireTensor {
-        shape: vec![],
-        dtype: WireDType::F32,
-        values: vec![].into(),
-    })
-    .unwrap();
-    let count = (MAX_MESSAGE_BYTES - head.len() - 16) / empty.len();
-    let mut frame = head[..head.len() - 1].to_vec();
-    frame.extend(varint(count as u64));
-    frame.extend(empty.repeat(count));
+    let frame = replay_flood_frame();
+    let count = frame.len() / 3;
     assert!(count > 10_000_000 && frame.len() <= MAX_MESSAGE_BYTES);
 
     let attacker = RawClient::connect(&node).await;

@@ -1,7 +1,9 @@
 //! What the adversary tests share: an honest client's generation, and the checks that
 //! a node under attack survived within its memory budget.
 
-use allmende_protocol::{ErrorKind, ServerMessage};
+use allmende_protocol::{
+    ClientMessage, ErrorKind, ServerMessage, WireDType, WireTensor, MAX_MESSAGE_BYTES,
+};
 
 use super::cgroup::MemoryCage;
 use super::swarm::{allmende, ids, json_of, Node};
@@ -50,4 +52,41 @@ pub fn error_kind(reply: ServerMessage) -> ErrorKind {
         ServerMessage::Error { kind, .. } => kind,
         other => panic!("expected an error reply, got {other:?}"),
     }
+}
+
+/// Bincode's varint encoding of a length.
+fn varint(n: u64) -> Vec<u8> {
+    match n {
+        0..=250 => vec![n as u8],
+        251..=0xffff => [&[251u8][..], &(n as u16).to_le_bytes()].concat(),
+        0x1_0000..=0xffff_ffff => [&[252u8][..], &(n as u32).to_le_bytes()].concat(),
+        _ => [&[253u8][..], &n.to_le_bytes()].concat(),
+    }
+}
+
+/// One frame, within the size limit, of a `Replay` of millions of empty tensors: three
+/// bytes each on the wire, a hundred each once decoded.
+pub fn replay_flood_frame() -> Vec<u8> {
+    let head = allmende_protocol::encode(&ClientMessage::Replay {
+        session: 1,
+        position: 0,
+        steps: vec![],
+    })
+    .unwrap();
+    assert_eq!(
+        head.last(),
+        Some(&0),
+        "the empty list's length ends the message"
+    );
+    let empty = allmende_protocol::encode(&WireTensor {
+        shape: vec![],
+        dtype: WireDType::F32,
+        values: vec![].into(),
+    })
+    .unwrap();
+    let count = (MAX_MESSAGE_BYTES - head.len() - 16) / empty.len();
+    let mut frame = head[..head.len() - 1].to_vec();
+    frame.extend(varint(count as u64));
+    frame.extend(empty.repeat(count));
+    frame
 }

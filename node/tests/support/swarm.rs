@@ -32,9 +32,19 @@ impl Node {
     /// Like [`Node::start`], inside the memory control group `cage` from its first
     /// instruction, so every byte it maps or allocates counts against the cage's limit.
     pub fn start_caged(cage: &MemoryCage, layers: &str, extra: &[&str]) -> Node {
+        Self::start_caged_joining(cage, layers, None, extra)
+    }
+
+    /// Like [`Node::start_caged`], joining the swarm at `bootstrap`.
+    pub fn start_caged_joining(
+        cage: &MemoryCage,
+        layers: &str,
+        bootstrap: Option<&str>,
+        extra: &[&str],
+    ) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let identity = dir.path().join("identity.key");
-        Self::start_as(&identity, dir, layers, None, extra, Some(cage))
+        Self::start_as(&identity, dir, layers, bootstrap, extra, Some(cage))
     }
 
     /// Like [`Node::start`], with the identity key file `identity`.
