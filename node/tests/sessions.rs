@@ -150,3 +150,26 @@ async fn sessions_leave_no_memory_behind() {
     );
     drop(abandoned);
 }
+
+/// A client that finds every server busy waits its turn, as a busy web server's clients
+/// do, and gets its session once another ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waits_for_a_busy_node() {
+    let node = Node::start("0..30", None, &["--max-sessions", "1"]);
+    let expected = support::attack::honest_tokens(&node.addr).await;
+    let holder = RawClient::connect(&node).await;
+    let (held, reply) = holder.open(LayerRange::new(0, 30), 64).await;
+    assert!(matches!(reply, ServerMessage::Opened { .. }), "{reply:?}");
+    let waiting = tokio::spawn({
+        let addr = node.addr.clone();
+        async move { support::attack::honest_tokens(&addr).await }
+    });
+    // Longer than discovery's patience: the client must wait, not give up.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the client did not wait for the busy node"
+    );
+    drop(held);
+    assert_eq!(waiting.await.unwrap(), expected);
+}

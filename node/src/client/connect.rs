@@ -2,14 +2,14 @@
 //! session on every segment. A busy or unreachable server is left out and the route
 //! planned again, until the servers run out or the deadline passes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use allmende_protocol::{ModelId, WireDType};
 use libp2p::PeerId;
 
-use super::remote::{RemotePipeline, RouteContext, RouteSegment};
+use super::remote::{RemoteError, RemotePipeline, RouteContext, RouteSegment};
 use crate::network::discovery::{discover, DiscoveredServer};
 use crate::network::Network;
 use crate::routing::{plan_route, Candidate, Measured, RouteError};
@@ -17,6 +17,12 @@ use crate::routing::{plan_route, Candidate, Measured, RouteError};
 /// How long to keep looking for servers before reporting what is missing: the DHT of
 /// a swarm that was just joined may need a moment to answer.
 pub const DISCOVERY_PATIENCE: Duration = Duration::from_secs(5);
+/// How long to wait for a session when the servers that could serve one are busy:
+/// sessions end every few seconds on a loaded swarm, so a client waits its turn as a
+/// busy web server's clients do, rather than failing at once.
+pub const BUSY_PATIENCE: Duration = Duration::from_secs(30);
+/// How long a server that said it is busy is left out before it is asked again.
+const BUSY_BACKOFF: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -103,25 +109,37 @@ pub async fn connect(
     max_len: u32,
     options: RouteOptions,
 ) -> Result<RemotePipeline, ConnectError> {
-    let deadline = Instant::now() + DISCOVERY_PATIENCE;
+    let started = Instant::now();
+    let mut deadline = started + DISCOVERY_PATIENCE;
     let mut excluded: HashSet<PeerId> = HashSet::new();
+    // Servers that said they were busy, and until when they are left out.
+    let mut busy: HashMap<PeerId, Instant> = HashMap::new();
     let mut unusable: Vec<String> = Vec::new();
     loop {
+        let now = Instant::now();
         let servers: Vec<DiscoveredServer> = discover(network, &target.id, true)
             .await
             .into_iter()
             .filter(|s| !excluded.contains(&s.peer) && !s.info.draining)
+            .filter(|s| busy.get(&s.peer).is_none_or(|until| *until <= now))
             .collect();
         let candidates = candidates(&servers);
         let route = match plan_route(&candidates, target.block_count) {
             Ok(route) => route,
             Err(route) if Instant::now() >= deadline => {
+                if !busy.is_empty() {
+                    unusable.push(format!(
+                        "{} server(s) stayed busy for {} s",
+                        busy.len(),
+                        BUSY_PATIENCE.as_secs()
+                    ));
+                }
                 return Err(ConnectError::NoRoute {
                     route,
                     model_name: target.name.clone(),
                     model: target.id.short(),
                     unusable,
-                })
+                });
             }
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -145,6 +163,11 @@ pub async fn connect(
         };
         match RemotePipeline::open(context, &segments).await {
             Ok(pipeline) => return Ok(pipeline),
+            Err(RemoteError::Busy { peer, .. }) => {
+                tracing::debug!(%peer, "busy; waiting for a session to free up");
+                busy.insert(peer, Instant::now() + BUSY_BACKOFF);
+                deadline = deadline.max(started + BUSY_PATIENCE);
+            }
             Err(e) => {
                 tracing::info!("route {segments:?} failed: {e}; trying without that server");
                 if let Some(peer) = e.peer() {
