@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
-use libp2p::kad::{ProviderRecord, Record};
+use libp2p::kad::{ProviderRecord, Record, RecordKey};
 
 use super::record::MAX_AGE_SECS;
 
@@ -33,17 +33,15 @@ pub fn config() -> MemoryStoreConfig {
 pub fn put(store: &mut MemoryStore, mut record: Record, now: Instant) -> Result<(), String> {
     let longest = now + Duration::from_secs(MAX_AGE_SECS);
     record.expires = Some(record.expires.map_or(longest, |e| e.min(longest)));
-    if store.get(&record.key).is_none() {
-        make_room(store, now);
-    }
+    make_room(store, &record.key, now);
     store.put(record).map_err(|e| e.to_string())
 }
 
-/// Frees a place in a full store: every expired record, or else the one that expires
-/// soonest. This node's own announcement goes through here too, so a store filled by
-/// others never keeps it out.
-pub fn make_room(store: &mut MemoryStore, now: Instant) {
-    if store.records().count() < MAX_RECORDS {
+/// Frees a place for `key` in a full store, unless it is there already: every expired
+/// record, or else the one that expires soonest. This node's own announcement goes
+/// through here too, so a store filled by others never keeps it out.
+pub fn make_room(store: &mut MemoryStore, key: &RecordKey, now: Instant) {
+    if store.get(key).is_some() || store.records().count() < MAX_RECORDS {
         return;
     }
     let expired: Vec<_> = store
@@ -86,7 +84,6 @@ pub fn add_provider(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use libp2p::kad::RecordKey;
     use libp2p::PeerId;
 
     fn store() -> MemoryStore {

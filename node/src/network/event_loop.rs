@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryId, QueryResult, Quorum, Record};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
@@ -249,9 +248,7 @@ impl EventLoop {
             Command::PutRecord { key, value, ttl } => {
                 let mut record = Record::new(key, value);
                 record.expires = Some(Instant::now() + ttl);
-                if kad.store_mut().get(&record.key).is_none() {
-                    dht_store::make_room(kad.store_mut(), Instant::now());
-                }
+                dht_store::make_room(kad.store_mut(), &record.key, Instant::now());
                 // With no other peer yet the record is still stored locally; the next
                 // refresh reaches peers that joined since.
                 if let Err(e) = kad.put_record(record, Quorum::One) {

@@ -73,10 +73,10 @@ fn run_batch(shard: &Shard, jobs: Vec<ComputeJob>) {
             let _ = job.reply.send((job.cache, Err(e)));
             continue;
         }
-        let one_sequence = |j: &ComputeJob| j.hidden.dims().first() == Some(&1);
-        let group = groups.iter_mut().find(|g| {
-            one_sequence(&job) && one_sequence(&g[0]) && Shard::can_batch(&g[0].cache, &job.cache)
-        });
+        // Steps carry one sequence each (the session handler refuses others).
+        let group = groups
+            .iter_mut()
+            .find(|g| Shard::can_batch(&g[0].cache, &job.cache));
         match group {
             Some(group) => group.push(job),
             None => groups.push(vec![job]),

@@ -40,17 +40,18 @@ impl<G: Eq + Hash + Copy> FairQueue<G> {
         max_positions: usize,
     ) -> Vec<usize> {
         let mut chosen: Vec<usize> = Vec::new();
-        let mut skipped = vec![false; waiting.len()];
+        // Chosen, or passed over for this batch.
+        let mut seen = vec![false; waiting.len()];
         let mut positions = 0;
         let mut first_start = None;
         while chosen.len() < max_jobs {
             let next = (0..waiting.len())
-                .filter(|&i| !skipped[i] && !chosen.contains(&i))
+                .filter(|&i| !seen[i])
                 .min_by_key(|&i| (self.start(&waiting[i].0), i));
             let Some(i) = next else { break };
+            seen[i] = true;
             let (group, n, work) = waiting[i];
             if !chosen.is_empty() && positions + n > max_positions {
-                skipped[i] = true;
                 continue;
             }
             let start = self.start(&group);

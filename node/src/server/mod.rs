@@ -32,21 +32,48 @@ use crate::network::Network;
 /// How often freed session memory is handed back to the system.
 const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How a server's slots are shared among groups of peers.
-pub struct Shares {
-    pub streams: FairShare<PeerGroup>,
-    pub sessions: FairShare<PeerGroup>,
+/// The kinds of slot a server shares among groups of peers.
+#[derive(Clone, Copy, Debug)]
+pub enum SlotKind {
+    Stream,
+    Session,
 }
 
-/// A stream's slot in its group's share, given back when dropped.
-struct StreamSlot {
+/// How a server's slots are shared among groups of peers.
+struct Shares {
+    streams: FairShare<PeerGroup>,
+    sessions: FairShare<PeerGroup>,
+}
+
+impl Shares {
+    fn of(&mut self, kind: SlotKind) -> &mut FairShare<PeerGroup> {
+        match kind {
+            SlotKind::Stream => &mut self.streams,
+            SlotKind::Session => &mut self.sessions,
+        }
+    }
+}
+
+/// Why no slot was given.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoSlot {
+    /// The node has none left.
+    Full,
+    /// The group holds its fair share.
+    OverShare,
+}
+
+/// A slot in a group's share, given back when dropped.
+pub struct ShareSlot {
     server: Arc<ShardServer>,
     group: PeerGroup,
+    kind: SlotKind,
 }
 
-impl Drop for StreamSlot {
+impl Drop for ShareSlot {
     fn drop(&mut self) {
-        self.server.shares(|s| s.streams.release(&self.group));
+        let (group, kind) = (self.group, self.kind);
+        self.server.shares(|s| s.of(kind).release(&group));
     }
 }
 
@@ -75,7 +102,6 @@ pub struct ShardServer {
     pub throughput: f32,
     pub metrics: Arc<Metrics>,
     compute: ComputeQueue,
-    sessions: Arc<Semaphore>,
     /// The KV-cache budget, in KiB.
     kv_budget: Arc<Semaphore>,
     /// Open streams (sessions plus probes) and sessions, shared fairly among groups
@@ -109,7 +135,6 @@ impl ShardServer {
             throughput,
             metrics,
             compute,
-            sessions: Arc::new(Semaphore::new(limits.max_sessions)),
             kv_budget: Arc::new(Semaphore::new(kv_kib)),
             shares: std::sync::Mutex::new(Shares {
                 streams: FairShare::new(limits.max_sessions * 2 + 16),
@@ -133,7 +158,7 @@ impl ShardServer {
             range: self.shard.range(),
             protocol_version: PROTOCOL_VERSION,
             throughput: self.throughput,
-            free_sessions: self.sessions.available_permits() as u32,
+            free_sessions: self.shares(|s| s.sessions.available()) as u32,
             max_sessions: self.limits.max_sessions as u32,
             addrs: self.addrs.clone(),
             draining: self.is_draining(),
@@ -163,7 +188,7 @@ impl ShardServer {
 
     /// Sessions currently open.
     pub fn open_sessions(&self) -> usize {
-        self.limits.max_sessions - self.sessions.available_permits()
+        self.limits.max_sessions - self.shares(|s| s.sessions.available())
     }
 
     /// Runs `f` on the peer guard. A poisoned lock (a panic elsewhere) still holds
@@ -174,9 +199,33 @@ impl ShardServer {
     }
 
     /// Runs `f` on the fair shares (never held across an await).
-    pub fn shares<T>(&self, f: impl FnOnce(&mut Shares) -> T) -> T {
+    fn shares<T>(&self, f: impl FnOnce(&mut Shares) -> T) -> T {
         let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut shares)
+    }
+
+    /// A slot of `kind` for `group`, if the node has one and the group is within its
+    /// share.
+    pub fn take_slot(
+        self: &Arc<Self>,
+        kind: SlotKind,
+        group: PeerGroup,
+    ) -> Result<ShareSlot, NoSlot> {
+        self.shares(|s| {
+            let slots = s.of(kind);
+            if slots.available() == 0 {
+                Err(NoSlot::Full)
+            } else if slots.try_take(&group) {
+                Ok(())
+            } else {
+                Err(NoSlot::OverShare)
+            }
+        })?;
+        Ok(ShareSlot {
+            server: self.clone(),
+            group,
+            kind,
+        })
     }
 
     /// Accepts inference streams until the network stops.
@@ -207,14 +256,13 @@ impl ShardServer {
                 continue;
             }
             let group = PeerGroup::of(peer, network.address_of(&peer));
-            if !self.shares(|s| s.streams.try_take(&group)) {
-                tracing::info!(%peer, "its address holds its share of streams; refusing one");
-                drop(stream);
-                continue;
-            }
-            let slot = StreamSlot {
-                server: self.clone(),
-                group,
+            let slot = match self.take_slot(SlotKind::Stream, group) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    tracing::info!(%peer, "refusing a stream: {why:?}");
+                    drop(stream);
+                    continue;
+                }
             };
             let (server, network) = (self.clone(), network.clone());
             tokio::spawn(async move {

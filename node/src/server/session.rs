@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use super::forwarding::{ForwardedStep, Forwarder, Registration, Undelivered};
 use super::guard::{Offence, Verdict};
 use super::share::PeerGroup;
-use super::ShardServer;
+use super::{NoSlot, ShardServer, ShareSlot, SlotKind};
 use crate::model::{candle_message, with_values, ForwardError, ShardCache};
 use crate::network::framing::{
     decode_frame, write_frame, write_message, FrameIoError, FrameReader, INLINE_CODEC_BYTES,
@@ -37,13 +37,12 @@ struct OpenSession {
     /// Steps forwarded into the session by the previous server of its route.
     inbox: mpsc::Receiver<ForwardedStep>,
     _registration: Registration,
-    _slot: OwnedSemaphorePermit,
+    _slot: ShareSlot,
     _kv_reservation: OwnedSemaphorePermit,
     _peer_slot: PeerSlot,
 }
 
-/// One of a peer's sessions, counted in the per-peer limit and its group's share
-/// until dropped.
+/// One of a peer's sessions, counted in the per-peer limit until dropped.
 struct PeerSlot {
     server: Arc<ShardServer>,
     peer: PeerId,
@@ -53,7 +52,6 @@ struct PeerSlot {
 impl Drop for PeerSlot {
     fn drop(&mut self) {
         self.server.guard(|g| g.on_close(&self.peer));
-        self.server.shares(|s| s.sessions.release(&self.group));
         super::memory::session_ended();
     }
 }
@@ -275,16 +273,16 @@ impl Outputs<'_> {
         // an honest session at full speed is never throttled: they are counted only
         // when refused, below. A forwarded step is counted when it is not delivered
         // (see `deliver`).
-        let verdict = match message {
-            ClientMessage::Forwarded { .. }
-            | ClientMessage::Step { .. }
-            | ClientMessage::Replay { .. } => Verdict::Allow,
-            _ => server.guard(|g| g.on_request(&peer, Instant::now())),
-        };
-        let counted = !matches!(
+        let step = matches!(
             message,
-            ClientMessage::Step { .. } | ClientMessage::Replay { .. }
+            ClientMessage::Forwarded { .. }
+                | ClientMessage::Step { .. }
+                | ClientMessage::Replay { .. }
         );
+        let verdict = match step {
+            true => Verdict::Allow,
+            false => server.guard(|g| g.on_request(&peer, Instant::now())),
+        };
         if verdict == Verdict::Refuse {
             let reply = (
                 ErrorKind::RateLimited,
@@ -307,20 +305,12 @@ impl Outputs<'_> {
                 if !obey(verdict, network, peer).await {
                     return Next::Stop;
                 }
-                let group = self.group;
                 match verdict {
-                    Verdict::Allow if !server.shares(|s| s.sessions.try_take(&group)) => {
-                        server.guard(|g| g.on_close(&peer));
-                        server.metrics.busy_refusals.inc();
-                        Ok(Reply::Message(ServerMessage::Busy {
-                            reason: "this address holds its fair share of sessions here".into(),
-                        }))
-                    }
                     Verdict::Allow => {
                         let slot = PeerSlot {
                             server: server.clone(),
                             peer,
-                            group,
+                            group: self.group,
                         };
                         open(server, session, slot, model, range, max_len, dtype)
                             .map(Reply::Message)
@@ -369,7 +359,7 @@ impl Outputs<'_> {
                 return self.deliver(peer, id, &token, step).await;
             }
         };
-        if reply.is_err() && !counted {
+        if reply.is_err() && step {
             // A refused step costs the server little, but a stream of them must not
             // come for free.
             let verdict = server.guard(|g| g.on_request(&peer, Instant::now()));
@@ -513,11 +503,19 @@ fn open(
         );
         return Err((ErrorKind::WrongModel, msg));
     };
-    let Ok(slot) = server.sessions.clone().try_acquire_owned() else {
-        server.metrics.busy_refusals.inc();
-        return Ok(ServerMessage::Busy {
-            reason: format!("all {} sessions are in use", server.limits.max_sessions),
-        });
+    let slot = match peer_slot
+        .server
+        .take_slot(SlotKind::Session, peer_slot.group)
+    {
+        Ok(slot) => slot,
+        Err(why) => {
+            server.metrics.busy_refusals.inc();
+            let reason = match why {
+                NoSlot::Full => format!("all {} sessions are in use", server.limits.max_sessions),
+                NoSlot::OverShare => "this address holds its fair share of sessions here".into(),
+            };
+            return Ok(ServerMessage::Busy { reason });
+        }
     };
     let bytes = server.kv_bytes_per_position(range.len()) * cache.max_len() as u64;
     let kib = bytes.div_ceil(1024).min(u32::MAX as u64) as u32;
