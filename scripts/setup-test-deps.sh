@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond a Rust toolchain and the model: a Python
 # virtual environment under target/ with the end-to-end tests' packages, and Debian's
-# headless Chromium and its WebDriver (only as root; otherwise it says what to install
-# and stops). Safe to run again: it installs only what is missing.
+# headless Chromium, its WebDriver and iptables (for the WAN lab in tests/wan) (only as
+# root; otherwise it says what to install and stops). Safe to run again: it installs
+# only what is missing.
 #
 #   scripts/setup-test-deps.sh        # prints the virtual environment's python
 set -euo pipefail
@@ -15,6 +16,7 @@ missing_debs() {
     debs=()
     command -v chromium >/dev/null 2>&1 || debs+=(chromium)
     command -v chromedriver >/dev/null 2>&1 || debs+=(chromium-driver)
+    command -v iptables >/dev/null 2>&1 || debs+=(iptables)
 }
 
 apt_install() {

@@ -38,3 +38,16 @@ pub fn data_dir() -> PathBuf {
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
     home.join(".local").join("share").join("allmende")
 }
+
+/// `$ALLMENDE_CONFIG_DIR`, else `$XDG_CONFIG_HOME/allmende`, else `~/.config/allmende`:
+/// where a node finds its bootstrap list (`bootstrap.txt`).
+pub fn config_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ALLMENDE_CONFIG_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("allmende");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".config").join("allmende")
+}

@@ -215,10 +215,15 @@ async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
     let route = pipeline.route();
     let failovers = serde_json::to_value(pipeline.failovers())?;
     let hops = pipeline.hops();
+    let mut paths = Vec::with_capacity(route.len());
+    for segment in &route {
+        paths.push(network.path(segment.peer).await.ok().flatten());
+    }
     pipeline.close().await;
     let (output, prompt_ids, params) = output?;
     let swarm = SwarmReport {
         route: &route,
+        paths,
         failovers,
         hops,
     };
@@ -246,6 +251,8 @@ fn stream_generation(
 struct SwarmReport<'a> {
     /// The route at the end of the generation.
     route: &'a [RouteSegment],
+    /// The path to each segment's server, when this client holds a connection to it.
+    paths: Vec<Option<crate::network::PathInfo>>,
     failovers: serde_json::Value,
     hops: HopCounts,
 }
@@ -276,7 +283,15 @@ fn report(
         report["route"] = swarm
             .route
             .iter()
-            .map(|s| json!({"peer": s.peer.to_string(), "layers": [s.range.start, s.range.end]}))
+            .zip(&swarm.paths)
+            .map(|(s, path)| {
+                json!({
+                    "peer": s.peer.to_string(),
+                    "layers": [s.range.start, s.range.end],
+                    "path": path.map(|p| p.kind),
+                    "rtt_ms": path.and_then(|p| p.rtt_ms),
+                })
+            })
             .collect();
         report["failovers"] = swarm.failovers;
         report["hops"] = serde_json::to_value(swarm.hops)?;

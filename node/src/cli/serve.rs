@@ -11,7 +11,7 @@ use clap::Args;
 use libp2p::Multiaddr;
 
 use super::gateway::{build_gateway, ApiArgs};
-use super::swarm::{join_swarm, model_file, model_target, SwarmArgs};
+use super::swarm::{join_swarm, model_file, model_target, Joining, SwarmArgs};
 use crate::model::shard::layer_bytes;
 use crate::model::{GgufFile, ModelConfig, Shard};
 use crate::network::discovery::discover;
@@ -82,7 +82,48 @@ pub struct ServeArgs {
     #[command(flatten)]
     api_args: ApiArgs,
     #[command(flatten)]
+    reach: ReachArgs,
+    #[command(flatten)]
     swarm: SwarmArgs,
+}
+
+/// How peers reach this node, and what it relays for others.
+#[derive(Args, Debug)]
+pub struct ReachArgs {
+    /// An address others reach this node at, e.g. a port forwarded on the router
+    /// (/ip4/203.0.113.5/tcp/4001); repeat for several. Announced without asking
+    /// peers to confirm it.
+    #[arg(long = "external-address", value_name = "MULTIADDR")]
+    external_address: Vec<Multiaddr>,
+    /// Do not relay connections for peers behind NAT. Only publicly reachable nodes
+    /// are used as relays; a relay carries their sessions within the limits below.
+    #[arg(long)]
+    no_relay_service: bool,
+    /// Ask the router to forward a port to this node (UPnP IGD).
+    #[arg(long)]
+    upnp: bool,
+    /// Circuits this node relays at once (eight at most for one peer).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    relay_max_circuits: u32,
+    /// Seconds one relayed circuit may last; its peers then reconnect (directly if
+    /// they can) and move their sessions.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    relay_circuit_secs: u64,
+    /// MiB one relayed circuit may carry.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    relay_circuit_mb: u64,
+}
+
+impl ReachArgs {
+    fn relay_limits(&self) -> Option<crate::network::RelayLimits> {
+        (!self.no_relay_service).then(|| crate::network::RelayLimits {
+            circuits: self.relay_max_circuits as usize,
+            circuits_per_peer: 8,
+            circuit_duration: Duration::from_secs(self.relay_circuit_secs),
+            circuit_bytes: self.relay_circuit_mb << 20,
+            ..Default::default()
+        })
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -125,8 +166,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| crate::paths::data_dir().join("identity.key"));
     // Held until this node exits: no other node may run under its peer id meanwhile.
     let identity = crate::network::identity::hold(&identity)?;
-    let network = join_swarm(&args.swarm, Some(identity.keypair.clone()), listen, true).await?;
+    let joining = Joining {
+        identity: Some(identity.keypair.clone()),
+        listen,
+        dht_server: true,
+        relay: args.reach.relay_limits(),
+        upnp: args.reach.upnp,
+        external: args.reach.external_address.clone(),
+        wait: false,
+    };
+    let network = join_swarm(&args.swarm, joining).await?;
     println!("peer id: {}", network.peer_id());
+    tokio::spawn(report_reachability(network.clone()));
     // Let every listener report its address before printing them.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let addrs = network.listen_addrs().await?;
@@ -188,7 +239,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "sessions' KV caches: up to {} MiB",
         limits.kv_cache_bytes >> 20
     );
-    let announced: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let server = ShardServer::new(
         shard,
@@ -196,9 +246,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_name.clone(),
         limits,
         throughput,
-        announced,
         metrics.clone(),
     );
+    server.set_addrs(addrs.iter().map(|a| a.to_string()).collect());
     let accept = tokio::spawn(server.clone().run(network.clone()));
     tokio::spawn(announce_loop(server.clone(), network.clone()));
     println!(
@@ -214,7 +264,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             no_mdns: true,
             swarm_key: args.swarm.swarm_key.clone(),
         };
-        let client = join_swarm(&own, None, Vec::new(), false).await?;
+        let client = join_swarm(&own, Joining::client()).await?;
         let gateway = build_gateway(&model_path, client, metrics, &args.api_args)?;
         println!("API and web page on http://{}", listener.local_addr()?);
         tokio::spawn(async move {
@@ -297,6 +347,38 @@ fn default_kv_budget() -> u64 {
 }
 
 /// How many layers fit in half of the memory available now.
+/// Prints each change of this node's reachability, so a donor sees whether peers can
+/// reach the node and how.
+async fn report_reachability(network: crate::network::Network) {
+    use crate::network::reachability::Reachability;
+    let mut shown = Reachability::Unknown;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(report) = network.reachability().await else {
+            return;
+        };
+        if report.status == shown {
+            continue;
+        }
+        shown = report.status;
+        let addrs: Vec<String> = report.announced.iter().map(|a| a.to_string()).collect();
+        let relaying = match report.relay_service && report.status == Reachability::Public {
+            true => "; relays for peers behind NAT",
+            false => "",
+        };
+        match report.status {
+            Reachability::Unknown => {}
+            Reachability::Unreachable => println!("reachability: {}", report.status.describe()),
+            _ => println!(
+                "reachability: {} at {}{relaying}",
+                report.status.describe(),
+                addrs.join(", ")
+            ),
+        }
+    }
+}
+
 fn layers_that_fit(gguf: &GgufFile, config: &ModelConfig) -> u32 {
     let per_layer = layer_bytes(gguf, 0).max(1);
     let available = crate::server::memory_limit::available().unwrap_or(u64::MAX / 4);

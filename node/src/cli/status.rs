@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::swarm::{join_as_client, model_file, SwarmArgs};
 use crate::model::{GgufFile, ModelConfig};
-use crate::network::discovery::discover;
+use crate::network::discovery::{discover_with, Probe};
 use crate::network::report::swarm_report;
 
 #[derive(Args, Debug)]
@@ -47,7 +47,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     };
     let network = join_as_client(&args.swarm).await?;
-    let servers = discover(&network, &model, true).await;
+    let servers = discover_with(&network, &model, Probe::All).await;
     let block_count = local_blocks.or_else(|| servers.first().map(|s| s.info.block_count));
     let name = local_name
         .or_else(|| servers.first().map(|s| s.info.model_name.clone()))
@@ -65,13 +65,14 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     for s in &servers {
         println!(
-            "  {}  layers {:>9}  {:6.1} tok/s  sessions {}/{} free  rtt {}{}",
+            "  {}  layers {:>9}  {:6.1} tok/s  sessions {}/{} free  rtt {}  {}{}",
             s.peer,
             s.info.range.to_string(),
             s.info.throughput,
             s.info.free_sessions,
             s.info.max_sessions,
             s.rtt_ms.map_or("?".into(), |r| format!("{r:.2} ms")),
+            reach_text(s),
             if s.info.draining { "  (leaving)" } else { "" },
         );
     }
@@ -95,4 +96,18 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a server answered, and by which path.
+fn reach_text(s: &crate::network::discovery::DiscoveredServer) -> String {
+    use crate::network::PathKind;
+    let relayed = s.info.addrs.iter().any(|a| a.contains("/p2p-circuit"));
+    match (s.silent, s.path.map(|p| p.kind)) {
+        (true, _) if s.info.addrs.is_empty() => "unreachable (announces no address)".into(),
+        (true, _) => "did not answer".into(),
+        (_, Some(PathKind::Relayed)) => "behind NAT, relayed".into(),
+        (_, Some(PathKind::HolePunched)) => "behind NAT, hole-punched".into(),
+        _ if relayed => "behind NAT".into(),
+        _ => "direct".into(),
+    }
 }

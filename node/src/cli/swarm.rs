@@ -11,16 +11,23 @@ use libp2p::Multiaddr;
 
 use crate::client::connect::ModelTarget;
 use crate::model::GgufFile;
-use crate::network::{Network, NetworkConfig};
+use crate::network::{parse_bootstrap_list, Network, NetworkConfig, Services};
 use crate::paths;
 
-/// How long to wait for the first peer after dialling the bootstrap addresses.
+/// How long a client waits for the first peer (redialling meanwhile); servers wait
+/// as long as it takes.
 const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The public swarm's bootstrap nodes, used when neither `--bootstrap` nor a
+/// `bootstrap.txt` in the configuration directory names any.
+const DEFAULT_BOOTSTRAP: &str = include_str!("../../bootstrap.txt");
 
 #[derive(Args, Debug, Clone)]
 pub struct SwarmArgs {
-    /// Address of a node already in the swarm, e.g. /ip4/127.0.0.1/tcp/4001, with or
-    /// without a /p2p/<peer id> suffix; repeat for several.
+    /// Address of a node already in the swarm, e.g. /ip4/198.51.100.7/tcp/4001 or
+    /// /dns4/node.example.org/tcp/4001, with or without a /p2p/<peer id> suffix;
+    /// repeat for several [default: the list in bootstrap.txt in the configuration
+    /// directory, else the public swarm's list built in].
     #[arg(long = "bootstrap", value_name = "MULTIADDR")]
     pub bootstrap: Vec<Multiaddr>,
     /// Do not discover peers on the local network with mDNS.
@@ -52,20 +59,65 @@ impl SwarmArgs {
     pub fn is_private(&self) -> bool {
         self.swarm_key.is_some()
     }
+
+    /// The addresses to join through: `--bootstrap`, else the configuration file's,
+    /// else the built-in list (which a private swarm never uses).
+    pub fn bootstrap_addrs(&self) -> anyhow::Result<Vec<Multiaddr>> {
+        if !self.bootstrap.is_empty() {
+            return Ok(self.bootstrap.clone());
+        }
+        let file = paths::config_dir().join("bootstrap.txt");
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                parse_bootstrap_list(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match self.is_private() {
+                true => Ok(Vec::new()),
+                false => parse_bootstrap_list(DEFAULT_BOOTSTRAP)
+                    .map_err(|e| anyhow::anyhow!("the built-in bootstrap list: {e}")),
+            },
+            Err(e) => bail!("cannot read {}: {e}", file.display()),
+        }
+    }
 }
 
-/// Starts a node on the swarm and waits until it knows a peer (when it has a way to
-/// find one). `identity`: a node's held key, or `None` for a throw-away client identity.
-pub async fn join_swarm(
-    args: &SwarmArgs,
-    identity: Option<Keypair>,
-    listen: Vec<Multiaddr>,
-    dht_server: bool,
-) -> anyhow::Result<Network> {
-    let keypair = identity.unwrap_or_else(Keypair::generate_ed25519);
+/// How a node joins: what it offers, where others reach it, and whether to wait for
+/// a peer before going on.
+pub struct Joining {
+    pub identity: Option<Keypair>,
+    pub listen: Vec<Multiaddr>,
+    pub dht_server: bool,
+    pub relay: Option<crate::network::RelayLimits>,
+    pub upnp: bool,
+    pub external: Vec<Multiaddr>,
+    /// Fail after `BOOTSTRAP_TIMEOUT` without a peer (clients); servers go on and
+    /// keep redialling.
+    pub wait: bool,
+}
+
+impl Joining {
+    pub fn client() -> Self {
+        Self {
+            identity: None,
+            listen: Vec::new(),
+            dht_server: false,
+            relay: None,
+            upnp: false,
+            external: Vec::new(),
+            wait: true,
+        }
+    }
+}
+
+/// Starts a node on the swarm. A client (`join.wait`) waits until it knows a peer
+/// (when it has a way to find one); a server goes on while its network redials.
+/// `join.identity`: a node's held key, or `None` for a throw-away client identity.
+pub async fn join_swarm(args: &SwarmArgs, join: Joining) -> anyhow::Result<Network> {
+    let keypair = join.identity.unwrap_or_else(Keypair::generate_ed25519);
     let swarm_key = args.load_swarm_key()?;
+    let bootstrap = args.bootstrap_addrs()?;
     if swarm_key.is_some() {
-        let quic = listen.iter().chain(&args.bootstrap).find(|a| is_quic(a));
+        let quic = join.listen.iter().chain(&bootstrap).find(|a| is_quic(a));
         if let Some(addr) = quic {
             bail!("{addr}: QUIC cannot carry a private swarm's key; use a /tcp address");
         }
@@ -73,20 +125,42 @@ pub async fn join_swarm(
     let network = Network::start(NetworkConfig {
         keypair,
         swarm_key,
-        listen,
-        bootstrap: args.bootstrap.clone(),
-        mdns: !args.no_mdns,
-        dht_server,
+        listen: join.listen,
+        bootstrap: bootstrap.clone(),
+        dht_server: join.dht_server,
+        services: Services {
+            mdns: !args.no_mdns,
+            relay: join.relay,
+            upnp: join.upnp,
+        },
+        external: join.external,
     })
     .await?;
-    if !args.bootstrap.is_empty() {
-        let addrs: Vec<String> = args.bootstrap.iter().map(|a| a.to_string()).collect();
+    if !bootstrap.is_empty() {
+        let addrs: Vec<String> = bootstrap.iter().map(|a| a.to_string()).collect();
         let hint = match args.is_private() {
             true => "does it hold the same swarm key?",
             false => "if it is a private swarm, pass --swarm-key",
         };
         let what = format!("{} ({hint})", addrs.join(", "));
-        network.wait_for_peers(BOOTSTRAP_TIMEOUT, &what).await?;
+        match join.wait {
+            true => network.wait_for_peers(BOOTSTRAP_TIMEOUT, &what).await?,
+            false => {
+                let waiting = network.clone();
+                tokio::spawn(async move {
+                    let patience = Duration::from_secs(2);
+                    if waiting.wait_for_peers(patience, &what).await.is_err() {
+                        tracing::warn!(
+                            "no peer reachable yet at {what}; serving meanwhile and dialling again"
+                        );
+                        let forever = Duration::from_secs(u32::MAX.into());
+                        if waiting.wait_for_peers(forever, &what).await.is_ok() {
+                            tracing::info!("joined the swarm");
+                        }
+                    }
+                });
+            }
+        }
     }
     Ok(network)
 }
@@ -102,11 +176,12 @@ fn is_quic(addr: &Multiaddr) -> bool {
 
 /// A client needs some way into a swarm: a bootstrap address or mDNS.
 pub async fn join_as_client(args: &SwarmArgs) -> anyhow::Result<Network> {
-    if args.bootstrap.is_empty() && args.no_mdns {
+    let no_bootstrap = args.bootstrap_addrs()?.is_empty();
+    if no_bootstrap && args.no_mdns {
         bail!("no way to find the swarm: pass --bootstrap ADDR, drop --no-mdns to search the local network, or use --local");
     }
-    let network = join_swarm(args, None, Vec::new(), false).await?;
-    if args.bootstrap.is_empty() {
+    let network = join_swarm(args, Joining::client()).await?;
+    if no_bootstrap {
         network
             .wait_for_peers(BOOTSTRAP_TIMEOUT, "the local network (mDNS)")
             .await?;

@@ -3,12 +3,15 @@
 use std::time::Duration;
 
 use libp2p::allow_block_list::{self, BlockedPeers};
+use libp2p::autonat::v2 as autonat;
 use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, mdns, ping, StreamProtocol};
+use libp2p::{dcutr, identify, mdns, ping, relay, upnp, StreamProtocol};
+
+pub use super::relay_limits::RelayLimits;
 
 /// Kademlia protocol name: our own DHT, separate from IPFS's.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/allmende/kad/1.0.0");
@@ -38,11 +41,36 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Reserves slots on relays and carries relayed connections (behind NAT).
+    pub relay_client: relay::client::Behaviour,
+    /// Relays for peers behind NAT (off with `--no-relay-service`).
+    pub relay: Toggle<relay::Behaviour>,
+    /// Upgrades relayed connections to direct ones by hole punching.
+    pub dcutr: dcutr::Behaviour,
+    /// Asks peers to dial this node back, to learn whether it is reachable.
+    pub autonat_client: autonat::client::Behaviour,
+    /// Dials peers back for theirs.
+    pub autonat_server: autonat::server::Behaviour,
+    /// Asks the router to forward a port (off unless `--upnp`).
+    pub upnp: Toggle<upnp::tokio::Behaviour>,
     pub stream: libp2p_stream::Behaviour,
 }
 
+/// What a node offers to others beyond the inference protocol.
+#[derive(Clone, Debug)]
+pub struct Services {
+    pub mdns: bool,
+    /// Relay for peers behind NAT, within these limits.
+    pub relay: Option<RelayLimits>,
+    pub upnp: bool,
+}
+
 impl Behaviour {
-    pub fn new(key: &Keypair, use_mdns: bool) -> Result<Self, std::io::Error> {
+    pub fn new(
+        key: &Keypair,
+        relay_client: relay::client::Behaviour,
+        services: &Services,
+    ) -> Result<Self, std::io::Error> {
         let peer_id = key.public().to_peer_id();
         let mut config = kad::Config::new(KAD_PROTOCOL);
         config
@@ -60,7 +88,7 @@ impl Behaviour {
             MemoryStore::with_config(peer_id, super::dht_store::config()),
             config,
         );
-        let mdns = match use_mdns {
+        let mdns = match services.mdns {
             true => Some(mdns::tokio::Behaviour::new(
                 mdns::Config::default(),
                 peer_id,
@@ -76,12 +104,25 @@ impl Behaviour {
                     .with_max_established(Some(ESTABLISHED)),
             ),
             kademlia,
-            identify: identify::Behaviour::new(identify::Config::new(
-                IDENTIFY_PROTOCOL.to_string(),
-                key.public(),
-            )),
+            // Pushing address changes tells peers at once when a relayed address is
+            // gained or lost.
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                    .with_push_listen_addr_updates(true),
+            ),
             ping: ping::Behaviour::new(ping::Config::new()),
             mdns: mdns.into(),
+            relay_client,
+            relay: services
+                .relay
+                .as_ref()
+                .map(|limits| relay::Behaviour::new(peer_id, limits.config()))
+                .into(),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            // Probes a candidate address every 5 s (the default).
+            autonat_client: autonat::client::Behaviour::default(),
+            autonat_server: autonat::server::Behaviour::default(),
+            upnp: services.upnp.then(upnp::tokio::Behaviour::default).into(),
             stream: libp2p_stream::Behaviour::new(),
         })
     }

@@ -9,7 +9,7 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::framing::{read_message, write_message};
 use super::keys::{model_key, server_key};
-use super::Network;
+use super::{Network, PathInfo};
 
 /// How long a probe may take before the server counts as unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -18,13 +18,41 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct DiscoveredServer {
     pub peer: PeerId,
     pub info: ServerInfo,
-    /// Round trip of the `Info` probe; `None` when not probed.
+    /// Round trip of the `Info` probe; `None` when not probed or not answered.
     pub rtt_ms: Option<f64>,
+    /// The path this node reached it by, when probed.
+    pub path: Option<PathInfo>,
+    /// It was probed and did not answer (kept only by [`Probe::All`]).
+    pub silent: bool,
 }
 
-/// Servers of `model` that announced themselves and (when `probe`) answered a probe.
-/// Servers that do not answer are left out: a stale record must not attract sessions.
+/// How `discover` treats servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Announcements only.
+    No,
+    /// Ask each for its current load; leave out those that do not answer: a stale
+    /// record or an unreachable server must not attract sessions.
+    Answering,
+    /// Ask each, and keep those that do not answer too (with no round trip), to
+    /// report them.
+    All,
+}
+
+/// Servers of `model` that announced themselves, probed as `probe` says.
 pub async fn discover(network: &Network, model: &ModelId, probe: bool) -> Vec<DiscoveredServer> {
+    let probe = match probe {
+        true => Probe::Answering,
+        false => Probe::No,
+    };
+    discover_with(network, model, probe).await
+}
+
+pub async fn discover_with(
+    network: &Network,
+    model: &ModelId,
+    probe: Probe,
+) -> Vec<DiscoveredServer> {
     let providers = network
         .get_providers(model_key(model))
         .await
@@ -42,7 +70,7 @@ async fn lookup(
     network: &Network,
     peer: PeerId,
     model: &ModelId,
-    probe: bool,
+    probe: Probe,
 ) -> Option<DiscoveredServer> {
     let record = network.get_record(server_key(&peer)).await.ok()??;
     let info: ServerInfo = match super::record::verify(&peer, &record) {
@@ -57,11 +85,13 @@ async fn lookup(
     }
     let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     let _ = network.add_addresses(peer, addrs).await;
-    if !probe {
+    if probe == Probe::No {
         return Some(DiscoveredServer {
             peer,
             info,
             rtt_ms: None,
+            path: None,
+            silent: false,
         });
     }
     match tokio::time::timeout(PROBE_TIMEOUT, probe_info(network, peer)).await {
@@ -70,11 +100,19 @@ async fn lookup(
                 peer,
                 info: fresh,
                 rtt_ms: Some(rtt_ms),
+                path: network.path(peer).await.ok().flatten(),
+                silent: false,
             })
         }
         _ => {
             tracing::debug!(%peer, "server announced but did not answer a probe");
-            None
+            (probe == Probe::All).then_some(DiscoveredServer {
+                peer,
+                info,
+                rtt_ms: None,
+                path: None,
+                silent: true,
+            })
         }
     }
 }

@@ -14,7 +14,9 @@ use libp2p::{identify, mdns, noise, tcp, yamux, Multiaddr, PeerId, Swarm, Transp
 use tokio::sync::{mpsc, oneshot};
 
 use super::addresses::PeerAddresses;
-use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use super::behaviour::{Behaviour, BehaviourEvent, Services, KAD_PROTOCOL};
+use super::bootstrap::Bootstrap;
+use super::connectivity::Connectivity;
 use super::{dht_store, keys, record, Command, NetworkError};
 
 /// How long an idle connection stays open. Sessions keep their streams busy; this
@@ -30,9 +32,13 @@ pub struct NetworkConfig {
     pub swarm_key: Option<PreSharedKey>,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
-    pub mdns: bool,
     /// Answer DHT queries and store records (servers); clients only ask.
     pub dht_server: bool,
+    /// mDNS, the relay service and UPnP.
+    pub services: Services,
+    /// Addresses others reach this node at (a forwarded port), confirmed without
+    /// asking AutoNAT.
+    pub external: Vec<Multiaddr>,
 }
 
 pub(super) fn spawn(
@@ -42,8 +48,8 @@ pub(super) fn spawn(
 ) -> Result<(PeerId, libp2p_stream::Control), NetworkError> {
     let private = config.swarm_key.is_some();
     let mut swarm = match config.swarm_key {
-        Some(key) => private_swarm(config.keypair, key, config.mdns)?,
-        None => public_swarm(config.keypair, config.mdns)?,
+        Some(key) => private_swarm(config.keypair, key, config.services)?,
+        None => public_swarm(config.keypair, config.services)?,
     };
     let mode = if config.dht_server {
         kad::Mode::Server
@@ -59,16 +65,21 @@ pub(super) fn spawn(
                 reason: e.to_string(),
             })?;
     }
-    for addr in config.bootstrap {
-        if let Some(peer) = peer_id_of(&addr) {
+    for addr in config.external {
+        swarm.add_external_address(addr);
+    }
+    for addr in &config.bootstrap {
+        if let Some(peer) = peer_id_of(addr) {
             swarm
                 .behaviour_mut()
                 .kademlia
-                .add_address(&peer, without_peer_id(&addr));
+                .add_address(&peer, without_peer_id(addr));
         }
         // Without a /p2p suffix the peer id is learnt from the connection (identify).
+        // An address this node cannot dial at all is an error now; one that is not
+        // answering yet is retried.
         swarm.dial(addr.clone()).map_err(|e| NetworkError::Dial {
-            addr,
+            addr: addr.clone(),
             reason: e.to_string(),
         })?;
     }
@@ -86,6 +97,7 @@ pub(super) fn spawn(
         peer_waiters: Vec::new(),
         pending_providers: HashMap::new(),
         pending_records: HashMap::new(),
+        connectivity: Connectivity::new(Bootstrap::new(config.bootstrap, Instant::now())),
     };
     tokio::spawn(event_loop.run());
     Ok((peer_id, control))
@@ -97,13 +109,14 @@ fn build_error(e: impl std::fmt::Display) -> NetworkError {
 
 fn behaviour(
     key: &Keypair,
-    mdns: bool,
+    relay_client: libp2p::relay::client::Behaviour,
+    services: &Services,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(Behaviour::new(key, mdns)?)
+    Ok(Behaviour::new(key, relay_client, services)?)
 }
 
-/// TCP (Noise, Yamux) and QUIC, with DNS names.
-fn public_swarm(keypair: Keypair, mdns: bool) -> Result<Swarm<Behaviour>, NetworkError> {
+/// TCP (Noise, Yamux) and QUIC, with DNS names, and relayed connections.
+fn public_swarm(keypair: Keypair, services: Services) -> Result<Swarm<Behaviour>, NetworkError> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -115,7 +128,9 @@ fn public_swarm(keypair: Keypair, mdns: bool) -> Result<Swarm<Behaviour>, Networ
         .with_quic()
         .with_dns()
         .map_err(build_error)?
-        .with_behaviour(|key| behaviour(key, mdns))
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(build_error)?
+        .with_behaviour(|key, relay| behaviour(key, relay, &services))
         .map_err(build_error)?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build())
@@ -123,11 +138,12 @@ fn public_swarm(keypair: Keypair, mdns: bool) -> Result<Swarm<Behaviour>, Networ
 
 /// A private swarm: TCP only, every connection wrapped in the pre-shared key before
 /// Noise. QUIC cannot carry the key, so it is off: a peer without the key cannot
-/// complete any handshake.
+/// complete any handshake. Relayed connections run inside a relay's connection, which
+/// itself holds the key.
 fn private_swarm(
     keypair: Keypair,
     swarm_key: PreSharedKey,
-    mdns: bool,
+    services: Services,
 ) -> Result<Swarm<Behaviour>, NetworkError> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -147,7 +163,9 @@ fn private_swarm(
         .map_err(build_error)?
         .with_dns()
         .map_err(build_error)?
-        .with_behaviour(|key| behaviour(key, mdns))
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(build_error)?
+        .with_behaviour(|key, relay| behaviour(key, relay, &services))
         .map_err(build_error)?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build())
@@ -160,37 +178,51 @@ pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
+/// `addr` without its final `/p2p/<peer id>`. A relayed address keeps its relay's
+/// peer id: `/ip4/.../p2p/<relay>/p2p-circuit/p2p/<peer>` loses only `<peer>`.
 pub fn without_peer_id(addr: &Multiaddr) -> Multiaddr {
-    addr.iter()
-        .filter(|p| !matches!(p, Protocol::P2p(_)))
-        .collect()
+    let mut addr = addr.clone();
+    if let Some(Protocol::P2p(_)) = addr.iter().last() {
+        addr.pop();
+    }
+    addr
 }
 
-struct EventLoop {
-    swarm: Swarm<Behaviour>,
+pub(super) struct EventLoop {
+    pub(super) swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     private: bool,
     addresses: PeerAddresses,
     /// Peers that completed a handshake and identified as Allmende DHT nodes: the
     /// proof that this node has joined a swarm (a bootstrap address in the routing
     /// table proves nothing yet).
-    talking: HashSet<PeerId>,
+    pub(super) talking: HashSet<PeerId>,
     /// Banned peers and when their bans end.
     bans: Vec<(Instant, PeerId)>,
-    listen_addrs: Vec<Multiaddr>,
+    pub(super) listen_addrs: Vec<Multiaddr>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     peer_waiters: Vec<oneshot::Sender<()>>,
     pending_providers: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
     pending_records: HashMap<QueryId, oneshot::Sender<Option<Vec<u8>>>>,
+    /// Reachability, relays, the paths to peers, and rejoining.
+    pub(super) connectivity: Connectivity,
 }
 
 impl EventLoop {
     async fn run(mut self) {
-        let mut unban = tokio::time::interval(Duration::from_secs(1));
+        // Often enough that a stream waiting for its path opens soon after it settles.
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                event = self.swarm.select_next_some() => self.handle_event(event),
-                _ = unban.tick() => self.lift_expired_bans(),
+                event = self.swarm.select_next_some() => {
+                    self.handle_event(event);
+                    self.answer_settled(Instant::now());
+                }
+                _ = tick.tick() => {
+                    self.lift_expired_bans();
+                    self.maintain(Instant::now());
+                }
                 command = self.commands.recv() => match command {
                     Some(command) => self.handle_command(command),
                     // Every handle is gone: nobody can use the network any more.
@@ -264,6 +296,13 @@ impl EventLoop {
                 let id = kad.get_record(key);
                 self.pending_records.insert(id, reply);
             }
+            Command::Settle(peer, reply) => self.settle(peer, reply, Instant::now()),
+            Command::Path(peer, reply) => {
+                let _ = reply.send(self.connectivity.paths.best(peer));
+            }
+            Command::Reachability(reply) => {
+                let _ = reply.send(self.reachability_report(Instant::now()));
+            }
             Command::Ban(peer, duration) => {
                 tracing::warn!(%peer, "banned for {duration:?}");
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
@@ -288,6 +327,8 @@ impl EventLoop {
                 ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
                 self.talking.insert(peer_id);
+                let offers = info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME);
+                self.connectivity.offers_relay(peer_id, offers);
                 for addr in info.listen_addrs.into_iter().filter(is_dialable) {
                     self.swarm
                         .behaviour_mut()
@@ -307,6 +348,9 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Kademlia(event)) => self.handle_kad(event),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!("connection to {peer_id:?} failed: {error}");
+                if let Some(peer) = peer_id {
+                    self.dial_failed(peer, &error.to_string());
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
@@ -324,19 +368,44 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
                 self.addresses
                     .connected(peer_id, endpoint.get_remote_address());
+                self.connection_opened(peer_id, connection_id, &endpoint);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                num_established,
+                connection_id,
+                endpoint,
                 ..
             } => {
-                self.talking.remove(&peer_id);
-                self.addresses.disconnected(&peer_id);
+                self.connection_closed(peer_id, connection_id, &endpoint);
+                if num_established == 0 {
+                    self.talking.remove(&peer_id);
+                    self.addresses.disconnected(&peer_id);
+                }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+                connection,
+                result: Ok(rtt),
+                ..
+            })) => self.connectivity.paths.measured(&connection, rtt),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => self.hole_punched(event),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => self.relay_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::AutonatClient(event)) => self.probed(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Upnp(event)) => self.upnp_event(event),
+            SwarmEvent::ExternalAddrConfirmed { address } => self.address_confirmed(address),
+            SwarmEvent::ExternalAddrExpired { address } => self.address_expired(&address),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => self.listener_closed(listener_id, reason),
             _ => {}
         }
     }

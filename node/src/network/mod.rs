@@ -8,13 +8,18 @@
 
 pub mod addresses;
 mod behaviour;
+mod bootstrap;
+mod connectivity;
 mod dht_store;
 pub mod discovery;
 mod event_loop;
 pub mod framing;
 pub mod identity;
 pub mod keys;
+pub mod paths;
+pub mod reachability;
 pub mod record;
+mod relay_limits;
 pub mod report;
 
 use std::collections::HashSet;
@@ -24,7 +29,11 @@ use libp2p::kad::RecordKey;
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 
+pub use behaviour::{RelayLimits, Services};
+pub use bootstrap::parse_list as parse_bootstrap_list;
+pub use connectivity::ReachabilityReport;
 pub use event_loop::NetworkConfig;
+pub use paths::{PathInfo, PathKind};
 
 /// Capacity of the command channel: commands are small and the loop drains them
 /// quickly; a full channel means the loop is stuck and callers should wait.
@@ -73,6 +82,10 @@ pub(crate) enum Command {
     GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
     GetRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
     Ban(PeerId, Duration),
+    /// Connect to a peer if needed, and reply once its path has settled.
+    Settle(PeerId, oneshot::Sender<Result<PathInfo, String>>),
+    Path(PeerId, oneshot::Sender<Option<PathInfo>>),
+    Reachability(oneshot::Sender<ReachabilityReport>),
 }
 
 /// A cloneable handle to the running network.
@@ -192,8 +205,23 @@ impl Network {
         self.send(Command::Ban(peer, duration)).await
     }
 
-    /// Opens an inference-protocol stream to `peer` (dialling it if needed).
+    /// The path streams to `peer` take now, if connected.
+    pub async fn path(&self, peer: PeerId) -> Result<Option<PathInfo>, NetworkError> {
+        self.ask(|tx| Command::Path(peer, tx)).await
+    }
+
+    /// Whether and how this node can be reached, and what it announces.
+    pub async fn reachability(&self) -> Result<ReachabilityReport, NetworkError> {
+        self.ask(Command::Reachability).await
+    }
+
+    /// Opens an inference-protocol stream to `peer`, dialling it if needed. When the
+    /// only way to `peer` is a relay, it first gives hole punching a few seconds to
+    /// find a direct path, so sessions do not start on a connection about to go.
     pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetworkError> {
+        self.ask(|tx| Command::Settle(peer, tx))
+            .await?
+            .map_err(|reason| NetworkError::OpenStream { peer, reason })?;
         self.control
             .clone()
             .open_stream(peer, INFERENCE_PROTOCOL)

@@ -23,7 +23,7 @@ pub fn swarm_report(
 ) -> SwarmReport {
     let ranges: Vec<(LayerRange, f64)> = servers
         .iter()
-        .filter(|s| !s.info.draining)
+        .filter(|s| !s.info.draining && !s.silent)
         .map(|s| (s.info.range, s.info.throughput as f64))
         .collect();
     let coverage: Vec<u32> = block_count
@@ -44,6 +44,9 @@ pub fn swarm_report(
                 "rtt_ms": s.rtt_ms,
                 "draining": s.info.draining,
                 "addrs": s.info.addrs,
+                "reachability": reachability(s),
+                "path": s.path.map(|p| p.kind),
+                "answered": !s.silent,
             })
         })
         .collect();
@@ -59,5 +62,28 @@ pub fn swarm_report(
         coverage,
         missing,
         json,
+    }
+}
+
+/// How peers reach a server, from what it announces: a direct address means it is
+/// public (its AutoNAT probes confirmed it, or it could not tell yet and announces
+/// where it listens), only relayed ones that it is behind NAT; none, or no answer,
+/// that it cannot be reached.
+fn reachability(server: &DiscoveredServer) -> &'static str {
+    use super::reachability::is_relayed;
+    let addrs: Vec<libp2p::Multiaddr> = server
+        .info
+        .addrs
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    if server.silent {
+        "unreachable"
+    } else if addrs.iter().any(|a| !is_relayed(a)) {
+        "public"
+    } else if !addrs.is_empty() {
+        "behind-nat"
+    } else {
+        "unreachable"
     }
 }

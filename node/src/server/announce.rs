@@ -32,6 +32,9 @@ pub async fn announce_loop(server: Arc<ShardServer>, network: Network) {
             _ = tick.tick() => {}
             _ = server.drained() => break,
         }
+        if let Ok(reach) = network.reachability().await {
+            server.set_addrs(reach.announced.iter().map(|a| a.to_string()).collect());
+        }
         let info = server.info();
         match network.sign_announcement(&info) {
             Ok(value) => {

@@ -113,7 +113,8 @@ pub struct ShardServer {
     /// Per-peer rate, session and ban bookkeeping; never held across an await.
     guard: std::sync::Mutex<guard::PeerGuard<libp2p::PeerId>>,
     draining: watch::Sender<bool>,
-    addrs: Vec<String>,
+    /// Where peers reach this server, as its network last confirmed.
+    addrs: std::sync::Mutex<Vec<String>>,
 }
 
 impl ShardServer {
@@ -123,7 +124,6 @@ impl ShardServer {
         model_name: String,
         limits: ServerLimits,
         throughput: f32,
-        addrs: Vec<String>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let compute = ComputeQueue::start(shard.clone(), limits.max_sessions);
@@ -144,7 +144,7 @@ impl ShardServer {
             inboxes: forwarding::Inboxes::default(),
             guard: std::sync::Mutex::new(guard::PeerGuard::new(limits.peers.clone())),
             draining: watch::channel(false).0,
-            addrs,
+            addrs: Default::default(),
             limits,
         })
     }
@@ -160,9 +160,13 @@ impl ShardServer {
             throughput: self.throughput,
             free_sessions: self.shares(|s| s.sessions.available()) as u32,
             max_sessions: self.limits.max_sessions as u32,
-            addrs: self.addrs.clone(),
+            addrs: self.addrs.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             draining: self.is_draining(),
         }
+    }
+
+    pub fn set_addrs(&self, addrs: Vec<String>) {
+        *self.addrs.lock().unwrap_or_else(|e| e.into_inner()) = addrs;
     }
 
     /// Shutting down: open sessions are still served, new ones refused.

@@ -27,8 +27,13 @@ impl RawClient {
             swarm_key: None,
             listen: vec![],
             bootstrap: vec![node.addr.parse().unwrap()],
-            mdns: false,
             dht_server: false,
+            services: allmende_node::network::Services {
+                mdns: false,
+                relay: None,
+                upnp: false,
+            },
+            external: vec![],
         })
         .await
         .unwrap();
