@@ -152,14 +152,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
 
-    let listen = match (args.listen.is_empty(), args.swarm.is_private()) {
-        (true, false) => vec![
-            "/ip4/0.0.0.0/tcp/0".parse()?,
-            "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
-        ],
-        (true, true) => vec!["/ip4/0.0.0.0/tcp/0".parse()?],
-        (false, _) => args.listen.clone(),
-    };
     let identity = args
         .identity
         .clone()
@@ -168,7 +160,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let identity = crate::network::identity::hold(&identity)?;
     let joining = Joining {
         identity: Some(identity.keypair.clone()),
-        listen,
+        listen: args.listen.clone(),
         dht_server: true,
         relay: args.reach.relay_limits(),
         upnp: args.reach.upnp,

@@ -85,6 +85,9 @@ impl SwarmArgs {
 /// a peer before going on.
 pub struct Joining {
     pub identity: Option<Keypair>,
+    /// Addresses to listen on [default: all interfaces, ports chosen by the system,
+    /// TCP and (outside private swarms) QUIC]. Clients listen too: a dial leaves
+    /// from the listening port, which is what lets a NAT's mapping be hole-punched.
     pub listen: Vec<Multiaddr>,
     pub dht_server: bool,
     pub relay: Option<crate::network::RelayLimits>,
@@ -116,8 +119,16 @@ pub async fn join_swarm(args: &SwarmArgs, join: Joining) -> anyhow::Result<Netwo
     let keypair = join.identity.unwrap_or_else(Keypair::generate_ed25519);
     let swarm_key = args.load_swarm_key()?;
     let bootstrap = args.bootstrap_addrs()?;
+    let listen = match (join.listen.is_empty(), swarm_key.is_some()) {
+        (true, false) => vec![
+            "/ip4/0.0.0.0/tcp/0".parse()?,
+            "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+        ],
+        (true, true) => vec!["/ip4/0.0.0.0/tcp/0".parse()?],
+        (false, _) => join.listen,
+    };
     if swarm_key.is_some() {
-        let quic = join.listen.iter().chain(&bootstrap).find(|a| is_quic(a));
+        let quic = listen.iter().chain(&bootstrap).find(|a| is_quic(a));
         if let Some(addr) = quic {
             bail!("{addr}: QUIC cannot carry a private swarm's key; use a /tcp address");
         }
@@ -125,7 +136,7 @@ pub async fn join_swarm(args: &SwarmArgs, join: Joining) -> anyhow::Result<Netwo
     let network = Network::start(NetworkConfig {
         keypair,
         swarm_key,
-        listen: join.listen,
+        listen,
         bootstrap: bootstrap.clone(),
         dht_server: join.dht_server,
         services: Services {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use libp2p::allow_block_list::{self, BlockedPeers};
-use libp2p::autonat::v2 as autonat;
+use libp2p::autonat::{self, v2 as autonat_v2};
 use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
@@ -47,13 +47,32 @@ pub struct Behaviour {
     pub relay: Toggle<relay::Behaviour>,
     /// Upgrades relayed connections to direct ones by hole punching.
     pub dcutr: dcutr::Behaviour,
-    /// Asks peers to dial this node back, to learn whether it is reachable.
-    pub autonat_client: autonat::client::Behaviour,
+    /// Asks peers it dialled to dial this node back, to learn whether it is
+    /// reachable (AutoNAT v2: one address at a time, amplification-safe).
+    pub autonat_client: autonat_v2::client::Behaviour,
     /// Dials peers back for theirs.
-    pub autonat_server: autonat::server::Behaviour,
+    pub autonat_server: autonat_v2::server::Behaviour,
+    /// AutoNAT v1, client and server: v2 asks only peers this node dialled, so a
+    /// public node that others dial (a bootstrap node) learns it is public from v1.
+    pub autonat: autonat::Behaviour,
     /// Asks the router to forward a port (off unless `--upnp`).
     pub upnp: Toggle<upnp::tokio::Behaviour>,
     pub stream: libp2p_stream::Behaviour,
+}
+
+/// AutoNAT v1, probing sooner and more often than its defaults (which wait 15 s and
+/// retry every 90 s), so a node knows within seconds whether to look for a relay. It
+/// confirms private and test-range addresses too, as v2 does: swarms on a LAN are
+/// reachable at those.
+fn autonat_v1_config() -> autonat::Config {
+    autonat::Config {
+        boot_delay: Duration::from_secs(2),
+        retry_interval: Duration::from_secs(15),
+        refresh_interval: Duration::from_secs(5 * 60),
+        throttle_server_period: Duration::from_secs(15),
+        only_global_ips: false,
+        ..autonat::Config::default()
+    }
 }
 
 /// What a node offers to others beyond the inference protocol.
@@ -120,8 +139,9 @@ impl Behaviour {
                 .into(),
             dcutr: dcutr::Behaviour::new(peer_id),
             // Probes a candidate address every 5 s (the default).
-            autonat_client: autonat::client::Behaviour::default(),
-            autonat_server: autonat::server::Behaviour::default(),
+            autonat_client: autonat_v2::client::Behaviour::default(),
+            autonat_server: autonat_v2::server::Behaviour::default(),
+            autonat: autonat::Behaviour::new(peer_id, autonat_v1_config()),
             upnp: services.upnp.then(upnp::tokio::Behaviour::default).into(),
             stream: libp2p_stream::Behaviour::new(),
         })

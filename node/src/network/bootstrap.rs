@@ -25,13 +25,14 @@ pub struct Bootstrap {
 }
 
 impl Bootstrap {
-    /// `addrs` were dialled once at `now`.
-    pub fn new(addrs: Vec<Multiaddr>, now: Instant) -> Self {
-        let attempts = u32::from(!addrs.is_empty());
+    /// `addrs` are first dialled at `first`: once the node listens, so that its
+    /// dials leave from its listening port and a NAT maps that port (which hole
+    /// punching relies on).
+    pub fn new(addrs: Vec<Multiaddr>, first: Instant) -> Self {
         Self {
-            next: now + backoff(attempts),
+            next: first,
             addrs,
-            attempts,
+            attempts: 0,
         }
     }
 
@@ -87,6 +88,7 @@ mod tests {
         let t = Instant::now();
         let addr: Multiaddr = "/dns4/bootstrap.example/tcp/4001".parse().unwrap();
         let mut boot = Bootstrap::new(vec![addr.clone()], t);
+        assert_eq!(boot.due(false, t), Some(&[addr.clone()][..]));
         assert!(boot.due(false, t).is_none(), "dialled at start");
         assert_eq!(boot.due(false, t + backoff(1)), Some(&[addr.clone()][..]));
         assert_eq!(boot.attempts(), 2);

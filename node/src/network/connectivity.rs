@@ -23,6 +23,8 @@ use super::reachability::{choose_relays, Reachability, ReachabilityState, RelayC
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Between attempts to reserve relay slots.
 const RELAY_RETRY: Duration = Duration::from_secs(10);
+/// Peers whose announced addresses are kept for dialling.
+const ANNOUNCED_PEERS: usize = 1024;
 
 /// How this node can be reached, for logs, `status` and announcements.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -53,15 +55,22 @@ pub(super) struct Connectivity {
     dialled_at: HashMap<PeerId, Multiaddr>,
     /// Relay reservations asked for, by the listener that holds them.
     relays: HashMap<ListenerId, PeerId>,
+    /// Those not answered yet.
+    relays_pending: HashSet<PeerId>,
     relay_retry: Instant,
     /// Hole-punched connections reported before the swarm announced them.
     punched: HashSet<ConnectionId>,
     waiters: Vec<Waiter>,
     bootstrap: Bootstrap,
+    /// What servers announced: the addresses (relayed ones among them) to dial them
+    /// at, which the DHT's routing table may not hold.
+    announced: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Only servers reserve relay slots: a client reaches out, nobody dials it.
+    serving: bool,
 }
 
 impl Connectivity {
-    pub fn new(bootstrap: Bootstrap) -> Self {
+    pub fn new(bootstrap: Bootstrap, serving: bool) -> Self {
         Self {
             paths: Paths::default(),
             reach: ReachabilityState::default(),
@@ -69,11 +78,27 @@ impl Connectivity {
             relay_offers: HashSet::new(),
             dialled_at: HashMap::new(),
             relays: HashMap::new(),
+            relays_pending: HashSet::new(),
             relay_retry: Instant::now(),
             punched: HashSet::new(),
             waiters: Vec::new(),
             bootstrap,
+            announced: HashMap::new(),
+            serving,
         }
+    }
+
+    pub fn announced(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self.announced.len() >= ANNOUNCED_PEERS && !self.announced.contains_key(&peer) {
+            // Forget a peer this node holds no connection to.
+            let idle = self.announced.keys().copied().find(|p| !self.paths.is_connected(*p));
+            if let Some(idle) = idle {
+                self.announced.remove(&idle);
+            } else {
+                return;
+            }
+        }
+        self.announced.insert(peer, addrs);
     }
 
     pub fn offers_relay(&mut self, peer: PeerId, offers: bool) {
@@ -155,10 +180,27 @@ impl EventLoop {
         match event {
             relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,
-                renewal: false,
+                renewal,
                 ..
-            } => tracing::info!(relay = %relay_peer_id, "a relay holds a slot for this node"),
+            } => {
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "a relay holds a slot for this node");
+                }
+                self.connectivity.relays_pending.remove(&relay_peer_id);
+                self.update_pending();
+            }
             other => tracing::debug!("relay: {other:?}"),
+        }
+    }
+
+    pub(super) fn nat_status(&mut self, event: autonat::Event) {
+        if let autonat::Event::StatusChanged { old, new } = event {
+            tracing::debug!("AutoNAT v1: {old:?} -> {new:?}");
+            if new == autonat::NatStatus::Private {
+                // v1 says so only after several peers failed to dial back.
+                self.connectivity.reach.probe_failed();
+                self.connectivity.reach.probe_failed();
+            }
         }
     }
 
@@ -209,7 +251,14 @@ impl EventLoop {
         if let Some(relay) = self.connectivity.relays.remove(&id) {
             let why = reason.err().map_or("closed".to_string(), |e| e.to_string());
             tracing::info!(%relay, "the relay no longer holds a slot for this node: {why}");
+            self.connectivity.relays_pending.remove(&relay);
+            self.update_pending();
         }
+    }
+
+    fn update_pending(&mut self) {
+        let pending = self.connectivity.relays_pending.len();
+        self.connectivity.reach.relays_pending(pending);
     }
 
     /// Replies with the path to `peer` once it has settled, dialling it if needed.
@@ -224,8 +273,11 @@ impl EventLoop {
             return;
         }
         if !self.connectivity.paths.is_connected(peer) {
+            let addrs = self.connectivity.announced.get(&peer).cloned().unwrap_or_default();
             let dial = DialOpts::peer_id(peer)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
                 .build();
             match self.swarm.dial(dial) {
                 Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
@@ -292,12 +344,14 @@ impl EventLoop {
         if let Some(addrs) = self.connectivity.bootstrap.due(has_peers, now) {
             let addrs = addrs.to_vec();
             let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-            tracing::info!(
-                "no peer reachable yet; dialling {} again (attempt {}, next in {:?})",
-                list.join(", "),
-                self.connectivity.bootstrap.attempts(),
-                self.connectivity.bootstrap.next_wait(now),
-            );
+            let attempt = self.connectivity.bootstrap.attempts();
+            if attempt > 1 {
+                tracing::info!(
+                    "no peer reachable yet; dialling {} again (attempt {attempt}, next in {:?})",
+                    list.join(", "),
+                    self.connectivity.bootstrap.next_wait(now),
+                );
+            }
             for addr in addrs {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     tracing::warn!("cannot dial {addr}: {e}");
@@ -311,7 +365,7 @@ impl EventLoop {
 
     fn reserve_relays(&mut self, now: Instant) {
         let c = &mut self.connectivity;
-        if !c.reach.wants_relay(now) || now < c.relay_retry {
+        if !c.serving || !c.reach.wants_relay(now) || now < c.relay_retry {
             return;
         }
         let candidates: Vec<RelayCandidate<PeerId>> = c
@@ -338,6 +392,8 @@ impl EventLoop {
                 Ok(id) => {
                     tracing::info!(%relay, "not reachable directly; asking a relay for a slot");
                     self.connectivity.relays.insert(id, relay);
+                    self.connectivity.relays_pending.insert(relay);
+                    self.update_pending();
                 }
                 Err(e) => tracing::warn!("cannot listen through relay {circuit}: {e}"),
             }

@@ -11,8 +11,11 @@ use super::framing::{read_message, write_message};
 use super::keys::{model_key, server_key};
 use super::{Network, PathInfo};
 
-/// How long a probe may take before the server counts as unreachable.
+/// How long a probe may take before the server counts as unreachable, once connected.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long connecting may take: a server behind NAT is reached through a relay
+/// and given a few seconds to hole-punch first.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 
 #[derive(Clone, Debug)]
 pub struct DiscoveredServer {
@@ -94,7 +97,7 @@ async fn lookup(
             silent: false,
         });
     }
-    match tokio::time::timeout(PROBE_TIMEOUT, probe_info(network, peer)).await {
+    match tokio::time::timeout(CONNECT_TIMEOUT + PROBE_TIMEOUT, probe_info(network, peer)).await {
         Ok(Some((fresh, rtt_ms))) if fresh.model == *model && fresh.validate().is_ok() => {
             Some(DiscoveredServer {
                 peer,
@@ -119,7 +122,8 @@ async fn lookup(
 
 /// Asks `peer` for its current [`ServerInfo`]; returns it with the round trip in ms.
 pub async fn probe_info(network: &Network, peer: PeerId) -> Option<(ServerInfo, f64)> {
-    let mut stream = network.open_stream(peer).await.ok()?;
+    let open = tokio::time::timeout(CONNECT_TIMEOUT, network.open_stream(peer));
+    let mut stream = open.await.ok()?.ok()?;
     // The first exchange on a fresh stream includes protocol negotiation; time a second.
     let mut rtt = None;
     let mut info = None;

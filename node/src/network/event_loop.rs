@@ -25,6 +25,8 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// A peer with the wrong swarm key never completes the handshake (its bytes decrypt to
 /// noise); give up on it after this long.
 const PRIVATE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for listeners to come up before the first bootstrap dial.
+const LISTEN_GRACE: Duration = Duration::from_millis(500);
 
 pub struct NetworkConfig {
     pub keypair: Keypair,
@@ -57,6 +59,7 @@ pub(super) fn spawn(
         kad::Mode::Client
     };
     swarm.behaviour_mut().kademlia.set_mode(Some(mode));
+    let listening = !config.listen.is_empty();
     for addr in config.listen {
         swarm
             .listen_on(addr.clone())
@@ -75,14 +78,10 @@ pub(super) fn spawn(
                 .kademlia
                 .add_address(&peer, without_peer_id(addr));
         }
-        // Without a /p2p suffix the peer id is learnt from the connection (identify).
-        // An address this node cannot dial at all is an error now; one that is not
-        // answering yet is retried.
-        swarm.dial(addr.clone()).map_err(|e| NetworkError::Dial {
-            addr: addr.clone(),
-            reason: e.to_string(),
-        })?;
     }
+    // Bootstrap addresses are dialled from the event loop, once the listeners are up
+    // (without a /p2p suffix the peer id is learnt from the connection).
+    let first_dial = Instant::now() + if listening { LISTEN_GRACE } else { Duration::ZERO };
     let peer_id = *swarm.local_peer_id();
     let control = swarm.behaviour().stream.new_control();
     let event_loop = EventLoop {
@@ -97,7 +96,10 @@ pub(super) fn spawn(
         peer_waiters: Vec::new(),
         pending_providers: HashMap::new(),
         pending_records: HashMap::new(),
-        connectivity: Connectivity::new(Bootstrap::new(config.bootstrap, Instant::now())),
+        connectivity: Connectivity::new(
+            Bootstrap::new(config.bootstrap, first_dial),
+            config.dht_server,
+        ),
     };
     tokio::spawn(event_loop.run());
     Ok((peer_id, control))
@@ -267,9 +269,11 @@ impl EventLoop {
                 self.notify_peer_waiters();
             }
             Command::AddAddresses(peer, addrs) => {
-                for addr in addrs {
-                    self.swarm.add_peer_address(peer, without_peer_id(&addr));
+                let addrs: Vec<Multiaddr> = addrs.iter().map(without_peer_id).collect();
+                for addr in &addrs {
+                    self.swarm.add_peer_address(peer, addr.clone());
                 }
+                self.connectivity.announced(peer, addrs);
             }
             Command::StartProviding(key) => {
                 if let Err(e) = kad.start_providing(key) {
@@ -329,7 +333,10 @@ impl EventLoop {
                 self.talking.insert(peer_id);
                 let offers = info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME);
                 self.connectivity.offers_relay(peer_id, offers);
-                for addr in info.listen_addrs.into_iter().filter(is_dialable) {
+                // A peer's loopback addresses reach it only from its own machine.
+                let local = self.addresses.get(&peer_id).is_some_and(|ip| ip.is_loopback());
+                let reachable = |a: &Multiaddr| is_dialable(a) && (local || !is_loopback(a));
+                for addr in info.listen_addrs.into_iter().filter(reachable) {
                     self.swarm
                         .behaviour_mut()
                         .kademlia
@@ -398,6 +405,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => self.hole_punched(event),
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => self.relay_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::AutonatClient(event)) => self.probed(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(event)) => self.nat_status(event),
             SwarmEvent::Behaviour(BehaviourEvent::Upnp(event)) => self.upnp_event(event),
             SwarmEvent::ExternalAddrConfirmed { address } => self.address_confirmed(address),
             SwarmEvent::ExternalAddrExpired { address } => self.address_expired(&address),
@@ -501,6 +509,14 @@ impl EventLoop {
             _ => {}
         }
     }
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 /// Addresses worth storing for a peer: not the unspecified 0.0.0.0 / :: ones.

@@ -50,6 +50,8 @@ pub struct ReachabilityState {
     failed_probes: u32,
     /// When the node first had a peer to ask: the grace period runs from here.
     asking_since: Option<Instant>,
+    /// Relay reservations asked for and not answered yet.
+    relays_pending: usize,
 }
 
 impl ReachabilityState {
@@ -73,12 +75,18 @@ impl ReachabilityState {
         self.failed_probes += 1;
     }
 
+    /// Reservations asked of relays and not yet answered: until they are, the node
+    /// does not call itself unreachable.
+    pub fn relays_pending(&mut self, pending: usize) {
+        self.relays_pending = pending;
+    }
+
     pub fn status(&self, now: Instant) -> Reachability {
         if !self.direct.is_empty() {
             Reachability::Public
         } else if !self.relayed.is_empty() {
             Reachability::BehindNat
-        } else if self.gave_up_waiting(now) {
+        } else if self.gave_up_waiting(now) && self.relays_pending == 0 {
             Reachability::Unreachable
         } else {
             Reachability::Unknown
@@ -191,6 +199,8 @@ mod tests {
         assert_eq!(state.status(now), Reachability::Unknown);
         state.probe_failed();
         assert_eq!(state.status(now), Reachability::Unreachable);
+        state.relays_pending(1);
+        assert_eq!(state.status(now), Reachability::Unknown, "a relay may answer yet");
     }
 
     #[test]

@@ -18,6 +18,15 @@ use super::ShardServer;
 
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(10);
 pub const ANNOUNCE_TTL: Duration = Duration::from_secs(30);
+/// How often the announced addresses are compared with the network's.
+const ADDRESS_WATCH: Duration = Duration::from_secs(1);
+
+async fn current_addrs(network: &Network) -> Vec<String> {
+    match network.reachability().await {
+        Ok(reach) => reach.announced.iter().map(|a| a.to_string()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
 
 /// Announces `server` until it begins draining, then withdraws its records at once.
 pub async fn announce_loop(server: Arc<ShardServer>, network: Network) {
@@ -27,14 +36,24 @@ pub async fn announce_loop(server: Arc<ShardServer>, network: Network) {
         return;
     }
     let mut tick = tokio::time::interval(ANNOUNCE_INTERVAL);
+    let mut watch = tokio::time::interval(ADDRESS_WATCH);
+    let mut announced = Vec::new();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        // Announce on schedule, and at once when the addresses change (a relay slot
+        // gained or lost), so clients learn where to reach this node.
+        let addrs = tokio::select! {
+            _ = tick.tick() => current_addrs(&network).await,
+            _ = watch.tick() => {
+                let addrs = current_addrs(&network).await;
+                if addrs == announced {
+                    continue;
+                }
+                addrs
+            }
             _ = server.drained() => break,
-        }
-        if let Ok(reach) = network.reachability().await {
-            server.set_addrs(reach.announced.iter().map(|a| a.to_string()).collect());
-        }
+        };
+        server.set_addrs(addrs.clone());
+        announced = addrs;
         let info = server.info();
         match network.sign_announcement(&info) {
             Ok(value) => {

@@ -7,6 +7,7 @@ pub mod attack;
 pub mod cgroup;
 pub mod raw;
 pub mod swarm;
+pub mod wan;
 
 use std::path::PathBuf;
 

@@ -216,9 +216,14 @@ pub struct Generation {
 
 impl Generation {
     pub fn start(args: &[&str]) -> Generation {
-        let mut child = Command::new(binary())
-            .args(args)
-            .env("ALLMENDE_MODEL", super::model_path())
+        let mut command = Command::new(binary());
+        command.args(args).env("ALLMENDE_MODEL", super::model_path());
+        Self::start_with(command)
+    }
+
+    /// Runs `command` (an `allmende` command line) as a generation.
+    pub fn start_with(mut command: Command) -> Generation {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -175,8 +175,8 @@ impl Lab {
         let core_tun = tun::Tun::create("wlab%d").map_err(LabError::Tun)?;
         let site_tun = tun::Tun::create("wlab%d").map_err(LabError::Tun)?;
         let core_if = format!("site{n}");
-        attach(&core_tun.name, core, &core_if, &core_addr, &site_addr)?;
-        attach(&site_tun.name, &edge_ns, "wan", &site_addr, &core_addr)?;
+        attach(&core_tun.name, core, &core_if, &core_addr)?;
+        attach(&site_tun.name, &edge_ns, "wan", &site_addr)?;
         netns::ip(&["-n", &edge_ns, "route", "add", "default", "dev", "wan"])?;
 
         let host_ip = match site.nat {
@@ -312,15 +312,17 @@ impl Drop for Lab {
     }
 }
 
-/// Moves TUN device `tun` into `ns` as `name` with a point-to-point IPv4 address.
-fn attach(tun: &str, ns: &str, name: &str, local: &str, peer: &str) -> Result<(), LabError> {
+/// Moves TUN device `tun` into `ns` as `name`, on the /30 its link's two ends share.
+/// A /30 rather than a point-to-point `peer` address: programs that list interface
+/// addresses (libp2p among them) read a point-to-point interface's peer as its own.
+fn attach(tun: &str, ns: &str, name: &str, local: &str) -> Result<(), LabError> {
     netns::ip(&["link", "set", "dev", tun, "netns", ns])?;
     netns::ip(&[
         "-n", ns, "link", "set", "dev", tun, "name", name, "mtu", "1500",
     ])?;
     // The lab's internet is IPv4; IPv6 would add router solicitations to the counters.
     netns::sysctl(ns, &format!("net.ipv6.conf.{name}.disable_ipv6=1"))?;
-    netns::ip(&["-n", ns, "addr", "add", local, "peer", peer, "dev", name])?;
+    netns::ip(&["-n", ns, "addr", "add", &format!("{local}/30"), "dev", name])?;
     netns::ip(&["-n", ns, "link", "set", name, "up"])
 }
 

@@ -1,0 +1,237 @@
+//! The swarm across the WAN lab: donors behind NAT routers, delays on every link, a
+//! relay and hole punching, as at home. Each test builds its own lab inside a private
+//! sandbox (network, mount and PID namespaces) and needs root; nothing it does reaches
+//! the machine's own network.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use allmende_wan_lab::{sandboxed, Lab, Nat, Site};
+use support::swarm::{allmende, ids, json_of};
+use support::wan::{answering, paths_of, report_of, run_in, wait_for_status, LabNode};
+
+const PROMPT: &str = "The capital of France is";
+const JOIN: Duration = Duration::from_secs(40);
+
+fn site(name: &str, nat: Nat, delay_ms: u64) -> Site {
+    Site {
+        delay: Duration::from_millis(delay_ms),
+        ..Site::new(name, nat)
+    }
+}
+
+fn local_ids(tokens: usize) -> Vec<u32> {
+    let tokens = tokens.to_string();
+    ids(&json_of(&allmende(&[
+        "generate",
+        "--local",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        &tokens,
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ])))
+}
+
+fn generate_args<'a>(bootstrap: &'a str, tokens: &'a str) -> Vec<&'a str> {
+    vec![
+        "generate",
+        "--bootstrap",
+        bootstrap,
+        "--no-mdns",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        tokens,
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]
+}
+
+/// Three donors, one public and two behind separate NATs, and a client behind a
+/// third: the client generates through all three, the NATed hops hole-punched. Then
+/// a replica behind a fourth NAT takes over when the NATed donor in use is killed.
+#[test]
+fn a_client_behind_nat_generates_through_donors_behind_nat() {
+    if !sandboxed("a_client_behind_nat_generates_through_donors_behind_nat") {
+        return;
+    }
+    let lab = Lab::build(&[
+        site("public", Nat::Public, 5),
+        site("home1", Nat::Cone, 5),
+        site("home2", Nat::Cone, 5),
+        site("client", Nat::Cone, 5),
+        site("home4", Nat::Cone, 5),
+    ])
+    .unwrap();
+    let public = LabNode::start(&lab, "public", "0..10", None, &[]);
+    let boot = public.addr.clone();
+    let mut home1 = LabNode::start(&lab, "home1", "10..20", Some(&boot), &[]);
+    let home2 = LabNode::start(&lab, "home2", "20..30", Some(&boot), &[]);
+    public.wait_reachability("publicly reachable", JOIN);
+    home1.wait_reachability("behind NAT", JOIN);
+    home2.wait_reachability("behind NAT", JOIN);
+    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 3);
+    assert_eq!(answering(&status), 3, "{status:#}");
+
+    let relay_before = lab.link_counters("public");
+    let out = run_in(&lab, "client", &generate_args(&boot, "24"));
+    let relay_after = lab.link_counters("public");
+    let report = report_of(&out);
+    assert_eq!(ids(&report), local_ids(24), "{report:#}");
+    let paths = paths_of(&report);
+    let path_of = |peer: &str| paths.iter().find(|(p, _)| p == peer).unwrap().1.clone();
+    assert_eq!(path_of(&public.peer_id), "direct", "{report:#}");
+    assert_eq!(path_of(&home1.peer_id), "hole-punched", "{report:#}");
+    assert_eq!(path_of(&home2.peer_id), "hole-punched", "{report:#}");
+    eprintln!(
+        "relay's link during the generation: {} bytes in, {} out",
+        relay_after.up.bytes - relay_before.up.bytes,
+        relay_after.down.bytes - relay_before.down.bytes
+    );
+
+    // Mid-generation, a replica of home1's layers joins from behind a fourth NAT and
+    // home1 is killed: the session moves to the replica, and the tokens stay those
+    // of one process.
+    let tokens = 480;
+    let generation = support::swarm::Generation::start_with(
+        support::wan::allmende_in(&lab, "client", &generate_args(&boot, &tokens.to_string())),
+    );
+    generation.wait_for_text(40);
+    let home4 = LabNode::start(&lab, "home4", "10..20", Some(&boot), &[]);
+    home4.wait_reachability("behind NAT", JOIN);
+    home1.kill();
+    let (status, stdout, stderr) = generation.finish();
+    assert!(status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(ids(&report), local_ids(tokens), "{report:#}");
+    let failovers = report["failovers"].as_array().unwrap();
+    assert!(!failovers.is_empty(), "the killed donor's session moved: {report:#}");
+    let paths = paths_of(&report);
+    assert!(
+        paths.iter().any(|(peer, path)| *peer == home4.peer_id && path == "hole-punched"),
+        "{report:#}"
+    );
+}
+
+/// Behind a symmetric NAT hole punching fails; the donor serves through the relay,
+/// says so, and a relayed session runs past libp2p's default circuit limits (two
+/// minutes, 128 KiB) with the tokens of one process.
+#[test]
+fn a_donor_behind_symmetric_nat_serves_through_the_relay() {
+    if !sandboxed("a_donor_behind_symmetric_nat_serves_through_the_relay") {
+        return;
+    }
+    let lab = Lab::build(&[
+        site("public", Nat::Public, 25),
+        site("carrier", Nat::Symmetric, 25),
+        site("client", Nat::Cone, 25),
+    ])
+    .unwrap();
+    let public = LabNode::start(&lab, "public", "0..10", None, &[]);
+    let boot = public.addr.clone();
+    let donor = LabNode::start(&lab, "carrier", "10..30", Some(&boot), &[]);
+    donor.wait_reachability("behind NAT", JOIN);
+    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 2);
+    assert_eq!(answering(&status), 2, "{status:#}");
+
+    let tokens = 640;
+    let relay_before = lab.link_counters("public");
+    let started = Instant::now();
+    let out = run_in(&lab, "client", &generate_args(&boot, &tokens.to_string()));
+    let took = started.elapsed();
+    let relay_after = lab.link_counters("public");
+    let report = report_of(&out);
+    assert_eq!(ids(&report), local_ids(tokens), "{report:#}");
+    let paths = paths_of(&report);
+    let donor_path = &paths.iter().find(|(p, _)| *p == donor.peer_id).unwrap().1;
+    assert_eq!(donor_path, "relayed", "{report:#}");
+    assert!(report["failovers"].as_array().unwrap().is_empty(), "{report:#}");
+    assert!(took > Duration::from_secs(120), "the session lasted {took:?}");
+    // Each token's hidden state (576 floats) came from the donor to the client
+    // through the relay: into its link and out again.
+    let relayed = relay_after.up.bytes - relay_before.up.bytes;
+    let hidden_bytes = tokens as u64 * 576 * 4;
+    assert!(relayed > hidden_bytes, "{relayed} bytes left the relay; the hidden states alone are {hidden_bytes}");
+    assert!(donor.stderr.text().contains("hole punch failed") || public.stderr.text().contains("hole punch failed") || !donor.stderr.text().contains("hole punch succeeded"));
+}
+
+/// A donor started before its bootstrap node keeps dialling, joins when the
+/// bootstrap node comes up, and rejoins after it restarts.
+#[test]
+fn a_donor_joins_when_its_bootstrap_node_comes_up_and_after_it_restarts() {
+    if !sandboxed("a_donor_joins_when_its_bootstrap_node_comes_up_and_after_it_restarts") {
+        return;
+    }
+    let lab = Lab::build(&[
+        site("public", Nat::Public, 5),
+        site("home", Nat::Cone, 5),
+        site("client", Nat::Cone, 5),
+    ])
+    .unwrap();
+    let boot = format!("/ip4/{}/tcp/{}", lab.wan_ip("public"), support::wan::PORT);
+    let donor = LabNode::spawn(&lab, "home", "15..30", Some(&boot), &[], None);
+    donor
+        .stderr
+        .wait_for("no peer reachable yet", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the donor did not say it waits: {}", donor.stderr.text()));
+    assert!(
+        donor.stdout.wait_for("serving layers", Duration::from_secs(60)).is_some(),
+        "the donor serves while it waits: {}",
+        donor.stderr.text()
+    );
+    std::thread::sleep(Duration::from_secs(5));
+
+    let dir = tempfile::tempdir().unwrap();
+    let identity = dir.path().join("public.key");
+    let mut public = LabNode::spawn(&lab, "public", "0..15", None, &[], Some(&identity));
+    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 2);
+    assert_eq!(answering(&status), 2, "the donor joined: {status:#}");
+
+    public.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    let _public = LabNode::spawn(&lab, "public", "0..15", None, &[], Some(&identity));
+    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 2);
+    assert_eq!(answering(&status), 2, "the donor rejoined: {status:#}");
+}
+
+/// With no relay in the swarm, a donor behind NAT says it cannot be reached and
+/// announces no address; `status` from elsewhere lists it as unreachable.
+#[test]
+fn a_donor_nobody_can_reach_says_so() {
+    if !sandboxed("a_donor_nobody_can_reach_says_so") {
+        return;
+    }
+    let lab = Lab::build(&[
+        site("public", Nat::Public, 5),
+        site("home", Nat::Cone, 5),
+        site("client", Nat::Cone, 5),
+    ])
+    .unwrap();
+    let public = LabNode::start(&lab, "public", "0..15", None, &["--no-relay-service"]);
+    let boot = public.addr.clone();
+    let donor = LabNode::start(&lab, "home", "15..30", Some(&boot), &[]);
+    let line = donor.wait_reachability("not reachable", JOIN);
+    assert!(line.contains("--external-address"), "{line}");
+    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| {
+        r["peers"].as_array().is_some_and(|peers| {
+            peers
+                .iter()
+                .any(|p| p["peer"] == donor.peer_id.as_str() && p["addrs"] == serde_json::json!([]))
+        })
+    });
+    let listed = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer"] == donor.peer_id.as_str())
+        .unwrap_or_else(|| panic!("{status:#}"));
+    assert_eq!(listed["reachability"], "unreachable", "{status:#}");
+    assert_eq!(listed["addrs"], serde_json::json!([]), "{status:#}");
+}
