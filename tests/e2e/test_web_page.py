@@ -40,6 +40,8 @@ def test_chat_streams_and_the_map_shows_every_node(swarm, browser, output_dir):
     assert set(rows) == {swarm.a.peer_id, swarm.b.peer_id}
     assert "0..15" in rows[swarm.a.peer_id]
     assert "15..30" in rows[swarm.b.peer_id]
+    # Each node's reachability and the gateway's path to it.
+    assert all("public (direct)" in text for text in rows.values()), rows
     assert "All layers served by 2 node(s)." in browser.find_element(By.ID, "summary").text
     assert not browser.find_elements(By.CSS_SELECTOR, "#layers .missing")
 

@@ -41,6 +41,8 @@ pub struct ReachabilityReport {
 
 struct Waiter {
     peer: PeerId,
+    /// The dial made for it, if it needed one.
+    dial: Option<ConnectionId>,
     deadline: Instant,
     reply: oneshot::Sender<Result<PathInfo, String>>,
 }
@@ -272,15 +274,20 @@ impl EventLoop {
             let _ = reply.send(Ok(path));
             return;
         }
+        let mut dial = None;
         if !self.connectivity.paths.is_connected(peer) {
             let addrs = self.connectivity.announced.get(&peer).cloned().unwrap_or_default();
-            let dial = DialOpts::peer_id(peer)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
+            // Dialled even while another dial (the DHT's, say, with only the peer's
+            // private addresses) is under way: this one carries what it announced.
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::Disconnected)
                 .addresses(addrs)
                 .extend_addresses_through_behaviour()
                 .build();
-            match self.swarm.dial(dial) {
-                Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => dial = Some(id),
+                Err(DialError::DialPeerConditionFalse(_)) => {}
                 Err(e) => {
                     let _ = reply.send(Err(e.to_string()));
                     return;
@@ -289,21 +296,22 @@ impl EventLoop {
         }
         self.connectivity.waiters.push(Waiter {
             peer,
+            dial,
             deadline: now + SETTLE_TIMEOUT,
             reply,
         });
     }
 
-    /// A dial to `peer` failed: streams waiting for it fail now unless another
-    /// connection exists.
-    pub(super) fn dial_failed(&mut self, peer: PeerId, error: &str) {
+    /// A dial failed: a stream waiting for it fails now, unless another connection
+    /// to its peer exists.
+    pub(super) fn dial_failed(&mut self, peer: PeerId, dial: ConnectionId, error: &str) {
         let c = &mut self.connectivity;
         if c.paths.is_connected(peer) {
             return;
         }
         let (failed, waiting) = std::mem::take(&mut c.waiters)
             .into_iter()
-            .partition(|w| w.peer == peer);
+            .partition(|w| w.dial == Some(dial));
         c.waiters = waiting;
         for w in failed {
             let _ = w.reply.send(Err(error.to_string()));

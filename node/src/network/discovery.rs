@@ -86,6 +86,7 @@ async fn lookup(
     if info.model != *model {
         return None;
     }
+    tracing::debug!(%peer, addrs = ?info.addrs, "announcement");
     let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     let _ = network.add_addresses(peer, addrs).await;
     if probe == Probe::No {

@@ -353,10 +353,14 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kademlia(event)) => self.handle_kad(event),
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                error,
+                connection_id,
+            } => {
                 tracing::debug!("connection to {peer_id:?} failed: {error}");
                 if let Some(peer) = peer_id {
-                    self.dial_failed(peer, &error.to_string());
+                    self.dial_failed(peer, connection_id, &error.to_string());
                 }
             }
             SwarmEvent::IncomingConnectionError {

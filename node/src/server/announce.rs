@@ -52,6 +52,9 @@ pub async fn announce_loop(server: Arc<ShardServer>, network: Network) {
             }
             _ = server.drained() => break,
         };
+        if addrs != announced {
+            tracing::debug!(?addrs, "announcing new addresses");
+        }
         server.set_addrs(addrs.clone());
         announced = addrs;
         let info = server.info();

@@ -257,7 +257,8 @@ impl Generation {
         while self.stdout.lock().unwrap().len() < bytes {
             assert!(
                 std::time::Instant::now() < deadline,
-                "generation printed nothing"
+                "generation printed nothing; stderr:\n{}",
+                String::from_utf8_lossy(&self.stderr.lock().unwrap())
             );
             std::thread::sleep(Duration::from_millis(20));
         }
