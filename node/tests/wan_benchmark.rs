@@ -75,8 +75,18 @@ impl Swarm {
             &self.lab,
             "client",
             &[
-                "generate", "--bootstrap", &self.boot, "--no-mdns", "--prompt", prompt,
-                "--max-tokens", tokens, "--temperature", "0", "--ignore-eos", "--json",
+                "generate",
+                "--bootstrap",
+                &self.boot,
+                "--no-mdns",
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                tokens,
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--json",
             ],
         );
         report_of(&out)
@@ -101,9 +111,18 @@ fn local_step_ms() -> f64 {
     let runs = (0..ROUNDS)
         .map(|_| {
             step_ms(&json_of(&allmende(&[
-                "generate", "--local", "--prompt", "The capital of France is",
-                "--max-tokens", TOKENS, "--temperature", "0", "--ignore-eos", "--json",
-                "--threads", "1",
+                "generate",
+                "--local",
+                "--prompt",
+                "The capital of France is",
+                "--max-tokens",
+                TOKENS,
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--json",
+                "--threads",
+                "1",
             ])))
         })
         .collect();
@@ -132,8 +151,12 @@ fn wan_benchmark() {
             (vec![], vec![], vec![], vec![]);
         // Alternate the two sides so that drift on the machine hits both alike.
         for _ in 0..ROUNDS {
-            steps.push(step_ms(&direct.generate("The capital of France is", TOKENS)));
-            relayed_steps.push(step_ms(&relayed.generate("The capital of France is", TOKENS)));
+            steps.push(step_ms(
+                &direct.generate("The capital of France is", TOKENS),
+            ));
+            relayed_steps.push(step_ms(
+                &relayed.generate("The capital of France is", TOKENS),
+            ));
             prefills.push(prefill_ms(&direct.generate(&prompt, "1")));
             relayed_prefills.push(prefill_ms(&relayed.generate(&prompt, "1")));
         }
@@ -156,8 +179,12 @@ fn wan_benchmark() {
     // Home uplinks: 20 Mbit/s on every site, d = 25 ms.
     let slow = Swarm::start(Nat::Public, Some(20_000_000));
     slow.set_delay(Duration::from_millis(25));
-    let prefills = (0..ROUNDS).map(|_| prefill_ms(&slow.generate(&prompt, "1"))).collect();
-    let steps = (0..ROUNDS).map(|_| step_ms(&slow.generate("The capital of France is", TOKENS))).collect();
+    let prefills = (0..ROUNDS)
+        .map(|_| prefill_ms(&slow.generate(&prompt, "1")))
+        .collect();
+    let steps = (0..ROUNDS)
+        .map(|_| step_ms(&slow.generate("The capital of France is", TOKENS)))
+        .collect();
     println!(
         "\n20 Mbit/s uplinks, d = 25 ms: prefill {:.0} ms, decode step {:.1} ms",
         median(prefills),

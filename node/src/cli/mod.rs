@@ -73,7 +73,9 @@ pub fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ALLMENDE_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,libp2p_mdns=error,libp2p_kad=error,libp2p_autonat=error")
+        tracing_subscriber::EnvFilter::new(
+            "warn,libp2p_mdns=error,libp2p_kad=error,libp2p_autonat=error",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)

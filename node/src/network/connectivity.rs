@@ -93,7 +93,11 @@ impl Connectivity {
     pub fn announced(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         if self.announced.len() >= ANNOUNCED_PEERS && !self.announced.contains_key(&peer) {
             // Forget a peer this node holds no connection to.
-            let idle = self.announced.keys().copied().find(|p| !self.paths.is_connected(*p));
+            let idle = self
+                .announced
+                .keys()
+                .copied()
+                .find(|p| !self.paths.is_connected(*p));
             if let Some(idle) = idle {
                 self.announced.remove(&idle);
             } else {
@@ -276,7 +280,12 @@ impl EventLoop {
         }
         let mut dial = None;
         if !self.connectivity.paths.is_connected(peer) {
-            let addrs = self.connectivity.announced.get(&peer).cloned().unwrap_or_default();
+            let addrs = self
+                .connectivity
+                .announced
+                .get(&peer)
+                .cloned()
+                .unwrap_or_default();
             // Dialled even while another dial (the DHT's, say, with only the peer's
             // private addresses) is under way: this one carries what it announced.
             let opts = DialOpts::peer_id(peer)

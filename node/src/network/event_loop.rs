@@ -81,7 +81,12 @@ pub(super) fn spawn(
     }
     // Bootstrap addresses are dialled from the event loop, once the listeners are up
     // (without a /p2p suffix the peer id is learnt from the connection).
-    let first_dial = Instant::now() + if listening { LISTEN_GRACE } else { Duration::ZERO };
+    let first_dial = Instant::now()
+        + if listening {
+            LISTEN_GRACE
+        } else {
+            Duration::ZERO
+        };
     let peer_id = *swarm.local_peer_id();
     let control = swarm.behaviour().stream.new_control();
     let event_loop = EventLoop {
@@ -334,7 +339,10 @@ impl EventLoop {
                 let offers = info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME);
                 self.connectivity.offers_relay(peer_id, offers);
                 // A peer's loopback addresses reach it only from its own machine.
-                let local = self.addresses.get(&peer_id).is_some_and(|ip| ip.is_loopback());
+                let local = self
+                    .addresses
+                    .get(&peer_id)
+                    .is_some_and(|ip| ip.is_loopback());
                 let reachable = |a: &Multiaddr| is_dialable(a) && (local || !is_loopback(a));
                 for addr in info.listen_addrs.into_iter().filter(reachable) {
                     self.swarm

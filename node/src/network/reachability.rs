@@ -200,7 +200,11 @@ mod tests {
         state.probe_failed();
         assert_eq!(state.status(now), Reachability::Unreachable);
         state.relays_pending(1);
-        assert_eq!(state.status(now), Reachability::Unknown, "a relay may answer yet");
+        assert_eq!(
+            state.status(now),
+            Reachability::Unknown,
+            "a relay may answer yet"
+        );
     }
 
     #[test]

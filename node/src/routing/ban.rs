@@ -47,6 +47,11 @@ impl<P: Eq + Hash + Clone> BanList<P> {
     pub fn len(&self) -> usize {
         self.bans.len()
     }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.bans.is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -217,7 +217,9 @@ pub struct Generation {
 impl Generation {
     pub fn start(args: &[&str]) -> Generation {
         let mut command = Command::new(binary());
-        command.args(args).env("ALLMENDE_MODEL", super::model_path());
+        command
+            .args(args)
+            .env("ALLMENDE_MODEL", super::model_path());
         Self::start_with(command)
     }
 

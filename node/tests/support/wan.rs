@@ -101,7 +101,8 @@ impl LabNode {
         identity: Option<&std::path::Path>,
     ) -> LabNode {
         let dir = tempfile::tempdir().unwrap();
-        let identity = identity.map_or_else(|| dir.path().join("identity.key"), |p| p.to_path_buf());
+        let identity =
+            identity.map_or_else(|| dir.path().join("identity.key"), |p| p.to_path_buf());
         let tcp = format!("/ip4/0.0.0.0/tcp/{PORT}");
         let quic = format!("/ip4/0.0.0.0/udp/{PORT}/quic-v1");
         let mut cmd = allmende_in(lab, site, &["serve", "--layers", layers, "--no-mdns"]);
@@ -168,7 +169,9 @@ impl Drop for LabNode {
 
 /// Runs `allmende ARGS` in `site` to the end.
 pub fn run_in(lab: &Lab, site: &str, args: &[&str]) -> Output {
-    allmende_in(lab, site, args).output().expect("allmende runs")
+    allmende_in(lab, site, args)
+        .output()
+        .expect("allmende runs")
 }
 
 /// `allmende status --json` from `site` until `ready` holds (or `timeout` passes).
@@ -181,7 +184,11 @@ pub fn wait_for_status(
 ) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let out = run_in(lab, site, &["status", "--bootstrap", bootstrap, "--no-mdns", "--json"]);
+        let out = run_in(
+            lab,
+            site,
+            &["status", "--bootstrap", bootstrap, "--no-mdns", "--json"],
+        );
         let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         if ready(&report) {
             return report;
