@@ -133,7 +133,12 @@ impl<C: Copy + Eq + Hash, P: Copy + Eq> Paths<C, P> {
     /// connected.
     pub fn settled(&self, peer: P, now: Instant) -> Option<PathInfo> {
         let best = self.best(peer)?;
-        if best.kind != PathKind::Relayed || self.punch_failed.contains(&peer) {
+        if best.kind != PathKind::Relayed {
+            // Until the relayed connections a direct one replaced have closed, a
+            // new stream could still land on one of them.
+            return self.replaced_relays(peer).is_empty().then_some(best);
+        }
+        if self.punch_failed.contains(&peer) {
             return Some(best);
         }
         let oldest = self
@@ -168,10 +173,12 @@ mod tests {
         paths.opened(2, 'a', PathKind::Direct, true, t);
         paths.punched(2);
         paths.measured(&2, Duration::from_millis(40));
+        assert_eq!(paths.replaced_relays('a'), vec![1]);
+        assert_eq!(paths.settled('a', t), None, "the relayed connection is closing");
+        paths.closed(&1);
         let path = paths.settled('a', t).unwrap();
         assert_eq!(path.kind, PathKind::HolePunched);
         assert_eq!(path.rtt_ms, Some(40.0));
-        assert_eq!(paths.replaced_relays('a'), vec![1]);
         assert!(
             !paths.dialled_directly('a'),
             "a punched path proves nothing"
