@@ -19,7 +19,7 @@ fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LAB.lock().unwrap_or_else(|e| e.into_inner())
 }
-const JOIN: Duration = Duration::from_secs(40);
+const JOIN: Duration = Duration::from_secs(90);
 
 fn site(name: &str, nat: Nat, delay_ms: u64) -> Site {
     Site {
@@ -186,8 +186,52 @@ fn a_donor_behind_symmetric_nat_serves_through_the_relay() {
     );
 }
 
+/// A relay's circuit ends mid-session (its limit cut to 8 s here): the client does
+/// not blame the donor, moves the session back to it over a new circuit, and the
+/// tokens stay those of one process.
+#[test]
+fn a_relayed_session_outlives_its_circuit() {
+    let _lab = one_lab_at_a_time();
+    if !sandboxed("a_relayed_session_outlives_its_circuit") {
+        return;
+    }
+    let lab = Lab::build(&[
+        site("public", Nat::Public, 5),
+        site("carrier", Nat::Symmetric, 5),
+        site("client", Nat::Cone, 5),
+    ])
+    .unwrap();
+    let public = LabNode::start(
+        &lab,
+        "public",
+        "0..10",
+        None,
+        &["--relay-circuit-secs", "8"],
+    );
+    let boot = public.addr.clone();
+    let donor = LabNode::start(&lab, "carrier", "10..30", Some(&boot), &[]);
+    donor.wait_reachability("behind NAT", JOIN);
+    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 2);
+    assert_eq!(answering(&status), 2, "{status:#}");
+
+    let tokens = 400;
+    let out = run_in(&lab, "client", &generate_args(&boot, &tokens.to_string()));
+    let report = report_of(&out);
+    assert_eq!(ids(&report), local_ids(tokens), "{report:#}");
+    let failovers = report["failovers"].as_array().unwrap();
+    assert!(
+        !failovers.is_empty() && failovers.iter().all(|f| f["kind"] == "relay"),
+        "{report:#}"
+    );
+    // The donor is the only server of its layers: the session came back to it.
+    let paths = paths_of(&report);
+    let donor_path = &paths.iter().find(|(p, _)| *p == donor.peer_id).unwrap().1;
+    assert_eq!(donor_path, "relayed", "{report:#}");
+}
+
 /// A donor started before its bootstrap node keeps dialling, joins when the
-/// bootstrap node comes up, and rejoins after it restarts.
+/// bootstrap node comes up, and rejoins after it restarts; it knows that node by a
+/// DNS name, among several bootstrap addresses.
 #[test]
 fn a_donor_joins_when_its_bootstrap_node_comes_up_and_after_it_restarts() {
     let _lab = one_lab_at_a_time();
@@ -200,8 +244,20 @@ fn a_donor_joins_when_its_bootstrap_node_comes_up_and_after_it_restarts() {
         site("client", Nat::Cone, 5),
     ])
     .unwrap();
+    // The donor knows its bootstrap node by a DNS name, and also a second address
+    // where nothing answers.
+    let _hosts = support::wan::resolve_in_sandbox("bootstrap.lab.test", lab.wan_ip("public"));
     let boot = format!("/ip4/{}/tcp/{}", lab.wan_ip("public"), support::wan::PORT);
-    let donor = LabNode::spawn(&lab, "home", "15..30", Some(&boot), &[], None);
+    let named = format!("/dns4/bootstrap.lab.test/tcp/{}", support::wan::PORT);
+    let dead = format!("/ip4/{}/tcp/{}", lab.wan_ip("client"), support::wan::PORT);
+    let donor = LabNode::spawn(
+        &lab,
+        "home",
+        "15..30",
+        Some(&dead),
+        &["--bootstrap", &named],
+        None,
+    );
     donor
         .stderr
         .wait_for("no peer reachable yet", Duration::from_secs(30))

@@ -108,6 +108,7 @@ fn reach_text(s: &crate::network::discovery::DiscoveredServer) -> String {
         (_, Some(PathKind::Relayed)) => "behind NAT, relayed".into(),
         (_, Some(PathKind::HolePunched)) => "behind NAT, hole-punched".into(),
         _ if relayed => "behind NAT".into(),
+        _ if s.relays => "direct, relays for peers behind NAT".into(),
         _ => "direct".into(),
     }
 }

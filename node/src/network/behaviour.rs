@@ -61,13 +61,13 @@ pub struct Behaviour {
 }
 
 /// AutoNAT v1, probing sooner and more often than its defaults (which wait 15 s and
-/// retry every 90 s), so a node knows within seconds whether to look for a relay. It
+/// retry every 90 s; a relay's service starts only once its node is confirmed public), so a node knows within seconds whether to look for a relay. It
 /// confirms private and test-range addresses too, as v2 does: swarms on a LAN are
 /// reachable at those.
 fn autonat_v1_config() -> autonat::Config {
     autonat::Config {
         boot_delay: Duration::from_secs(2),
-        retry_interval: Duration::from_secs(15),
+        retry_interval: Duration::from_secs(10),
         refresh_interval: Duration::from_secs(5 * 60),
         throttle_server_period: Duration::from_secs(15),
         only_global_ips: false,

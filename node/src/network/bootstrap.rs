@@ -1,6 +1,7 @@
 //! Joining through bootstrap addresses, and rejoining: a node started before its
 //! bootstrap node, or one whose bootstrap node restarted, keeps dialling with backoff
-//! for as long as it knows no other peer, and says what it is waiting for.
+//! for as long as it is connected to no bootstrap node, and says what it is waiting
+//! for.
 
 use std::time::{Duration, Instant};
 
@@ -36,9 +37,10 @@ impl Bootstrap {
         }
     }
 
-    /// The addresses to dial now, if the node knows no peer and the wait is over.
-    pub fn due(&mut self, has_peers: bool, now: Instant) -> Option<&[Multiaddr]> {
-        if has_peers {
+    /// The addresses to dial now, if the node is connected to no bootstrap node and
+    /// the wait is over.
+    pub fn due(&mut self, joined: bool, now: Instant) -> Option<&[Multiaddr]> {
+        if joined {
             self.attempts = 0;
             return None;
         }

@@ -1,7 +1,8 @@
 //! The event loop's part that gets a node through NAT: it learns whether the node is
 //! reachable (AutoNAT, UPnP, `--external-address`), reserves relay slots when it is
 //! not, moves relayed connections to hole-punched ones, holds streams back until a
-//! peer's path has settled, and redials bootstrap addresses while it knows no peer.
+//! peer's path has settled, and redials bootstrap addresses while it is connected to
+//! none of their nodes.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -64,6 +65,12 @@ pub(super) struct Connectivity {
     punched: HashSet<ConnectionId>,
     waiters: Vec<Waiter>,
     bootstrap: Bootstrap,
+    /// Dials to bootstrap addresses under way, and the peers they reached: while
+    /// none of those is connected, the bootstrap addresses are dialled again (other
+    /// peers, a client that dialled in, say, do not make this node known to the
+    /// swarm's DHT after its bootstrap node restarted).
+    bootstrap_dials: HashSet<ConnectionId>,
+    bootstrap_peers: HashSet<PeerId>,
     /// What servers announced: the addresses (relayed ones among them) to dial them
     /// at, which the DHT's routing table may not hold.
     announced: HashMap<PeerId, Vec<Multiaddr>>,
@@ -85,6 +92,8 @@ impl Connectivity {
             punched: HashSet::new(),
             waiters: Vec::new(),
             bootstrap,
+            bootstrap_dials: HashSet::new(),
+            bootstrap_peers: HashSet::new(),
             announced: HashMap::new(),
             serving,
         }
@@ -107,6 +116,10 @@ impl Connectivity {
         self.announced.insert(peer, addrs);
     }
 
+    pub fn offers(&self, peer: PeerId) -> bool {
+        self.relay_offers.contains(&peer)
+    }
+
     pub fn offers_relay(&mut self, peer: PeerId, offers: bool) {
         match offers {
             true => self.relay_offers.insert(peer),
@@ -123,6 +136,9 @@ impl EventLoop {
         endpoint: &ConnectedPoint,
     ) {
         let c = &mut self.connectivity;
+        if c.bootstrap_dials.remove(&id) {
+            c.bootstrap_peers.insert(peer);
+        }
         let relayed_only = c.paths.best(peer).map(|p| p.kind) == Some(PathKind::Relayed);
         let kind = if endpoint.is_relayed() {
             PathKind::Relayed
@@ -354,24 +370,32 @@ impl EventLoop {
     /// Periodic upkeep: rejoin through the bootstrap addresses, reserve relay slots
     /// when unreachable, and say when reachability changes.
     pub(super) fn maintain(&mut self, now: Instant) {
-        let has_peers = !self.talking.is_empty();
-        if has_peers {
+        if !self.talking.is_empty() {
             self.connectivity.reach.has_peers(now);
         }
-        if let Some(addrs) = self.connectivity.bootstrap.due(has_peers, now) {
+        let joined = (self.connectivity.bootstrap_peers.iter()).any(|p| self.swarm.is_connected(p));
+        if let Some(addrs) = self.connectivity.bootstrap.due(joined, now) {
             let addrs = addrs.to_vec();
             let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
             let attempt = self.connectivity.bootstrap.attempts();
             if attempt > 1 {
                 tracing::info!(
-                    "no peer reachable yet; dialling {} again (attempt {attempt}, next in {:?})",
+                    "connected to no bootstrap node; dialling {} again (attempt {attempt}, next in {:?})",
                     list.join(", "),
                     self.connectivity.bootstrap.next_wait(now),
                 );
             }
+            if self.connectivity.bootstrap_dials.len() > 1024 {
+                self.connectivity.bootstrap_dials.clear();
+            }
             for addr in addrs {
-                if let Err(e) = self.swarm.dial(addr.clone()) {
-                    tracing::warn!("cannot dial {addr}: {e}");
+                let dial = DialOpts::from(addr.clone());
+                let id = dial.connection_id();
+                match self.swarm.dial(dial) {
+                    Ok(()) => {
+                        self.connectivity.bootstrap_dials.insert(id);
+                    }
+                    Err(e) => tracing::warn!("cannot dial {addr}: {e}"),
                 }
             }
         }

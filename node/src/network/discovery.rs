@@ -27,6 +27,8 @@ pub struct DiscoveredServer {
     pub path: Option<PathInfo>,
     /// It was probed and did not answer (kept only by [`Probe::All`]).
     pub silent: bool,
+    /// It offers the relay service to peers behind NAT (known once probed).
+    pub relays: bool,
 }
 
 /// How `discover` treats servers.
@@ -96,6 +98,7 @@ async fn lookup(
             rtt_ms: None,
             path: None,
             silent: false,
+            relays: false,
         });
     }
     match tokio::time::timeout(CONNECT_TIMEOUT + PROBE_TIMEOUT, probe_info(network, peer)).await {
@@ -106,6 +109,7 @@ async fn lookup(
                 rtt_ms: Some(rtt_ms),
                 path: network.path(peer).await.ok().flatten(),
                 silent: false,
+                relays: network.offers_relay(peer).await.unwrap_or(false),
             })
         }
         _ => {
@@ -116,6 +120,7 @@ async fn lookup(
                 rtt_ms: None,
                 path: None,
                 silent: true,
+                relays: false,
             })
         }
     }

@@ -306,6 +306,9 @@ impl EventLoop {
                 self.pending_records.insert(id, reply);
             }
             Command::Settle(peer, reply) => self.settle(peer, reply, Instant::now()),
+            Command::OffersRelay(peer, reply) => {
+                let _ = reply.send(self.connectivity.offers(peer));
+            }
             Command::Path(peer, reply) => {
                 let _ = reply.send(self.connectivity.paths.best(peer));
             }

@@ -85,6 +85,7 @@ pub(crate) enum Command {
     /// Connect to a peer if needed, and reply once its path has settled.
     Settle(PeerId, oneshot::Sender<Result<PathInfo, String>>),
     Path(PeerId, oneshot::Sender<Option<PathInfo>>),
+    OffersRelay(PeerId, oneshot::Sender<bool>),
     Reachability(oneshot::Sender<ReachabilityReport>),
 }
 
@@ -208,6 +209,11 @@ impl Network {
     /// The path streams to `peer` take now, if connected.
     pub async fn path(&self, peer: PeerId) -> Result<Option<PathInfo>, NetworkError> {
         self.ask(|tx| Command::Path(peer, tx)).await
+    }
+
+    /// Whether `peer` offers the relay service (as its identify says).
+    pub async fn offers_relay(&self, peer: PeerId) -> Result<bool, NetworkError> {
+        self.ask(|tx| Command::OffersRelay(peer, tx)).await
     }
 
     /// Whether and how this node can be reached, and what it announces.

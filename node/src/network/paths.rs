@@ -174,7 +174,11 @@ mod tests {
         paths.punched(2);
         paths.measured(&2, Duration::from_millis(40));
         assert_eq!(paths.replaced_relays('a'), vec![1]);
-        assert_eq!(paths.settled('a', t), None, "the relayed connection is closing");
+        assert_eq!(
+            paths.settled('a', t),
+            None,
+            "the relayed connection is closing"
+        );
         paths.closed(&1);
         let path = paths.settled('a', t).unwrap();
         assert_eq!(path.kind, PathKind::HolePunched);

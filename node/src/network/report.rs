@@ -47,6 +47,7 @@ pub fn swarm_report(
                 "reachability": reachability(s),
                 "path": s.path.map(|p| p.kind),
                 "answered": !s.silent,
+                "relay_service": s.relays && reachability(s) == "public",
             })
         })
         .collect();

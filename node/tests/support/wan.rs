@@ -237,3 +237,24 @@ pub fn paths_of(report: &serde_json::Value) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// Makes `name` resolve to `ip` for every process of this sandbox: a hosts file
+/// bind-mounted over /etc/hosts in the sandbox's own mount namespace (refused outside
+/// a sandbox, where it would change the machine's).
+pub fn resolve_in_sandbox(name: &str, ip: std::net::Ipv4Addr) -> tempfile::TempDir {
+    assert!(
+        allmende_wan_lab::in_sandbox(),
+        "only inside the lab's sandbox"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} {name}\n")).unwrap();
+    let status = Command::new("mount")
+        .arg("--bind")
+        .arg(&hosts)
+        .arg("/etc/hosts")
+        .status()
+        .expect("mount runs");
+    assert!(status.success(), "cannot bind-mount a hosts file");
+    dir
+}

@@ -155,7 +155,9 @@ pub struct FailoverEvent {
     pub peer: PeerId,
     pub layers: [u32; 2],
     /// `crash`: a step failed and waited for the new route; `drain`: the server was
-    /// leaving and the session moved while it still served.
+    /// leaving and the session moved while it still served; `relay`: the relayed
+    /// connection ended (its relay's circuit limit), the server was not blamed, and
+    /// the session moved, to the same server where it still answers.
     pub kind: &'static str,
     pub reason: String,
     /// How long generation waited for the move.
@@ -332,9 +334,19 @@ impl Route {
         let started = Instant::now();
         let failed = self.segments.remove(i);
         let (peer, range) = (failed.session.segment.peer, failed.session.segment.range);
-        tracing::warn!("{error}; rerouting layers {range}");
         self.bans.prune(started);
-        self.bans.ban(&peer, started);
+        // A relayed stream may end with its relay's circuit while the server is
+        // fine: a planned move, which may reconnect to the same server. A server
+        // that did fail does not answer discovery's probe, so it is passed over
+        // without a ban.
+        let circuit_ended = failed.session.relayed && !error.is_deterministic();
+        match circuit_ended {
+            true => tracing::info!("{error}: the relayed connection ended; moving layers {range}"),
+            false => {
+                tracing::warn!("{error}; rerouting layers {range}");
+                self.bans.ban(&peer, started);
+            }
+        }
         let replacement = failover::reroute(
             &self.context,
             &mut self.bans,
@@ -351,7 +363,7 @@ impl Route {
         self.events.push(FailoverEvent {
             peer,
             layers: [range.start, range.end],
-            kind: "crash",
+            kind: if circuit_ended { "relay" } else { "crash" },
             reason: error.to_string(),
             stall_ms: started.elapsed().as_secs_f64() * 1e3,
             replaced_by,

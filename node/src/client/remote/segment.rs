@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::RemoteError;
 use crate::network::framing::{read_message, write_message, FrameIoError};
-use crate::network::Network;
+use crate::network::{Network, PathKind};
 
 /// Longest wait for one server's reply to one message. A long replay on a slow server
 /// is the worst case; a dead server is usually noticed much sooner, by the connection.
@@ -43,6 +43,9 @@ pub struct SegmentSession {
     position: u32,
     /// The server said it is shutting down: the session should move.
     pub draining: bool,
+    /// The stream runs through a relay, whose circuit may end while the server
+    /// is fine (a relay limits how long and how much it carries).
+    pub relayed: bool,
 }
 
 impl SegmentSession {
@@ -58,6 +61,7 @@ impl SegmentSession {
             .open_stream(segment.peer)
             .await
             .map_err(|e| connection(&segment, e))?;
+        let path = network.path(segment.peer).await.ok().flatten();
         let mut session = Self {
             segment,
             stream,
@@ -65,6 +69,7 @@ impl SegmentSession {
             token: SessionToken::default(),
             position: 0,
             draining: false,
+            relayed: path.is_some_and(|p| p.kind == PathKind::Relayed),
         };
         let open = ClientMessage::Open {
             model,
