@@ -135,6 +135,38 @@ fn a_client_behind_nat_generates_through_donors_behind_nat() {
     );
 }
 
+/// A public node (`public`, with `public_args`) and a donor of layers 10..30 behind a
+/// symmetric NAT (`carrier`), which serves through the public node's relay, found by
+/// a client behind a cone NAT (`client`); `delay_ms` on every access link.
+struct RelayedSwarm {
+    lab: Lab,
+    boot: String,
+    donor: LabNode,
+    /// Bound by name where the swarm is taken apart: it must outlive the test.
+    _public: LabNode,
+}
+
+fn relayed_swarm(delay_ms: u64, public_args: &[&str]) -> RelayedSwarm {
+    let lab = Lab::build(&[
+        site("public", Nat::Public, delay_ms),
+        site("carrier", Nat::Symmetric, delay_ms),
+        site("client", Nat::Cone, delay_ms),
+    ])
+    .unwrap();
+    let public = LabNode::start(&lab, "public", "0..10", None, public_args);
+    let boot = public.addr.clone();
+    let donor = LabNode::start(&lab, "carrier", "10..30", Some(&boot), &[]);
+    donor.wait_reachability("behind NAT", JOIN);
+    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 2);
+    assert_eq!(answering(&status), 2, "{status:#}");
+    RelayedSwarm {
+        lab,
+        boot,
+        donor,
+        _public: public,
+    }
+}
+
 /// Behind a symmetric NAT hole punching fails; the donor serves through the relay,
 /// says so, and a relayed session runs past libp2p's default circuit limits (two
 /// minutes, 128 KiB) with the tokens of one process.
@@ -144,18 +176,12 @@ fn a_donor_behind_symmetric_nat_serves_through_the_relay() {
     if !sandboxed("a_donor_behind_symmetric_nat_serves_through_the_relay") {
         return;
     }
-    let lab = Lab::build(&[
-        site("public", Nat::Public, 25),
-        site("carrier", Nat::Symmetric, 25),
-        site("client", Nat::Cone, 25),
-    ])
-    .unwrap();
-    let public = LabNode::start(&lab, "public", "0..10", None, &[]);
-    let boot = public.addr.clone();
-    let donor = LabNode::start(&lab, "carrier", "10..30", Some(&boot), &[]);
-    donor.wait_reachability("behind NAT", JOIN);
-    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 2);
-    assert_eq!(answering(&status), 2, "{status:#}");
+    let RelayedSwarm {
+        lab,
+        boot,
+        donor,
+        _public,
+    } = relayed_swarm(25, &[]);
 
     let tokens = 640;
     let relay_before = lab.link_counters("public");
@@ -195,24 +221,12 @@ fn a_relayed_session_outlives_its_circuit() {
     if !sandboxed("a_relayed_session_outlives_its_circuit") {
         return;
     }
-    let lab = Lab::build(&[
-        site("public", Nat::Public, 5),
-        site("carrier", Nat::Symmetric, 5),
-        site("client", Nat::Cone, 5),
-    ])
-    .unwrap();
-    let public = LabNode::start(
-        &lab,
-        "public",
-        "0..10",
-        None,
-        &["--relay-circuit-secs", "8"],
-    );
-    let boot = public.addr.clone();
-    let donor = LabNode::start(&lab, "carrier", "10..30", Some(&boot), &[]);
-    donor.wait_reachability("behind NAT", JOIN);
-    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 2);
-    assert_eq!(answering(&status), 2, "{status:#}");
+    let RelayedSwarm {
+        lab,
+        boot,
+        donor,
+        _public,
+    } = relayed_swarm(5, &["--relay-circuit-secs", "8"]);
 
     let tokens = 400;
     let out = run_in(&lab, "client", &generate_args(&boot, &tokens.to_string()));

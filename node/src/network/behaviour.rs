@@ -75,6 +75,19 @@ fn autonat_v1_config() -> autonat::Config {
     }
 }
 
+/// The relay service, switched on for good. Left to switch itself (on when the node
+/// has a confirmed external address, off when it has none), libp2p-relay 0.22 tells
+/// every connection of the change, relayed ones too, whose handlers cannot take it:
+/// the node panics (seen in the WAN lab, when an address expired while a relayed
+/// connection was open). Peers reserve slots only on relays they reached by dialling
+/// them directly (`reachability::choose_relays`), so a node behind NAT that offers
+/// the service is not chosen.
+fn relay_service(peer_id: libp2p::PeerId, limits: &RelayLimits) -> relay::Behaviour {
+    let mut relay = relay::Behaviour::new(peer_id, limits.config());
+    relay.set_status(Some(relay::Status::Enable));
+    relay
+}
+
 /// What a node offers to others beyond the inference protocol.
 #[derive(Clone, Debug)]
 pub struct Services {
@@ -135,7 +148,7 @@ impl Behaviour {
             relay: services
                 .relay
                 .as_ref()
-                .map(|limits| relay::Behaviour::new(peer_id, limits.config()))
+                .map(|limits| relay_service(peer_id, limits))
                 .into(),
             dcutr: dcutr::Behaviour::new(peer_id),
             // Probes a candidate address every 5 s (the default).
