@@ -219,9 +219,7 @@ impl EventLoop {
         if let autonat::Event::StatusChanged { old, new } = event {
             tracing::debug!("AutoNAT v1: {old:?} -> {new:?}");
             if new == autonat::NatStatus::Private {
-                // v1 says so only after several peers failed to dial back.
-                self.connectivity.reach.probe_failed();
-                self.connectivity.reach.probe_failed();
+                self.connectivity.reach.found_private();
             }
         }
     }

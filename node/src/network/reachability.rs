@@ -10,6 +10,8 @@ use libp2p::Multiaddr;
 /// How long a node may go without a confirmed address before it looks for a relay
 /// (AutoNAT probes every few seconds once it has a peer to ask).
 pub const PROBE_GRACE: Duration = Duration::from_secs(10);
+/// Failed dial-back probes after which a node stops waiting for a confirmation.
+const SETTLING_FAILURES: u32 = 2;
 /// Relays a node behind NAT reserves a slot on: two, so losing one leaves an address.
 pub const WANTED_RELAYS: usize = 2;
 
@@ -75,6 +77,12 @@ impl ReachabilityState {
         self.failed_probes += 1;
     }
 
+    /// AutoNAT v1 concluded the node is private: it says so only after several
+    /// peers failed to dial back, so it counts as the failed probes that settle it.
+    pub fn found_private(&mut self) {
+        self.failed_probes = self.failed_probes.max(SETTLING_FAILURES);
+    }
+
     /// Reservations asked of relays and not yet answered: until they are, the node
     /// does not call itself unreachable.
     pub fn relays_pending(&mut self, pending: usize) {
@@ -94,7 +102,7 @@ impl ReachabilityState {
     }
 
     fn gave_up_waiting(&self, now: Instant) -> bool {
-        self.failed_probes >= 2
+        self.failed_probes >= SETTLING_FAILURES
             || self
                 .asking_since
                 .is_some_and(|since| now.duration_since(since) >= PROBE_GRACE)
