@@ -33,6 +33,7 @@ async fn a_step_with_a_batch_axis_is_refused() {
         let values = vec![0.1; (batch * 576) as usize];
         ClientMessage::Step {
             session,
+            step: u64::from(batch),
             position,
             hidden: WireTensor::from_f32(&[batch, 1, 576], &values, WireDType::F32).unwrap(),
             forward: vec![],

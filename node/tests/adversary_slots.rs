@@ -126,6 +126,7 @@ async fn probes_do_not_keep_a_session_alive() {
     );
     let step = ClientMessage::Step {
         session,
+        step: 1,
         position: 0,
         forward: vec![],
         hidden: hidden(1, 576, 0.1),
@@ -155,6 +156,7 @@ async fn a_session_at_full_speed_is_never_throttled() {
     for position in 0..steps {
         let step = ClientMessage::Step {
             session,
+            step: position.into(),
             position,
             forward: vec![],
             hidden: hidden(1, 576, 0.01),

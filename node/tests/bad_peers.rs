@@ -5,6 +5,7 @@
 mod support;
 
 use allmende_node::network::framing::{read_message, write_message, FrameIoError};
+use allmende_protocol::inference::forward_proof;
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
 };
@@ -41,6 +42,7 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     let mut s = network.open_stream(peer).await.unwrap();
     let step = ClientMessage::Step {
         session: 77,
+        step: 1,
         position: 0,
         hidden: hidden(1, 576, 0.1),
         forward: vec![],
@@ -77,8 +79,9 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
         max_len, 8,
         "the server caps the session at --max-session-len"
     );
-    let step = |position, hidden| ClientMessage::Step {
+    let step = |position: u32, hidden| ClientMessage::Step {
         session,
+        step: position.into(),
         position,
         hidden,
         forward: vec![],
@@ -118,8 +121,9 @@ async fn malformed_requests_are_refused_and_the_node_keeps_serving() {
     }
 
     // A replay is checked whole before any of it runs: one bad step refuses it all.
-    let replay = |position, steps| ClientMessage::Replay {
+    let replay = |position: u32, steps| ClientMessage::Replay {
         session,
+        step: 100 + u64::from(position),
         position,
         steps,
     };
@@ -206,6 +210,7 @@ async fn a_tensor_of_ragged_bytes_is_a_bad_frame() {
     // while its values are being decoded.
     let step_bytes = allmende_protocol::encode(&ClientMessage::Step {
         session: 999,
+        step: 1,
         position: 0,
         hidden: WireTensor::from_f32(&[1, 1, 1], &[1.0], WireDType::F32).unwrap(),
         forward: vec![],
@@ -331,11 +336,12 @@ async fn send(stream: &mut Stream, message: ClientMessage<'_>) {
 }
 
 /// Steps forwarded into a session, as the previous server of a route sends them, reach
-/// it only with the token its client was given: the session's client gets the output,
-/// the same as for the step sent directly; a position that arrives twice is answered
-/// once; forged tokens reach nothing and get their sender cut off.
+/// it only with the proof its client made for that sender, step and position: the
+/// session's client gets the output, the same as for the step sent directly. A step
+/// that arrives both ways is answered once, a stale or misdirected forward reaches
+/// nothing, and forged proofs never get their sender banned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarded_steps_need_the_sessions_token() {
+async fn forwarded_steps_need_the_clients_proof() {
     let node = Node::start("0..30", None, &[]);
     let client = RawClient::connect(&node).await;
     let all = LayerRange::new(0, 30);
@@ -343,15 +349,16 @@ async fn forwarded_steps_need_the_sessions_token() {
         ServerMessage::Opened { session, token, .. } => (session, token),
         other => panic!("not opened: {other:?}"),
     };
-    let step = |session, position, value| ClientMessage::Step {
+    let step = |session, id, position, value| ClientMessage::Step {
         session,
+        step: id,
         position,
         forward: vec![],
         hidden: hidden(1, 576, value),
     };
     let (mut direct, reply) = client.open(all, 16).await;
     let (direct_id, _) = opened(reply);
-    let expected = match ask(&mut direct, &step(direct_id, 0, 0.1)).await {
+    let expected = match ask(&mut direct, &step(direct_id, 1, 0, 0.1)).await {
         ServerMessage::Hidden { hidden, .. } => hidden,
         other => panic!("expected hidden states, got {other:?}"),
     };
@@ -361,16 +368,22 @@ async fn forwarded_steps_need_the_sessions_token() {
     // Another peer plays the previous server of the route.
     let upstream = RawClient::connect(&node).await;
     let mut from_upstream = upstream.stream().await;
-    let forwarded = |position, token| ClientMessage::Forwarded {
+    let proof = |forwarder: &RawClient, id, position| {
+        let forwarder = forwarder.network.peer_id().to_bytes();
+        forward_proof(&token, &forwarder, session, id, position)
+    };
+    let forwarded = |id, position, proof| ClientMessage::Forwarded {
         session,
-        token,
+        step: id,
+        proof,
         position,
         forward: vec![],
         hidden: hidden(1, 576, 0.1),
     };
-    send(&mut from_upstream, forwarded(0, token)).await;
+    send(&mut from_upstream, forwarded(1, 0, proof(&upstream, 1, 0))).await;
     match read_message::<ServerMessage, _>(&mut s).await.unwrap() {
         ServerMessage::Hidden {
+            step: 1,
             position: 0,
             hidden,
             forwarded: false,
@@ -379,31 +392,97 @@ async fn forwarded_steps_need_the_sessions_token() {
         other => panic!("expected the forwarded step's output, got {other:?}"),
     }
 
-    // Position 0 again (it can come both ways after a failover), and a forged token:
-    // neither gets an answer, so the session's next reply is its client's own step's.
-    send(&mut from_upstream, forwarded(0, token)).await;
-    let mut forged = token;
+    // None of these gets an answer, so the session's next reply is its client's own
+    // step's: the same step again (it is not newer than the last one computed); a
+    // proof made for another forwarder; a proof for another step; a forged proof.
+    send(&mut from_upstream, forwarded(1, 0, proof(&upstream, 1, 0))).await;
+    send(&mut from_upstream, forwarded(2, 1, proof(&client, 2, 1))).await;
+    send(&mut from_upstream, forwarded(3, 1, proof(&upstream, 2, 1))).await;
+    let mut forged = proof(&upstream, 2, 1);
     forged[0] ^= 1;
-    send(&mut from_upstream, forwarded(1, forged)).await;
+    send(&mut from_upstream, forwarded(2, 1, forged)).await;
     assert!(matches!(
-        ask(&mut s, &step(session, 1, 0.2)).await,
-        ServerMessage::Hidden { position: 1, .. }
+        ask(&mut s, &step(session, 4, 1, 0.2)).await,
+        ServerMessage::Hidden { step: 4, position: 1, .. }
     ));
 
-    // Forged tokens are never held against the sender: an honest server forwards to
+    // Forged proofs are never held against the sender: an honest server forwards to
     // whatever hop its client names, so a client could otherwise get it banned. After
-    // many, the sender's next forward with the right token is still delivered.
+    // many, the sender's next forward with the right proof is still delivered.
     for _ in 0..20 {
-        send(&mut from_upstream, forwarded(1, forged)).await;
+        send(&mut from_upstream, forwarded(5, 2, forged)).await;
     }
-    send(&mut from_upstream, forwarded(2, token)).await;
+    send(&mut from_upstream, forwarded(5, 2, proof(&upstream, 5, 2))).await;
     match read_message::<ServerMessage, _>(&mut s).await.unwrap() {
-        ServerMessage::Hidden { position: 2, .. } => {}
+        ServerMessage::Hidden { step: 5, position: 2, .. } => {}
         other => panic!("expected the forwarded step's output, got {other:?}"),
     }
     assert!(still_served(&upstream).await, "the forwarder was banned");
+
+    // The client sends the step it just got forwarded (it tired of waiting for the
+    // forward): answered once already, so the next reply is the next step's.
+    write_message(&mut s, &step(session, 5, 2, 0.1)).await.unwrap();
     assert!(matches!(
-        ask(&mut s, &step(session, 3, 0.3)).await,
-        ServerMessage::Hidden { position: 3, .. }
+        ask(&mut s, &step(session, 6, 3, 0.3)).await,
+        ServerMessage::Hidden { step: 6, position: 3, .. }
     ));
+}
+
+/// A step at a position the session already holds, under a new id (a client sending
+/// it again after a failover), replaces what the session held from there: its output
+/// is that of a fresh session, and a stale forward of the older attempt reaches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_attempt_at_a_step_replaces_the_older() {
+    let node = Node::start("0..30", None, &[]);
+    let client = RawClient::connect(&node).await;
+    let all = LayerRange::new(0, 30);
+    let step = |session, id, position, value| ClientMessage::Step {
+        session,
+        step: id,
+        position,
+        forward: vec![],
+        hidden: hidden(1, 576, value),
+    };
+    let output = |reply| match reply {
+        ServerMessage::Hidden { hidden, .. } => hidden,
+        other => panic!("expected hidden states, got {other:?}"),
+    };
+    let open = |reply| match reply {
+        ServerMessage::Opened { session, token, .. } => (session, token),
+        other => panic!("not opened: {other:?}"),
+    };
+    // A fresh session's outputs for the inputs 0.1, 0.2.
+    let (mut fresh, reply) = client.open(all, 16).await;
+    let (fresh_id, _) = open(reply);
+    output(ask(&mut fresh, &step(fresh_id, 1, 0, 0.1)).await);
+    let expected = output(ask(&mut fresh, &step(fresh_id, 2, 1, 0.2)).await);
+
+    // Another session gets 0.1 then 0.5 (an attempt that went wrong), then position 1
+    // again with 0.2 under a newer id.
+    let (mut s, reply) = client.open(all, 16).await;
+    let (session, token) = open(reply);
+    output(ask(&mut s, &step(session, 1, 0, 0.1)).await);
+    output(ask(&mut s, &step(session, 2, 1, 0.5)).await);
+    let again = output(ask(&mut s, &step(session, 3, 1, 0.2)).await);
+    assert_eq!(again, expected, "the newer attempt replaced the older");
+
+    // The older attempt's forward, arriving late with its valid proof, is dropped.
+    let upstream = RawClient::connect(&node).await;
+    let forwarder = upstream.network.peer_id().to_bytes();
+    let late = ClientMessage::Forwarded {
+        session,
+        step: 2,
+        proof: forward_proof(&token, &forwarder, session, 2, 1),
+        position: 1,
+        forward: vec![],
+        hidden: hidden(1, 576, 0.5),
+    };
+    let mut from_upstream = upstream.stream().await;
+    send(&mut from_upstream, late).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let next = ask(&mut s, &step(session, 4, 2, 0.3)).await;
+    assert!(
+        matches!(next, ServerMessage::Hidden { step: 4, position: 2, .. }),
+        "{next:?}"
+    );
 }

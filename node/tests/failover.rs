@@ -146,3 +146,33 @@ fn with_no_replica_left_the_error_names_the_missing_layers() {
     let waited = killed.elapsed();
     assert!(waited < Duration::from_secs(30), "gave up after {waited:?}");
 }
+
+/// A stream of forwarded steps between two servers lives as long as it carries steps:
+/// a route in full use outlasts the servers' idle timeout with every step forwarded,
+/// nothing sent twice and nobody failed over.
+#[test]
+fn forwarding_outlasts_the_idle_timeout() {
+    let a = Node::start("0..15", None, &["--idle-timeout", "1"]);
+    let _b = Node::start("15..30", Some(&a.addr), &["--idle-timeout", "1"]);
+    let out = allmende(&[
+        "generate",
+        "--bootstrap",
+        &a.addr,
+        "--no-mdns",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "1500",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let report = json_of(&out);
+    assert_eq!(ids(&report).len(), 1500);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(report["failovers"], serde_json::json!([]), "{stderr}");
+    let hops = &report["hops"];
+    assert_eq!(hops["relayed_by_client"], 0, "{hops}");
+    assert_eq!(hops["resent_by_client"], 0, "{hops}");
+    let seconds = report["timings"]["total_ms"].as_f64().unwrap_or(0.0) / 1e3;
+    eprintln!("{hops} in {seconds:.1} s");
+}

@@ -89,6 +89,7 @@ async fn sessions_leave_no_memory_behind() {
             for seq in [8, 1, 1] {
                 let step = ClientMessage::Step {
                     session,
+                    step: position.into(),
                     position,
                     hidden: hidden(seq, 576, 0.05),
                     forward: vec![],

@@ -140,6 +140,7 @@ async fn run_attack(attack: usize, attacker: &RawClient, range: LayerRange) -> O
             let values = vec![0.1; 2000 * 576];
             let step = ClientMessage::Step {
                 session,
+                step: 1,
                 position: 0,
                 forward: vec![],
                 hidden: WireTensor::from_f32(&[2000, 1, 576], &values, WireDType::F32).ok()?,
@@ -187,7 +188,8 @@ async fn run_attack(attack: usize, attacker: &RawClient, range: LayerRange) -> O
             for session in 0..50 {
                 let forged = ClientMessage::Forwarded {
                     session,
-                    token: [7; TOKEN_BYTES],
+                    step: 1,
+                    proof: [7; TOKEN_BYTES],
                     position: 0,
                     forward: vec![],
                     hidden: hidden(1, 576, 0.1),

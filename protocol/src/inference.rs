@@ -5,26 +5,42 @@
 //! client                                   server
 //!   Open { model, range, max_len, dtype } →
 //!                                        ← Opened { session, max_len, token } | Busy | Error
-//!   Step { session, position, hidden, forward } →
-//!                                        ← Hidden { position, hidden, draining, forwarded } | Error
+//!   Step { session, step, position, hidden, forward } →
+//!                                        ← Hidden { step, position, hidden, draining, forwarded } | Error
 //!   ... (more steps)
 //!   Close                                 →   (server frees the KV cache)
 //! ```
 //! Forwarding: a step may name the next servers of the route (`forward`: each one's
-//! session and the token it handed out when the session opened). The server then also
-//! sends its output straight to the first of them, as a `Forwarded` step on a stream
-//! of its own, carrying the rest of the list; that server computes it and answers the
-//! *client* on the client's stream, as if the client had sent the step itself. A token
-//! needs three hops of messages per token on a three-server route plus the last reply
-//! (four) instead of six, while the client still receives every server's output, which
-//! it keeps for failover. `Hidden::forwarded` says whether the output was handed on; if
-//! not, the client sends the next server the step itself.
+//! session, and a proof that the client lets the server before it forward this step
+//! there). The server then also sends its output straight to the first of them, as a
+//! `Forwarded` step on a stream of its own, carrying the rest of the list; that server
+//! computes it and answers the *client* on the client's stream, as if the client had
+//! sent the step itself. A token needs three hops of messages per token on a
+//! three-server route plus the last reply (four) instead of six, while the client
+//! still receives every server's output, which it keeps for failover.
+//! `Hidden::forwarded` says whether the output was handed on; if not, the client sends
+//! the next server the step itself.
 //! ```text
 //! client ──Step──▶ A ──Forwarded──▶ B ──Forwarded──▶ C
 //!    ◀──Hidden──── A                                 (A's output, for the client's history)
 //!    ◀──Hidden─────────────────────── B
 //!    ◀──Hidden──────────────────────────────────────── C
 //! ```
+//! Proofs: the session token a server hands out never leaves the client. For each
+//! step the client gives the previous server [`forward_proof`]: a MAC under the token
+//! of who may forward (that server's peer id, which the receiver learns from the
+//! connection), the session, the step's id and its position. So a server can forward
+//! only the steps it was given, only into the session right after it, and a server
+//! the client moved away from cannot send anything newer.
+//!
+//! Step ids: the client numbers its attempts at each step, increasing over the whole
+//! route (one id for every server of one attempt), and every `Hidden` names the id it
+//! answers. A server computes a step at most once per id, and a step with a newer id
+//! at a position the session already holds cuts the session back to that position
+//! first. So a step may safely arrive twice (forwarded, and sent by a client tired of
+//! waiting for the forward), and a step sent again after a failover replaces whatever
+//! an earlier attempt left downstream. The client ignores replies to older ids.
+//!
 //! `Replay { steps }` rebuilds a session's cache on a new server after a failover: the
 //! server runs the steps one by one, exactly as they were first sent, so the cache and
 //! every output are bit-identical to the original server's; it answers with all the
@@ -35,14 +51,18 @@
 //! `Info` may be sent instead of `Open`: the server answers `Info` with what it serves
 //! and its load, and the client uses the round trip as an RTT probe.
 
+use blake2::digest::consts::U16;
+use blake2::digest::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 
 use crate::{LayerRange, ModelId, WireDType, WireTensor};
 
 /// Versioned protocol name; a change in the messages below bumps the version.
-pub const PROTOCOL_NAME: &str = "/allmende/inference/2";
+pub const PROTOCOL_NAME: &str = "/allmende/inference/3";
 /// Version number carried in announcements, matching [`PROTOCOL_NAME`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+/// The version before: a node answers its streams with an error naming both.
+pub const PREVIOUS_PROTOCOL_NAME: &str = "/allmende/inference/2";
 
 /// Bytes of a session's forwarding token.
 pub const TOKEN_BYTES: usize = 16;
@@ -60,6 +80,29 @@ pub const MAX_REPLAY_STEPS: usize = 4096;
 /// honest client.
 pub const STEP_POSITIONS: usize = 512;
 
+/// Lets one server forward one step into one session (see the module's documentation).
+pub type ForwardProof = [u8; TOKEN_BYTES];
+
+/// The proof that the server `forwarder` (its peer id, as bytes) may forward step
+/// `step` at `position` into `session`, whose token is `token`.
+pub fn forward_proof(
+    token: &SessionToken,
+    forwarder: &[u8],
+    session: u64,
+    step: u64,
+    position: u32,
+) -> ForwardProof {
+    let mut mac = <blake2::Blake2sMac<U16> as KeyInit>::new_from_slice(token)
+        .expect("BLAKE2s takes keys of up to 32 bytes");
+    // The peer id's length first, so no two inputs share an encoding.
+    mac.update(&(forwarder.len() as u32).to_le_bytes());
+    mac.update(forwarder);
+    mac.update(&session.to_le_bytes());
+    mac.update(&step.to_le_bytes());
+    mac.update(&position.to_le_bytes());
+    mac.finalize().into_bytes().into()
+}
+
 /// A server further down a route, and the session there to forward a step into.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NextHop {
@@ -67,7 +110,8 @@ pub struct NextHop {
     #[serde(deserialize_with = "crate::bounded::list::<MAX_PEER_ID_BYTES, _, _>")]
     pub peer: Vec<u8>,
     pub session: u64,
-    pub token: SessionToken,
+    /// Lets the server before this one forward the step here ([`forward_proof`]).
+    pub proof: ForwardProof,
 }
 
 impl NextHop {
@@ -99,9 +143,14 @@ pub enum ClientMessage<'a> {
         dtype: WireDType,
     },
     /// Hidden states `[batch, seq, hidden]` for positions `position..position + seq`
-    /// of the session. `position` must equal the number of positions already processed.
+    /// of the session. `position` may not exceed the positions already processed; a
+    /// step at an earlier one cuts the session back to it (see the module's
+    /// documentation), unless it repeats the last step computed (same id and end),
+    /// which was answered already and is not answered again.
     Step {
         session: u64,
+        /// The client's id for this attempt at the step.
+        step: u64,
         position: u32,
         /// The servers that come next on the route, if the output should go straight
         /// to the first of them (see the module's documentation). Empty: reply only.
@@ -110,11 +159,13 @@ pub enum ClientMessage<'a> {
         hidden: WireTensor<'a>,
     },
     /// A step forwarded by the previous server of the route into `session`, which the
-    /// sender proves it may do with the session's `token`. Not answered on this stream:
-    /// the receiving server answers the session's client.
+    /// sender proves it may do with the `proof` the client gave it. Not answered on
+    /// this stream: the receiving server answers the session's client. A step whose id
+    /// is not newer than the last one the session computed is dropped.
     Forwarded {
         session: u64,
-        token: SessionToken,
+        step: u64,
+        proof: ForwardProof,
         position: u32,
         #[serde(deserialize_with = "crate::bounded::list::<MAX_FORWARD_HOPS, _, _>")]
         forward: Vec<NextHop>,
@@ -124,6 +175,7 @@ pub enum ClientMessage<'a> {
     /// one. Used to rebuild a session's cache after a failover.
     Replay {
         session: u64,
+        step: u64,
         position: u32,
         #[serde(deserialize_with = "crate::bounded::list::<MAX_REPLAY_STEPS, _, _>")]
         steps: Vec<WireTensor<'a>>,
@@ -143,8 +195,10 @@ pub enum ServerMessage<'a> {
     },
     /// Output hidden states of a step (of every step of a replay, concatenated along
     /// the sequence axis). `draining`: the server is leaving; move the session soon.
-    /// `forwarded`: the output went on to the next server the step named.
+    /// `forwarded`: the output went on to the next server the step named. `step`: the
+    /// id of the step (or replay) this answers.
     Hidden {
+        step: u64,
         position: u32,
         hidden: WireTensor<'a>,
         draining: bool,
@@ -276,23 +330,26 @@ mod tests {
             },
             ClientMessage::Step {
                 session: 9,
+                step: 11,
                 position: 3,
                 hidden: hidden.clone(),
                 forward: vec![NextHop {
                     peer: vec![0, 36, 8],
                     session: 4,
-                    token: [5; TOKEN_BYTES],
+                    proof: [5; TOKEN_BYTES],
                 }],
             },
             ClientMessage::Forwarded {
                 session: 4,
-                token: [5; TOKEN_BYTES],
+                step: 11,
+                proof: [5; TOKEN_BYTES],
                 position: 3,
                 hidden: hidden.clone(),
                 forward: vec![],
             },
             ClientMessage::Replay {
                 session: 9,
+                step: 12,
                 position: 0,
                 steps: vec![hidden.clone(), hidden.clone()],
             },
@@ -309,6 +366,7 @@ mod tests {
                 token: [9; TOKEN_BYTES],
             },
             ServerMessage::Hidden {
+                step: 11,
                 position: 3,
                 hidden,
                 draining: true,
@@ -332,7 +390,7 @@ mod tests {
         let hop = |len| NextHop {
             peer: vec![1; len],
             session: 1,
-            token: [0; TOKEN_BYTES],
+            proof: [0; TOKEN_BYTES],
         };
         assert!(NextHop::check_list(&[hop(38), hop(MAX_PEER_ID_BYTES)]).is_ok());
         assert!(NextHop::check_list(&[hop(MAX_PEER_ID_BYTES + 1)]).is_err());
@@ -351,6 +409,7 @@ mod tests {
         };
         let replay = |n| ClientMessage::Replay {
             session: 1,
+            step: 1,
             position: 0,
             steps: vec![empty.clone(); n],
         };
@@ -363,10 +422,11 @@ mod tests {
         let hop = NextHop {
             peer: vec![1; 38],
             session: 1,
-            token: [0; TOKEN_BYTES],
+            proof: [0; TOKEN_BYTES],
         };
         let step = |forward| ClientMessage::Step {
             session: 1,
+            step: 1,
             position: 0,
             forward,
             hidden: WireTensor::from_f32(&[1, 1, 1], &[1.0], WireDType::F32).unwrap(),
@@ -382,6 +442,22 @@ mod tests {
         let mut info = info();
         info.addrs = vec![String::new(); MAX_ADDRS + 1];
         assert!(decode::<ServerInfo>(&encode(&info).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_proof_binds_the_forwarder_session_step_and_position() {
+        let token = [7; TOKEN_BYTES];
+        let proof = forward_proof(&token, b"peer a", 4, 9, 100);
+        assert_eq!(proof, forward_proof(&token, b"peer a", 4, 9, 100));
+        for other in [
+            forward_proof(&[8; TOKEN_BYTES], b"peer a", 4, 9, 100),
+            forward_proof(&token, b"peer b", 4, 9, 100),
+            forward_proof(&token, b"peer a", 5, 9, 100),
+            forward_proof(&token, b"peer a", 4, 10, 100),
+            forward_proof(&token, b"peer a", 4, 9, 101),
+        ] {
+            assert_ne!(proof, other);
+        }
     }
 
     #[test]

@@ -45,37 +45,40 @@ fn client_message() -> impl Strategy<Value = ClientMessage<'static>> {
                 dtype,
             }
         }),
-        (any::<u64>(), any::<u32>(), tensor(), hops()).prop_map(
-            |(session, position, hidden, forward)| ClientMessage::Step {
+        (any::<(u64, u64)>(), any::<u32>(), tensor(), hops()).prop_map(
+            |((session, step), position, hidden, forward)| ClientMessage::Step {
                 session,
+                step,
                 position,
                 hidden,
                 forward,
             }
         ),
         (
-            any::<u64>(),
+            any::<(u64, u64)>(),
             any::<[u8; TOKEN_BYTES]>(),
             any::<u32>(),
             tensor(),
             hops()
         )
-            .prop_map(|(session, token, position, hidden, forward)| {
+            .prop_map(|((session, step), proof, position, hidden, forward)| {
                 ClientMessage::Forwarded {
                     session,
-                    token,
+                    step,
+                    proof,
                     position,
                     hidden,
                     forward,
                 }
             }),
         (
-            any::<u64>(),
+            any::<(u64, u64)>(),
             any::<u32>(),
             proptest::collection::vec(tensor(), 0..4)
         )
-            .prop_map(|(session, position, steps)| ClientMessage::Replay {
+            .prop_map(|((session, step), position, steps)| ClientMessage::Replay {
                 session,
+                step,
                 position,
                 steps
             }),
@@ -116,10 +119,10 @@ fn hops() -> impl Strategy<Value = Vec<NextHop>> {
             any::<u64>(),
             any::<[u8; TOKEN_BYTES]>(),
         )
-            .prop_map(|(peer, session, token)| NextHop {
+            .prop_map(|(peer, session, proof)| NextHop {
                 peer,
                 session,
-                token,
+                proof,
             }),
         0..4,
     )
@@ -135,8 +138,9 @@ fn server_message() -> impl Strategy<Value = ServerMessage<'static>> {
                 token
             }
         ),
-        (any::<u32>(), tensor(), any::<bool>(), any::<bool>()).prop_map(
-            |(position, hidden, draining, forwarded)| ServerMessage::Hidden {
+        (any::<(u64, u32)>(), tensor(), any::<bool>(), any::<bool>()).prop_map(
+            |((step, position), hidden, draining, forwarded)| ServerMessage::Hidden {
+                step,
                 position,
                 hidden,
                 draining,

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use allmende_protocol::inference::PROTOCOL_VERSION;
 use allmende_protocol::{ModelId, WireDType};
 use libp2p::PeerId;
 
@@ -117,10 +118,25 @@ pub async fn connect(
     let mut unusable: Vec<String> = Vec::new();
     loop {
         let now = Instant::now();
-        let servers: Vec<DiscoveredServer> = discover(network, &target.id, true)
-            .await
+        let mut servers: Vec<DiscoveredServer> = discover(network, &target.id, true).await;
+        for server in &servers {
+            let Some(theirs) = server.other_version() else {
+                continue;
+            };
+            if excluded.insert(server.peer) {
+                let note = format!(
+                    "server {} speaks inference protocol {theirs}, this node {PROTOCOL_VERSION} \
+                     (one of the two runs another version of allmende)",
+                    server.peer
+                );
+                tracing::warn!("{note}");
+                unusable.push(note);
+            }
+        }
+        servers.retain(|s| s.usable());
+        let servers: Vec<DiscoveredServer> = servers
             .into_iter()
-            .filter(|s| !excluded.contains(&s.peer) && !s.info.draining)
+            .filter(|s| !excluded.contains(&s.peer))
             .filter(|s| busy.get(&s.peer).is_none_or(|until| *until <= now))
             .collect();
         let candidates = candidates(&servers);

@@ -110,6 +110,11 @@ impl ShardCache {
         self.max_len
     }
 
+    /// Forgets every position from `positions` on; the next step writes over them.
+    pub fn truncate(&mut self, positions: usize) {
+        self.len = self.len.min(positions);
+    }
+
     pub fn batch(&self) -> Option<usize> {
         self.batch
     }

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use allmende_protocol::inference::PROTOCOL_VERSION;
 use allmende_protocol::{ClientMessage, ModelId, ServerInfo, ServerMessage};
 use futures::future::join_all;
 use libp2p::{Multiaddr, PeerId};
@@ -29,6 +30,19 @@ pub struct DiscoveredServer {
     pub silent: bool,
     /// It offers the relay service to peers behind NAT (known once probed).
     pub relays: bool,
+}
+
+impl DiscoveredServer {
+    /// The protocol version it speaks, if not this node's: such a server is named to
+    /// the user, never dialled.
+    pub fn other_version(&self) -> Option<u32> {
+        (self.info.protocol_version != PROTOCOL_VERSION).then_some(self.info.protocol_version)
+    }
+
+    /// It may take new sessions: it speaks this node's protocol and is not leaving.
+    pub fn usable(&self) -> bool {
+        self.other_version().is_none() && !self.info.draining
+    }
 }
 
 /// How `discover` treats servers.
@@ -91,7 +105,7 @@ async fn lookup(
     tracing::debug!(%peer, addrs = ?info.addrs, "announcement");
     let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
     let _ = network.add_addresses(peer, addrs).await;
-    if probe == Probe::No {
+    if probe == Probe::No || info.protocol_version != PROTOCOL_VERSION {
         return Some(DiscoveredServer {
             peer,
             info,

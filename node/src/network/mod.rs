@@ -42,6 +42,9 @@ const COMMAND_CAPACITY: usize = 64;
 /// The inference protocol as a libp2p stream protocol.
 pub const INFERENCE_PROTOCOL: StreamProtocol =
     StreamProtocol::new(allmende_protocol::PROTOCOL_NAME);
+/// The version before, whose streams are answered with an error naming both.
+pub const PREVIOUS_INFERENCE_PROTOCOL: StreamProtocol =
+    StreamProtocol::new(allmende_protocol::inference::PREVIOUS_PROTOCOL_NAME);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -240,9 +243,17 @@ impl Network {
 
     /// Incoming inference-protocol streams. Only one caller may accept.
     pub fn accept(&self) -> Result<libp2p_stream::IncomingStreams, NetworkError> {
+        self.accept_protocol(INFERENCE_PROTOCOL)
+    }
+
+    /// Incoming streams of `protocol`. Only one caller may accept each protocol.
+    pub fn accept_protocol(
+        &self,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p_stream::IncomingStreams, NetworkError> {
         self.control
             .clone()
-            .accept(INFERENCE_PROTOCOL)
+            .accept(protocol)
             .map_err(|e| NetworkError::Build(e.to_string()))
     }
 }

@@ -4,15 +4,16 @@
 //!
 //! Receiving: every open session has an [`Inbox`] in the server's [`Inboxes`], under
 //! its id and the random token handed to its client; a `Forwarded` step that names
-//! both is delivered to the session's stream task, which computes it and answers the
-//! client. Sending: a session's [`Forwarder`] keeps one stream to the server it last
+//! the session and carries the client's proof for its sender, step and position is
+//! delivered to the session's stream task, which computes it and answers the client.
+//! Sending: a session's [`Forwarder`] keeps one stream to the server it last
 //! forwarded to.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use allmende_protocol::inference::{NextHop, SessionToken, TOKEN_BYTES};
+use allmende_protocol::inference::{forward_proof, ForwardProof, NextHop, SessionToken, TOKEN_BYTES};
 use allmende_protocol::{encode_frame, ClientMessage, WireDType, WireTensor};
 use candle_core::Tensor;
 use libp2p::{PeerId, Stream};
@@ -32,6 +33,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A step forwarded into a session by the previous server of its route.
 pub struct ForwardedStep {
+    /// The client's id for the step.
+    pub step: u64,
     pub position: u32,
     pub hidden: WireTensor<'static>,
     pub forward: Vec<NextHop>,
@@ -42,8 +45,8 @@ pub struct ForwardedStep {
 pub enum Undelivered {
     /// No such session (it may just have closed).
     UnknownSession,
-    /// The token does not match: the sender was never given it.
-    BadToken,
+    /// The proof does not match: the client never let the sender forward this step.
+    BadProof,
     /// The session already holds as many forwarded steps as a route can send it.
     Full,
 }
@@ -77,17 +80,26 @@ impl Inboxes {
         Ok((registration, receiver, token))
     }
 
-    /// Hands `step` to session `id` if `token` is the session's.
+    /// Hands `step`, sent by `sender`, to session `id` if `proof` is the client's
+    /// proof that `sender` may forward it there.
     pub fn deliver(
         &self,
         id: u64,
-        token: &SessionToken,
+        sender: &PeerId,
+        proof: &ForwardProof,
         step: ForwardedStep,
     ) -> Result<(), Undelivered> {
         let inboxes = self.lock();
         let inbox = inboxes.get(&id).ok_or(Undelivered::UnknownSession)?;
-        if !same_token(&inbox.token, token) {
-            return Err(Undelivered::BadToken);
+        let expected = forward_proof(
+            &inbox.token,
+            &sender.to_bytes(),
+            id,
+            step.step,
+            step.position,
+        );
+        if !same_token(&expected, proof) {
+            return Err(Undelivered::BadProof);
         }
         inbox.sender.try_send(step).map_err(|_| Undelivered::Full)
     }
@@ -98,8 +110,8 @@ impl Inboxes {
     }
 }
 
-/// Compares tokens in time independent of where they differ.
-fn same_token(a: &SessionToken, b: &SessionToken) -> bool {
+/// Compares proofs in time independent of where they differ.
+fn same_token(a: &ForwardProof, b: &ForwardProof) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -122,14 +134,14 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// Sends `output` (the step at `position`) to `next`, naming `rest` as the servers
-    /// after it. Returns whether it was handed over; a failure is logged, not returned,
-    /// since the client then sends the step itself.
+    /// Sends `output` (step `step`, at `position`) to `next`, naming `rest` as the
+    /// servers after it. Returns whether it was handed over; a failure is logged, not
+    /// returned, since the client then sends the step itself.
     pub async fn forward(
         &mut self,
         network: &Network,
-        next: &NextHop,
-        rest: &[NextHop],
+        (next, rest): (&NextHop, &[NextHop]),
+        step: u64,
         position: u32,
         output: &Tensor,
         dtype: WireDType,
@@ -138,7 +150,7 @@ impl Forwarder {
             tracing::debug!("a step named an invalid peer id to forward to");
             return false;
         };
-        let frame = match forwarded_frame(next, rest, position, output, dtype) {
+        let frame = match forwarded_frame((next, rest), step, position, output, dtype) {
             Ok(frame) => frame,
             Err(e) => {
                 tracing::warn!("cannot encode a forwarded step: {e}");
@@ -179,8 +191,8 @@ impl Forwarder {
 /// The `Forwarded` message carrying `output`, encoded straight from the tensor's
 /// memory (the one copy of its values on this way out).
 fn forwarded_frame(
-    next: &NextHop,
-    rest: &[NextHop],
+    (next, rest): (&NextHop, &[NextHop]),
+    step: u64,
     position: u32,
     output: &Tensor,
     dtype: WireDType,
@@ -190,7 +202,8 @@ fn forwarded_frame(
         let hidden = WireTensor::new(&dims, values, dtype).map_err(|e| e.to_string())?;
         let message = ClientMessage::Forwarded {
             session: next.session,
-            token: next.token,
+            step,
+            proof: next.proof,
             position,
             hidden,
             forward: rest.to_vec(),
@@ -204,9 +217,10 @@ fn forwarded_frame(
 mod tests {
     use super::*;
 
-    fn step(position: u32) -> ForwardedStep {
+    fn step(step: u64, position: u32) -> ForwardedStep {
         let hidden = WireTensor::from_f32(&[1, 1, 2], &[1.0, 2.0], WireDType::F32).unwrap();
         ForwardedStep {
+            step,
             position,
             hidden,
             forward: Vec::new(),
@@ -214,36 +228,53 @@ mod tests {
     }
 
     #[test]
-    fn delivers_only_with_the_sessions_token_and_forgets_closed_sessions() {
+    fn delivers_only_what_the_client_let_the_sender_forward() {
         let inboxes = Inboxes::default();
         let (registration, mut receiver, token) = inboxes.register(7).unwrap();
         let (_other, _, other_token) = inboxes.register(8).unwrap();
         assert_ne!(token, other_token, "tokens are random");
+        let (sender, stranger) = (PeerId::random(), PeerId::random());
+        let proof = |token, peer: &PeerId, id, s, p| forward_proof(token, &peer.to_bytes(), id, s, p);
 
-        assert_eq!(inboxes.deliver(7, &token, step(0)), Ok(()));
+        let good = proof(&token, &sender, 7, 1, 0);
+        assert_eq!(inboxes.deliver(7, &sender, &good, step(1, 0)), Ok(()));
         assert_eq!(receiver.try_recv().unwrap().position, 0);
+        // Another peer holding the proof, another session's token, or a proof for
+        // another step or position: all refused.
+        for (peer, proof, s, p) in [
+            (&stranger, good, 1, 0),
+            (&sender, proof(&other_token, &sender, 7, 1, 0), 1, 0),
+            (&sender, good, 2, 0),
+            (&sender, good, 1, 1),
+        ] {
+            assert_eq!(
+                inboxes.deliver(7, peer, &proof, step(s, p)),
+                Err(Undelivered::BadProof)
+            );
+        }
         assert_eq!(
-            inboxes.deliver(7, &other_token, step(1)),
-            Err(Undelivered::BadToken)
-        );
-        assert_eq!(
-            inboxes.deliver(9, &token, step(1)),
+            inboxes.deliver(9, &sender, &good, step(1, 0)),
             Err(Undelivered::UnknownSession)
         );
-        for position in 1..=INBOX_CAPACITY as u32 {
-            assert_eq!(inboxes.deliver(7, &token, step(position)), Ok(()));
+        for s in 2..2 + INBOX_CAPACITY as u64 {
+            let good = proof(&token, &sender, 7, s, 0);
+            assert_eq!(inboxes.deliver(7, &sender, &good, step(s, 0)), Ok(()));
         }
-        assert_eq!(inboxes.deliver(7, &token, step(9)), Err(Undelivered::Full));
+        let good = proof(&token, &sender, 7, 9, 0);
+        assert_eq!(
+            inboxes.deliver(7, &sender, &good, step(9, 0)),
+            Err(Undelivered::Full)
+        );
 
         drop(registration);
         assert_eq!(
-            inboxes.deliver(7, &token, step(3)),
+            inboxes.deliver(7, &sender, &good, step(9, 0)),
             Err(Undelivered::UnknownSession)
         );
     }
 
     #[test]
-    fn tokens_compare_whole() {
+    fn proofs_compare_whole() {
         let a = [3u8; TOKEN_BYTES];
         let mut b = a;
         assert!(same_token(&a, &b));

@@ -8,6 +8,7 @@ mod forwarding;
 pub mod guard;
 mod memory;
 pub(crate) mod memory_limit;
+mod other_version;
 mod session;
 pub mod share;
 
@@ -238,6 +239,7 @@ impl ShardServer {
         network: Network,
     ) -> Result<(), crate::network::NetworkError> {
         let mut incoming = network.accept()?;
+        tokio::spawn(other_version::refuse_previous_version(network.clone()));
         let mut prune = tokio::time::interval(guard::OFFENCE_WINDOW);
         let mut trim = tokio::time::interval(MEMORY_TRIM_INTERVAL);
         loop {

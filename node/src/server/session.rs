@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use allmende_protocol::inference::{NextHop, SessionToken};
+use allmende_protocol::inference::{ForwardProof, NextHop};
 use allmende_protocol::{
     encode_frame, ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType,
     WireTensor,
@@ -36,6 +36,8 @@ struct OpenSession {
     cache: Option<ShardCache>,
     /// Steps forwarded into the session by the previous server of its route.
     inbox: mpsc::Receiver<ForwardedStep>,
+    /// The id of the last step computed; forwarded steps must be newer.
+    last_step: Option<u64>,
     _registration: Registration,
     _slot: ShareSlot,
     _kv_reservation: OwnedSemaphorePermit,
@@ -74,6 +76,7 @@ enum Reply {
     Message(ServerMessage<'static>),
     /// A step's output, sent as hidden states in the session's wire type.
     Hidden {
+        step: u64,
         position: u32,
         output: Tensor,
         dtype: WireDType,
@@ -91,6 +94,7 @@ impl Reply {
         match self {
             Reply::Message(message) => encode_frame(&message).map_err(|e| internal(e.to_string())),
             Reply::Hidden {
+                step,
                 position,
                 output,
                 dtype,
@@ -102,6 +106,7 @@ impl Reply {
                     let hidden =
                         WireTensor::new(&dims, values, dtype).map_err(|e| e.to_string())?;
                     let message = ServerMessage::Hidden {
+                        step,
                         position,
                         hidden,
                         draining,
@@ -134,6 +139,8 @@ enum Input {
 /// What to do after a message.
 enum Next {
     Reply(Result<Reply, Refusal>),
+    /// A forwarded step went to its session: progress, answered on another stream.
+    Delivered,
     Nothing,
     Stop,
 }
@@ -196,6 +203,12 @@ pub async fn serve_stream(
         };
         let reply = match next {
             Next::Reply(reply) => reply,
+            Next::Delivered => {
+                // A stream of forwarded steps never gets a reply; what it carries is
+                // its progress, or it would close under a route in full use.
+                deadline = tokio::time::Instant::now() + server.limits.idle_timeout;
+                continue;
+            }
             Next::Nothing => continue,
             Next::Stop => break,
         };
@@ -325,15 +338,35 @@ impl Outputs<'_> {
             }
             ClientMessage::Step {
                 session: id,
+                step,
                 position,
                 hidden,
                 forward,
-            } => self.step(session, id, position, hidden, forward).await,
+            } => {
+                // A step the session computed last, forwarded, which the client sent
+                // too (it tired of waiting for the forward): answered already.
+                let seq = hidden.shape.get(1).map_or(0, |&s| s as usize);
+                let repeated = session.as_ref().is_some_and(|open| {
+                    open.id == id
+                        && open.last_step == Some(step)
+                        && open.cache.as_ref().map(ShardCache::len)
+                            == Some(position as usize + seq)
+                });
+                if repeated {
+                    return Next::Nothing;
+                }
+                let step = Step { id, step, position };
+                self.step(session, step, hidden, forward).await
+            }
             ClientMessage::Replay {
                 session: id,
+                step,
                 position,
                 steps,
-            } => run(server, self.group, session, id, position, steps).await,
+            } => {
+                let step = Step { id, step, position };
+                run(server, self.group, session, step, steps).await
+            }
             ClientMessage::Close { session: id } => {
                 if session.as_ref().is_some_and(|s| s.id == id) {
                     *session = None;
@@ -346,17 +379,19 @@ impl Outputs<'_> {
             }
             ClientMessage::Forwarded {
                 session: id,
-                token,
+                step,
+                proof,
                 position,
                 hidden,
                 forward,
             } => {
                 let step = ForwardedStep {
+                    step,
                     position,
                     hidden,
                     forward,
                 };
-                return self.deliver(peer, id, &token, step).await;
+                return self.deliver(peer, id, &proof, step).await;
             }
         };
         if reply.is_err() && step {
@@ -374,27 +409,27 @@ impl Outputs<'_> {
     /// serves it. Nothing is answered on this stream: the session's client gets the
     /// output. A delivered step is not counted against the sender's request rate (it
     /// is the session's client's step, paced by that client). One that names no open
-    /// session, or a wrong token, is dropped and counted, but never held against the
+    /// session, or a wrong proof, is dropped and counted, but never held against the
     /// sender: an honest server forwards to whatever hop its client named, so a client
-    /// could otherwise get it banned by naming a session with a bad token. Past the
-    /// sender's rate this stream is closed, without a ban. (A 128-bit token cannot be
+    /// could otherwise get it banned by naming a session with a bad proof. Past the
+    /// sender's rate this stream is closed, without a ban. (A 128-bit proof cannot be
     /// guessed, so refusing costs nothing.)
     async fn deliver(
         &mut self,
         peer: PeerId,
         id: u64,
-        token: &SessionToken,
+        proof: &ForwardProof,
         step: ForwardedStep,
     ) -> Next {
         let server = self.server;
         let undelivered = match NextHop::check_list(&step.forward) {
-            Ok(()) => match server.inboxes.deliver(id, token, step) {
-                Ok(()) => return Next::Nothing,
+            Ok(()) => match server.inboxes.deliver(id, &peer, proof, step) {
+                Ok(()) => return Next::Delivered,
                 Err(undelivered) => undelivered,
             },
             Err(e) => {
                 tracing::debug!(%peer, "a forwarded step with a bad list of hops: {e}");
-                Undelivered::BadToken
+                Undelivered::BadProof
             }
         };
         tracing::debug!(%peer, session = id, "forwarded step not delivered: {undelivered:?}");
@@ -406,22 +441,22 @@ impl Outputs<'_> {
     }
 
     /// A step forwarded into this stream's session: computed and answered to the
-    /// session's client as if it had sent the step itself. A position the session
-    /// already holds came both ways (from the client after a failover, and from the
-    /// previous server); the one that arrived first was answered, so this one is not.
+    /// session's client as if it had sent the step itself. One no newer than the last
+    /// step computed came both ways (from the client too, which was answered), or from
+    /// a server the client has since moved away from: it is dropped.
     async fn forwarded(&mut self, session: &mut Option<OpenSession>, step: ForwardedStep) -> Next {
         let Some(open) = session.as_ref() else {
             return Next::Nothing;
         };
-        let held = open.cache.as_ref().map_or(0, |c| c.len());
-        if (step.position as usize) < held {
+        if open.last_step.is_some_and(|last| step.step <= last) {
             return Next::Nothing;
         }
-        let id = open.id;
-        Next::Reply(
-            self.step(session, id, step.position, step.hidden, step.forward)
-                .await,
-        )
+        let id = Step {
+            id: open.id,
+            step: step.step,
+            position: step.position,
+        };
+        Next::Reply(self.step(session, id, step.hidden, step.forward).await)
     }
 
     /// Runs one step and, if it names the next servers, forwards its output to the
@@ -429,13 +464,12 @@ impl Outputs<'_> {
     async fn step(
         &mut self,
         session: &mut Option<OpenSession>,
-        id: u64,
-        position: u32,
+        step: Step,
         hidden: WireTensor<'_>,
         forward: Vec<NextHop>,
     ) -> Result<Reply, Refusal> {
         NextHop::check_list(&forward).map_err(|e| (ErrorKind::BadRequest, e))?;
-        let mut reply = run(self.server, self.group, session, id, position, vec![hidden]).await?;
+        let mut reply = run(self.server, self.group, session, step, vec![hidden]).await?;
         if let (
             Reply::Hidden {
                 output,
@@ -448,7 +482,14 @@ impl Outputs<'_> {
         {
             *forwarded = self
                 .forwarder
-                .forward(self.network, next, rest, position, output, *dtype)
+                .forward(
+                    self.network,
+                    (next, rest),
+                    step.step,
+                    step.position,
+                    output,
+                    *dtype,
+                )
                 .await;
             if *forwarded {
                 self.server.metrics.steps_forwarded.inc();
@@ -461,6 +502,14 @@ impl Outputs<'_> {
         }
         Ok(reply)
     }
+}
+
+/// Which session a step is for, the client's id for it, and where it starts.
+#[derive(Clone, Copy)]
+struct Step {
+    id: u64,
+    step: u64,
+    position: u32,
 }
 
 fn error(kind: ErrorKind, message: String) -> ServerMessage<'static> {
@@ -545,6 +594,7 @@ fn open(
         dtype,
         cache: Some(cache),
         inbox,
+        last_step: None,
         _registration: registration,
         _slot: slot,
         _kv_reservation: kv_reservation,
@@ -558,13 +608,13 @@ fn open(
 }
 
 /// Runs `steps` in order on the session (one for a plain step, several for a replay)
-/// and replies with their outputs concatenated along the sequence axis.
+/// and replies with their outputs concatenated along the sequence axis. Steps that
+/// start before the session's end replace what it held from there on.
 async fn run(
     server: &ShardServer,
     group: PeerGroup,
     session: &mut Option<OpenSession>,
-    id: u64,
-    position: u32,
+    Step { id, step, position }: Step,
     steps: Vec<WireTensor<'_>>,
 ) -> Result<Reply, Refusal> {
     let Some(open) = session.as_mut().filter(|s| s.id == id) else {
@@ -585,6 +635,8 @@ async fn run(
             return Err(refusal);
         }
     };
+    cache.truncate(position as usize);
+    open.last_step = Some(step);
     let mut outputs = Vec::with_capacity(inputs.len());
     for input in inputs {
         let positions = input.dim(1).unwrap_or(0) as u64;
@@ -616,6 +668,7 @@ async fn run(
         _ => Tensor::cat(&outputs, 1).map_err(|e| internal(e.to_string()))?,
     };
     Ok(Reply::Hidden {
+        step,
         position,
         output,
         dtype: open.dtype,
@@ -664,7 +717,7 @@ fn validate(
     if steps.is_empty() {
         return Err((ErrorKind::BadRequest, "no hidden states to process".into()));
     }
-    if position as usize != cache.len() {
+    if position as usize > cache.len() {
         let msg = format!(
             "step at position {position}, but the session has {} positions",
             cache.len()
@@ -692,7 +745,7 @@ fn validate(
             return Err((ErrorKind::TooLong, msg));
         }
         total = total.saturating_add(seq);
-        if cache.len() + total > cache.max_len() {
+        if position as usize + total > cache.max_len() {
             let msg = format!(
                 "{total} more positions would exceed the session's maximum of {}",
                 cache.max_len()

@@ -69,6 +69,7 @@ fn varint(n: u64) -> Vec<u8> {
 pub fn replay_flood_frame() -> Vec<u8> {
     let head = allmende_protocol::encode(&ClientMessage::Replay {
         session: 1,
+        step: 1,
         position: 0,
         steps: vec![],
     })

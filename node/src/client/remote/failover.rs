@@ -23,6 +23,9 @@ use crate::routing::{plan_route_over, BanList};
 /// more than this are caught up in the background first.
 const INLINE_CATCH_UP: usize = 1;
 
+/// The new segments, and the outputs of the last one for the history replayed.
+type Rebuilt = (Vec<Segment>, Vec<WireTensor<'static>>);
+
 /// Finds servers for `range` (avoiding banned ones), opens sessions and replays
 /// `history` through them. Retries with other servers until the context's failover
 /// patience runs out.
@@ -32,14 +35,14 @@ pub async fn reroute(
     range: LayerRange,
     history: &[WireTensor<'static>],
     cause: &RemoteError,
-) -> Result<Vec<Segment>, RemoteError> {
+) -> Result<Rebuilt, RemoteError> {
     let deadline = Instant::now() + context.failover_patience;
     loop {
         let now = Instant::now();
         let servers: Vec<_> = discover(&context.network, &context.target.id, true)
             .await
             .into_iter()
-            .filter(|s| !s.info.draining && !bans.is_banned(&s.peer, now))
+            .filter(|s| s.usable() && !bans.is_banned(&s.peer, now))
             .collect();
         tracing::debug!("failover: discovery took {:?}", now.elapsed());
         let candidates = candidates(&servers);
@@ -67,13 +70,13 @@ pub async fn reroute(
             .collect();
         let started = Instant::now();
         match rebuild(context, &route, history).await {
-            Ok(segments) => {
+            Ok(rebuilt) => {
                 tracing::debug!(
                     "failover: rebuilt {} steps in {:?}",
                     history.len(),
                     started.elapsed()
                 );
-                return Ok(segments);
+                return Ok(rebuilt);
             }
             Err(e) => {
                 tracing::warn!("replacement route failed: {e}");
@@ -90,27 +93,41 @@ async fn rebuild(
     context: &RouteContext,
     route: &[RouteSegment],
     history: &[WireTensor<'static>],
-) -> Result<Vec<Segment>, RemoteError> {
+) -> Result<Rebuilt, RemoteError> {
     let mut segments = open_route(context, route).await?;
-    replay_chain(&mut segments, history.to_vec()).await?;
-    Ok(segments)
+    let outputs = replay_chain(&mut segments, history.to_vec()).await?;
+    Ok((segments, outputs))
 }
 
 /// Replays `steps` through a chain of segments: each one's outputs are the next one's
-/// inputs, and each one's history grows by what it was sent.
+/// inputs, and each one's history grows by what it was sent. Returns the last one's
+/// outputs.
 async fn replay_chain(
     segments: &mut [Segment],
     mut steps: Vec<WireTensor<'static>>,
-) -> Result<(), RemoteError> {
+) -> Result<Vec<WireTensor<'static>>, RemoteError> {
     if steps.is_empty() {
-        return Ok(());
+        return Ok(steps);
     }
     for segment in segments.iter_mut() {
         let outputs = segment.session.replay(&steps).await?;
         segment.history.extend(steps);
         steps = outputs;
     }
-    Ok(())
+    Ok(steps)
+}
+
+/// Runs a chain of open segments again from their first position on new inputs
+/// `steps`, replacing everything they held.
+pub async fn restart_chain(
+    segments: &mut [Segment],
+    steps: Vec<WireTensor<'static>>,
+) -> Result<(), RemoteError> {
+    for segment in segments.iter_mut() {
+        segment.session.restart();
+        segment.history.clear();
+    }
+    replay_chain(segments, steps).await.map(drop)
 }
 
 /// A draining segment being moved in the background.
@@ -151,7 +168,7 @@ impl Route {
             message: reason.clone(),
         };
         let task = tokio::spawn(async move {
-            let segments = reroute(&context, &mut bans, range, &history, &cause).await?;
+            let (segments, _) = reroute(&context, &mut bans, range, &history, &cause).await?;
             Ok((segments, covered))
         });
         self.migration = Some(Migration {

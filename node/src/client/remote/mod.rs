@@ -21,7 +21,7 @@ use candle_core::{Device, Tensor};
 use libp2p::PeerId;
 use serde::Serialize;
 
-pub use segment::{RouteSegment, SegmentSession, STEP_TIMEOUT};
+pub use segment::{next_step_id, RouteSegment, SegmentSession, STEP_TIMEOUT};
 
 use super::connect::ModelTarget;
 use super::pipeline::{Pipeline, PipelineError};
@@ -96,6 +96,13 @@ impl RemoteError {
     }
 }
 
+/// How long a server's output may be awaited, beyond twice what the previous server
+/// took, when the previous server said it forwarded the step there: a forwarded step
+/// can be lost (a connection between the two servers failing after the hand-over),
+/// and then the client sends the step itself rather than wait for a timeout and
+/// blame a server that never received it.
+const FORWARD_PATIENCE: Duration = Duration::from_secs(2);
+
 /// A segment of the live route, with every step it was sent.
 pub struct Segment {
     pub session: SegmentSession,
@@ -146,6 +153,9 @@ pub struct HopCounts {
     pub forwarded_by_servers: u64,
     /// Sent by the client: forwarding was off, failed, or the server was replaced.
     pub relayed_by_client: u64,
+    /// Forwarded, but the output did not come in time, so the client sent it too
+    /// (counted in `forwarded_by_servers` as well).
+    pub resent_by_client: u64,
 }
 
 /// A server the session moved away from, and what it cost.
@@ -244,6 +254,9 @@ impl Route {
         let mut wire =
             WireTensor::from_vec(&dims, values, self.context.dtype).map_err(|e| tensor_err(&e))?;
         let seq = dims.get(1).copied().unwrap_or(0);
+        // This attempt at the step; a new one after each failover, so servers past
+        // the failed one replace what the lost attempt may have left there.
+        let mut step = next_step_id();
         // Whether segment `i` has its input: sent by this client, or forwarded to it
         // by the previous server.
         let mut has_input = false;
@@ -254,6 +267,8 @@ impl Route {
         // previous segment's output (sent on by its server). Decode steps through a
         // segment are timed from it, for routing by measured speed.
         let mut since = Instant::now();
+        // How long the previous segment took: what a forwarded step's wait scales with.
+        let mut previous = Duration::ZERO;
         let mut i = 0;
         while i < self.segments.len() {
             if i > 0 {
@@ -262,22 +277,28 @@ impl Route {
                     false => self.hops.relayed_by_client += 1,
                 }
             }
-            if !has_input {
-                let forward = match self.context.forward {
-                    true => self.segments[i + 1..]
-                        .iter()
-                        .map(|s| s.session.hop())
-                        .collect(),
-                    false => Vec::new(),
-                };
-                since = Instant::now();
-                let sent = self.segments[i].session.send_step(wire.view(), forward);
-                if let Err(e) = sent.await {
-                    self.fail_over(i, e, &mut refusals).await?;
-                    continue;
+            let output = match has_input {
+                true => {
+                    let patience = FORWARD_PATIENCE + 2 * previous;
+                    let waited = self.segments[i].session.output_within(seq, step, patience);
+                    match waited.await {
+                        Ok(Some(output)) => Ok(output),
+                        Ok(None) => {
+                            tracing::debug!(
+                                "no forwarded output within {patience:?}; sending the step"
+                            );
+                            self.hops.resent_by_client += 1;
+                            self.send(i, step, &wire).await
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
-            }
-            match self.segments[i].session.output(seq).await {
+                false => {
+                    since = Instant::now();
+                    self.send(i, step, &wire).await
+                }
+            };
+            match output {
                 Ok((output, forwarded)) if output.shape == dims => {
                     if seq == 1 {
                         let segment = &self.segments[i].session.segment;
@@ -288,6 +309,7 @@ impl Route {
                             elapsed_ms,
                         );
                     }
+                    previous = since.elapsed();
                     since = Instant::now();
                     self.segments[i].history.push(wire);
                     wire = output;
@@ -304,10 +326,12 @@ impl Route {
                     };
                     self.fail_over(i, error, &mut refusals).await?;
                     has_input = false;
+                    step = next_step_id();
                 }
                 Err(e) => {
                     self.fail_over(i, e, &mut refusals).await?;
                     has_input = false;
+                    step = next_step_id();
                 }
             }
         }
@@ -315,6 +339,27 @@ impl Route {
         let values = wire.to_f32().map_err(|e| tensor_err(&e))?;
         let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
         Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| tensor_err(&e))
+    }
+
+    /// Sends step `step` to segment `i` (naming the servers after it, if they forward)
+    /// and waits for its output.
+    async fn send(
+        &mut self,
+        i: usize,
+        step: u64,
+        wire: &WireTensor<'static>,
+    ) -> Result<(WireTensor<'static>, bool), RemoteError> {
+        let forward = match self.context.forward {
+            true => self.segments[i..]
+                .windows(2)
+                .map(|pair| pair[1].session.hop(&pair[0].session.segment.peer, step))
+                .collect(),
+            false => Vec::new(),
+        };
+        let seq = wire.shape.get(1).copied().unwrap_or(0);
+        let session = &mut self.segments[i].session;
+        session.send_step(step, wire.view(), forward).await?;
+        session.output(seq, step).await
     }
 
     /// Replaces segment `i`, whose server just failed, and records the stall; unless
@@ -347,7 +392,7 @@ impl Route {
                 self.bans.ban(&peer, started);
             }
         }
-        let replacement = failover::reroute(
+        let (replacement, outputs) = failover::reroute(
             &self.context,
             &mut self.bans,
             range,
@@ -359,7 +404,19 @@ impl Route {
             .iter()
             .map(|s| s.session.segment.clone())
             .collect();
+        let next = i + replacement.len();
         self.segments.splice(i..i, replacement);
+        // The servers after the failed one computed what it sent them. Honest servers
+        // agree bit for bit, so the replacement's outputs equal those; where they do
+        // not, the failed server sent wrong ones, and every later server starts over
+        // from the replacement's.
+        if self.segments.get(next).is_some_and(|s| s.history != outputs) {
+            tracing::warn!(
+                "server {peer} (layers {range}) had sent outputs its replacement does not \
+                 reproduce; rebuilding the route's later servers"
+            );
+            failover::restart_chain(&mut self.segments[next..], outputs).await?;
+        }
         self.events.push(FailoverEvent {
             peer,
             layers: [range.start, range.end],

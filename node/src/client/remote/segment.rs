@@ -1,9 +1,10 @@
 //! One session on one server: a long-lived stream carrying the steps of one route
 //! segment.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use allmende_protocol::inference::{NextHop, SessionToken, MAX_REPLAY_STEPS};
+use allmende_protocol::inference::{forward_proof, NextHop, SessionToken, MAX_REPLAY_STEPS};
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
     MAX_MESSAGE_BYTES,
@@ -12,7 +13,7 @@ use libp2p::{PeerId, Stream};
 use serde::Serialize;
 
 use super::RemoteError;
-use crate::network::framing::{read_message, write_message, FrameIoError};
+use crate::network::framing::{write_message, FrameIoError, FrameReader};
 use crate::network::{Network, PathKind};
 
 /// Longest wait for one server's reply to one message. A long replay on a slow server
@@ -21,6 +22,13 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Replays are sent in messages of at most this many bytes of hidden states.
 const REPLAY_CHUNK_BYTES: usize = MAX_MESSAGE_BYTES / 2;
+
+/// A fresh id for an attempt at a step: increasing over the process, so over every
+/// route, as the protocol asks.
+pub fn next_step_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 /// One segment of a route: a server and the layers it runs for this session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -37,6 +45,8 @@ fn display<S: serde::Serializer>(peer: &PeerId, s: S) -> Result<S::Ok, S::Error>
 pub struct SegmentSession {
     pub segment: RouteSegment,
     stream: Stream,
+    /// Keeps a reply's progress when a wait for it gives up (see [`Self::output_within`]).
+    reader: FrameReader,
     session: u64,
     /// Lets the previous server of the route forward steps into the session.
     token: SessionToken,
@@ -65,6 +75,7 @@ impl SegmentSession {
         let mut session = Self {
             segment,
             stream,
+            reader: FrameReader::default(),
             session: 0,
             token: SessionToken::default(),
             position: 0,
@@ -140,7 +151,7 @@ impl SegmentSession {
     }
 
     async fn receive(&mut self) -> Result<ServerMessage<'static>, RemoteError> {
-        let read = read_message::<ServerMessage, _>(&mut self.stream);
+        let read = self.reader.read_message::<ServerMessage, _>(&mut self.stream);
         match tokio::time::timeout(STEP_TIMEOUT, read).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(FrameIoError::Closed)) => {
@@ -155,24 +166,34 @@ impl SegmentSession {
         connection(&self.segment, format!("no reply within {STEP_TIMEOUT:?}"))
     }
 
-    /// Where the previous server of the route forwards steps for this session.
-    pub fn hop(&self) -> NextHop {
+    /// Lets server `forwarder` (the one before this on the route) forward step `step`
+    /// into this session.
+    pub fn hop(&self, forwarder: &PeerId, step: u64) -> NextHop {
+        let proof = forward_proof(
+            &self.token,
+            &forwarder.to_bytes(),
+            self.session,
+            step,
+            self.position,
+        );
         NextHop {
             peer: self.segment.peer.to_bytes(),
             session: self.session,
-            token: self.token,
+            proof,
         }
     }
 
-    /// Sends one step, naming the servers after this one (`forward`) if the output
-    /// should go on to them directly. Its output comes with [`Self::output`].
+    /// Sends step `step`, naming the servers after this one (`forward`) if the
+    /// output should go on to them directly. Its output comes with [`Self::output`].
     pub async fn send_step(
         &mut self,
+        step: u64,
         hidden: WireTensor<'_>,
         forward: Vec<NextHop>,
     ) -> Result<(), RemoteError> {
         let message = ClientMessage::Step {
             session: self.session,
+            step,
             position: self.position,
             hidden,
             forward,
@@ -180,14 +201,52 @@ impl SegmentSession {
         self.send(&message).await
     }
 
-    /// The output of the step of `seq` positions the session is computing, sent by
-    /// this client or forwarded by the previous server; and whether the server
-    /// forwarded it on to the next.
-    pub async fn output(&mut self, seq: u32) -> Result<(WireTensor<'static>, bool), RemoteError> {
-        let reply = self.receive().await?;
-        let output = self.hidden(reply)?;
+    /// The output of step `step`, of `seq` positions, sent by this client or
+    /// forwarded by the previous server; and whether the server forwarded it on to
+    /// the next. Replies to earlier attempts are passed over.
+    pub async fn output(
+        &mut self,
+        seq: u32,
+        step: u64,
+    ) -> Result<(WireTensor<'static>, bool), RemoteError> {
+        let reply = self.reply_to(step).await?;
+        let output = self.hidden(reply, step)?;
         self.position += seq;
         Ok(output)
+    }
+
+    /// The next reply that is not an output of another step than `step`: an earlier
+    /// attempt's output may still be on its way.
+    async fn reply_to(&mut self, step: u64) -> Result<ServerMessage<'static>, RemoteError> {
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let reply = tokio::time::timeout_at(deadline, self.receive())
+                .await
+                .map_err(|_| self.timed_out())??;
+            match &reply {
+                ServerMessage::Hidden { step: answered, .. } if *answered != step => {
+                    tracing::debug!(
+                        peer = %self.segment.peer,
+                        "passing over the output of an earlier attempt at a step"
+                    );
+                }
+                _ => return Ok(reply),
+            }
+        }
+    }
+
+    /// [`Self::output`], if it comes within `patience`; `None` if not, and the
+    /// session can still be waited on or sent the step.
+    pub async fn output_within(
+        &mut self,
+        seq: u32,
+        step: u64,
+        patience: Duration,
+    ) -> Result<Option<(WireTensor<'static>, bool)>, RemoteError> {
+        match tokio::time::timeout(patience, self.output(seq, step)).await {
+            Ok(output) => output.map(Some),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Runs past steps again, exactly as they were first sent, and returns each one's
@@ -196,6 +255,7 @@ impl SegmentSession {
         &mut self,
         steps: &[WireTensor<'static>],
     ) -> Result<Vec<WireTensor<'static>>, RemoteError> {
+        let step = next_step_id();
         let mut outputs = Vec::with_capacity(steps.len());
         for chunk in byte_chunks(steps, REPLAY_CHUNK_BYTES, MAX_REPLAY_STEPS) {
             let positions: u32 = chunk
@@ -204,11 +264,13 @@ impl SegmentSession {
                 .sum();
             let message = ClientMessage::Replay {
                 session: self.session,
+                step,
                 position: self.position,
                 steps: chunk.iter().map(WireTensor::view).collect(),
             };
-            let reply = self.exchange(&message).await?;
-            let (joined, _) = self.hidden(reply)?;
+            self.send(&message).await?;
+            let reply = self.reply_to(step).await?;
+            let (joined, _) = self.hidden(reply, step)?;
             outputs.extend(
                 split_steps(&joined, chunk).map_err(|e| self.refused(ErrorKind::BadTensor, e))?,
             );
@@ -217,18 +279,25 @@ impl SegmentSession {
         Ok(outputs)
     }
 
-    /// The hidden states of a reply for the session's next position.
+    /// Starts the session over: the next replay replaces every position it holds.
+    pub fn restart(&mut self) {
+        self.position = 0;
+    }
+
+    /// The hidden states of a reply to step `step` at the session's next position.
     fn hidden(
         &mut self,
         reply: ServerMessage<'static>,
+        step: u64,
     ) -> Result<(WireTensor<'static>, bool), RemoteError> {
         match reply {
             ServerMessage::Hidden {
+                step: answered,
                 position,
                 hidden,
                 draining,
                 forwarded,
-            } if position == self.position => {
+            } if position == self.position && answered == step => {
                 self.draining |= draining;
                 Ok((hidden, forwarded))
             }
