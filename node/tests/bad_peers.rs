@@ -403,7 +403,11 @@ async fn forwarded_steps_need_the_clients_proof() {
     send(&mut from_upstream, forwarded(2, 1, forged)).await;
     assert!(matches!(
         ask(&mut s, &step(session, 4, 1, 0.2)).await,
-        ServerMessage::Hidden { step: 4, position: 1, .. }
+        ServerMessage::Hidden {
+            step: 4,
+            position: 1,
+            ..
+        }
     ));
 
     // Forged proofs are never held against the sender: an honest server forwards to
@@ -414,17 +418,27 @@ async fn forwarded_steps_need_the_clients_proof() {
     }
     send(&mut from_upstream, forwarded(5, 2, proof(&upstream, 5, 2))).await;
     match read_message::<ServerMessage, _>(&mut s).await.unwrap() {
-        ServerMessage::Hidden { step: 5, position: 2, .. } => {}
+        ServerMessage::Hidden {
+            step: 5,
+            position: 2,
+            ..
+        } => {}
         other => panic!("expected the forwarded step's output, got {other:?}"),
     }
     assert!(still_served(&upstream).await, "the forwarder was banned");
 
     // The client sends the step it just got forwarded (it tired of waiting for the
     // forward): answered once already, so the next reply is the next step's.
-    write_message(&mut s, &step(session, 5, 2, 0.1)).await.unwrap();
+    write_message(&mut s, &step(session, 5, 2, 0.1))
+        .await
+        .unwrap();
     assert!(matches!(
         ask(&mut s, &step(session, 6, 3, 0.3)).await,
-        ServerMessage::Hidden { step: 6, position: 3, .. }
+        ServerMessage::Hidden {
+            step: 6,
+            position: 3,
+            ..
+        }
     ));
 }
 
@@ -482,7 +496,14 @@ async fn a_newer_attempt_at_a_step_replaces_the_older() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let next = ask(&mut s, &step(session, 4, 2, 0.3)).await;
     assert!(
-        matches!(next, ServerMessage::Hidden { step: 4, position: 2, .. }),
+        matches!(
+            next,
+            ServerMessage::Hidden {
+                step: 4,
+                position: 2,
+                ..
+            }
+        ),
         "{next:?}"
     );
 }

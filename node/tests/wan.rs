@@ -334,3 +334,127 @@ fn a_donor_nobody_can_reach_says_so() {
     assert_eq!(listed["reachability"], "unreachable", "{status:#}");
     assert_eq!(listed["addrs"], serde_json::json!([]), "{status:#}");
 }
+
+/// Many users behind one address (an office, a carrier-grade NAT) share a node fairly
+/// with everyone else: 64 streaming requests at once through 8 gateways (8 peer ids)
+/// on one address, against a node at its default limits, all complete; meanwhile a
+/// client from another address still gets a session, since one address holds at
+/// most three quarters of the node's sessions.
+#[test]
+fn one_address_with_many_users_shares_a_node_with_others() {
+    let _lab = one_lab_at_a_time();
+    if !sandboxed("one_address_with_many_users_shares_a_node_with_others") {
+        return;
+    }
+    let lab = Lab::build(&[
+        site("public", Nat::Public, 5),
+        site("office", Nat::Cone, 5),
+        site("home", Nat::Cone, 5),
+    ])
+    .unwrap();
+    let server = LabNode::start(&lab, "public", "0..30", None, &[]);
+    let boot = server.addr.clone();
+    let gateways: Vec<_> = (0..8)
+        .map(|i| {
+            let api = format!("127.0.0.1:{}", 8100 + i);
+            let args = [
+                "gateway",
+                "--bootstrap",
+                &boot,
+                "--no-mdns",
+                "--api",
+                &api,
+                "--threads",
+                "1",
+                "--max-concurrent",
+                "8",
+            ];
+            let mut cmd = support::wan::allmende_in(&lab, "office", &args);
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            support::wan::Killed(cmd.spawn().expect("gateway starts"))
+        })
+        .collect();
+    let users = std::thread::spawn({
+        let mut cmd = lab.command("office", "python3");
+        cmd.arg("-c").arg(USERS).args(["8100", "8", "8"]);
+        move || cmd.output().expect("python3 runs")
+    });
+    // While the office's users take their turns, another address generates.
+    std::thread::sleep(Duration::from_secs(8));
+    let out = run_in(&lab, "home", &generate_args(&boot, "16"));
+    assert!(
+        out.status.success(),
+        "a client at another address was not served: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let users = users.join().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&users.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&users.stderr)));
+    drop(gateways);
+    assert_eq!(report["completed"], 64, "{report:#}");
+    eprintln!(
+        "64 streams from one address: time to first token median {} s, p99 {} s, \
+         busiest wait for a session {} s",
+        report["ttft_median_s"], report["ttft_p99_s"], report["ttft_max_s"]
+    );
+}
+
+/// The office's users: `sys.argv` = first gateway port, gateways, requests each.
+/// Each waits for its gateway to answer, then all stream a completion at once; prints
+/// how many completed and the times to first token.
+const USERS: &str = r#"
+import http.client, json, sys, threading, time
+first, gateways, each = (int(a) for a in sys.argv[1:4])
+def ready(port):
+    for _ in range(600):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", "/v1/models")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"gateway on {port} never answered")
+ports = [first + i for i in range(gateways)]
+for port in ports:
+    ready(port)
+results, errors = [], []
+def user(port):
+    body = json.dumps({"prompt": "The capital of France is",
+                       "max_tokens": 16, "temperature": 0, "stream": True})
+    started = time.monotonic()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        if r.status != 200:
+            errors.append(f"{r.status} {r.read()[:200]!r}")
+            return
+        first, text = None, ""
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                errors.append(str(chunk["error"]))
+                return
+            piece = chunk["choices"][0].get("text", "")
+            if piece and first is None:
+                first = time.monotonic() - started
+            text += piece
+        results.append((first, text))
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=user, args=(p,)) for p in ports for _ in range(each)]
+for t in threads: t.start()
+for t in threads: t.join()
+firsts = sorted(f for f, _ in results if f is not None)
+done = [t for f, t in results if f is not None and t]
+pick = lambda q: round(firsts[min(len(firsts) - 1, int(q * len(firsts)))], 2) if firsts else None
+print(json.dumps({"completed": len(done), "errors": errors[:5], "texts": len(set(done)),
+                  "ttft_median_s": pick(0.5), "ttft_p99_s": pick(0.99),
+                  "ttft_max_s": pick(1.0)}))
+"#;

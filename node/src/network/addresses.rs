@@ -9,6 +9,30 @@ use std::sync::{Arc, Mutex};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
+/// Peers counted together: by address, since peer ids are free to make and addresses
+/// are not (see `server::share`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerGroup {
+    /// An IPv4 address, or the upper 64 bits of an IPv6 one.
+    Net(u128),
+    /// A peer on loopback, or one whose address is unknown.
+    Peer(PeerId),
+}
+
+impl PeerGroup {
+    pub fn of(peer: PeerId, address: Option<IpAddr>) -> Self {
+        match address {
+            Some(ip) if ip.is_loopback() => PeerGroup::Peer(peer),
+            Some(IpAddr::V4(v4)) => PeerGroup::Net(u32::from(v4) as u128),
+            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => PeerGroup::Net(u32::from(v4) as u128),
+                None => PeerGroup::Net(u128::from(v6) >> 64 << 64 | 1 << 32),
+            },
+            None => PeerGroup::Peer(peer),
+        }
+    }
+}
+
 /// Connected peers' remote addresses; written by the event loop, read by the server.
 #[derive(Clone, Default)]
 pub struct PeerAddresses(Arc<Mutex<HashMap<PeerId, IpAddr>>>);
@@ -60,5 +84,32 @@ mod tests {
             Some("2001:db8::1".parse().unwrap())
         );
         assert_eq!(ip_of(&addr("/dns4/example.org/tcp/1")), None);
+    }
+
+    #[test]
+    fn addresses_group_peers() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            PeerGroup::of(a, ip("203.0.113.7")),
+            PeerGroup::of(b, ip("203.0.113.7"))
+        );
+        assert_ne!(
+            PeerGroup::of(a, ip("203.0.113.7")),
+            PeerGroup::of(a, ip("203.0.113.8"))
+        );
+        assert_eq!(
+            PeerGroup::of(a, ip("2001:db8:1:2::5")),
+            PeerGroup::of(b, ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_eq!(
+            PeerGroup::of(a, ip("::ffff:203.0.113.7")),
+            PeerGroup::of(b, ip("203.0.113.7"))
+        );
+        assert_ne!(
+            PeerGroup::of(a, ip("127.0.0.1")),
+            PeerGroup::of(b, ip("127.0.0.1"))
+        );
+        assert_eq!(PeerGroup::of(a, None), PeerGroup::Peer(a));
     }
 }

@@ -6,17 +6,20 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryId, QueryResult, Quorum, Record};
+use libp2p::kad::{
+    self, GetProvidersOk, GetRecordOk, QueryId, QueryResult, Quorum, Record, RecordKey,
+};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, noise, tcp, yamux, Multiaddr, PeerId, Swarm, Transport};
 use tokio::sync::{mpsc, oneshot};
 
-use super::addresses::PeerAddresses;
+use super::addresses::{PeerAddresses, PeerGroup};
 use super::behaviour::{Behaviour, BehaviourEvent, Services, KAD_PROTOCOL};
 use super::bootstrap::Bootstrap;
 use super::connectivity::Connectivity;
+use super::record_lookup::Newest;
 use super::{dht_store, keys, record, Command, NetworkError};
 
 /// How long an idle connection stays open. Sessions keep their streams busy; this
@@ -101,6 +104,8 @@ pub(super) fn spawn(
         peer_waiters: Vec::new(),
         pending_providers: HashMap::new(),
         pending_records: HashMap::new(),
+        record_senders: Default::default(),
+        provider_senders: Default::default(),
         connectivity: Connectivity::new(
             Bootstrap::new(config.bootstrap, first_dial),
             config.dht_server,
@@ -210,10 +215,16 @@ pub(super) struct EventLoop {
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     peer_waiters: Vec<oneshot::Sender<()>>,
     pending_providers: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
-    pending_records: HashMap<QueryId, oneshot::Sender<Option<Vec<u8>>>>,
+    pending_records: HashMap<QueryId, PendingRecord>,
+    /// Who stored which announcements and provider records here, by address.
+    record_senders: dht_store::Senders<RecordKey>,
+    provider_senders: dht_store::Senders<(RecordKey, PeerId)>,
     /// Reachability, relays, the paths to peers, and rejoining.
     pub(super) connectivity: Connectivity,
 }
+
+/// A record lookup under way: its answers so far, and who waits for the newest.
+type PendingRecord = (Newest, oneshot::Sender<Option<Vec<u8>>>);
 
 impl EventLoop {
     async fn run(mut self) {
@@ -228,6 +239,7 @@ impl EventLoop {
                 }
                 _ = tick.tick() => {
                     self.lift_expired_bans();
+                    self.end_overdue_lookups(Instant::now());
                     self.maintain(Instant::now());
                 }
                 command = self.commands.recv() => match command {
@@ -235,6 +247,24 @@ impl EventLoop {
                     // Every handle is gone: nobody can use the network any more.
                     None => return,
                 },
+            }
+        }
+    }
+
+    /// Answers record lookups that heard a genuine answer a while ago, and ends them.
+    fn end_overdue_lookups(&mut self, now: Instant) {
+        let overdue: Vec<QueryId> = self
+            .pending_records
+            .iter()
+            .filter(|(_, (newest, _))| newest.overdue(now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            if let Some((newest, reply)) = self.pending_records.remove(&id) {
+                let _ = reply.send(newest.take());
+            }
+            if let Some(mut query) = self.swarm.behaviour_mut().kademlia.query_mut(&id) {
+                query.finish();
             }
         }
     }
@@ -303,7 +333,7 @@ impl EventLoop {
             }
             Command::GetRecord(key, reply) => {
                 let id = kad.get_record(key);
-                self.pending_records.insert(id, reply);
+                self.pending_records.insert(id, (Newest::default(), reply));
             }
             Command::Settle(peer, reply) => self.settle(peer, reply, Instant::now()),
             Command::OffersRelay(peer, reply) => {
@@ -444,9 +474,12 @@ impl EventLoop {
                     },
             } => match record::verify_stored(&record.key, &record.value) {
                 Ok(_) => {
+                    let group = PeerGroup::of(source, self.addresses.get(&source));
                     let store = self.swarm.behaviour_mut().kademlia.store_mut();
-                    if let Err(e) = dht_store::put(store, record, Instant::now()) {
-                        tracing::debug!("cannot store an announcement: {e}");
+                    let senders = &mut self.record_senders;
+                    let stored = dht_store::put_from(store, senders, group, record, Instant::now());
+                    if let Err(e) = stored {
+                        tracing::debug!(%source, "cannot store an announcement: {e}");
                     }
                 }
                 Err(e) => tracing::info!(%source, "refused to store a record: {e}"),
@@ -459,9 +492,15 @@ impl EventLoop {
                         record: Some(record),
                     },
             } if keys::is_model_key(&record.key) => {
+                // libp2p-kad has checked that the provider is the peer that sent it.
+                let source = record.provider;
+                let group = PeerGroup::of(source, self.addresses.get(&source));
                 let store = self.swarm.behaviour_mut().kademlia.store_mut();
-                if let Err(e) = dht_store::add_provider(store, record, Instant::now()) {
-                    tracing::debug!("cannot store a provider record: {e}");
+                let senders = &mut self.provider_senders;
+                let added =
+                    dht_store::add_provider_from(store, senders, group, record, Instant::now());
+                if let Err(e) = added {
+                    tracing::debug!(%source, "cannot store a provider record: {e}");
                 }
             }
             kad::Event::OutboundQueryProgressed {
@@ -486,27 +525,29 @@ impl EventLoop {
                     }
                 }
                 QueryResult::GetRecord(result) => {
-                    // Any node on the lookup's path may answer with garbage; only a
-                    // record that verifies ends the lookup, others are passed over.
-                    let value = match result {
-                        Ok(GetRecordOk::FoundRecord(found)) => {
-                            match record::verify_stored(&found.record.key, &found.record.value) {
-                                Ok(_) => Some(found.record.value),
-                                Err(e) => {
-                                    tracing::info!(peer = ?found.peer, "passed over a record: {e}");
-                                    None
+                    // Any node on the lookup's path may answer with garbage, which is
+                    // passed over, or with an older genuine record: the newest of a
+                    // few genuine answers is taken.
+                    let mut enough = false;
+                    if let Ok(GetRecordOk::FoundRecord(found)) = result {
+                        match record::verify_stored(&found.record.key, &found.record.value) {
+                            Ok(announced) => {
+                                if let Some((newest, _)) = self.pending_records.get_mut(&id) {
+                                    let (at, value) = (announced.issued_at, found.record.value);
+                                    enough = newest.offer(Instant::now(), at, value);
                                 }
                             }
-                        }
-                        _ => None,
-                    };
-                    let found = value.is_some();
-                    if found || step.last {
-                        if let Some(reply) = self.pending_records.remove(&id) {
-                            let _ = reply.send(value);
+                            Err(e) => {
+                                tracing::info!(peer = ?found.peer, "passed over a record: {e}");
+                            }
                         }
                     }
-                    if found {
+                    if enough || step.last {
+                        if let Some((newest, reply)) = self.pending_records.remove(&id) {
+                            let _ = reply.send(newest.take());
+                        }
+                    }
+                    if enough {
                         if let Some(mut query) = self.swarm.behaviour_mut().kademlia.query_mut(&id)
                         {
                             query.finish();

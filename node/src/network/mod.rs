@@ -19,6 +19,7 @@ pub mod keys;
 pub mod paths;
 pub mod reachability;
 pub mod record;
+mod record_lookup;
 mod relay_limits;
 pub mod report;
 

@@ -55,6 +55,18 @@ pub fn sign(keypair: &Keypair, info: &ServerInfo) -> Result<Vec<u8>, RecordError
 
 /// The server info `peer` announced in `value`, if the record is genuine and sane.
 pub fn verify(peer: &PeerId, value: &[u8]) -> Result<ServerInfo, RecordError> {
+    verify_announced(peer, value).map(|a| a.info)
+}
+
+/// A genuine announcement: what the server said, and when (its clock, in seconds).
+#[derive(Debug)]
+pub struct Announced {
+    pub info: ServerInfo,
+    pub issued_at: u64,
+}
+
+/// [`verify`], keeping when the announcement was issued.
+pub fn verify_announced(peer: &PeerId, value: &[u8]) -> Result<Announced, RecordError> {
     let malformed = |e: &dyn std::fmt::Display| RecordError::Malformed(e.to_string());
     let announcement: SignedAnnouncement =
         allmende_protocol::decode(value).map_err(|e| malformed(&e))?;
@@ -74,14 +86,17 @@ pub fn verify(peer: &PeerId, value: &[u8]) -> Result<ServerInfo, RecordError> {
         allmende_protocol::decode(&announcement.info).map_err(|e| malformed(&e))?;
     info.validate()
         .map_err(|e| RecordError::Invalid(e.to_string()))?;
-    Ok(info)
+    Ok(Announced {
+        info,
+        issued_at: announcement.issued_at,
+    })
 }
 
-/// Checks a record another peer asks this node to store: it must be an announcement
-/// under the key of the peer that signed it.
-pub fn verify_stored(key: &RecordKey, value: &[u8]) -> Result<ServerInfo, RecordError> {
+/// Checks a record another peer asks this node to store, or a lookup returns: it must
+/// be an announcement under the key of the peer that signed it.
+pub fn verify_stored(key: &RecordKey, value: &[u8]) -> Result<Announced, RecordError> {
     let peer = keys::server_key_peer(key).ok_or(RecordError::UnknownKey)?;
-    verify(&peer, value)
+    verify_announced(&peer, value)
 }
 
 #[cfg(test)]
@@ -111,7 +126,9 @@ mod tests {
         let record = sign(&key, &info()).unwrap();
         assert_eq!(verify(&peer, &record).unwrap(), info());
         assert_eq!(
-            verify_stored(&keys::server_key(&peer), &record).unwrap(),
+            verify_stored(&keys::server_key(&peer), &record)
+                .unwrap()
+                .info,
             info()
         );
 

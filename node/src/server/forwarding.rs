@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use allmende_protocol::inference::{forward_proof, ForwardProof, NextHop, SessionToken, TOKEN_BYTES};
+use allmende_protocol::inference::{
+    forward_proof, ForwardProof, NextHop, SessionToken, TOKEN_BYTES,
+};
 use allmende_protocol::{encode_frame, ClientMessage, WireDType, WireTensor};
 use candle_core::Tensor;
 use libp2p::{PeerId, Stream};
@@ -234,7 +236,8 @@ mod tests {
         let (_other, _, other_token) = inboxes.register(8).unwrap();
         assert_ne!(token, other_token, "tokens are random");
         let (sender, stranger) = (PeerId::random(), PeerId::random());
-        let proof = |token, peer: &PeerId, id, s, p| forward_proof(token, &peer.to_bytes(), id, s, p);
+        let proof =
+            |token, peer: &PeerId, id, s, p| forward_proof(token, &peer.to_bytes(), id, s, p);
 
         let good = proof(&token, &sender, 7, 1, 0);
         assert_eq!(inboxes.deliver(7, &sender, &good, step(1, 0)), Ok(()));

@@ -33,7 +33,10 @@ pub async fn refuse_previous_version(network: Network) {
 async fn refuse(mut stream: Stream) {
     let mut reader = FrameReader::default();
     let first = reader.read_frame(&mut stream);
-    if tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first).await.is_err() {
+    if tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first)
+        .await
+        .is_err()
+    {
         return;
     }
     let reply = ServerMessage::Error {

@@ -349,8 +349,7 @@ impl Outputs<'_> {
                 let repeated = session.as_ref().is_some_and(|open| {
                     open.id == id
                         && open.last_step == Some(step)
-                        && open.cache.as_ref().map(ShardCache::len)
-                            == Some(position as usize + seq)
+                        && open.cache.as_ref().map(ShardCache::len) == Some(position as usize + seq)
                 });
                 if repeated {
                     return Next::Nothing;

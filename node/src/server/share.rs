@@ -14,35 +14,11 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::IpAddr;
 
-use libp2p::PeerId;
+pub use crate::network::addresses::PeerGroup;
 
 /// Fewest slots a group may always hold, however many groups there are.
 pub const MIN_SHARE: usize = 2;
-
-/// Who shares one fair share.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PeerGroup {
-    /// An IPv4 address, or the upper 64 bits of an IPv6 one.
-    Net(u128),
-    /// A peer on loopback, or one whose address is unknown.
-    Peer(PeerId),
-}
-
-impl PeerGroup {
-    pub fn of(peer: PeerId, address: Option<IpAddr>) -> Self {
-        match address {
-            Some(ip) if ip.is_loopback() => PeerGroup::Peer(peer),
-            Some(IpAddr::V4(v4)) => PeerGroup::Net(u32::from(v4) as u128),
-            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-                Some(v4) => PeerGroup::Net(u32::from(v4) as u128),
-                None => PeerGroup::Net(u128::from(v6) >> 64 << 64 | 1 << 32),
-            },
-            None => PeerGroup::Peer(peer),
-        }
-    }
-}
 
 /// Most of `capacity` slots one group may hold while `others` other groups hold some.
 pub fn share_limit(capacity: usize, others: usize) -> usize {
@@ -140,32 +116,5 @@ mod tests {
         assert!(!slots.try_take(&3));
         slots.release(&3);
         assert!(slots.try_take(&3), "a released slot is the group's again");
-    }
-
-    #[test]
-    fn addresses_group_peers() {
-        let (a, b) = (PeerId::random(), PeerId::random());
-        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        assert_eq!(
-            PeerGroup::of(a, ip("203.0.113.7")),
-            PeerGroup::of(b, ip("203.0.113.7"))
-        );
-        assert_ne!(
-            PeerGroup::of(a, ip("203.0.113.7")),
-            PeerGroup::of(a, ip("203.0.113.8"))
-        );
-        assert_eq!(
-            PeerGroup::of(a, ip("2001:db8:1:2::5")),
-            PeerGroup::of(b, ip("2001:db8:1:2:ffff::9"))
-        );
-        assert_eq!(
-            PeerGroup::of(a, ip("::ffff:203.0.113.7")),
-            PeerGroup::of(b, ip("203.0.113.7"))
-        );
-        assert_ne!(
-            PeerGroup::of(a, ip("127.0.0.1")),
-            PeerGroup::of(b, ip("127.0.0.1"))
-        );
-        assert_eq!(PeerGroup::of(a, None), PeerGroup::Peer(a));
     }
 }

@@ -258,3 +258,13 @@ pub fn resolve_in_sandbox(name: &str, ip: std::net::Ipv4Addr) -> tempfile::TempD
     assert!(status.success(), "cannot bind-mount a hosts file");
     dir
 }
+
+/// A process killed when the test lets go of it.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -410,7 +410,11 @@ impl Route {
         // agree bit for bit, so the replacement's outputs equal those; where they do
         // not, the failed server sent wrong ones, and every later server starts over
         // from the replacement's.
-        if self.segments.get(next).is_some_and(|s| s.history != outputs) {
+        if self
+            .segments
+            .get(next)
+            .is_some_and(|s| s.history != outputs)
+        {
             tracing::warn!(
                 "server {peer} (layers {range}) had sent outputs its replacement does not \
                  reproduce; rebuilding the route's later servers"

@@ -151,7 +151,9 @@ impl SegmentSession {
     }
 
     async fn receive(&mut self) -> Result<ServerMessage<'static>, RemoteError> {
-        let read = self.reader.read_message::<ServerMessage, _>(&mut self.stream);
+        let read = self
+            .reader
+            .read_message::<ServerMessage, _>(&mut self.stream);
         match tokio::time::timeout(STEP_TIMEOUT, read).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(FrameIoError::Closed)) => {
