@@ -31,7 +31,8 @@ async fn one_peer_cannot_hold_every_stream() {
         let Ok(mut stream) = attacker.network.open_stream(attacker.peer).await else {
             continue;
         };
-        // A stream the node refused is closed: its probe gets no answer.
+        // A stream the node refused says `Busy` and is closed: its probe gets no
+        // `Info`.
         let probe = async {
             write_message(&mut stream, &ClientMessage::Info)
                 .await

@@ -432,9 +432,10 @@ def user(port):
         if r.status != 200:
             errors.append(f"{r.status} {r.read()[:200]!r}")
             return
-        first, text = None, ""
+        first, text, lines = None, "", []
         for line in r:
             line = line.decode().strip()
+            lines.append(line[:300])
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -445,6 +446,8 @@ def user(port):
             if piece and first is None:
                 first = time.monotonic() - started
             text += piece
+        if first is None or not text:
+            errors.append(f"no text: {lines[-3:]!r}")
         results.append((first, text))
     except Exception as e:
         errors.append(repr(e))
@@ -454,7 +457,8 @@ for t in threads: t.join()
 firsts = sorted(f for f, _ in results if f is not None)
 done = [t for f, t in results if f is not None and t]
 pick = lambda q: round(firsts[min(len(firsts) - 1, int(q * len(firsts)))], 2) if firsts else None
-print(json.dumps({"completed": len(done), "errors": errors[:5], "texts": len(set(done)),
+print(json.dumps({"completed": len(done), "errors": errors[:5], "answered": len(results),
+                  "failed": len(errors), "users": len(threads), "texts": len(set(done)),
                   "ttft_median_s": pick(0.5), "ttft_p99_s": pick(0.99),
                   "ttft_max_s": pick(1.0)}))
 "#;

@@ -115,8 +115,21 @@ async fn lookup(
             relays: false,
         });
     }
-    match tokio::time::timeout(CONNECT_TIMEOUT + PROBE_TIMEOUT, probe_info(network, peer)).await {
-        Ok(Some((fresh, rtt_ms))) if fresh.model == *model && fresh.validate().is_ok() => {
+    let probed = tokio::time::timeout(CONNECT_TIMEOUT + PROBE_TIMEOUT, probe_info(network, peer));
+    let answer = match probed.await {
+        // Too busy to take even a probe's stream: alive, with no session to spare.
+        Ok(Some((Answer::Busy, rtt_ms))) => {
+            let busy = ServerInfo {
+                free_sessions: 0,
+                ..info.clone()
+            };
+            Some((busy, rtt_ms))
+        }
+        Ok(Some((Answer::Info(fresh), rtt_ms))) => Some((fresh, rtt_ms)),
+        _ => None,
+    };
+    match answer {
+        Some((fresh, rtt_ms)) if fresh.model == *model && fresh.validate().is_ok() => {
             Some(DiscoveredServer {
                 peer,
                 info: fresh,
@@ -140,23 +153,32 @@ async fn lookup(
     }
 }
 
-/// Asks `peer` for its current [`ServerInfo`]; returns it with the round trip in ms.
-pub async fn probe_info(network: &Network, peer: PeerId) -> Option<(ServerInfo, f64)> {
+/// What a server answered a probe with.
+#[derive(Debug)]
+pub enum Answer {
+    Info(ServerInfo),
+    /// It had no stream to spare: it is alive, and full.
+    Busy,
+}
+
+/// Asks `peer` for its current [`ServerInfo`]; returns its answer with the round trip
+/// in ms.
+pub async fn probe_info(network: &Network, peer: PeerId) -> Option<(Answer, f64)> {
     let open = tokio::time::timeout(CONNECT_TIMEOUT, network.open_stream(peer));
     let mut stream = open.await.ok()?.ok()?;
     // The first exchange on a fresh stream includes protocol negotiation; time a second.
-    let mut rtt = None;
-    let mut info = None;
+    let mut answer = None;
     for _ in 0..2 {
         let start = Instant::now();
         write_message(&mut stream, &ClientMessage::Info)
             .await
             .ok()?;
+        let rtt = start.elapsed().as_secs_f64() * 1e3;
         match read_message(&mut stream).await.ok()? {
-            ServerMessage::Info(i) => info = Some(i),
+            ServerMessage::Info(info) => answer = Some((Answer::Info(info), rtt)),
+            ServerMessage::Busy { .. } => return Some((Answer::Busy, rtt)),
             _ => return None,
         }
-        rtt = Some(start.elapsed().as_secs_f64() * 1e3);
     }
-    Some((info?, rtt?))
+    answer
 }

@@ -434,8 +434,10 @@ impl EventLoop {
                 num_established,
                 connection_id,
                 endpoint,
+                cause,
                 ..
             } => {
+                tracing::debug!(%peer_id, ?cause, "connection closed");
                 self.connection_closed(peer_id, connection_id, &endpoint);
                 if num_established == 0 {
                     self.talking.remove(&peer_id);

@@ -265,8 +265,11 @@ impl ShardServer {
             let slot = match self.take_slot(SlotKind::Stream, group) {
                 Ok(slot) => slot,
                 Err(why) => {
-                    tracing::info!(%peer, "refusing a stream: {why:?}");
-                    drop(stream);
+                    tracing::debug!(%peer, "refusing a stream: {why:?}");
+                    self.metrics.busy_refusals.inc();
+                    // Said, not just dropped: a client that hears `Busy` waits its
+                    // turn, while a stream that ends looks like a failed server.
+                    tokio::spawn(say_busy(stream, why));
                     continue;
                 }
             };
@@ -278,6 +281,29 @@ impl ShardServer {
         }
         Ok(())
     }
+}
+
+/// How long a refused stream is given to take its `Busy` answer and close.
+const BUSY_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Answers a stream the node has no slot for with `Busy`, and closes it. What the
+/// peer sends meanwhile is read and dropped, a few KB at a time, so that its first
+/// message is written whole and it reads the answer (a stream closed under a peer's
+/// write fails the write, and the answer is never read).
+async fn say_busy(mut stream: libp2p::Stream, why: NoSlot) {
+    use futures::AsyncReadExt;
+    let reason = match why {
+        NoSlot::Full => "every stream is in use".to_string(),
+        NoSlot::OverShare => "this address holds its fair share of streams here".to_string(),
+    };
+    let busy = allmende_protocol::ServerMessage::Busy { reason };
+    let answer = async {
+        crate::network::framing::write_message(&mut stream, &busy).await?;
+        let mut scratch = [0u8; 4096];
+        while stream.read(&mut scratch).await? > 0 {}
+        Ok::<_, crate::network::framing::FrameIoError>(())
+    };
+    let _ = tokio::time::timeout(BUSY_WRITE_TIMEOUT, answer).await;
 }
 
 /// Decode tokens/s of one session through all of `shard`'s layers, measured on a few

@@ -50,6 +50,12 @@ pub enum RemoteError {
         range: LayerRange,
         reason: String,
     },
+    #[error("server {peer} (layers {range}) did not answer within {waited:?}")]
+    Silent {
+        peer: PeerId,
+        range: LayerRange,
+        waited: Duration,
+    },
     #[error("server {peer} (layers {range}) sent an unexpected reply: {reason}")]
     Protocol {
         peer: PeerId,
@@ -90,6 +96,7 @@ impl RemoteError {
             RemoteError::Busy { peer, .. }
             | RemoteError::Refused { peer, .. }
             | RemoteError::Connection { peer, .. }
+            | RemoteError::Silent { peer, .. }
             | RemoteError::Protocol { peer, .. } => Some(*peer),
             RemoteError::NoReplica { .. } | RemoteError::Tensor(_) | RemoteError::Lost(_) => None,
         }

@@ -88,7 +88,20 @@ impl SegmentSession {
             max_len,
             dtype,
         };
-        match session.exchange(&open).await? {
+        // A server too busy to take a stream in at once drops it (libp2p-stream holds
+        // one waiting stream per peer): the stream ends before any answer, which is
+        // a busy server, not a failed one, since the connection itself is up.
+        let reply = match session.exchange(&open).await {
+            Err(RemoteError::Connection { reason, .. }) => {
+                return Err(RemoteError::Busy {
+                    peer: session.segment.peer,
+                    range: session.segment.range,
+                    reason: format!("the stream ended before an answer ({reason})"),
+                })
+            }
+            reply => reply?,
+        };
+        match reply {
             ServerMessage::Opened {
                 session: id,
                 max_len: granted,
@@ -165,7 +178,11 @@ impl SegmentSession {
     }
 
     fn timed_out(&self) -> RemoteError {
-        connection(&self.segment, format!("no reply within {STEP_TIMEOUT:?}"))
+        RemoteError::Silent {
+            peer: self.segment.peer,
+            range: self.segment.range,
+            waited: STEP_TIMEOUT,
+        }
     }
 
     /// Lets server `forwarder` (the one before this on the route) forward step `step`
