@@ -414,6 +414,7 @@ impl EventLoop {
                 peer,
                 offers_relay: true,
                 dialled_directly: c.paths.dialled_directly(peer),
+                rtt_ms: c.paths.best(peer).and_then(|p| p.rtt_ms),
             })
             .collect();
         let in_use: Vec<PeerId> = c.relays.values().copied().collect();

@@ -143,18 +143,29 @@ pub struct RelayCandidate<P> {
     /// This node dialled it at an address and reached it, not through a relay and
     /// not by hole punching: evidence that others can reach it too.
     pub dialled_directly: bool,
+    /// The round trip to it, once measured: every step relayed through it pays the
+    /// way there and back on top of the way to the client.
+    pub rtt_ms: Option<f64>,
 }
 
 /// The relays to reserve on now: candidates that offer the service and were reached
-/// directly, not already in use, until `WANTED_RELAYS` are held.
+/// directly, not already in use, nearest first (unmeasured ones last), until
+/// `WANTED_RELAYS` are held.
 pub fn choose_relays<P: Clone + PartialEq>(
     candidates: &[RelayCandidate<P>],
     in_use: &[P],
 ) -> Vec<P> {
     let missing = WANTED_RELAYS.saturating_sub(in_use.len());
-    candidates
+    let mut eligible: Vec<&RelayCandidate<P>> = candidates
         .iter()
         .filter(|c| c.offers_relay && c.dialled_directly && !in_use.contains(&c.peer))
+        .collect();
+    eligible.sort_by(|a, b| {
+        let rtt = |c: &RelayCandidate<P>| c.rtt_ms.unwrap_or(f64::INFINITY);
+        rtt(a).total_cmp(&rtt(b))
+    });
+    eligible
+        .into_iter()
         .map(|c| c.peer.clone())
         .take(missing)
         .collect()
@@ -238,6 +249,7 @@ mod tests {
             peer,
             offers_relay,
             dialled_directly,
+            rtt_ms: None,
         };
         let candidates = [
             candidate(1, true, false), // reached through a relay or a hole punch
@@ -249,5 +261,25 @@ mod tests {
         assert_eq!(choose_relays(&candidates, &[]), vec![3, 4]);
         assert_eq!(choose_relays(&candidates, &[3]), vec![4]);
         assert_eq!(choose_relays(&candidates, &[3, 4]), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn the_nearest_relays_are_chosen_first() {
+        let candidate = |peer, rtt_ms| RelayCandidate {
+            peer,
+            offers_relay: true,
+            dialled_directly: true,
+            rtt_ms,
+        };
+        let candidates = [
+            candidate(1, None),
+            candidate(2, Some(80.0)),
+            candidate(3, Some(12.0)),
+            candidate(4, Some(40.0)),
+        ];
+        assert_eq!(choose_relays(&candidates, &[]), vec![3, 4]);
+        assert_eq!(choose_relays(&candidates, &[3]), vec![4]);
+        let unmeasured = [candidate(1, None), candidate(2, None)];
+        assert_eq!(choose_relays(&unmeasured, &[]), vec![1, 2]);
     }
 }
