@@ -37,6 +37,13 @@ impl Bootstrap {
         }
     }
 
+    /// Every listener is up: the first dial need not wait any longer.
+    pub fn listening(&mut self, now: Instant) {
+        if self.attempts == 0 {
+            self.next = self.next.min(now);
+        }
+    }
+
     /// The addresses to dial now, if the node is connected to no bootstrap node and
     /// the wait is over.
     pub fn due(&mut self, joined: bool, now: Instant) -> Option<&[Multiaddr]> {
@@ -100,6 +107,19 @@ mod tests {
         assert!(boot.due(true, t + LONGEST_WAIT).is_none());
         assert_eq!(boot.attempts(), 0);
         assert!(boot.due(false, t + LONGEST_WAIT).is_some());
+    }
+
+    #[test]
+    fn the_first_dial_goes_once_the_listeners_are_up() {
+        let t = Instant::now();
+        let addr: Multiaddr = "/ip4/198.18.0.1/tcp/4001".parse().unwrap();
+        let mut boot = Bootstrap::new(vec![addr], t + Duration::from_millis(500));
+        assert!(boot.due(false, t).is_none(), "waits for the listeners");
+        boot.listening(t);
+        assert!(boot.due(false, t).is_some());
+        // Later listeners do not hurry a retry.
+        boot.listening(t);
+        assert!(boot.due(false, t).is_none());
     }
 
     #[test]

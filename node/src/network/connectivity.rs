@@ -64,7 +64,7 @@ pub(super) struct Connectivity {
     /// Hole-punched connections reported before the swarm announced them.
     punched: HashSet<ConnectionId>,
     waiters: Vec<Waiter>,
-    bootstrap: Bootstrap,
+    pub(super) bootstrap: Bootstrap,
     /// Dials to bootstrap addresses under way, and the peers they reached: while
     /// none of those is connected, the bootstrap addresses are dialled again (other
     /// peers, a client that dialled in, say, do not make this node known to the

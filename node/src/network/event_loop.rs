@@ -28,7 +28,8 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// A peer with the wrong swarm key never completes the handshake (its bytes decrypt to
 /// noise); give up on it after this long.
 const PRIVATE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for listeners to come up before the first bootstrap dial.
+/// Longest wait for the listeners to come up before the first bootstrap dial (it
+/// goes as soon as every listener has an address).
 const LISTEN_GRACE: Duration = Duration::from_millis(500);
 
 pub struct NetworkConfig {
@@ -62,7 +63,8 @@ pub(super) fn spawn(
         kad::Mode::Client
     };
     swarm.behaviour_mut().kademlia.set_mode(Some(mode));
-    let listening = !config.listen.is_empty();
+    let listeners = config.listen.len();
+    let listening = listeners > 0;
     for addr in config.listen {
         swarm
             .listen_on(addr.clone())
@@ -100,6 +102,8 @@ pub(super) fn spawn(
         talking: HashSet::new(),
         bans: Vec::new(),
         listen_addrs: Vec::new(),
+        listeners_waited: listeners,
+        listeners_up: HashSet::new(),
         listen_waiters: Vec::new(),
         peer_waiters: Vec::new(),
         pending_providers: HashMap::new(),
@@ -212,6 +216,10 @@ pub(super) struct EventLoop {
     /// Banned peers and when their bans end.
     bans: Vec<(Instant, PeerId)>,
     pub(super) listen_addrs: Vec<Multiaddr>,
+    /// Listeners asked for, and those that have an address: once all have, the
+    /// bootstrap nodes are dialled.
+    listeners_waited: usize,
+    listeners_up: HashSet<libp2p::core::transport::ListenerId>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     peer_waiters: Vec<oneshot::Sender<()>>,
     pending_providers: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
@@ -355,12 +363,22 @@ impl EventLoop {
 
     fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                address,
+                listener_id,
+            } => {
                 let full = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
                 tracing::debug!("listening on {full}");
                 self.listen_addrs.push(full);
                 for waiter in self.listen_waiters.drain(..) {
                     let _ = waiter.send(self.listen_addrs.clone());
+                }
+                if self.listeners_up.insert(listener_id)
+                    && self.listeners_up.len() == self.listeners_waited
+                {
+                    let now = Instant::now();
+                    self.connectivity.bootstrap.listening(now);
+                    self.maintain(now);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
