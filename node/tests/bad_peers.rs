@@ -335,6 +335,25 @@ async fn send(stream: &mut Stream, message: ClientMessage<'_>) {
     write_message(stream, &message).await.expect("message sent");
 }
 
+/// The session and token of an `Opened` reply.
+fn opened(reply: ServerMessage<'_>) -> (u64, allmende_protocol::inference::SessionToken) {
+    match reply {
+        ServerMessage::Opened { session, token, .. } => (session, token),
+        other => panic!("not opened: {other:?}"),
+    }
+}
+
+/// Step `id` of one position of `value`s at `position` of `session`.
+fn step(session: u64, id: u64, position: u32, value: f32) -> ClientMessage<'static> {
+    ClientMessage::Step {
+        session,
+        step: id,
+        position,
+        forward: vec![],
+        hidden: hidden(1, 576, value),
+    }
+}
+
 /// Steps forwarded into a session, as the previous server of a route sends them, reach
 /// it only with the proof its client made for that sender, step and position: the
 /// session's client gets the output, the same as for the step sent directly. A step
@@ -345,17 +364,6 @@ async fn forwarded_steps_need_the_clients_proof() {
     let node = Node::start("0..30", None, &[]);
     let client = RawClient::connect(&node).await;
     let all = LayerRange::new(0, 30);
-    let opened = |reply| match reply {
-        ServerMessage::Opened { session, token, .. } => (session, token),
-        other => panic!("not opened: {other:?}"),
-    };
-    let step = |session, id, position, value| ClientMessage::Step {
-        session,
-        step: id,
-        position,
-        forward: vec![],
-        hidden: hidden(1, 576, value),
-    };
     let (mut direct, reply) = client.open(all, 16).await;
     let (direct_id, _) = opened(reply);
     let expected = match ask(&mut direct, &step(direct_id, 1, 0, 0.1)).await {
@@ -450,31 +458,20 @@ async fn a_newer_attempt_at_a_step_replaces_the_older() {
     let node = Node::start("0..30", None, &[]);
     let client = RawClient::connect(&node).await;
     let all = LayerRange::new(0, 30);
-    let step = |session, id, position, value| ClientMessage::Step {
-        session,
-        step: id,
-        position,
-        forward: vec![],
-        hidden: hidden(1, 576, value),
-    };
     let output = |reply| match reply {
         ServerMessage::Hidden { hidden, .. } => hidden,
         other => panic!("expected hidden states, got {other:?}"),
     };
-    let open = |reply| match reply {
-        ServerMessage::Opened { session, token, .. } => (session, token),
-        other => panic!("not opened: {other:?}"),
-    };
     // A fresh session's outputs for the inputs 0.1, 0.2.
     let (mut fresh, reply) = client.open(all, 16).await;
-    let (fresh_id, _) = open(reply);
+    let (fresh_id, _) = opened(reply);
     output(ask(&mut fresh, &step(fresh_id, 1, 0, 0.1)).await);
     let expected = output(ask(&mut fresh, &step(fresh_id, 2, 1, 0.2)).await);
 
     // Another session gets 0.1 then 0.5 (an attempt that went wrong), then position 1
     // again with 0.2 under a newer id.
     let (mut s, reply) = client.open(all, 16).await;
-    let (session, token) = open(reply);
+    let (session, token) = opened(reply);
     output(ask(&mut s, &step(session, 1, 0, 0.1)).await);
     output(ask(&mut s, &step(session, 2, 1, 0.5)).await);
     let again = output(ask(&mut s, &step(session, 3, 1, 0.2)).await);
