@@ -144,9 +144,18 @@ impl GgufFile {
     }
 }
 
+/// Bytes a tensor's data takes; `u64::MAX` for dimensions no file could hold (a
+/// hostile header's product would overflow).
 fn tensor_size(info: &gguf_file::TensorInfo) -> u64 {
     let dtype = info.ggml_dtype;
-    (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
+    let elems = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    elems
+        .and_then(|n| (n / dtype.block_size() as u64).checked_mul(dtype.type_size() as u64))
+        .unwrap_or(u64::MAX)
 }
 
 /// Every tensor must lie inside the file: a truncated download is caught at open,
@@ -245,4 +254,22 @@ pub fn is_supported_weight_type(dtype: GgmlDType) -> bool {
 /// Norm weights are small vectors kept in float.
 pub fn is_supported_norm_type(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    #[test]
+    fn declared_sizes_past_any_file_do_not_overflow() {
+        let info = |dims: Vec<usize>| gguf_file::TensorInfo {
+            ggml_dtype: GgmlDType::Q4_0,
+            shape: candle_core::Shape::from(dims),
+            offset: 0,
+        };
+        assert_eq!(tensor_size(&info(vec![64, 2])), 2 * 2 * 18);
+        assert_eq!(tensor_size(&info(vec![usize::MAX, 3])), u64::MAX);
+        assert_eq!(tensor_size(&info(vec![1 << 62, 1 << 10])), u64::MAX);
+    }
 }
