@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond a Rust toolchain and the model: a Python
 # virtual environment under target/ with the end-to-end tests' packages, and Debian's
-# headless Chromium, its WebDriver and iptables (for the WAN lab in tests/wan) (only as
+# headless Chromium, its WebDriver, iptables and miniupnpd with its client (for the WAN lab
+# in tests/wan) (only as
 # root; otherwise it says what to install and stops). Safe to run again: it installs
 # only what is missing.
 #
@@ -17,6 +18,9 @@ missing_debs() {
     command -v chromium >/dev/null 2>&1 || debs+=(chromium)
     command -v chromedriver >/dev/null 2>&1 || debs+=(chromium-driver)
     command -v iptables >/dev/null 2>&1 || debs+=(iptables)
+    command -v miniupnpd >/dev/null 2>&1 || debs+=(miniupnpd-nftables)
+    command -v upnpc >/dev/null 2>&1 || debs+=(miniupnpc)
+    command -v nft >/dev/null 2>&1 || debs+=(nftables)
 }
 
 apt_install() {

@@ -462,3 +462,58 @@ print(json.dumps({"completed": len(done), "errors": errors[:5], "answered": len(
                   "ttft_median_s": pick(0.5), "ttft_p99_s": pick(0.99),
                   "ttft_max_s": pick(1.0)}))
 "#;
+
+/// A donor whose router forwards ports on request (`--upnp`): it asks for its port,
+/// becomes publicly reachable at the router's address, reserves no relay, and a client
+/// behind another NAT reaches it directly.
+#[test]
+fn a_donor_behind_a_upnp_router_is_reached_directly() {
+    let _lab = one_lab_at_a_time();
+    if !sandboxed("a_donor_behind_a_upnp_router_is_reached_directly") {
+        return;
+    }
+    let lab = Lab::build(&[
+        site("public", Nat::Public, 5),
+        site("home", Nat::Upnp, 5),
+        site("client", Nat::Cone, 5),
+    ])
+    .unwrap();
+    let public = LabNode::start(&lab, "public", "0..15", None, &[]);
+    let boot = public.addr.clone();
+    let donor = LabNode::start(&lab, "home", "15..30", Some(&boot), &["--upnp"]);
+    let line = donor.wait_reachability("publicly reachable", JOIN);
+    let router = format!("/ip4/{}/", lab.wan_ip("home"));
+    assert!(
+        line.contains(&router),
+        "not at the router's address: {line}"
+    );
+    let mapped = format!(
+        "forwards /ip4/{}/tcp/{} to this node (UPnP)",
+        lab.wan_ip("home"),
+        support::wan::PORT
+    );
+    assert!(
+        donor.stderr.text().contains(&mapped),
+        "{}",
+        donor.stderr.text()
+    );
+
+    let status = wait_for_status(&lab, "client", &boot, JOIN, |r| answering(r) == 2);
+    let listed = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer"] == donor.peer_id.as_str())
+        .unwrap_or_else(|| panic!("{status:#}"));
+    assert_eq!(listed["reachability"], "public", "{status:#}");
+    let out = run_in(&lab, "client", &generate_args(&boot, "24"));
+    let report = report_of(&out);
+    assert_eq!(ids(&report), local_ids(24), "{report:#}");
+    let paths = paths_of(&report);
+    assert!(
+        paths
+            .iter()
+            .any(|(peer, path)| *peer == donor.peer_id && path == "direct"),
+        "{report:#}"
+    );
+}

@@ -11,14 +11,15 @@
 //!
 //! Addresses: site number N (1-based, in the order given) has the access link
 //! 198.18.N.1 (core side) to 198.18.N.2 (site side), inside the range reserved for
-//! benchmarking; a home's LAN is 10.N.0.0/24, router 10.N.0.1, host 10.N.0.2.
+//! benchmarking (11.0.N.1 to 11.0.N.2 for a [`Nat::Upnp`] site); a home's LAN is
+//! 10.N.0.0/24, router 10.N.0.1, host 10.N.0.2.
 //!
 //! Building a lab needs root and happens only inside the sandbox of [`sandboxed`]; dropping
 //! it stops its links and removes its namespaces, killing what still runs in them.
 //!
 //! Delay, jitter, loss and rate limits are applied by the lab's own threads, between two TUN
 //! devices per access link, so the lab needs no `netem` in the kernel: only TUN, veth and
-//! iptables (with conntrack and MASQUERADE). Its tests run as root: `cargo test -p
+//! iptables (with conntrack and MASQUERADE), and miniupnpd for UPnP sites. Its tests run as root: `cargo test -p
 //! allmende-wan-lab`, each test inside its own sandbox.
 
 mod link;
@@ -26,6 +27,7 @@ mod nat;
 mod netns;
 mod sandbox;
 mod tun;
+mod upnp;
 
 use std::ffi::OsStr;
 use std::net::Ipv4Addr;
@@ -47,6 +49,10 @@ pub enum Nat {
     Cone,
     /// Behind a NAT that picks a new random port for every destination (some carrier NATs).
     Symmetric,
+    /// Behind a cone NAT whose router forwards ports on request (UPnP IGD and NAT-PMP, by
+    /// miniupnpd). Its access link is 11.0.N.0/30 rather than 198.18.N.0/30: UPnP refuses
+    /// gateways with reserved addresses.
+    Upnp,
 }
 
 /// One site of a lab and its access link.
@@ -113,6 +119,8 @@ struct SiteState {
     host_ip: Ipv4Addr,
     wan_ip: Ipv4Addr,
     link: Link,
+    /// The router's UPnP daemon, for a [`Nat::Upnp`] site.
+    _upnp: Option<upnp::Daemon>,
 }
 
 /// A running lab; see the crate documentation.
@@ -167,10 +175,14 @@ impl Lab {
         let host_ns = format!("{prefix}-{}", site.name);
         let edge_ns = match site.nat {
             Nat::Public => host_ns.clone(),
-            Nat::Cone | Nat::Symmetric => format!("{prefix}-{}.router", site.name),
+            Nat::Cone | Nat::Symmetric | Nat::Upnp => format!("{prefix}-{}.router", site.name),
         };
         self.add_namespace(&edge_ns)?;
-        let (core_addr, site_addr) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
+        let net = match site.nat {
+            Nat::Upnp => format!("11.0.{n}"),
+            _ => format!("198.18.{n}"),
+        };
+        let (core_addr, site_addr) = (format!("{net}.1"), format!("{net}.2"));
 
         let core_tun = tun::Tun::create("wlab%d").map_err(LabError::Tun)?;
         let site_tun = tun::Tun::create("wlab%d").map_err(LabError::Tun)?;
@@ -179,9 +191,10 @@ impl Lab {
         attach(&site_tun.name, &edge_ns, "wan", &site_addr)?;
         netns::ip(&["-n", &edge_ns, "route", "add", "default", "dev", "wan"])?;
 
+        let mut upnp = None;
         let host_ip = match site.nat {
             Nat::Public => site_addr.parse().expect("valid address"),
-            Nat::Cone | Nat::Symmetric => {
+            Nat::Cone | Nat::Symmetric | Nat::Upnp => {
                 self.add_namespace(&host_ns)?;
                 let (router_lan, host_lan) = (format!("10.{n}.0.1"), format!("10.{n}.0.2"));
                 netns::ip(&[
@@ -218,6 +231,10 @@ impl Lab {
                     &router_lan,
                 ])?;
                 nat::configure_router(&edge_ns, "lan", "wan", site.nat == Nat::Symmetric)?;
+                if site.nat == Nat::Upnp {
+                    let lan_net = format!("10.{n}.0.0/24");
+                    upnp = Some(upnp::start(&edge_ns, "lan", "wan", &lan_net)?);
+                }
                 host_lan.parse().expect("valid address")
             }
         };
@@ -240,6 +257,7 @@ impl Lab {
             host_ip,
             wan_ip: site_addr.parse().expect("valid address"),
             link,
+            _upnp: upnp,
         })
     }
 

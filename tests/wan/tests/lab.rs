@@ -434,3 +434,41 @@ fn idle_lab_uses_no_cpu() {
     assert!(used <= 2, "an idle lab used {used} ticks of CPU in 1 s");
     drop(lab);
 }
+
+#[test]
+fn upnp_router_forwards_a_port_on_request() {
+    if !sandboxed("upnp_router_forwards_a_port_on_request") {
+        return;
+    }
+    let lab = Lab::build(&[
+        site("home", Nat::Upnp, ms(2)),
+        site("pub", Nat::Public, ms(2)),
+    ])
+    .unwrap();
+    let (host, wan) = (lab.host_ip("home"), lab.wan_ip("home"));
+    assert_eq!(wan, Ipv4Addr::new(11, 0, 1, 2));
+    let listener = tcp_listener(&lab, "home", 7000);
+    echo_once(listener);
+    assert!(
+        tcp_connect(&lab, "pub", addr(wan, 7000), ms(1000)).is_err(),
+        "the port was open before anyone asked for it"
+    );
+
+    let out = lab
+        .command("home", "upnpc")
+        .args(["-e", "lab", "-a", &host.to_string(), "7000", "7000", "TCP"])
+        .output()
+        .expect("run upnpc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success(), "upnpc failed: {text}");
+    assert!(
+        text.contains(&format!("ExternalIPAddress = {wan}")),
+        "the router did not give its internet address: {text}"
+    );
+
+    let mut conn = tcp_connect(&lab, "pub", addr(wan, 7000), ms(2000))
+        .expect("the mapped port did not accept a connection from the internet");
+    let rtt = median_round_trip(&mut conn, 5);
+    assert!(rtt >= ms(8), "round trip {rtt:?} skipped the links");
+}
