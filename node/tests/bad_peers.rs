@@ -394,7 +394,7 @@ async fn forwarded_steps_need_the_clients_proof() {
             step: 1,
             position: 0,
             hidden,
-            forwarded: false,
+            forwarded: None,
             ..
         } => assert_eq!(hidden, expected),
         other => panic!("expected the forwarded step's output, got {other:?}"),

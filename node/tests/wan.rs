@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use allmende_wan_lab::{sandboxed, Lab, Nat, Site};
 use support::swarm::{allmende, ids, json_of};
-use support::wan::{answering, paths_of, report_of, run_in, wait_for_status, LabNode};
+use support::wan::{
+    answering, forward_paths_of, paths_of, report_of, run_in, wait_for_status, LabNode,
+};
 
 const PROMPT: &str = "The capital of France is";
 
@@ -98,6 +100,13 @@ fn a_client_behind_nat_generates_through_donors_behind_nat() {
     assert_eq!(path_of(&public.peer_id), "direct", "{report:#}");
     assert_eq!(path_of(&home1.peer_id), "hole-punched", "{report:#}");
     assert_eq!(path_of(&home2.peer_id), "hole-punched", "{report:#}");
+    // Between the servers: the public one reaches home1 on the connection home1
+    // dialled; home1 reaches home2 by a hole punch of its own.
+    let forwards = forward_paths_of(&report);
+    let forward_of = |peer: &str| forwards.iter().find(|(p, _)| p == peer).unwrap().1.clone();
+    assert_eq!(forward_of(&public.peer_id), "direct", "{report:#}");
+    assert_eq!(forward_of(&home1.peer_id), "hole-punched", "{report:#}");
+    assert_eq!(forward_of(&home2.peer_id), "none", "{report:#}");
     eprintln!(
         "relay's link during the generation: {} bytes in, {} out",
         relay_after.up.bytes - relay_before.up.bytes,

@@ -58,11 +58,11 @@ use serde::{Deserialize, Serialize};
 use crate::{LayerRange, ModelId, WireDType, WireTensor};
 
 /// Versioned protocol name; a change in the messages below bumps the version.
-pub const PROTOCOL_NAME: &str = "/allmende/inference/3";
+pub const PROTOCOL_NAME: &str = "/allmende/inference/4";
 /// Version number carried in announcements, matching [`PROTOCOL_NAME`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The version before: a node answers its streams with an error naming both.
-pub const PREVIOUS_PROTOCOL_NAME: &str = "/allmende/inference/2";
+pub const PREVIOUS_PROTOCOL_NAME: &str = "/allmende/inference/3";
 
 /// Bytes of a session's forwarding token.
 pub const TOKEN_BYTES: usize = 16;
@@ -184,6 +184,26 @@ pub enum ClientMessage<'a> {
     Close { session: u64 },
 }
 
+/// How a server reaches the next server of a route: what the client cannot see itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardLink {
+    pub kind: LinkKind,
+    /// The connection's measured round trip, in microseconds, if measured yet.
+    pub rtt_us: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkKind {
+    /// Dialled directly.
+    Direct,
+    /// Made direct by hole punching.
+    HolePunched,
+    /// Through a relay.
+    Relayed,
+    /// The connection closed as the stream opened, before its kind was looked up.
+    Unknown,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ServerMessage<'a> {
     Info(ServerInfo),
@@ -195,14 +215,14 @@ pub enum ServerMessage<'a> {
     },
     /// Output hidden states of a step (of every step of a replay, concatenated along
     /// the sequence axis). `draining`: the server is leaving; move the session soon.
-    /// `forwarded`: the output went on to the next server the step named. `step`: the
-    /// id of the step (or replay) this answers.
+    /// `forwarded`: the output went on to the next server the step named, over this
+    /// link. `step`: the id of the step (or replay) this answers.
     Hidden {
         step: u64,
         position: u32,
         hidden: WireTensor<'a>,
         draining: bool,
-        forwarded: bool,
+        forwarded: Option<ForwardLink>,
     },
     /// The server cannot take the session now; try another replica.
     Busy {
@@ -370,7 +390,10 @@ mod tests {
                 position: 3,
                 hidden,
                 draining: true,
-                forwarded: true,
+                forwarded: Some(ForwardLink {
+                    kind: LinkKind::HolePunched,
+                    rtt_us: Some(40_000),
+                }),
             },
             ServerMessage::Busy {
                 reason: "full".into(),

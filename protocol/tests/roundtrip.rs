@@ -3,7 +3,7 @@
 //! what a length prefix claims.
 
 use allmende_protocol::announcement::SignedAnnouncement;
-use allmende_protocol::inference::{NextHop, TOKEN_BYTES};
+use allmende_protocol::inference::{ForwardLink, LinkKind, NextHop, TOKEN_BYTES};
 use allmende_protocol::{
     decode, encode, ClientMessage, ErrorKind, LayerRange, ModelId, ServerInfo, ServerMessage,
     WireDType, WireTensor,
@@ -128,6 +128,19 @@ fn hops() -> impl Strategy<Value = Vec<NextHop>> {
     )
 }
 
+fn forward_link() -> impl Strategy<Value = Option<ForwardLink>> {
+    let kind = prop_oneof![
+        Just(LinkKind::Direct),
+        Just(LinkKind::HolePunched),
+        Just(LinkKind::Relayed),
+        Just(LinkKind::Unknown),
+    ];
+    proptest::option::of(
+        (kind, proptest::option::of(any::<u32>()))
+            .prop_map(|(kind, rtt_us)| ForwardLink { kind, rtt_us }),
+    )
+}
+
 fn server_message() -> impl Strategy<Value = ServerMessage<'static>> {
     prop_oneof![
         info().prop_map(ServerMessage::Info),
@@ -138,7 +151,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage<'static>> {
                 token
             }
         ),
-        (any::<(u64, u32)>(), tensor(), any::<bool>(), any::<bool>()).prop_map(
+        (any::<(u64, u32)>(), tensor(), any::<bool>(), forward_link()).prop_map(
             |((step, position), hidden, draining, forwarded)| ServerMessage::Hidden {
                 step,
                 position,

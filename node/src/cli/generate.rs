@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use allmende_protocol::inference::ForwardLink;
 use allmende_protocol::{LayerRange, WireDType};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -19,6 +20,7 @@ use crate::client::{
     RouteSegment, SamplingParams,
 };
 use crate::model::{GgufFile, Shard};
+use crate::network::PathInfo;
 
 #[derive(Args, Debug)]
 #[command(allow_negative_numbers = true)]
@@ -215,6 +217,7 @@ async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
     let route = pipeline.route();
     let failovers = serde_json::to_value(pipeline.failovers())?;
     let hops = pipeline.hops();
+    let forward_links = pipeline.forward_links();
     let mut paths = Vec::with_capacity(route.len());
     for segment in &route {
         paths.push(network.path(segment.peer).await.ok().flatten());
@@ -224,6 +227,7 @@ async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
     let swarm = SwarmReport {
         route: &route,
         paths,
+        forward_links,
         failovers,
         hops,
     };
@@ -252,7 +256,9 @@ struct SwarmReport<'a> {
     /// The route at the end of the generation.
     route: &'a [RouteSegment],
     /// The path to each segment's server, when this client holds a connection to it.
-    paths: Vec<Option<crate::network::PathInfo>>,
+    paths: Vec<Option<PathInfo>>,
+    /// The link each segment's server handed outputs on over to the next one's.
+    forward_links: Vec<Option<ForwardLink>>,
     failovers: serde_json::Value,
     hops: HopCounts,
 }
@@ -284,12 +290,21 @@ fn report(
             .route
             .iter()
             .zip(&swarm.paths)
-            .map(|(s, path)| {
+            .zip(&swarm.forward_links)
+            .map(|((s, path), link)| {
+                let next = link.map(|link| {
+                    let path = PathInfo::from_link(link);
+                    json!({
+                        "path": path.map(|p| p.kind),
+                        "rtt_ms": path.and_then(|p| p.rtt_ms),
+                    })
+                });
                 json!({
                     "peer": s.peer.to_string(),
                     "layers": [s.range.start, s.range.end],
                     "path": path.map(|p| p.kind),
                     "rtt_ms": path.and_then(|p| p.rtt_ms),
+                    "forwards_to_next": next,
                 })
             })
             .collect();

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+use allmende_protocol::inference::{ForwardLink, LinkKind};
+
 /// After a relayed connection opens, how long to wait for a hole punch to replace it
 /// before using it as it is.
 pub const PUNCH_PATIENCE: Duration = Duration::from_secs(4);
@@ -22,6 +24,38 @@ pub enum PathKind {
 pub struct PathInfo {
     pub kind: PathKind,
     pub rtt_ms: Option<f64>,
+}
+
+impl From<PathInfo> for ForwardLink {
+    fn from(path: PathInfo) -> ForwardLink {
+        ForwardLink {
+            kind: match path.kind {
+                PathKind::Direct => LinkKind::Direct,
+                PathKind::HolePunched => LinkKind::HolePunched,
+                PathKind::Relayed => LinkKind::Relayed,
+            },
+            rtt_us: path
+                .rtt_ms
+                .map(|ms| (ms * 1e3).clamp(0.0, u32::MAX as f64) as u32),
+        }
+    }
+}
+
+impl PathInfo {
+    /// The path a server reported for its link to the next server; none if it did not
+    /// know the link's kind.
+    pub fn from_link(link: ForwardLink) -> Option<PathInfo> {
+        let kind = match link.kind {
+            LinkKind::Direct => PathKind::Direct,
+            LinkKind::HolePunched => PathKind::HolePunched,
+            LinkKind::Relayed => PathKind::Relayed,
+            LinkKind::Unknown => return None,
+        };
+        Some(PathInfo {
+            kind,
+            rtt_ms: link.rtt_us.map(|us| f64::from(us) / 1e3),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -226,5 +260,26 @@ mod tests {
         paths.closed(&3);
         assert!(!paths.dialled_directly('a'), "it dialled us");
         assert_eq!(paths.best('a').unwrap().kind, PathKind::Direct);
+    }
+
+    #[test]
+    fn a_reported_link_reads_back_as_the_path_it_was() {
+        for kind in [PathKind::Direct, PathKind::HolePunched, PathKind::Relayed] {
+            let path = PathInfo {
+                kind,
+                rtt_ms: Some(12.5),
+            };
+            assert_eq!(PathInfo::from_link(path.into()), Some(path));
+        }
+        let unmeasured = PathInfo {
+            kind: PathKind::Relayed,
+            rtt_ms: None,
+        };
+        assert_eq!(PathInfo::from_link(unmeasured.into()), Some(unmeasured));
+        let unknown = ForwardLink {
+            kind: LinkKind::Unknown,
+            rtt_us: Some(5),
+        };
+        assert_eq!(PathInfo::from_link(unknown), None);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use allmende_protocol::inference::{
-    forward_proof, ForwardProof, NextHop, SessionToken, TOKEN_BYTES,
+    forward_proof, ForwardLink, ForwardProof, LinkKind, NextHop, SessionToken, TOKEN_BYTES,
 };
 use allmende_protocol::{encode_frame, ClientMessage, WireDType, WireTensor};
 use candle_core::Tensor;
@@ -132,13 +132,13 @@ impl Drop for Registration {
 /// Sends a session's outputs on to the next server, over one stream kept open to it.
 #[derive(Default)]
 pub struct Forwarder {
-    stream: Option<(PeerId, Stream)>,
+    stream: Option<(PeerId, Stream, ForwardLink)>,
 }
 
 impl Forwarder {
     /// Sends `output` (step `step`, at `position`) to `next`, naming `rest` as the
-    /// servers after it. Returns whether it was handed over; a failure is logged, not
-    /// returned, since the client then sends the step itself.
+    /// servers after it. Returns the link it was handed over on, if it was; a failure
+    /// is logged, not returned, since the client then sends the step itself.
     pub async fn forward(
         &mut self,
         network: &Network,
@@ -147,46 +147,62 @@ impl Forwarder {
         position: u32,
         output: &Tensor,
         dtype: WireDType,
-    ) -> bool {
+    ) -> Option<ForwardLink> {
         let Ok(peer) = PeerId::from_bytes(&next.peer) else {
             tracing::debug!("a step named an invalid peer id to forward to");
-            return false;
+            return None;
         };
         let frame = match forwarded_frame((next, rest), step, position, output, dtype) {
             Ok(frame) => frame,
             Err(e) => {
                 tracing::warn!("cannot encode a forwarded step: {e}");
-                return false;
+                return None;
             }
         };
         let sent = tokio::time::timeout(FORWARD_TIMEOUT, self.send(network, peer, &frame)).await;
         match sent {
-            Ok(Ok(())) => true,
+            Ok(Ok(link)) => Some(link),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, "cannot forward a step: {e}");
                 self.stream = None;
-                false
+                None
             }
             Err(_) => {
                 tracing::debug!(%peer, "cannot forward a step within {FORWARD_TIMEOUT:?}");
                 self.stream = None;
-                false
+                None
             }
         }
     }
 
     /// Writes `frame` on the stream kept to `peer`; if that stream is gone (the next
-    /// server closed it when it idled, say), once more on a new one.
-    async fn send(&mut self, network: &Network, peer: PeerId, frame: &[u8]) -> Result<(), String> {
-        if let Some((to, stream)) = &mut self.stream {
+    /// server closed it when it idled, say), once more on a new one. Returns the link
+    /// the stream runs on, as it was when the stream opened.
+    async fn send(
+        &mut self,
+        network: &Network,
+        peer: PeerId,
+        frame: &[u8],
+    ) -> Result<ForwardLink, String> {
+        if let Some((to, stream, link)) = &mut self.stream {
             if *to == peer && write_frame(stream, frame).await.is_ok() {
-                return Ok(());
+                return Ok(*link);
             }
         }
         self.stream = None;
         let stream = network.open_stream(peer).await.map_err(|e| e.to_string())?;
-        let (_, stream) = self.stream.insert((peer, stream));
-        write_frame(stream, frame).await.map_err(|e| e.to_string())
+        let link = match network.path(peer).await {
+            Ok(Some(path)) => path.into(),
+            _ => ForwardLink {
+                kind: LinkKind::Unknown,
+                rtt_us: None,
+            },
+        };
+        let (_, stream, link) = self.stream.insert((peer, stream, link));
+        write_frame(stream, frame)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(*link)
     }
 }
 

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use allmende_protocol::inference::{ForwardProof, NextHop};
+use allmende_protocol::inference::{ForwardLink, ForwardProof, NextHop};
 use allmende_protocol::{
     encode_frame, ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType,
     WireTensor,
@@ -81,8 +81,8 @@ enum Reply {
         output: Tensor,
         dtype: WireDType,
         draining: bool,
-        /// The output also went on to the next server of the route.
-        forwarded: bool,
+        /// The output also went on to the next server of the route, over this link.
+        forwarded: Option<ForwardLink>,
     },
 }
 
@@ -490,7 +490,7 @@ impl Outputs<'_> {
                     *dtype,
                 )
                 .await;
-            if *forwarded {
+            if forwarded.is_some() {
                 self.server.metrics.steps_forwarded.inc();
                 // The forward waits in its connection's task; writing the reply now
                 // would wake the client's connection task, which then runs first (a
@@ -672,7 +672,7 @@ async fn run(
         output,
         dtype: open.dtype,
         draining: server.is_draining(),
-        forwarded: false,
+        forwarded: None,
     })
 }
 

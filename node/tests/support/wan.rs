@@ -238,6 +238,25 @@ pub fn paths_of(report: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Each hop's peer and the path its server forwarded to the next one over ("none"
+/// for the last hop).
+pub fn forward_paths_of(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["route"]
+        .as_array()
+        .expect("a route")
+        .iter()
+        .map(|hop| {
+            (
+                hop["peer"].as_str().unwrap().to_string(),
+                hop["forwards_to_next"]["path"]
+                    .as_str()
+                    .unwrap_or("none")
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
 /// Makes `name` resolve to `ip` for every process of this sandbox: a hosts file
 /// bind-mounted over /etc/hosts in the sandbox's own mount namespace (refused outside
 /// a sandbox, where it would change the machine's).

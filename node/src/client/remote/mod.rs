@@ -15,7 +15,7 @@ mod segment;
 
 use std::time::{Duration, Instant};
 
-use allmende_protocol::inference::STEP_POSITIONS;
+use allmende_protocol::inference::{ForwardLink, STEP_POSITIONS};
 use allmende_protocol::{ErrorKind, LayerRange, WireDType, WireTensor};
 use candle_core::{Device, Tensor};
 use libp2p::PeerId;
@@ -224,6 +224,16 @@ impl RemotePipeline {
             .iter()
             .flat_map(|r| &r.segments)
             .map(|s| s.session.segment.clone())
+            .collect()
+    }
+
+    /// For each segment of [`Self::route`], the link its server last said it handed
+    /// outputs on over, to the next segment's server.
+    pub fn forward_links(&self) -> Vec<Option<ForwardLink>> {
+        self.route
+            .iter()
+            .flat_map(|r| &r.segments)
+            .map(|s| s.session.forward_link)
             .collect()
     }
 

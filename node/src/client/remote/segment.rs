@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use allmende_protocol::inference::{forward_proof, NextHop, SessionToken, MAX_REPLAY_STEPS};
+use allmende_protocol::inference::{
+    forward_proof, ForwardLink, NextHop, SessionToken, MAX_REPLAY_STEPS,
+};
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
     MAX_MESSAGE_BYTES,
@@ -56,6 +58,8 @@ pub struct SegmentSession {
     /// The stream runs through a relay, whose circuit may end while the server
     /// is fine (a relay limits how long and how much it carries).
     pub relayed: bool,
+    /// The link the server last said it handed an output on over, to the next server.
+    pub forward_link: Option<ForwardLink>,
 }
 
 impl SegmentSession {
@@ -81,6 +85,7 @@ impl SegmentSession {
             position: 0,
             draining: false,
             relayed: path.is_some_and(|p| p.kind == PathKind::Relayed),
+            forward_link: None,
         };
         let open = ClientMessage::Open {
             model,
@@ -318,7 +323,8 @@ impl SegmentSession {
                 forwarded,
             } if position == self.position && answered == step => {
                 self.draining |= draining;
-                Ok((hidden, forwarded))
+                self.forward_link = forwarded.or(self.forward_link);
+                Ok((hidden, forwarded.is_some()))
             }
             other => Err(self.unexpected(other)),
         }
