@@ -58,8 +58,6 @@ pub(super) struct Connectivity {
     dialled_at: HashMap<PeerId, Multiaddr>,
     /// Relay reservations asked for, by the listener that holds them.
     relays: HashMap<ListenerId, PeerId>,
-    /// Those not answered yet.
-    relays_pending: HashSet<PeerId>,
     relay_retry: Instant,
     /// Hole-punched connections reported before the swarm announced them.
     punched: HashSet<ConnectionId>,
@@ -87,7 +85,6 @@ impl Connectivity {
             relay_offers: HashSet::new(),
             dialled_at: HashMap::new(),
             relays: HashMap::new(),
-            relays_pending: HashSet::new(),
             relay_retry: Instant::now(),
             punched: HashSet::new(),
             waiters: Vec::new(),
@@ -208,8 +205,7 @@ impl EventLoop {
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, "a relay holds a slot for this node");
                 }
-                self.connectivity.relays_pending.remove(&relay_peer_id);
-                self.update_pending();
+                self.connectivity.reach.relay_answered(&relay_peer_id);
             }
             other => tracing::debug!("relay: {other:?}"),
         }
@@ -271,14 +267,8 @@ impl EventLoop {
         if let Some(relay) = self.connectivity.relays.remove(&id) {
             let why = reason.err().map_or("closed".to_string(), |e| e.to_string());
             tracing::info!(%relay, "the relay no longer holds a slot for this node: {why}");
-            self.connectivity.relays_pending.remove(&relay);
-            self.update_pending();
+            self.connectivity.reach.relay_answered(&relay);
         }
-    }
-
-    fn update_pending(&mut self) {
-        let pending = self.connectivity.relays_pending.len();
-        self.connectivity.reach.relays_pending(pending);
     }
 
     /// Replies with the path to `peer` once it has settled, dialling it if needed.
@@ -432,8 +422,7 @@ impl EventLoop {
                 Ok(id) => {
                     tracing::info!(%relay, "not reachable directly; asking a relay for a slot");
                     self.connectivity.relays.insert(id, relay);
-                    self.connectivity.relays_pending.insert(relay);
-                    self.update_pending();
+                    self.connectivity.reach.relay_asked(relay);
                 }
                 Err(e) => tracing::warn!("cannot listen through relay {circuit}: {e}"),
             }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use libp2p::multiaddr::Protocol;
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 
 /// How long a node may go without a confirmed address before it looks for a relay
 /// (AutoNAT probes every few seconds once it has a peer to ask).
@@ -52,8 +52,8 @@ pub struct ReachabilityState {
     failed_probes: u32,
     /// When the node first had a peer to ask: the grace period runs from here.
     asking_since: Option<Instant>,
-    /// Relay reservations asked for and not answered yet.
-    relays_pending: usize,
+    /// Relays asked for a reservation that have not answered yet.
+    relays_pending: BTreeSet<PeerId>,
 }
 
 impl ReachabilityState {
@@ -83,10 +83,15 @@ impl ReachabilityState {
         self.failed_probes = self.failed_probes.max(SETTLING_FAILURES);
     }
 
-    /// Reservations asked of relays and not yet answered: until they are, the node
-    /// does not call itself unreachable.
-    pub fn relays_pending(&mut self, pending: usize) {
-        self.relays_pending = pending;
+    /// A relay was asked for a reservation: until it answers, the node does not call
+    /// itself unreachable.
+    pub fn relay_asked(&mut self, relay: PeerId) {
+        self.relays_pending.insert(relay);
+    }
+
+    /// The relay answered: it holds a slot, or it refused, or it is gone.
+    pub fn relay_answered(&mut self, relay: &PeerId) {
+        self.relays_pending.remove(relay);
     }
 
     pub fn status(&self, now: Instant) -> Reachability {
@@ -94,7 +99,7 @@ impl ReachabilityState {
             Reachability::Public
         } else if !self.relayed.is_empty() {
             Reachability::BehindNat
-        } else if self.gave_up_waiting(now) && self.relays_pending == 0 {
+        } else if self.gave_up_waiting(now) && self.relays_pending.is_empty() {
             Reachability::Unreachable
         } else {
             Reachability::Unknown
@@ -218,7 +223,7 @@ mod tests {
         assert_eq!(state.status(now), Reachability::Unknown);
         state.probe_failed();
         assert_eq!(state.status(now), Reachability::Unreachable);
-        state.relays_pending(1);
+        state.relay_asked(PeerId::random());
         assert_eq!(
             state.status(now),
             Reachability::Unknown,
