@@ -5,7 +5,7 @@
 mod support;
 
 use allmende_node::network::framing::{read_message, write_message, FrameIoError};
-use allmende_protocol::inference::forward_proof;
+use allmende_protocol::inference::{forward_proof, NextHop};
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
 };
@@ -503,4 +503,41 @@ async fn a_newer_attempt_at_a_step_replaces_the_older() {
         ),
         "{next:?}"
     );
+}
+
+/// A client that names its own sessions on one server as the next hops (A1 → A2 → …)
+/// would have one step computed many times for one request: a list of hops that
+/// visits a server twice is refused, and the session stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_list_that_loops_back_is_refused() {
+    let node = Node::start("0..30", None, &[]);
+    let client = RawClient::connect(&node).await;
+    let all = LayerRange::new(0, 30);
+    let (mut first, reply) = client.open(all, 16).await;
+    let (first_id, _) = opened(reply);
+    let (_second, reply) = client.open(all, 16).await;
+    let (second_id, second_token) = opened(reply);
+    let me = node.peer_id.parse::<libp2p::PeerId>().unwrap().to_bytes();
+    let looping = ClientMessage::Step {
+        session: first_id,
+        step: 1,
+        position: 0,
+        forward: vec![NextHop {
+            peer: me.clone(),
+            session: second_id,
+            proof: forward_proof(&second_token, &me, second_id, 1, 0),
+        }],
+        hidden: hidden(1, 576, 0.1),
+    };
+    match ask(&mut first, &looping).await {
+        ServerMessage::Error {
+            kind: ErrorKind::BadRequest,
+            message,
+        } => assert!(message.contains("twice"), "{message}"),
+        other => panic!("a looping list of hops was accepted: {other:?}"),
+    }
+    assert!(matches!(
+        ask(&mut first, &step(first_id, 2, 0, 0.1)).await,
+        ServerMessage::Hidden { .. }
+    ));
 }

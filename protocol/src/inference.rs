@@ -115,8 +115,11 @@ pub struct NextHop {
 }
 
 impl NextHop {
-    /// Checks a received list of hops against the limits before it is used.
-    pub fn check_list(hops: &[NextHop]) -> Result<(), String> {
+    /// Checks a received list of hops against the limits before it is used. A route
+    /// visits each server once, so a list naming a server twice, or naming one of
+    /// `visited` (the receiving server, the server that forwarded the step), is a loop
+    /// that would compute one step many times: refused.
+    pub fn check_list(hops: &[NextHop], visited: &[&[u8]]) -> Result<(), String> {
         if hops.len() > MAX_FORWARD_HOPS {
             return Err(format!(
                 "{} hops to forward through; at most {MAX_FORWARD_HOPS}",
@@ -125,6 +128,13 @@ impl NextHop {
         }
         if hops.iter().any(|h| h.peer.len() > MAX_PEER_ID_BYTES) {
             return Err(format!("a peer id longer than {MAX_PEER_ID_BYTES} bytes"));
+        }
+        for (i, hop) in hops.iter().enumerate() {
+            if visited.contains(&hop.peer.as_slice())
+                || hops[..i].iter().any(|h| h.peer == hop.peer)
+            {
+                return Err("the hops to forward through visit a server twice".into());
+            }
         }
         Ok(())
     }
@@ -415,9 +425,25 @@ mod tests {
             session: 1,
             proof: [0; TOKEN_BYTES],
         };
-        assert!(NextHop::check_list(&[hop(38), hop(MAX_PEER_ID_BYTES)]).is_ok());
-        assert!(NextHop::check_list(&[hop(MAX_PEER_ID_BYTES + 1)]).is_err());
-        assert!(NextHop::check_list(&vec![hop(1); MAX_FORWARD_HOPS + 1]).is_err());
+        assert!(NextHop::check_list(&[hop(38), hop(MAX_PEER_ID_BYTES)], &[]).is_ok());
+        assert!(NextHop::check_list(&[hop(MAX_PEER_ID_BYTES + 1)], &[]).is_err());
+        let many: Vec<NextHop> = (0..=MAX_FORWARD_HOPS).map(hop).collect();
+        assert!(NextHop::check_list(&many, &[]).is_err());
+    }
+
+    #[test]
+    fn hop_lists_visit_each_server_once() {
+        let hop = |peer: u8| NextHop {
+            peer: vec![peer; 38],
+            session: u64::from(peer),
+            proof: [0; TOKEN_BYTES],
+        };
+        let (me, sender) = ([1u8; 38], [2u8; 38]);
+        let visited: [&[u8]; 2] = [&me, &sender];
+        assert!(NextHop::check_list(&[hop(3), hop(4)], &visited).is_ok());
+        assert!(NextHop::check_list(&[hop(3), hop(4), hop(3)], &visited).is_err());
+        assert!(NextHop::check_list(&[hop(3), hop(1)], &visited).is_err());
+        assert!(NextHop::check_list(&[hop(2)], &visited).is_err());
     }
 
     /// A frame's bytes cannot decode to much more memory than they take: lists are

@@ -421,7 +421,8 @@ impl Outputs<'_> {
         step: ForwardedStep,
     ) -> Next {
         let server = self.server;
-        let undelivered = match NextHop::check_list(&step.forward) {
+        let (me, sender) = (self.network.peer_id().to_bytes(), peer.to_bytes());
+        let undelivered = match NextHop::check_list(&step.forward, &[&me, &sender]) {
             Ok(()) => match server.inboxes.deliver(id, &peer, proof, step) {
                 Ok(()) => return Next::Delivered,
                 Err(undelivered) => undelivered,
@@ -467,7 +468,8 @@ impl Outputs<'_> {
         hidden: WireTensor<'_>,
         forward: Vec<NextHop>,
     ) -> Result<Reply, Refusal> {
-        NextHop::check_list(&forward).map_err(|e| (ErrorKind::BadRequest, e))?;
+        let me = self.network.peer_id().to_bytes();
+        NextHop::check_list(&forward, &[&me]).map_err(|e| (ErrorKind::BadRequest, e))?;
         let mut reply = run(self.server, self.group, session, step, vec![hidden]).await?;
         if let (
             Reply::Hidden {
