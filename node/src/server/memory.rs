@@ -9,17 +9,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set when a session ended since the last trim.
 static PENDING: AtomicBool = AtomicBool::new(false);
+/// Set while a trim runs: one at a time.
+static TRIMMING: AtomicBool = AtomicBool::new(false);
 
 /// Notes that a session's memory was freed.
 pub fn session_ended() {
     PENDING.store(true, Ordering::Relaxed);
 }
 
-/// Returns freed memory to the system if any session ended since the last call.
+/// Returns freed memory to the system if any session ended since the last call, on a
+/// blocking thread: a trim walks the whole heap, which must not stall the network's
+/// runtime.
 pub fn trim_if_needed() {
-    if PENDING.swap(false, Ordering::Relaxed) {
-        trim();
+    if TRIMMING.load(Ordering::Acquire) || !PENDING.swap(false, Ordering::Relaxed) {
+        return;
     }
+    TRIMMING.store(true, Ordering::Release);
+    tokio::task::spawn_blocking(|| {
+        trim();
+        TRIMMING.store(false, Ordering::Release);
+    });
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

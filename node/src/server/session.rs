@@ -54,6 +54,13 @@ struct PeerSlot {
 impl Drop for PeerSlot {
     fn drop(&mut self) {
         self.server.guard(|g| g.on_close(&self.peer));
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        // Only a session that held a KV cache freed enough to be worth a trim: a
+        // refused `Open` frees nothing.
         super::memory::session_ended();
     }
 }
