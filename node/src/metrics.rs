@@ -18,6 +18,8 @@ pub struct Metrics {
     /// from other servers that named no open session here or a wrong token.
     pub steps_forwarded: Counter,
     pub forwards_refused: Counter,
+    /// Streams closed because a frame arrived slower than any honest link sends.
+    pub slow_frames: Counter,
     /// Client side (gateway): API requests served, tokens generated, servers lost.
     pub requests: Counter,
     pub tokens_generated: Counter,
@@ -42,6 +44,7 @@ impl Metrics {
             step_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             steps_forwarded: Counter::default(),
             forwards_refused: Counter::default(),
+            slow_frames: Counter::default(),
             requests: Counter::default(),
             tokens_generated: Counter::default(),
             failovers: Counter::default(),
@@ -81,6 +84,11 @@ impl Metrics {
             "forwards_refused",
             "Forwarded steps that named no open session here or a wrong token",
             m.forwards_refused.clone(),
+        );
+        registry.register(
+            "slow_frames",
+            "Streams closed because a frame arrived too slowly",
+            m.slow_frames.clone(),
         );
         registry.register(
             "api_requests",

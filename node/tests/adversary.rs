@@ -77,7 +77,9 @@ async fn a_replay_of_millions_of_empty_tensors_is_refused_while_decoding() {
     s.write_all(&frame).await.unwrap();
     s.flush().await.unwrap();
     drop(frame);
-    let reply: ServerMessage = read_message(&mut s).await.expect("an error reply");
+    let reply: ServerMessage = read_message(&mut s, MAX_MESSAGE_BYTES)
+        .await
+        .expect("an error reply");
     assert_eq!(error_kind(reply), ErrorKind::BadRequest);
     // Reading the frame takes its size; decoding it may take little more.
     let grown = cage.peak().saturating_sub(peak_before);
@@ -124,4 +126,48 @@ async fn a_prompt_longer_than_a_servers_step_limit_is_sent_in_steps() {
     assert_eq!(ids(&swarm), ids(&local));
     assert!(node.child.try_wait().unwrap().is_none(), "the node died");
     assert!(cage.peak() < BUDGET);
+}
+
+/// A frame's buffer grows with the bytes that arrive, charged to the node's budget for
+/// frames in flight: peers that announce the largest frames and send most of them, then
+/// stall, get `Busy` once that budget is held, instead of making the node hold every
+/// frame they started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_in_part_and_stalled_are_held_within_a_budget() {
+    let cage = MemoryCage::new(BUDGET);
+    let mut node = Node::start_caged(&cage, "0..30", &["--max-sessions", "48"]);
+    let before = honest_tokens(&node.addr).await;
+
+    const STREAMS_PER_PEER: usize = 4;
+    const SENT: usize = 48 << 20;
+    let mut attackers = Vec::new();
+    for _ in 0..6 {
+        attackers.push(RawClient::connect(&node).await);
+    }
+    let mut streams = Vec::new();
+    for attacker in &attackers {
+        for _ in 0..STREAMS_PER_PEER {
+            streams.push(attacker.stream().await);
+        }
+    }
+    let chunk = vec![0x5au8; 1 << 20];
+    let sends = streams.iter_mut().map(|s| async {
+        s.write_all(&(MAX_MESSAGE_BYTES as u32).to_le_bytes())
+            .await?;
+        for _ in 0..SENT / chunk.len() {
+            s.write_all(&chunk).await?;
+        }
+        s.flush().await
+    });
+    let sent = futures::future::join_all(sends).await;
+    let refused = sent.iter().filter(|r| r.is_err()).count();
+    eprintln!(
+        "{} of {} stalled frames refused; peak {} MiB",
+        refused,
+        streams.len(),
+        cage.peak() >> 20
+    );
+    assert!(refused > 0, "every stalled frame was held");
+    survived(&mut node, &cage, &before).await;
+    drop(streams);
 }

@@ -37,7 +37,9 @@ async fn one_peer_cannot_hold_every_stream() {
             write_message(&mut stream, &ClientMessage::Info)
                 .await
                 .ok()?;
-            read_message::<ServerMessage, _>(&mut stream).await.ok()
+            read_message::<ServerMessage, _>(&mut stream, allmende_protocol::MAX_MESSAGE_BYTES)
+                .await
+                .ok()
         };
         if let Ok(Some(ServerMessage::Info(_))) =
             tokio::time::timeout(Duration::from_secs(5), probe).await
@@ -110,7 +112,7 @@ async fn probes_do_not_keep_a_session_alive() {
         }
         match tokio::time::timeout(
             Duration::from_secs(2),
-            read_message::<ServerMessage, _>(&mut stream),
+            read_message::<ServerMessage, _>(&mut stream, allmende_protocol::MAX_MESSAGE_BYTES),
         )
         .await
         {
@@ -134,7 +136,11 @@ async fn probes_do_not_keep_a_session_alive() {
     };
     let gone = match write_message(&mut stream, &step).await {
         Err(_) => true,
-        Ok(()) => read_message::<ServerMessage, _>(&mut stream).await.is_err(),
+        Ok(()) => {
+            read_message::<ServerMessage, _>(&mut stream, allmende_protocol::MAX_MESSAGE_BYTES)
+                .await
+                .is_err()
+        }
     };
     assert!(gone, "the session's stream is closed");
     survived(&mut node, &cage, &before).await;

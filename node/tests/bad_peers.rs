@@ -23,9 +23,11 @@ fn error_kind(reply: ServerMessage) -> ErrorKind {
 
 /// After a fatal frame the server replies once, then closes the stream.
 async fn expect_error_then_close(stream: &mut Stream) {
-    let reply: ServerMessage = read_message(stream).await.expect("an error reply");
+    let reply: ServerMessage = read_message(stream, allmende_protocol::MAX_MESSAGE_BYTES)
+        .await
+        .expect("an error reply");
     assert_eq!(error_kind(reply), ErrorKind::BadRequest);
-    let next = read_message::<ServerMessage, _>(stream).await;
+    let next = read_message::<ServerMessage, _>(stream, allmende_protocol::MAX_MESSAGE_BYTES).await;
     assert!(
         matches!(next, Err(FrameIoError::Closed) | Err(FrameIoError::Io(_))),
         "{next:?}"
@@ -247,7 +249,9 @@ async fn still_served(client: &RawClient) -> bool {
         allmende_node::network::framing::write_message(&mut stream, &ClientMessage::Info)
             .await
             .ok()?;
-        read_message::<ServerMessage, _>(&mut stream).await.ok()
+        read_message::<ServerMessage, _>(&mut stream, allmende_protocol::MAX_MESSAGE_BYTES)
+            .await
+            .ok()
     };
     matches!(
         tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await,
@@ -296,7 +300,9 @@ async fn flooding_and_oversized_frames_get_a_peer_cut_off_while_others_generate(
         {
             break;
         }
-        match read_message::<ServerMessage, _>(&mut stream).await {
+        match read_message::<ServerMessage, _>(&mut stream, allmende_protocol::MAX_MESSAGE_BYTES)
+            .await
+        {
             Ok(ServerMessage::Busy { .. }) => busy += 1,
             Ok(_) => {}
             Err(_) => break,
@@ -314,7 +320,8 @@ async fn flooding_and_oversized_frames_get_a_peer_cut_off_while_others_generate(
         };
         let _ = s.write_all(&[0xff, 0xff, 0xff, 0x7f]).await;
         let _ = s.flush().await;
-        let _ = read_message::<ServerMessage, _>(&mut s).await;
+        let _ =
+            read_message::<ServerMessage, _>(&mut s, allmende_protocol::MAX_MESSAGE_BYTES).await;
     }
     assert!(
         !still_served(&oversized).await,
@@ -389,7 +396,10 @@ async fn forwarded_steps_need_the_clients_proof() {
         hidden: hidden(1, 576, 0.1),
     };
     send(&mut from_upstream, forwarded(1, 0, proof(&upstream, 1, 0))).await;
-    match read_message::<ServerMessage, _>(&mut s).await.unwrap() {
+    match read_message::<ServerMessage, _>(&mut s, allmende_protocol::MAX_MESSAGE_BYTES)
+        .await
+        .unwrap()
+    {
         ServerMessage::Hidden {
             step: 1,
             position: 0,
@@ -425,7 +435,10 @@ async fn forwarded_steps_need_the_clients_proof() {
         send(&mut from_upstream, forwarded(5, 2, forged)).await;
     }
     send(&mut from_upstream, forwarded(5, 2, proof(&upstream, 5, 2))).await;
-    match read_message::<ServerMessage, _>(&mut s).await.unwrap() {
+    match read_message::<ServerMessage, _>(&mut s, allmende_protocol::MAX_MESSAGE_BYTES)
+        .await
+        .unwrap()
+    {
         ServerMessage::Hidden {
             step: 5,
             position: 2,

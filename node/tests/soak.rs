@@ -113,7 +113,9 @@ async fn stream(attacker: &RawClient) -> Option<Stream> {
 
 async fn ask(s: &mut Stream, message: &ClientMessage<'_>) -> Option<ServerMessage<'static>> {
     write_message(s, message).await.ok()?;
-    read_message(s).await.ok()
+    read_message(s, allmende_protocol::MAX_MESSAGE_BYTES)
+        .await
+        .ok()
 }
 
 /// Opens a session over `range`, if the node lets it.
@@ -156,7 +158,9 @@ async fn run_attack(attack: usize, attacker: &RawClient, range: LayerRange) -> O
                 .ok()?;
             s.write_all(&frame).await.ok()?;
             s.flush().await.ok()?;
-            read_message::<ServerMessage, _>(&mut s).await.ok()?;
+            read_message::<ServerMessage, _>(&mut s, allmende_protocol::MAX_MESSAGE_BYTES)
+                .await
+                .ok()?;
         }
         // Every stream it can get, held for a while.
         2 => {
@@ -206,7 +210,8 @@ async fn run_attack(attack: usize, attacker: &RawClient, range: LayerRange) -> O
             let mut s = stream(attacker).await?;
             s.write_all(&u32::MAX.to_le_bytes()).await.ok()?;
             s.flush().await.ok()?;
-            let _ = read_message::<ServerMessage, _>(&mut s).await;
+            let _ = read_message::<ServerMessage, _>(&mut s, allmende_protocol::MAX_MESSAGE_BYTES)
+                .await;
         }
     }
     Some(())

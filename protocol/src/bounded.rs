@@ -1,4 +1,5 @@
-//! Lists decoded with a cap on their length, refused at the first element over it.
+//! Lists and strings decoded with a cap on their length, refused at the first element
+//! (or the declared length) over it.
 //!
 //! The codec's byte limit bounds a frame, not what decoding it allocates: an empty
 //! tensor takes three bytes on the wire and about a hundred in memory, so a frame of
@@ -67,6 +68,45 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for Bounded<T> {
     }
 }
 
+/// Decodes a string of at most `MAX` bytes (for `#[serde(deserialize_with)]`): a
+/// reason or a name that a peer sends is shown to users and copied into logs and
+/// errors, so it may not take the whole frame.
+pub fn string<'de, const MAX: usize, D>(deserializer: D) -> Result<String, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    deserializer.deserialize_string(BoundedString(MAX))
+}
+
+struct BoundedString(usize);
+
+impl BoundedString {
+    fn check<E: de::Error>(&self, len: usize) -> Result<(), E> {
+        match len > self.0 {
+            true => Err(E::custom(format!("a string longer than {} bytes", self.0))),
+            false => Ok(()),
+        }
+    }
+}
+
+impl Visitor<'_> for BoundedString {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a string of at most {} bytes", self.0)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        self.check(v.len())?;
+        Ok(v.to_owned())
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+        self.check(v.len())?;
+        Ok(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde::Deserialize;
@@ -88,5 +128,27 @@ mod tests {
         let mut bytes = vec![0xfc];
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode::<Capped>(&bytes).is_err());
+    }
+
+    #[derive(Debug, Deserialize, serde::Serialize)]
+    struct Named {
+        #[serde(deserialize_with = "super::string::<5, _>")]
+        name: String,
+    }
+
+    #[test]
+    fn strings_are_capped_while_decoding() {
+        let short = Named {
+            name: "abcde".into(),
+        };
+        assert_eq!(
+            decode::<Named>(&encode(&short).unwrap()).unwrap().name,
+            "abcde"
+        );
+        let long = Named {
+            name: "abcdef".into(),
+        };
+        let err = decode::<Named>(&encode(&long).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("longer than 5"), "{err}");
     }
 }

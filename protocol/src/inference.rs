@@ -236,10 +236,12 @@ pub enum ServerMessage<'a> {
     },
     /// The server cannot take the session now; try another replica.
     Busy {
+        #[serde(deserialize_with = "crate::bounded::string::<MAX_REASON_LEN, _>")]
         reason: String,
     },
     Error {
         kind: ErrorKind,
+        #[serde(deserialize_with = "crate::bounded::string::<MAX_REASON_LEN, _>")]
         message: String,
     },
 }
@@ -289,7 +291,23 @@ pub struct ServerInfo {
 
 /// Longest string fields and lists accepted in a [`ServerInfo`].
 pub const MAX_NAME_LEN: usize = 256;
+/// Longest reason in a `Busy` or an `Error` (bytes): what a user reads, not a dump.
+pub const MAX_REASON_LEN: usize = 1024;
 pub const MAX_ADDRS: usize = 32;
+
+/// `reason` cut to [`MAX_REASON_LEN`] bytes on a character boundary, so that a peer
+/// accepts it.
+pub fn cut_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN - '…'.len_utf8();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
+}
 pub const MAX_ADDR_LEN: usize = 256;
 /// Most layers a model may declare (well above any real model).
 pub const MAX_BLOCK_COUNT: u32 = 4096;
@@ -429,6 +447,26 @@ mod tests {
         assert!(NextHop::check_list(&[hop(MAX_PEER_ID_BYTES + 1)], &[]).is_err());
         let many: Vec<NextHop> = (0..=MAX_FORWARD_HOPS).map(hop).collect();
         assert!(NextHop::check_list(&many, &[]).is_err());
+    }
+
+    #[test]
+    fn reasons_are_cut_to_what_peers_accept() {
+        assert_eq!(cut_reason("short".into()), "short");
+        let long = cut_reason("é".repeat(MAX_REASON_LEN));
+        assert!(
+            long.len() <= MAX_REASON_LEN && long.ends_with('…'),
+            "{}",
+            long.len()
+        );
+        let message = ServerMessage::Error {
+            kind: ErrorKind::Internal,
+            message: long,
+        };
+        assert!(decode::<ServerMessage>(&encode(&message).unwrap()).is_ok());
+        let message = ServerMessage::Busy {
+            reason: "x".repeat(MAX_REASON_LEN + 1),
+        };
+        assert!(decode::<ServerMessage>(&encode(&message).unwrap()).is_err());
     }
 
     #[test]

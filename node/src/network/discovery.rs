@@ -17,6 +17,8 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long connecting may take: a server behind NAT is reached through a relay
 /// and given a few seconds to hole-punch first.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
+/// Largest answer to a probe: an `Info` with every field at its limit is under 10 KiB.
+const MAX_ANSWER_BYTES: usize = 16 << 10;
 
 #[derive(Clone, Debug)]
 pub struct DiscoveredServer {
@@ -174,7 +176,7 @@ pub async fn probe_info(network: &Network, peer: PeerId) -> Option<(Answer, f64)
             .await
             .ok()?;
         let rtt = start.elapsed().as_secs_f64() * 1e3;
-        match read_message(&mut stream).await.ok()? {
+        match read_message(&mut stream, MAX_ANSWER_BYTES).await.ok()? {
             ServerMessage::Info(info) => answer = Some((Answer::Info(info), rtt)),
             ServerMessage::Busy { .. } => return Some((Answer::Busy, rtt)),
             _ => return None,

@@ -2,6 +2,9 @@
 //! the limit before anything is allocated, then one bounded bincode message.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use allmende_protocol::frame::{self, PREFIX_BYTES};
 use allmende_protocol::CodecError;
@@ -20,43 +23,121 @@ pub enum FrameIoError {
     TooLarge(#[from] frame::FrameError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// A frame longer than any message expected here.
+    #[error("a frame of {len} bytes where at most {max} are expected")]
+    Unexpected { len: usize, max: usize },
+    /// Frames being received already hold the node's budget for them.
+    #[error("no room for a frame of {0} bytes now: frames being received use the node's budget")]
+    OverBudget(usize),
 }
 
-/// Reads one message. A tensor's values are decoded straight from the frame's bytes
-/// (their one copy on the way in). A clean end of stream before a prefix is [`FrameIoError::Closed`].
-pub async fn read_message<T, S>(stream: &mut S) -> Result<T, FrameIoError>
+/// Reads one message of at most `max_bytes` (a peer's announced length beyond it is
+/// refused before anything is read). A tensor's values are decoded straight from the
+/// frame's bytes (their one copy on the way in). A clean end of stream before a prefix
+/// is [`FrameIoError::Closed`].
+pub async fn read_message<T, S>(stream: &mut S, max_bytes: usize) -> Result<T, FrameIoError>
 where
     T: DeserializeOwned,
     S: AsyncRead + Unpin,
 {
-    let mut prefix = [0u8; PREFIX_BYTES];
-    let mut filled = 0;
-    while filled < PREFIX_BYTES {
-        match stream.read(&mut prefix[filled..]).await? {
-            0 if filled == 0 => return Err(FrameIoError::Closed),
-            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-            n => filled += n,
+    let payload = FrameReader::new(max_bytes, None).read_frame(stream).await?;
+    Ok(allmende_protocol::decode(&payload)?)
+}
+
+/// Bytes of frames being received, shared by every stream that draws on it: what
+/// peers can make a node hold by sending frames slowly. A frame's buffer grows as its
+/// bytes arrive, each growth charged here, and is given back when the frame is read
+/// or abandoned.
+#[derive(Clone, Debug)]
+pub struct FrameBudget {
+    left: Arc<AtomicUsize>,
+}
+
+impl FrameBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            left: Arc::new(AtomicUsize::new(bytes)),
         }
     }
-    let len = frame::payload_len(prefix)?;
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await?;
-    Ok(allmende_protocol::decode(&payload)?)
+
+    /// Bytes not charged to any frame.
+    pub fn left(&self) -> usize {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(bytes)
+            })
+            .is_ok()
+    }
+}
+
+/// Bytes of a [`FrameBudget`] held by one frame's buffer.
+#[derive(Debug)]
+struct Charge {
+    budget: FrameBudget,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.left.fetch_add(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A frame's buffer is first this large (or the frame's length, if less), then doubles
+/// as bytes arrive: a prefix alone, which costs a peer four bytes, never makes the
+/// node allocate what it announces.
+const FIRST_CHUNK: usize = 64 << 10;
+
+/// One frame being read.
+#[derive(Debug)]
+struct Partial {
+    /// Announced payload length.
+    len: usize,
+    /// The buffer so far (zero-filled beyond `got`).
+    buf: Vec<u8>,
+    got: usize,
+    charge: Option<Charge>,
 }
 
 /// Reads messages from one stream, keeping its progress through a frame in itself
 /// rather than in the future: a read dropped half-way (by a `select!` whose other
 /// branch won) loses no bytes, and the next read goes on where it stopped. Each await
 /// is a single `read`, which consumes nothing unless it completes.
-#[derive(Default)]
+#[derive(Debug)]
 pub struct FrameReader {
+    max_bytes: usize,
+    budget: Option<FrameBudget>,
     prefix: [u8; PREFIX_BYTES],
     filled: usize,
-    /// The payload being read, once the prefix has been checked, and its bytes so far.
-    payload: Option<(Vec<u8>, usize)>,
+    /// When the current frame's first byte arrived.
+    started: Option<Instant>,
+    /// The payload being read, once the prefix has been checked.
+    payload: Option<Partial>,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::new(allmende_protocol::MAX_MESSAGE_BYTES, None)
+    }
 }
 
 impl FrameReader {
+    /// A reader of frames of at most `max_bytes`, their buffers charged to `budget`.
+    pub fn new(max_bytes: usize, budget: Option<FrameBudget>) -> Self {
+        Self {
+            max_bytes,
+            budget,
+            prefix: [0; PREFIX_BYTES],
+            filled: 0,
+            started: None,
+            payload: None,
+        }
+    }
+
     pub async fn read_message<T, S>(&mut self, stream: &mut S) -> Result<T, FrameIoError>
     where
         T: DeserializeOwned,
@@ -64,6 +145,13 @@ impl FrameReader {
     {
         let payload = self.read_frame(stream).await?;
         Ok(allmende_protocol::decode(&payload)?)
+    }
+
+    /// When the frame being read started arriving and how long it is (0 while only its
+    /// prefix is in), if one is.
+    pub fn in_progress(&self) -> Option<(Instant, usize)> {
+        let len = self.payload.as_ref().map_or(0, |p| p.len);
+        self.started.map(|at| (at, len))
     }
 
     /// Reads one frame's payload, undecoded: the caller decides where to decode it
@@ -76,26 +164,69 @@ impl FrameReader {
             match stream.read(&mut self.prefix[self.filled..]).await? {
                 0 if self.filled == 0 => return Err(FrameIoError::Closed),
                 0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-                n => self.filled += n,
+                n => {
+                    self.started.get_or_insert_with(Instant::now);
+                    self.filled += n;
+                }
             }
         }
-        let (payload, got) = match &mut self.payload {
-            Some(partial) => partial,
-            None => {
-                let len = frame::payload_len(self.prefix)?;
-                self.payload.insert((vec![0u8; len], 0))
+        if self.payload.is_none() {
+            let len = frame::payload_len(self.prefix)?;
+            if len > self.max_bytes {
+                return Err(FrameIoError::Unexpected {
+                    len,
+                    max: self.max_bytes,
+                });
             }
-        };
-        while *got < payload.len() {
-            match stream.read(&mut payload[*got..]).await? {
+            self.payload = Some(Partial {
+                len,
+                buf: Vec::new(),
+                got: 0,
+                charge: None,
+            });
+        }
+        let budget = self.budget.clone();
+        let partial = self.payload.as_mut().expect("set above");
+        while partial.got < partial.len {
+            if partial.got == partial.buf.len() {
+                grow(partial, budget.as_ref())?;
+            }
+            match stream.read(&mut partial.buf[partial.got..]).await? {
                 0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-                n => *got += n,
+                n => partial.got += n,
             }
         }
-        let (payload, _) = self.payload.take().unwrap_or_default();
+        let Partial { buf, .. } = self.payload.take().expect("set above");
         self.filled = 0;
-        Ok(payload)
+        self.started = None;
+        Ok(buf)
     }
+}
+
+/// Makes room for more of a frame's bytes: doubling, so that the copies add up to at
+/// most the frame's length. Growth past the first chunk is charged to `budget` before
+/// the memory is taken; the first chunk is not, so that small messages (every decode
+/// step) pass whoever holds the budget, costing at most one chunk per open stream.
+fn grow(partial: &mut Partial, budget: Option<&FrameBudget>) -> Result<(), FrameIoError> {
+    let size = partial.buf.len();
+    let new_size = (size * 2).max(FIRST_CHUNK).min(partial.len);
+    let more = new_size - size.max(FIRST_CHUNK).min(new_size);
+    if let (Some(budget), true) = (budget, more > 0) {
+        if !budget.take(more) {
+            return Err(FrameIoError::OverBudget(partial.len));
+        }
+        match &mut partial.charge {
+            Some(charge) => charge.bytes += more,
+            None => {
+                partial.charge = Some(Charge {
+                    budget: budget.clone(),
+                    bytes: more,
+                })
+            }
+        }
+    }
+    partial.buf.resize(new_size, 0);
+    Ok(())
 }
 
 /// Frames up to this size are decoded (and replies encoded) where they are handled;
@@ -204,8 +335,97 @@ mod tests {
         }
         assert_eq!(got, messages);
     }
-    use allmende_protocol::{ClientMessage, LayerRange};
+    use allmende_protocol::{ClientMessage, LayerRange, MAX_MESSAGE_BYTES as MAX};
     use futures::io::Cursor;
+
+    /// Hands out `bytes`, then has nothing more for now (a peer that stopped sending).
+    struct Stalled(Cursor<Vec<u8>>);
+
+    impl AsyncRead for Stalled {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            match Pin::new(&mut self.0).poll_read(cx, buf) {
+                Poll::Ready(Ok(0)) => Poll::Pending,
+                other => other,
+            }
+        }
+    }
+
+    /// A frame announcing `len` bytes, of which only `sent` arrive.
+    fn stalled_frame(len: u32, sent: usize) -> Stalled {
+        let mut bytes = len.to_le_bytes().to_vec();
+        bytes.extend(vec![7u8; sent]);
+        Stalled(Cursor::new(bytes))
+    }
+
+    #[test]
+    fn a_frames_buffer_grows_with_what_arrives_and_is_charged_to_the_budget() {
+        use futures::FutureExt;
+        let budget = FrameBudget::new(1 << 20);
+        let mut reader = FrameReader::new(MAX, Some(budget.clone()));
+        // 64 MiB announced, 10 bytes sent: one first chunk held (not charged), not
+        // 64 MiB.
+        let mut stream = stalled_frame(64 << 20, 10);
+        assert!(reader.read_frame(&mut stream).now_or_never().is_none());
+        assert_eq!(budget.left(), 1 << 20);
+        assert_eq!(reader.in_progress().map(|(_, len)| len), Some(64 << 20));
+        // 300 KB arrive: the buffer doubled up to 512 KiB, all but the first chunk
+        // charged.
+        let mut stream = stalled_frame(64 << 20, 300_000);
+        let mut second = FrameReader::new(MAX, Some(budget.clone()));
+        assert!(second.read_frame(&mut stream).now_or_never().is_none());
+        assert_eq!(budget.left(), (1 << 20) - (512 << 10) + FIRST_CHUNK);
+        // A third stream finds no room for its next growth...
+        let mut stream = stalled_frame(64 << 20, 600_000);
+        let mut third = FrameReader::new(MAX, Some(budget.clone()));
+        let err = third.read_frame(&mut stream).now_or_never().unwrap();
+        assert!(matches!(err, Err(FrameIoError::OverBudget(_))), "{err:?}");
+        // ...while a small message still passes.
+        let mut small = Cursor::new(allmende_protocol::encode_frame(&ClientMessage::Info).unwrap());
+        let m = FrameReader::new(MAX, Some(budget.clone()))
+            .read_message::<ClientMessage, _>(&mut small)
+            .now_or_never()
+            .unwrap();
+        assert_eq!(m.unwrap(), ClientMessage::Info);
+        // Dropped readers give their bytes back.
+        drop((reader, second, third));
+        assert_eq!(budget.left(), 1 << 20);
+    }
+
+    #[test]
+    fn a_complete_frame_gives_its_bytes_back() {
+        futures::executor::block_on(async {
+            let budget = FrameBudget::new(1 << 20);
+            let mut reader = FrameReader::new(MAX, Some(budget.clone()));
+            let payload = vec![1u8; 200_000];
+            let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
+            bytes.extend(&payload);
+            let got = reader.read_frame(&mut Cursor::new(bytes)).await.unwrap();
+            assert_eq!(got, payload);
+            assert_eq!(budget.left(), 1 << 20);
+            assert_eq!(reader.in_progress(), None);
+        });
+    }
+
+    #[test]
+    fn a_frame_longer_than_expected_is_refused_before_it_is_read() {
+        futures::executor::block_on(async {
+            let mut stream = stalled_frame(100_000, 0);
+            let err = read_message::<ClientMessage, _>(&mut stream, 4096)
+                .await
+                .unwrap_err();
+            assert!(matches!(
+                err,
+                FrameIoError::Unexpected {
+                    len: 100_000,
+                    max: 4096
+                }
+            ));
+        });
+    }
 
     #[test]
     fn round_trips_and_refuses_oversized_prefixes() {
@@ -218,17 +438,17 @@ mod tests {
                 .await
                 .unwrap();
             buf.set_position(0);
-            let m: ClientMessage = read_message(&mut buf).await.unwrap();
+            let m: ClientMessage = read_message(&mut buf, MAX).await.unwrap();
             assert_eq!(m, ClientMessage::Close { session: 3 });
-            let r: LayerRange = read_message(&mut buf).await.unwrap();
+            let r: LayerRange = read_message(&mut buf, MAX).await.unwrap();
             assert_eq!(r, LayerRange::new(1, 2));
             assert!(matches!(
-                read_message::<LayerRange, _>(&mut buf).await,
+                read_message::<LayerRange, _>(&mut buf, MAX).await,
                 Err(FrameIoError::Closed)
             ));
 
             let mut huge = Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
-            let err = read_message::<ClientMessage, _>(&mut huge)
+            let err = read_message::<ClientMessage, _>(&mut huge, MAX)
                 .await
                 .unwrap_err();
             assert!(matches!(err, FrameIoError::TooLarge(_)), "{err}");
@@ -239,7 +459,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(matches!(err, FrameIoError::Io(_)), "{err}");
-            let err = read_message::<ClientMessage, _>(&mut cut)
+            let err = read_message::<ClientMessage, _>(&mut cut, MAX)
                 .await
                 .unwrap_err();
             assert!(matches!(err, FrameIoError::Io(_)), "{err}");

@@ -28,10 +28,15 @@ use share::{FairShare, PeerGroup};
 
 use crate::metrics::Metrics;
 use crate::model::Shard;
+use crate::network::framing::FrameBudget;
 use crate::network::Network;
 
 /// How often freed session memory is handed back to the system.
 const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+/// Bytes that frames being received may hold at once, over every stream: four of the
+/// largest frames. Honest steps are far smaller (a 4,096-position prefill of a
+/// 4,096-wide model is 64 MiB only in f32), and frames arrive in full at once.
+const FRAME_BUDGET_BYTES: usize = 256 << 20;
 
 /// The kinds of slot a server shares among groups of peers.
 #[derive(Clone, Copy, Debug)]
@@ -116,6 +121,8 @@ pub struct ShardServer {
     draining: watch::Sender<bool>,
     /// Where peers reach this server, as its network last confirmed.
     addrs: std::sync::Mutex<Vec<String>>,
+    /// What frames being received may hold, over every stream.
+    pub frame_budget: FrameBudget,
 }
 
 impl ShardServer {
@@ -137,6 +144,7 @@ impl ShardServer {
             metrics,
             compute,
             kv_budget: Arc::new(Semaphore::new(kv_kib)),
+            frame_budget: FrameBudget::new(FRAME_BUDGET_BYTES),
             shares: std::sync::Mutex::new(Shares {
                 streams: FairShare::new(limits.max_sessions * 2 + 16),
                 sessions: FairShare::new(limits.max_sessions),

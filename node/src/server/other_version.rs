@@ -31,7 +31,7 @@ pub async fn refuse_previous_version(network: Network) {
 }
 
 async fn refuse(mut stream: Stream) {
-    let mut reader = FrameReader::default();
+    let mut reader = FrameReader::new(64 << 10, None);
     let first = reader.read_frame(&mut stream);
     if tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first)
         .await

@@ -68,7 +68,9 @@ impl RawClient {
 
 pub async fn ask(stream: &mut Stream, message: &ClientMessage<'_>) -> ServerMessage<'static> {
     write_message(stream, message).await.expect("request sent");
-    read_message(stream).await.expect("a reply")
+    read_message(stream, allmende_protocol::MAX_MESSAGE_BYTES)
+        .await
+        .expect("a reply")
 }
 
 /// Hidden states `[1, seq, width]` filled with `value`.
