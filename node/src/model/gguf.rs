@@ -203,7 +203,7 @@ fn header_error(path: &Path, error: HeaderError) -> ModelError {
         }
         error => ModelError::BadHeader {
             path: path.to_path_buf(),
-            source: error,
+            problem: error,
         },
     }
 }

@@ -39,10 +39,10 @@ pub enum ModelError {
     NotGguf(PathBuf),
     #[error("model file {path} is truncated: {detail}; download it again")]
     Truncated { path: PathBuf, detail: String },
-    #[error("model file {path} has a malformed GGUF header: {source}")]
+    #[error("model file {path} has a malformed GGUF header: {problem}")]
     BadHeader {
         path: PathBuf,
-        source: gguf_header::HeaderError,
+        problem: gguf_header::HeaderError,
     },
     #[error(
         "unsupported model architecture {name:?}: supported are {}",
