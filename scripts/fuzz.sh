@@ -31,8 +31,11 @@ bin="$target_dir/$(rustc -vV | sed -n 's/^host: //p')/release"
 for target in $(cargo fuzz list); do
     start=$(date +%s)
     mkdir -p "corpus/$target" "artifacts/$target"
+    # Committed seeds (valid inputs to mutate from) are read, never written to.
+    seeds=()
+    if [ -d "seeds/$target" ]; then seeds=("seeds/$target"); fi
     "$bin/$target" -runs="$runs" -max_len="$max_len" -malloc_limit_mb="$malloc_limit_mb" \
-        -rss_limit_mb=2048 -artifact_prefix="artifacts/$target/" "corpus/$target" \
+        -rss_limit_mb=2048 -artifact_prefix="artifacts/$target/" "corpus/$target" "${seeds[@]}" \
         2>fuzz-"$target".log \
         || { tail -n 40 fuzz-"$target".log >&2; exit 1; }
     echo "fuzz $target: $runs runs, no crash ($(( $(date +%s) - start )) s)"

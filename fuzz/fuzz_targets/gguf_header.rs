@@ -1,8 +1,11 @@
-//! The GGUF header reader: a model file from anywhere must give a model or an error.
+//! Whole GGUF files, as a model hub could serve them: the header, metadata and
+//! tensor table, the hyper-parameters read from them and the tokenizer built from
+//! them must give a model or an error, within the memory limit the fuzzer sets.
 #![no_main]
 
 use std::io::Write;
 
+use allmende_node::client::ModelTokenizer;
 use allmende_node::model::{GgufFile, ModelConfig};
 use libfuzzer_sys::fuzz_target;
 
@@ -20,7 +23,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     drop(file);
-    if let Ok(gguf) = GgufFile::open(&path) {
-        let _ = ModelConfig::from_gguf(&gguf);
+    let Ok(mut gguf) = GgufFile::open(&path) else { return };
+    let _ = ModelConfig::from_gguf(&gguf);
+    let _ = ModelTokenizer::from_gguf(&gguf);
+    // The tensor data the header points at (each inside the file, as the open
+    // checked), read as the loader reads it.
+    let names: Vec<String> = gguf.tensor_names().map(str::to_string).collect();
+    for name in names {
+        let _ = gguf.tensor(&name);
     }
 });

@@ -7,6 +7,25 @@ use super::gguf::GgufFile;
 use super::rope::{RopeSpec, Yarn};
 use super::ModelError;
 
+// Bounds on what a file may declare: each well past the largest open models (126
+// blocks, width 16384, feed-forward 53248, 128 heads of up to 256, 262144 tokens),
+// and small enough that the products computed from them (weights per layer, KV
+// sizes, cache lengths) fit in 64 bits with room to spare.
+const MAX_BLOCKS: usize = 4096;
+const MAX_WIDTH: usize = 1 << 17;
+const MAX_FEED_FORWARD: usize = 1 << 20;
+const MAX_HEADS: usize = 1024;
+const MAX_HEAD_SIZE: usize = 4096;
+const MAX_VOCAB: usize = 1 << 24;
+/// The RoPE tables are built for every position when a shard loads, so a context
+/// length is memory before any token is computed: 2^20 positions (eight times
+/// Llama 3's context) with 128-wide heads is 512 MiB of tables. A longer context
+/// would need tables built as positions are reached.
+const MAX_CONTEXT: usize = 1 << 20;
+/// Heads wider than 256 with the longest contexts would pass the bounds above but
+/// still ask for gigabytes of tables.
+const MAX_ROPE_TABLE_BYTES: u64 = 1 << 30;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub arch: &'static Architecture,
@@ -69,10 +88,17 @@ impl ModelConfig {
                 context_length = context_length.min(gguf.usize(&window)?);
             }
         }
-        let vocab_size = gguf
+        let embeddings = gguf
             .tensor_info("token_embd.weight")
-            .map(|info| info.shape.dims()[0])
             .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let vocab_size = match embeddings.shape.dims() {
+            &[vocab, _] => vocab,
+            dims => {
+                return Err(ModelError::BadConfig(format!(
+                    "tensor token_embd.weight has shape {dims:?}, not one row per token"
+                )))
+            }
+        };
         let config = Self {
             arch,
             block_count: gguf.usize(&key("block_count"))?,
@@ -94,9 +120,41 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// Refuses shapes the compute cannot handle, with the reason.
+    /// Refuses shapes the compute cannot handle, with the reason; and sizes past any
+    /// model's, so that no size computed from them overflows or asks for memory a
+    /// real model of that shape would not need.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |why: String| Err(ModelError::BadConfig(why));
+        let bounds = [
+            ("block_count", self.block_count, MAX_BLOCKS),
+            ("embedding_length", self.hidden_size, MAX_WIDTH),
+            (
+                "feed_forward_length",
+                self.feed_forward_size,
+                MAX_FEED_FORWARD,
+            ),
+            ("attention.head_count", self.head_count, MAX_HEADS),
+            ("attention.head_count_kv", self.head_count_kv, MAX_HEADS),
+            (
+                "attention.key_length (head size)",
+                self.head_dim,
+                MAX_HEAD_SIZE,
+            ),
+            ("context_length", self.context_length, MAX_CONTEXT),
+            (
+                "vocabulary (token_embd.weight rows)",
+                self.vocab_size,
+                MAX_VOCAB,
+            ),
+        ];
+        for (key, value, max) in bounds {
+            if value > max {
+                return bad(format!(
+                    "{}.{key} is {value}, more than this version's limit of {max}",
+                    self.arch.name
+                ));
+            }
+        }
         if self.block_count == 0 || self.hidden_size == 0 || self.head_count == 0 {
             return bad("block count, embedding length and head count must be positive".into());
         }
@@ -118,14 +176,25 @@ impl ModelConfig {
         if self.context_length == 0 {
             return bad("context length must be positive".into());
         }
+        // The RoPE tables hold a cosine and a sine per position and half head.
+        let rope_bytes = self.context_length as u64 * self.head_dim as u64 * 4;
+        if rope_bytes > MAX_ROPE_TABLE_BYTES {
+            return bad(format!(
+                "context length {} with head size {} needs {rope_bytes} bytes of RoPE \
+                 tables, more than this version's limit of {MAX_ROPE_TABLE_BYTES}",
+                self.context_length, self.head_dim
+            ));
+        }
         Ok(())
     }
 
+    /// Within the bounds `validate` holds, this product cannot overflow.
     pub fn kv_size(&self) -> usize {
         self.head_count_kv * self.head_dim
     }
 
     /// The width of all query heads together (the hidden size, except in Qwen 3).
+    /// Within the bounds `validate` holds, this product cannot overflow.
     pub fn q_size(&self) -> usize {
         self.head_count * self.head_dim
     }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 
+use super::gguf_header::{self, HeaderError};
 use super::{candle_message, ModelError};
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -37,8 +38,8 @@ impl GgufFile {
         }
         reader.rewind().map_err(io_err)?;
 
-        let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| header_error(path, &candle_message(&e)))?;
+        let content = gguf_header::read(&mut reader, gguf_header::HEADER_MEMORY_LIMIT)
+            .map_err(|e| header_error(path, e))?;
         check_tensor_extents(path, &content, file_len)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -182,27 +183,28 @@ fn check_tensor_extents(
     Ok(())
 }
 
-/// Maps candle's header errors onto ours, naming ggml types candle does not know.
-fn header_error(path: &Path, message: &str) -> ModelError {
-    if let Some(code) = message
-        .strip_prefix("unknown dtype for tensor ")
-        .and_then(|s| s.trim().parse::<u32>().ok())
-    {
-        return ModelError::UnsupportedTensorType {
-            tensor: None,
+/// Maps the header reader's errors onto the loader's: a file cut short is a
+/// truncated download, a type this version lacks is named as llama.cpp names it.
+fn header_error(path: &Path, error: HeaderError) -> ModelError {
+    match error {
+        HeaderError::TensorType { name, code } => ModelError::UnsupportedTensorType {
+            tensor: Some(name),
             dtype: ggml_type_name(code),
-        };
-    }
-    let lower = message.to_ascii_lowercase();
-    if lower.contains("eof") || lower.contains("fill whole buffer") || lower.contains("remaining") {
-        return ModelError::Truncated {
+        },
+        HeaderError::CutShort { .. } => ModelError::Truncated {
             path: path.to_path_buf(),
-            detail: format!("header is cut short ({message})"),
-        };
-    }
-    ModelError::BadHeader {
-        path: path.to_path_buf(),
-        detail: message.to_string(),
+            detail: format!("header is cut short: {error}"),
+        },
+        HeaderError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            ModelError::Truncated {
+                path: path.to_path_buf(),
+                detail: format!("header is cut short ({e})"),
+            }
+        }
+        error => ModelError::BadHeader {
+            path: path.to_path_buf(),
+            problem: error,
+        },
     }
 }
 

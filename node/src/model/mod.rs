@@ -11,6 +11,7 @@ mod attention;
 pub mod block;
 pub mod config;
 pub mod gguf;
+pub mod gguf_header;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model_id;
@@ -38,8 +39,11 @@ pub enum ModelError {
     NotGguf(PathBuf),
     #[error("model file {path} is truncated: {detail}; download it again")]
     Truncated { path: PathBuf, detail: String },
-    #[error("model file {path} has a malformed GGUF header: {detail}")]
-    BadHeader { path: PathBuf, detail: String },
+    #[error("model file {path} has a malformed GGUF header: {problem}")]
+    BadHeader {
+        path: PathBuf,
+        problem: gguf_header::HeaderError,
+    },
     #[error(
         "unsupported model architecture {name:?}: supported are {}",
         arch::names()

@@ -96,8 +96,11 @@ impl Rope {
             }
         }
         let theta_scale = libm::powf(freq_base, -2.0 / head_dim as f32);
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
+        let Some(table_len) = max_positions.checked_mul(half) else {
+            bail!("RoPE tables for {max_positions} positions of head size {head_dim} overflow");
+        };
+        let mut cos = Vec::with_capacity(table_len);
+        let mut sin = Vec::with_capacity(table_len);
         for pos in 0..max_positions {
             let mut theta = pos as f32;
             for i in 0..half {

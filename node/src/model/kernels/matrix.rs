@@ -108,7 +108,7 @@ impl<B: WeightBlock> Matrix<B> {
         let total_rows: usize = parts
             .iter()
             .map(|p| p.shape().dims2().map_or(0, |(r, _)| r))
-            .sum();
+            .fold(0, usize::saturating_add);
         let mut all_rows: Vec<&[u8]> = Vec::with_capacity(total_rows);
         let datas = parts.iter().map(|p| p.data()).collect::<Result<Vec<_>>>()?;
         for (part, bytes) in parts.iter().zip(&datas) {
@@ -116,7 +116,13 @@ impl<B: WeightBlock> Matrix<B> {
             if part_cols != cols {
                 bail!("stacked matrices must have equal row lengths");
             }
-            let expected = part_rows * cols / B::VALUES;
+            let expected = part_rows.checked_mul(cols).map(|n| n / B::VALUES);
+            let Some(expected) = expected.filter(|n| n.checked_mul(B::BYTES).is_some()) else {
+                bail!(
+                    "{:?} matrix of {part_rows} rows of {cols} overflows",
+                    B::DTYPE
+                );
+            };
             if bytes.len() != expected * B::BYTES {
                 bail!(
                     "{:?} tensor holds {} bytes, expected {} blocks",
@@ -127,7 +133,17 @@ impl<B: WeightBlock> Matrix<B> {
             }
             all_rows.extend(bytes.chunks_exact(cols / B::VALUES * B::BYTES));
         }
-        let mut blocks = Placing::new(all_rows.len().div_ceil(B::ROWS) * cols / B::VALUES);
+        // Every part's blocks were checked above; the padding to whole units is less
+        // than B::ROWS rows more.
+        let Some(block_count) = all_rows
+            .len()
+            .div_ceil(B::ROWS)
+            .checked_mul(cols)
+            .map(|n| n / B::VALUES)
+        else {
+            bail!("{:?} matrix of {} rows overflows", B::DTYPE, all_rows.len());
+        };
+        let mut blocks = Placing::new(block_count);
         let mut unit = Vec::with_capacity(cols / B::VALUES);
         for unit_row in all_rows.chunks(B::ROWS) {
             unit.clear();
