@@ -5,6 +5,7 @@
 
 pub mod attack;
 pub mod cgroup;
+pub mod http;
 pub mod raw;
 pub mod swarm;
 pub mod wan;
