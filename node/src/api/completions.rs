@@ -201,7 +201,16 @@ async fn respond(
     gateway.metrics.requests.inc();
     match stream {
         false => match run(&gateway, &job, permit, None).await {
-            Ok(outcome) => Json(full_response(&gateway, &job.header, &outcome)).into_response(),
+            // Log-probabilities make this answer ~21 entries per token: off the runtime.
+            Ok(outcome) => {
+                let building = tokio::task::spawn_blocking(move || {
+                    full_response(&gateway, &job.header, &outcome)
+                });
+                match building.await {
+                    Ok(response) => Json(response).into_response(),
+                    Err(e) => ApiError::internal(e.to_string()).into_response(),
+                }
+            }
             Err(e) => e.into_response(),
         },
         true => stream_response(gateway, job, permit).into_response(),
@@ -246,6 +255,10 @@ fn prepare(
     };
     if prompt_ids.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
+    }
+    if logprobs.is_some() {
+        // Decodes the vocabulary once, here off the runtime, for every later answer.
+        gateway.model.tokenizer.token_pieces();
     }
     let context = gateway.model.config.context_length;
     let max_tokens = common
@@ -481,7 +494,7 @@ fn completion_logprobs_from(
     tokens: &[TokenLogprob],
     offset: &mut usize,
 ) -> Value {
-    let piece = |id: u32| gateway.model.tokenizer.token_piece(id);
+    let piece = |id: u32| gateway.model.tokenizer.token_piece(id).to_string();
     let mut text_offset = Vec::with_capacity(tokens.len());
     let texts: Vec<String> = tokens
         .iter()

@@ -6,6 +6,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+/// Longest message an error carries, in characters: messages may quote what a server
+/// of the swarm said, which can be anything up to a whole frame.
+const MAX_MESSAGE_CHARS: usize = 512;
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -94,7 +98,7 @@ impl ApiError {
 
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {
-            "message": self.message,
+            "message": capped(&self.message),
             "type": self.kind,
             "param": self.param,
             "code": self.code,
@@ -111,5 +115,29 @@ impl IntoResponse for ApiError {
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
         }
         response
+    }
+}
+
+/// `message` cut to [`MAX_MESSAGE_CHARS`] characters, marked where it was cut.
+fn capped(message: &str) -> std::borrow::Cow<'_, str> {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        None => message.into(),
+        Some((end, _)) => format!("{}…", &message[..end]).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let long = "ä".repeat(100_000);
+        let body = ApiError::unavailable(long).body();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(message.ends_with('…'));
+        let short = ApiError::bad_request("short").body();
+        assert_eq!(short["error"]["message"], "short");
     }
 }

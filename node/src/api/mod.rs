@@ -8,6 +8,7 @@
 mod admission;
 mod completions;
 mod error;
+mod listener;
 mod stop;
 
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 pub use error::ApiError;
+pub use listener::DEFAULT_MAX_CONNECTIONS;
 
 use crate::client::connect::ModelTarget;
 use crate::client::ClientModel;
@@ -119,15 +121,20 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(v1)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(|request: Request, next: Next| {
+            listener::read_body_in_time(BODY_LIMIT, request, next)
+        }))
         .with_state(gateway)
 }
 
-/// Serves the API on `listener` until the process ends.
+/// Serves the API on `listener`, at most `max_connections` at once, until the
+/// process ends.
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: tokio::net::TcpListener,
+    max_connections: u32,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(gateway)).await
+    listener::serve(listener, router(gateway), max_connections).await
 }
 
 /// Binds the API address; refuses with a clear message when it is taken.

@@ -26,6 +26,10 @@ pub struct ApiArgs {
     /// Seconds a generation may look for other servers when one fails.
     #[arg(long, default_value_t = 20)]
     pub failover_timeout: u64,
+    /// HTTP connections the API keeps open at once; further clients wait to be
+    /// accepted. Lowered to half the process's open-files limit if that is smaller.
+    #[arg(long, default_value_t = api::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 }
 
 #[derive(Args, Debug)]
@@ -64,7 +68,7 @@ pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
         )?;
         println!("API and web page on http://{}", listener.local_addr()?);
         tokio::select! {
-            result = api::serve(gateway, listener) => result?,
+            result = api::serve(gateway, listener, args.api_args.max_connections) => result?,
             _ = tokio::signal::ctrl_c() => println!("stopped"),
         }
         Ok(())

@@ -258,9 +258,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         let client = join_swarm(&own, Joining::client()).await?;
         let gateway = build_gateway(&model_path, client, metrics, &args.api_args)?;
+        let max_connections = args.api_args.max_connections;
         println!("API and web page on http://{}", listener.local_addr()?);
         tokio::spawn(async move {
-            if let Err(e) = crate::api::serve(gateway, listener).await {
+            if let Err(e) = crate::api::serve(gateway, listener, max_connections).await {
                 tracing::error!("the API stopped: {e}");
             }
         });

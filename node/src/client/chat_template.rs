@@ -1,5 +1,13 @@
 //! Rendering a conversation with the model's own chat template (a Jinja template in
 //! the GGUF's `tokenizer.chat_template`), as Hugging Face's tokenizers do.
+//!
+//! The template is code from the model file, which anyone may have written: a render
+//! runs on a budget of instructions ([`FUEL_BASE`], [`FUEL_PER_MESSAGE`]) and of output
+//! bytes ([`output_limit`]), so a template that loops or writes without end fails
+//! with an error naming the template instead of holding a thread (and an API slot)
+//! forever.
+
+use std::io;
 
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -29,8 +37,72 @@ pub enum ChatTemplateError {
     Missing,
     #[error("the model's chat template failed: {0}")]
     Render(String),
+    #[error("the model's chat template ran out of its budget of {0} instructions for this conversation (a template that loops without end, or far too long)")]
+    OutOfFuel(u64),
+    #[error("the model's chat template wrote more than {0} bytes for this conversation (a template that writes without end)")]
+    TooLong(usize),
+    #[error("message {index} has the role {role:?}; this model's chat template takes {known}")]
+    Role {
+        index: usize,
+        role: String,
+        known: &'static str,
+    },
+    #[error("message {0}: the model's chat template changes its content, or renders differently because of it, so that control tokens' texts in it could not be kept as text")]
+    ContentNotKept(usize),
+    #[error("the model's chat template renders control tokens for this conversation that it does not render around placeholders; refused, as a message's text might have become one")]
+    ControlsChanged,
     #[error(transparent)]
     Tokenizer(#[from] crate::model::ModelError),
+}
+
+/// Instructions any render may take. Measured on the real templates of the supported
+/// families (Llama 3.x, Qwen 2.5 and 3, Phi-3.5, Mistral Nemo, SmolLM 3): 54 to 143
+/// instructions for a system and a user message, and 27 to 65 for each further
+/// message. The budget is over a hundred times that for short conversations and
+/// about forty times per message, and grows only with the messages a request brings
+/// (which the API's body limit bounds): a template that loops spends it in
+/// milliseconds and fails.
+pub const FUEL_BASE: u64 = 20_000;
+pub const FUEL_PER_MESSAGE: u64 = 2_500;
+
+/// Bytes of output any render may write beyond what its messages bring.
+const OUTPUT_BASE: usize = 1 << 20;
+
+/// The most output a render of `messages` may write: the real templates write each
+/// content once with a few dozen bytes around it; twice the contents leaves room for
+/// a template that repeats the system message.
+pub fn output_limit(messages: &[ChatMessage]) -> usize {
+    let contents: usize = messages
+        .iter()
+        .map(|m| m.content.len() + m.role.len())
+        .sum();
+    OUTPUT_BASE.saturating_add(contents.saturating_mul(2))
+}
+
+fn fuel(messages: &[ChatMessage]) -> u64 {
+    FUEL_BASE.saturating_add(FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64))
+}
+
+/// The render's output, refused past its limit.
+struct CappedOutput {
+    bytes: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.limit {
+            self.over = true;
+            return Err(io::Error::other("the output limit is reached"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Renders `messages` and, when `add_generation_prompt`, the opening of the
@@ -64,18 +136,31 @@ pub fn render(
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
-    let render_err = |e: Error| ChatTemplateError::Render(e.to_string());
-    env.add_template("chat", template).map_err(render_err)?;
-    env.get_template("chat")
-        .and_then(|t| {
-            t.render(context! {
+    let fuel = fuel(messages);
+    env.set_fuel(Some(fuel));
+    let mut out = CappedOutput {
+        bytes: Vec::new(),
+        limit: output_limit(messages),
+        over: false,
+    };
+    let rendered = env.add_template("chat", template).and_then(|()| {
+        env.get_template("chat")?.render_captured_to(
+            context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => bos_token,
                 eos_token => eos_token,
-            })
-        })
-        .map_err(render_err)
+            },
+            &mut out,
+        )
+    });
+    match rendered {
+        Ok(_) => String::from_utf8(out.bytes)
+            .map_err(|_| ChatTemplateError::Render("its output is not UTF-8".into())),
+        Err(_) if out.over => Err(ChatTemplateError::TooLong(out.limit)),
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(ChatTemplateError::OutOfFuel(fuel)),
+        Err(e) => Err(ChatTemplateError::Render(e.to_string())),
+    }
 }
 
 #[cfg(test)]

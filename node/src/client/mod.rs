@@ -2,6 +2,7 @@
 //! sampling, all kept in the user's own process, plus the generation loop that drives
 //! a [`Pipeline`] of layers (local shards now, remote servers later).
 
+pub mod chat_prompt;
 pub mod chat_template;
 pub mod connect;
 pub mod conversation;
@@ -61,56 +62,31 @@ impl ClientModel {
             .tokenizer
             .chat_template()
             .ok_or(chat_template::ChatTemplateError::Missing)?;
-        let text = |id: Option<u32>| {
-            id.and_then(|id| self.tokenizer.token_text(id))
-                .unwrap_or_default()
-        };
-        let bos = text(self.tokenizer.bos());
-        let eos = text(Some(self.tokenizer.eos()));
+        let (bos, eos) = self.special_texts();
         chat_template::render(template, messages, true, &bos, &eos)
     }
 
     /// The token ids of `messages` rendered with the model's chat template, ready to
-    /// complete, with control tokens' texts inside message contents read as text
-    /// ([`ModelTokenizer::encode_with_literals`]).
+    /// complete, with every message's content read as text: control tokens' texts in
+    /// it stay text ([`chat_prompt::prompt_ids`]).
     pub fn chat_prompt_ids(
         &self,
         messages: &[chat_template::ChatMessage],
     ) -> Result<Vec<u32>, chat_template::ChatTemplateError> {
-        let text = self.chat_prompt(messages)?;
-        let literal = self.content_ranges(&text, messages)?;
-        Ok(self.tokenizer.encode_with_literals(&text, &literal)?)
+        let template = self
+            .tokenizer
+            .chat_template()
+            .ok_or(chat_template::ChatTemplateError::Missing)?;
+        let (bos, eos) = self.special_texts();
+        chat_prompt::prompt_ids(&self.tokenizer, template, messages, &bos, &eos)
     }
 
-    /// Where each message's content (or, as templates often trim it, its trimmed
-    /// text) lies in the rendered `text`, in order. A content the template changed
-    /// otherwise cannot be located; that is refused only if it holds a control
-    /// token's text, which could then not be kept from acting as one.
-    fn content_ranges(
-        &self,
-        text: &str,
-        messages: &[chat_template::ChatMessage],
-    ) -> Result<Vec<std::ops::Range<usize>>, chat_template::ChatTemplateError> {
-        let mut ranges = Vec::with_capacity(messages.len());
-        let mut at = 0;
-        for (i, m) in messages.iter().enumerate() {
-            let found = [m.content.as_str(), m.content.trim()]
-                .into_iter()
-                .filter(|c| !c.is_empty())
-                .find_map(|c| text[at..].find(c).map(|p| at + p..at + p + c.len()));
-            match found {
-                Some(range) => {
-                    at = range.end;
-                    ranges.push(range);
-                }
-                None if self.tokenizer.has_control_text(&m.content)? => {
-                    return Err(chat_template::ChatTemplateError::Render(format!(
-                        "message {i} holds a control token's text, and the template changed the message so that it cannot be kept as text"
-                    )))
-                }
-                None => {}
-            }
-        }
-        Ok(ranges)
+    /// The texts of BOS and EOS, as templates write them.
+    fn special_texts(&self) -> (String, String) {
+        let text = |id: Option<u32>| {
+            id.and_then(|id| self.tokenizer.token_text(id))
+                .unwrap_or_default()
+        };
+        (text(self.tokenizer.bos()), text(Some(self.tokenizer.eos())))
     }
 }

@@ -6,6 +6,7 @@
 pub mod attack;
 pub mod cgroup;
 pub mod gguf_writer;
+pub mod http;
 pub mod raw;
 pub mod swarm;
 pub mod wan;

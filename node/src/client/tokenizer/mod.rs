@@ -46,6 +46,9 @@ pub struct ModelTokenizer {
     eos: u32,
     end_of_generation: Vec<u32>,
     chat_template: Option<String>,
+    /// Every token's text, decoded once on first use ([`Self::token_pieces`]): an
+    /// answer with log-probabilities names ~21 tokens per generated token.
+    pieces: std::sync::OnceLock<Vec<String>>,
 }
 
 /// `tokenizer.ggml.` keys this tokenizer applies, or that do not change what it does
@@ -199,6 +202,7 @@ impl ModelTokenizer {
                 .string("tokenizer.chat_template")
                 .ok()
                 .map(String::from),
+            pieces: std::sync::OnceLock::new(),
         })
     }
 
@@ -266,6 +270,11 @@ impl ModelTokenizer {
         Ok(ids.iter().any(|id| self.controls.binary_search(id).is_ok()))
     }
 
+    /// Whether `id` is a control or user-defined token.
+    pub fn is_control(&self, id: u32) -> bool {
+        self.controls.binary_search(&id).is_ok()
+    }
+
     fn with_bos(&self, body: Vec<u32>) -> Vec<u32> {
         match self.bos {
             Some(bos) if self.add_bos && body.first() != Some(&bos) => {
@@ -292,9 +301,22 @@ impl ModelTokenizer {
     }
 
     /// The text of one token, control tokens included (a token that holds part of a
-    /// character shows U+FFFD for it).
-    pub fn token_piece(&self, id: u32) -> String {
-        self.inner.decode(&[id], false).unwrap_or_default()
+    /// character shows U+FFFD for it); empty for an id past the vocabulary.
+    pub fn token_piece(&self, id: u32) -> &str {
+        self.token_pieces()
+            .get(id as usize)
+            .map_or("", String::as_str)
+    }
+
+    /// Every token's text ([`Self::token_piece`]), indexed by id. The first call
+    /// decodes the whole vocabulary (tens of milliseconds): make it off the async
+    /// runtime.
+    pub fn token_pieces(&self) -> &[String] {
+        self.pieces.get_or_init(|| {
+            (0..self.inner.get_vocab_size(true) as u32)
+                .map(|id| self.inner.decode(&[id], false).unwrap_or_default())
+                .collect()
+        })
     }
 
     /// The tokens that end a generation, in id order.
