@@ -19,6 +19,7 @@ use super::addresses::{PeerAddresses, PeerGroup};
 use super::behaviour::{Behaviour, BehaviourEvent, Services, KAD_PROTOCOL};
 use super::bootstrap::Bootstrap;
 use super::connectivity::Connectivity;
+use super::dialable::worth_dialling;
 use super::record_lookup::Newest;
 use super::{dht_store, keys, record, Command, NetworkError};
 
@@ -312,7 +313,10 @@ impl EventLoop {
                 self.notify_peer_waiters();
             }
             Command::AddAddresses(peer, addrs) => {
-                let addrs: Vec<Multiaddr> = addrs.iter().map(without_peer_id).collect();
+                let addrs: Vec<Multiaddr> = worth_dialling(&addrs, &self.listen_addrs)
+                    .iter()
+                    .map(without_peer_id)
+                    .collect();
                 for addr in &addrs {
                     self.swarm.add_peer_address(peer, addr.clone());
                 }

@@ -11,6 +11,7 @@ mod behaviour;
 mod bootstrap;
 mod connectivity;
 mod dht_store;
+pub mod dialable;
 pub mod discovery;
 mod event_loop;
 pub mod framing;
