@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
             hidden, forward, ..
         }) => {
             let _ = hidden.to_f32();
-            let _ = NextHop::check_list(&forward);
+            let _ = NextHop::check_list(&forward, &[&[7u8; 38]]);
         }
         Ok(ClientMessage::Replay { steps, .. }) => {
             for step in steps {

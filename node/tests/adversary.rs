@@ -171,3 +171,26 @@ async fn frames_sent_in_part_and_stalled_are_held_within_a_budget() {
     survived(&mut node, &cage, &before).await;
     drop(streams);
 }
+
+/// A frame trickled in on an idle stream holds its buffer for nothing: past its
+/// patience (10 s for a small frame) the stream is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_trickled_in_is_cut_off() {
+    let node = Node::start("0..30", None, &[]);
+    let attacker = RawClient::connect(&node).await;
+    let mut s = attacker.stream().await;
+    s.write_all(&1000u32.to_le_bytes()).await.unwrap();
+    s.write_all(&[1u8; 10]).await.unwrap();
+    s.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let end = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        futures::AsyncReadExt::read(&mut s, &mut byte),
+    )
+    .await
+    .expect("the stream stayed open past the frame's patience");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    let waited = started.elapsed();
+    assert!(waited.as_secs() >= 9, "closed after {waited:?}");
+}

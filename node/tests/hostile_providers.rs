@@ -230,6 +230,7 @@ async fn names_in_an_announcement_are_not_dialled() {
     // The announcing node leaves once its records are stored: only the records say
     // where it is.
     let fake = joined(&honest).await;
+    let fake_peer = fake.peer_id().to_string();
     let addr = format!("/dns4/localhost/tcp/{port}");
     announce(&fake, model(), vec![addr]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -244,6 +245,25 @@ async fn names_in_an_announcement_are_not_dialled() {
         .await
         .unwrap();
     assert_eq!(tokens, local);
+    // The announcement was read: `status` lists the server it names.
+    let bootstrap = honest.addr.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        json_of(&allmende(&[
+            "status",
+            "--bootstrap",
+            &bootstrap,
+            "--no-mdns",
+            "--json",
+        ]))
+    })
+    .await
+    .unwrap();
+    let listed = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["peer"] == fake_peer.as_str());
+    assert!(listed, "the announcement was never read: {status:#}");
     assert_eq!(
         dialled.load(Ordering::SeqCst),
         0,

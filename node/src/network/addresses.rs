@@ -47,6 +47,11 @@ impl PeerAddresses {
         self.lock().get(peer).copied()
     }
 
+    /// The addresses connected peers reach this node from.
+    pub(super) fn all(&self) -> Vec<IpAddr> {
+        self.lock().values().copied().collect()
+    }
+
     pub(super) fn connected(&self, peer: PeerId, remote: &Multiaddr) {
         if let Some(ip) = ip_of(remote) {
             self.lock().insert(peer, ip);

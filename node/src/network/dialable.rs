@@ -28,11 +28,13 @@ enum Scope {
 
 /// The announced addresses worth dialling, at most [`MAX_DIALLED_PER_ANNOUNCEMENT`]:
 /// those on the internet, and those of a local kind (loopback, a private LAN) only where
-/// this node itself has an address of that kind (`own`), as in a LAN swarm or tests on
-/// one machine. Names (`/dns`, `/dnsaddr`) are never taken from announcements: they
-/// would make this node resolve, and dial, whatever they point at.
-pub fn worth_dialling(announced: &[Multiaddr], own: &[Multiaddr]) -> Vec<Multiaddr> {
-    let own: Vec<Scope> = own.iter().filter_map(scope_of).collect();
+/// a peer this node is connected to reaches it from a network of that kind (`peers`,
+/// their addresses), as in a LAN swarm or tests on one machine. Not where this node
+/// merely listens: one listening on every interface has loopback and LAN addresses
+/// whether or not any peer is there. Names (`/dns`, `/dnsaddr`) are never taken from
+/// announcements: they would make this node resolve, and dial, whatever they point at.
+pub fn worth_dialling(announced: &[Multiaddr], peers: &[IpAddr]) -> Vec<Multiaddr> {
+    let own: Vec<Scope> = peers.iter().map(|ip| scope(*ip)).collect();
     announced
         .iter()
         .filter(|addr| match scope_of(addr) {
@@ -114,7 +116,8 @@ mod tests {
             "/ip6/2001:db8::1/udp/4001/quic-v1",
             "/ip4/0.0.0.0/tcp/4001",
         ]);
-        let on_the_internet = addrs(&["/ip4/203.0.113.9/tcp/4001"]);
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+        let on_the_internet = [ip("203.0.113.9")];
         assert_eq!(
             worth_dialling(&announced, &on_the_internet),
             addrs(&[
@@ -122,7 +125,7 @@ mod tests {
                 "/ip6/2001:db8::1/udp/4001/quic-v1"
             ])
         );
-        let on_a_lan = addrs(&["/ip4/127.0.0.1/tcp/4001", "/ip4/10.1.0.2/tcp/4001"]);
+        let on_a_lan = [ip("127.0.0.1"), ip("10.1.0.2")];
         assert_eq!(
             worth_dialling(&announced, &on_a_lan),
             addrs(&[
@@ -142,8 +145,8 @@ mod tests {
             "/ip4/198.18.1.2/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
             "/ip4/10.9.9.9/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
         ]);
-        let own = addrs(&["/ip4/203.0.113.9/tcp/4001"]);
-        assert_eq!(worth_dialling(&announced, &own), announced[2..3].to_vec());
+        let peers = ["203.0.113.9".parse().unwrap()];
+        assert_eq!(worth_dialling(&announced, &peers), announced[2..3].to_vec());
     }
 
     #[test]

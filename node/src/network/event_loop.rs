@@ -313,7 +313,7 @@ impl EventLoop {
                 self.notify_peer_waiters();
             }
             Command::AddAddresses(peer, addrs) => {
-                let addrs: Vec<Multiaddr> = worth_dialling(&addrs, &self.listen_addrs)
+                let addrs: Vec<Multiaddr> = worth_dialling(&addrs, &self.addresses.all())
                     .iter()
                     .map(without_peer_id)
                     .collect();

@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use allmende_protocol::frame::{self, PREFIX_BYTES};
 use allmende_protocol::CodecError;
@@ -26,9 +26,13 @@ pub enum FrameIoError {
     /// A frame longer than any message expected here.
     #[error("a frame of {len} bytes where at most {max} are expected")]
     Unexpected { len: usize, max: usize },
-    /// Frames being received already hold the node's budget for them.
+    /// Frames being received already hold the node's budget for them; this one was
+    /// read and thrown away.
     #[error("no room for a frame of {0} bytes now: frames being received use the node's budget")]
     OverBudget(usize),
+    /// A frame arrived slower than the reader's patience.
+    #[error("a frame of {0} bytes arrived too slowly")]
+    TooSlow(usize),
 }
 
 /// Reads one message of at most `max_bytes` (a peer's announced length beyond it is
@@ -101,6 +105,9 @@ struct Partial {
     buf: Vec<u8>,
     got: usize,
     charge: Option<Charge>,
+    /// The budget had no room for it: its bytes are read and thrown away, so that the
+    /// stream stays in step and the sender can be told `Busy`.
+    discarding: bool,
 }
 
 /// Reads messages from one stream, keeping its progress through a frame in itself
@@ -115,6 +122,8 @@ pub struct FrameReader {
     filled: usize,
     /// When the current frame's first byte arrived.
     started: Option<Instant>,
+    /// How long a frame of a given length may take to arrive, if limited.
+    patience: Option<fn(usize) -> Duration>,
     /// The payload being read, once the prefix has been checked.
     payload: Option<Partial>,
 }
@@ -134,8 +143,21 @@ impl FrameReader {
             prefix: [0; PREFIX_BYTES],
             filled: 0,
             started: None,
+            patience: None,
             payload: None,
         }
+    }
+
+    /// Gives each frame of `len` bytes `patience(len)` from its first byte to its last;
+    /// a slower one is [`FrameIoError::TooSlow`].
+    pub fn with_patience(mut self, patience: fn(usize) -> Duration) -> Self {
+        self.patience = Some(patience);
+        self
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let len = self.payload.as_ref().map_or(0, |p| p.len);
+        Some(self.started? + self.patience?(len))
     }
 
     pub async fn read_message<T, S>(&mut self, stream: &mut S) -> Result<T, FrameIoError>
@@ -155,13 +177,16 @@ impl FrameReader {
     }
 
     /// Reads one frame's payload, undecoded: the caller decides where to decode it
-    /// (a large one off the async runtime).
+    /// (a large one off the async runtime). A frame the budget has no room for is read
+    /// to its end and thrown away, then [`FrameIoError::OverBudget`]: the stream can go
+    /// on.
     pub async fn read_frame<S>(&mut self, stream: &mut S) -> Result<Vec<u8>, FrameIoError>
     where
         S: AsyncRead + Unpin,
     {
         while self.filled < PREFIX_BYTES {
-            match stream.read(&mut self.prefix[self.filled..]).await? {
+            let deadline = self.deadline();
+            match within(deadline, stream.read(&mut self.prefix[self.filled..])).await? {
                 0 if self.filled == 0 => return Err(FrameIoError::Closed),
                 0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
                 n => {
@@ -183,23 +208,59 @@ impl FrameReader {
                 buf: Vec::new(),
                 got: 0,
                 charge: None,
+                discarding: false,
             });
         }
+        let deadline = self.deadline();
         let budget = self.budget.clone();
         let partial = self.payload.as_mut().expect("set above");
+        let mut scratch = [0u8; 4096];
         while partial.got < partial.len {
-            if partial.got == partial.buf.len() {
-                grow(partial, budget.as_ref())?;
-            }
-            match stream.read(&mut partial.buf[partial.got..]).await? {
-                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-                n => partial.got += n,
+            let into = if partial.discarding {
+                let n = scratch.len().min(partial.len - partial.got);
+                &mut scratch[..n]
+            } else {
+                if partial.got == partial.buf.len() && grow(partial, budget.as_ref()).is_err() {
+                    partial.discarding = true;
+                    partial.buf = Vec::new();
+                    partial.charge = None;
+                    continue;
+                }
+                &mut partial.buf[partial.got..]
+            };
+            match within(deadline, stream.read(into)).await {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Ok(n) => partial.got += n,
+                Err(FrameIoError::TooSlow(_)) => return Err(FrameIoError::TooSlow(partial.len)),
+                Err(e) => return Err(e),
             }
         }
-        let Partial { buf, .. } = self.payload.take().expect("set above");
+        let Partial {
+            buf,
+            len,
+            discarding,
+            ..
+        } = self.payload.take().expect("set above");
         self.filled = 0;
         self.started = None;
-        Ok(buf)
+        match discarding {
+            true => Err(FrameIoError::OverBudget(len)),
+            false => Ok(buf),
+        }
+    }
+}
+
+/// `read`, cut off at `deadline` if there is one.
+async fn within<F>(deadline: Option<Instant>, read: F) -> Result<usize, FrameIoError>
+where
+    F: std::future::Future<Output = io::Result<usize>>,
+{
+    match deadline {
+        None => Ok(read.await?),
+        Some(at) => match tokio::time::timeout_at(at.into(), read).await {
+            Ok(read) => Ok(read?),
+            Err(_) => Err(FrameIoError::TooSlow(0)),
+        },
     }
 }
 
@@ -378,11 +439,12 @@ mod tests {
         let mut second = FrameReader::new(MAX, Some(budget.clone()));
         assert!(second.read_frame(&mut stream).now_or_never().is_none());
         assert_eq!(budget.left(), (1 << 20) - (512 << 10) + FIRST_CHUNK);
-        // A third stream finds no room for its next growth...
+        // A third stream finds no room for its next growth: its bytes are read and
+        // thrown away, holding nothing...
         let mut stream = stalled_frame(64 << 20, 600_000);
         let mut third = FrameReader::new(MAX, Some(budget.clone()));
-        let err = third.read_frame(&mut stream).now_or_never().unwrap();
-        assert!(matches!(err, Err(FrameIoError::OverBudget(_))), "{err:?}");
+        assert!(third.read_frame(&mut stream).now_or_never().is_none());
+        assert_eq!(budget.left(), (1 << 20) - (512 << 10) + FIRST_CHUNK);
         // ...while a small message still passes.
         let mut small = Cursor::new(allmende_protocol::encode_frame(&ClientMessage::Info).unwrap());
         let m = FrameReader::new(MAX, Some(budget.clone()))
@@ -393,6 +455,31 @@ mod tests {
         // Dropped readers give their bytes back.
         drop((reader, second, third));
         assert_eq!(budget.left(), 1 << 20);
+    }
+
+    #[test]
+    fn a_frame_with_no_room_is_read_to_its_end_and_the_stream_goes_on() {
+        futures::executor::block_on(async {
+            let budget = FrameBudget::new(100 << 10);
+            let mut reader = FrameReader::new(MAX, Some(budget.clone()));
+            let mut bytes = 500_000u32.to_le_bytes().to_vec();
+            bytes.extend(vec![3u8; 500_000]);
+            bytes.extend(allmende_protocol::encode_frame(&ClientMessage::Info).unwrap());
+            let mut stream = Cursor::new(bytes);
+            let err = reader.read_frame(&mut stream).await.unwrap_err();
+            assert!(matches!(err, FrameIoError::OverBudget(500_000)), "{err}");
+            assert_eq!(budget.left(), 100 << 10);
+            let next = reader.read_message::<ClientMessage, _>(&mut stream).await;
+            assert_eq!(next.unwrap(), ClientMessage::Info);
+        });
+    }
+
+    #[tokio::test]
+    async fn a_frame_slower_than_the_readers_patience_is_cut_off() {
+        let mut reader = FrameReader::new(MAX, None).with_patience(|_| Duration::from_millis(50));
+        let mut stream = stalled_frame(1000, 10);
+        let err = reader.read_frame(&mut stream).await.unwrap_err();
+        assert!(matches!(err, FrameIoError::TooSlow(1000)), "{err}");
     }
 
     #[test]

@@ -134,23 +134,15 @@ enum Woken {
     Frame(Result<Vec<u8>, FrameIoError>),
     Forwarded(ForwardedStep),
     Idle,
-    SlowFrame,
 }
 
 /// How long a frame of `len` bytes may take to arrive: a grace for the first bytes,
-/// then the slowest upload a donor's peer may have.
+/// then the slowest upload a donor's peer may have. A slower frame holds its buffer
+/// (and the node's frame budget) for nothing: its stream is closed.
 fn frame_patience(len: usize) -> Duration {
     const GRACE: Duration = Duration::from_secs(10);
     const SLOWEST_BYTES_PER_SEC: u64 = 256 << 10;
     GRACE + Duration::from_secs(len as u64 / SLOWEST_BYTES_PER_SEC)
-}
-
-/// Sleeps until `at`, or forever if there is no `at`.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// What a stream's task acts on next.
@@ -180,23 +172,18 @@ pub async fn serve_stream(
     let mut reader = FrameReader::new(
         allmende_protocol::MAX_MESSAGE_BYTES,
         Some(server.frame_budget.clone()),
-    );
+    )
+    .with_patience(frame_patience);
     let mut forwarder = Forwarder::default();
     // Only progress keeps a stream open: a session that opens or computes, not
     // messages that cost the server little and hold a slot (an `Info` every minute).
     let mut deadline = tokio::time::Instant::now() + server.limits.idle_timeout;
     loop {
-        // A frame that arrives slower than any honest link sends holds its buffer (and
-        // the node's frame budget) for nothing: the stream is closed.
-        let slow = reader
-            .in_progress()
-            .map(|(started, len)| tokio::time::Instant::from_std(started + frame_patience(len)));
         // The reader keeps a frame's progress when a forwarded step wins.
         let woken = tokio::select! {
             read = reader.read_frame(&mut stream) => Woken::Frame(read),
             Some(step) = next_forwarded(&mut session) => Woken::Forwarded(step),
             _ = tokio::time::sleep_until(deadline) => Woken::Idle,
-            _ = sleep_until_some(slow) => Woken::SlowFrame,
         };
         let input = match woken {
             // Decoded out of the select, so a large frame's decode (off the runtime)
@@ -205,12 +192,6 @@ pub async fn serve_stream(
             Woken::Frame(Err(e)) => Input::Client(Err(e)),
             Woken::Forwarded(step) => Input::Forwarded(step),
             Woken::Idle => Input::Idle,
-            Woken::SlowFrame => {
-                let len = reader.in_progress().map_or(0, |(_, len)| len);
-                tracing::debug!(%peer, "a frame of {len} bytes arrives too slowly; closing");
-                server.metrics.slow_frames.inc();
-                break;
-            }
         };
         let mut out = Outputs {
             server: &server,
@@ -230,10 +211,21 @@ pub async fn serve_stream(
                 break;
             }
             Input::Client(Err(FrameIoError::OverBudget(len))) => {
-                // Not this peer's fault: frames from others fill the budget.
+                // Not this peer's fault: frames from others fill the budget. The frame
+                // was read to its end, so the stream (and its session) goes on.
                 tracing::debug!(%peer, "no room for a frame of {len} bytes");
                 let reason = "frames being received fill this server's budget".to_string();
-                let _ = write_message(&mut stream, &ServerMessage::Busy { reason }).await;
+                if write_message(&mut stream, &ServerMessage::Busy { reason })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            Input::Client(Err(FrameIoError::TooSlow(len))) => {
+                tracing::debug!(%peer, "a frame of {len} bytes arrived too slowly; closing");
+                server.metrics.slow_frames.inc();
                 break;
             }
             Input::Client(Err(e)) => {
