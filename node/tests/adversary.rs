@@ -130,8 +130,8 @@ async fn a_prompt_longer_than_a_servers_step_limit_is_sent_in_steps() {
 
 /// A frame's buffer grows with the bytes that arrive, charged to the node's budget for
 /// frames in flight: peers that announce the largest frames and send most of them, then
-/// stall, get `Busy` once that budget is held, instead of making the node hold every
-/// frame they started.
+/// stall, get `Busy` once that budget is held (their frames read and thrown away),
+/// instead of making the node hold every frame they started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_sent_in_part_and_stalled_are_held_within_a_budget() {
     let cage = MemoryCage::new(BUDGET);
@@ -159,15 +159,16 @@ async fn frames_sent_in_part_and_stalled_are_held_within_a_budget() {
         }
         s.flush().await
     });
-    let sent = futures::future::join_all(sends).await;
-    let refused = sent.iter().filter(|r| r.is_err()).count();
+    futures::future::join_all(sends).await;
+    // Held in full, the frames would take 24 × 48 MiB, past the node's budget: the node
+    // holds at most its frame budget of them (the rest are read and thrown away).
+    let peak = cage.peak();
     eprintln!(
-        "{} of {} stalled frames refused; peak {} MiB",
-        refused,
-        streams.len(),
-        cage.peak() >> 20
+        "peak {} MiB with {} stalled frames",
+        peak >> 20,
+        streams.len()
     );
-    assert!(refused > 0, "every stalled frame was held");
+    assert!(peak < 640 << 20, "peak {} MiB", peak >> 20);
     survived(&mut node, &cage, &before).await;
     drop(streams);
 }
