@@ -51,10 +51,10 @@ fn model() -> ModelId {
         .unwrap()
 }
 
-/// Announces `network` as a server of every layer of `model` at `addrs`, claiming to be
-/// very fast so that clients try it.
-async fn announce(network: &Network, model: ModelId, addrs: Vec<String>) {
-    let info = ServerInfo {
+/// A server of every layer of `model` at `addrs`, claiming to be very fast so that
+/// clients try it.
+fn hostile_info(model: ModelId, addrs: Vec<String>) -> ServerInfo {
+    ServerInfo {
         model,
         model_name: "hostile".into(),
         block_count: 30,
@@ -65,8 +65,14 @@ async fn announce(network: &Network, model: ModelId, addrs: Vec<String>) {
         max_sessions: 8,
         addrs,
         draining: false,
-    };
-    let value = network.sign_announcement(&info).unwrap();
+    }
+}
+
+/// Announces `network` as [`hostile_info`].
+async fn announce(network: &Network, model: ModelId, addrs: Vec<String>) {
+    let value = network
+        .sign_announcement(&hostile_info(model, addrs))
+        .unwrap();
     network
         .put_record(
             server_key(&network.peer_id()),
@@ -108,18 +114,7 @@ async fn answer(mut stream: libp2p::Stream, reply: Reply, opens: Arc<AtomicUsize
         match message {
             ClientMessage::Info => {
                 // A valid answer: the client should find the server usable.
-                let info = ServerMessage::Info(ServerInfo {
-                    model: model(),
-                    model_name: "hostile".into(),
-                    block_count: 30,
-                    range: LayerRange::new(0, 30),
-                    protocol_version: PROTOCOL_VERSION,
-                    throughput: 10_000.0,
-                    free_sessions: 8,
-                    max_sessions: 8,
-                    addrs: vec![],
-                    draining: false,
-                });
+                let info = ServerMessage::Info(hostile_info(model(), vec![]));
                 if write_message(&mut stream, &info).await.is_err() {
                     return;
                 }

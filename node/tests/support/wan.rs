@@ -225,22 +225,19 @@ pub fn report_of(out: &Output) -> serde_json::Value {
 
 /// The path kind of each hop of a generation's route.
 pub fn paths_of(report: &serde_json::Value) -> Vec<(String, String)> {
-    report["route"]
-        .as_array()
-        .expect("a route")
-        .iter()
-        .map(|hop| {
-            (
-                hop["peer"].as_str().unwrap().to_string(),
-                hop["path"].as_str().unwrap_or("none").to_string(),
-            )
-        })
-        .collect()
+    hops(report, |hop| &hop["path"])
 }
 
 /// Each hop's peer and the path its server forwarded to the next one over ("none"
 /// for the last hop).
 pub fn forward_paths_of(report: &serde_json::Value) -> Vec<(String, String)> {
+    hops(report, |hop| &hop["forwards_to_next"]["path"])
+}
+
+fn hops(
+    report: &serde_json::Value,
+    path: impl Fn(&serde_json::Value) -> &serde_json::Value,
+) -> Vec<(String, String)> {
     report["route"]
         .as_array()
         .expect("a route")
@@ -248,10 +245,7 @@ pub fn forward_paths_of(report: &serde_json::Value) -> Vec<(String, String)> {
         .map(|hop| {
             (
                 hop["peer"].as_str().unwrap().to_string(),
-                hop["forwards_to_next"]["path"]
-                    .as_str()
-                    .unwrap_or("none")
-                    .to_string(),
+                path(hop).as_str().unwrap_or("none").to_string(),
             )
         })
         .collect()
