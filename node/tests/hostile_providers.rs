@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use allmende_node::network::framing::{write_message, FrameReader};
 use allmende_node::network::keys::{model_key, server_key};
-use allmende_node::network::{Network, NetworkConfig, Services};
+use allmende_node::network::Network;
 use allmende_protocol::inference::PROTOCOL_VERSION;
 use allmende_protocol::{ClientMessage, LayerRange, ModelId, ServerInfo, ServerMessage};
 use futures::{AsyncWriteExt, StreamExt};
@@ -24,26 +24,8 @@ const PROMPT: &str = "The capital of France is";
 
 /// A DHT-server node joining at `honest`, listening on loopback.
 async fn joined(honest: &Node) -> Network {
-    let network = Network::start(NetworkConfig {
-        keypair: libp2p::identity::Keypair::generate_ed25519(),
-        swarm_key: None,
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap: vec![honest.addr.parse().unwrap()],
-        dht_server: true,
-        services: Services {
-            mdns: false,
-            relay: None,
-            upnp: false,
-        },
-        external: vec![],
-    })
-    .await
-    .unwrap();
-    network
-        .wait_for_peers(Duration::from_secs(10), "the honest node")
-        .await
-        .unwrap();
-    network
+    let listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    support::raw::joined(honest, listen, true).await
 }
 
 fn model() -> ModelId {

@@ -36,11 +36,7 @@ pub fn prompt_ids(
     check_roles(template, messages)?;
     let real = render(template, messages, true, bos, eos)?;
     let markers = Markers::new(template, messages);
-    let marked: Vec<ChatMessage> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| ChatMessage::new(m.role.clone(), markers.of(i)))
-        .collect();
+    let marked = markers.in_place_of(messages);
     let skeleton = render(template, &marked, true, bos, eos)?;
     let located = markers
         .split(&skeleton, messages.len())
@@ -90,6 +86,15 @@ impl Markers {
                 return Self { key };
             }
         }
+    }
+
+    /// `messages` with each content replaced by its marker.
+    fn in_place_of(&self, messages: &[ChatMessage]) -> Vec<ChatMessage> {
+        messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage::new(m.role.clone(), self.of(i)))
+            .collect()
     }
 
     fn of(&self, index: usize) -> String {
@@ -205,11 +210,7 @@ mod tests {
     fn ranges(template: &str, messages: &[ChatMessage]) -> Option<Vec<Range<usize>>> {
         let real = render(template, messages, true, "", "").unwrap();
         let markers = Markers::new(template, messages);
-        let marked: Vec<ChatMessage> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| ChatMessage::new(m.role.clone(), markers.of(i)))
-            .collect();
+        let marked = markers.in_place_of(messages);
         let skeleton = render(template, &marked, true, "", "").unwrap();
         let (pieces, order) = markers.split(&skeleton, messages.len())?;
         locate(&real, &pieces, &order, messages).inspect(|r| {

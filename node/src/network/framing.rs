@@ -212,7 +212,7 @@ impl FrameReader {
             });
         }
         let deadline = self.deadline();
-        let budget = self.budget.clone();
+        let budget = self.budget.as_ref();
         let partial = self.payload.as_mut().expect("set above");
         let mut scratch = [0u8; 4096];
         while partial.got < partial.len {
@@ -220,7 +220,7 @@ impl FrameReader {
                 let n = scratch.len().min(partial.len - partial.got);
                 &mut scratch[..n]
             } else {
-                if partial.got == partial.buf.len() && grow(partial, budget.as_ref()).is_err() {
+                if partial.got == partial.buf.len() && grow(partial, budget).is_err() {
                     partial.discarding = true;
                     partial.buf = Vec::new();
                     partial.charge = None;

@@ -175,6 +175,7 @@ pub async fn serve_stream(
     )
     .with_patience(frame_patience);
     let mut forwarder = Forwarder::default();
+    let (me, them) = (network.peer_id().to_bytes(), peer.to_bytes());
     // Only progress keeps a stream open: a session that opens or computes, not
     // messages that cost the server little and hold a slot (an `Info` every minute).
     let mut deadline = tokio::time::Instant::now() + server.limits.idle_timeout;
@@ -198,6 +199,8 @@ pub async fn serve_stream(
             network: &network,
             forwarder: &mut forwarder,
             group,
+            me: &me,
+            them: &them,
         };
         let next = match input {
             Input::Idle => {
@@ -309,6 +312,9 @@ struct Outputs<'a> {
     forwarder: &'a mut Forwarder,
     /// Whose fair share the stream's session and compute count in.
     group: PeerGroup,
+    /// This server's and the stream's peer's ids, as lists of hops name them.
+    me: &'a [u8],
+    them: &'a [u8],
 }
 
 impl Outputs<'_> {
@@ -459,8 +465,7 @@ impl Outputs<'_> {
         step: ForwardedStep,
     ) -> Next {
         let server = self.server;
-        let (me, sender) = (self.network.peer_id().to_bytes(), peer.to_bytes());
-        let undelivered = match NextHop::check_list(&step.forward, &[&me, &sender]) {
+        let undelivered = match NextHop::check_list(&step.forward, &[self.me, self.them]) {
             Ok(()) => match server.inboxes.deliver(id, &peer, proof, step) {
                 Ok(()) => return Next::Delivered,
                 Err(undelivered) => undelivered,
@@ -506,8 +511,7 @@ impl Outputs<'_> {
         hidden: WireTensor<'_>,
         forward: Vec<NextHop>,
     ) -> Result<Reply, Refusal> {
-        let me = self.network.peer_id().to_bytes();
-        NextHop::check_list(&forward, &[&me]).map_err(|e| (ErrorKind::BadRequest, e))?;
+        NextHop::check_list(&forward, &[self.me]).map_err(|e| (ErrorKind::BadRequest, e))?;
         let mut reply = run(self.server, self.group, session, step, vec![hidden]).await?;
         if let (
             Reply::Hidden {

@@ -10,6 +10,30 @@ use libp2p::{PeerId, Stream};
 
 use super::swarm::Node;
 
+/// A node joined to the swarm at `node`, listening on `listen`, once it has a peer.
+pub async fn joined(node: &Node, listen: Vec<libp2p::Multiaddr>, dht_server: bool) -> Network {
+    let network = Network::start(NetworkConfig {
+        keypair: libp2p::identity::Keypair::generate_ed25519(),
+        swarm_key: None,
+        listen,
+        bootstrap: vec![node.addr.parse().unwrap()],
+        dht_server,
+        services: allmende_node::network::Services {
+            mdns: false,
+            relay: None,
+            upnp: false,
+        },
+        external: vec![],
+    })
+    .await
+    .unwrap();
+    network
+        .wait_for_peers(Duration::from_secs(10), "node")
+        .await
+        .unwrap();
+    network
+}
+
 pub struct RawClient {
     pub network: Network,
     pub peer: PeerId,
@@ -22,25 +46,7 @@ impl RawClient {
         let model =
             allmende_node::model::model_id(&super::model_path(), &indicatif::ProgressBar::hidden())
                 .unwrap();
-        let network = Network::start(NetworkConfig {
-            keypair: libp2p::identity::Keypair::generate_ed25519(),
-            swarm_key: None,
-            listen: vec![],
-            bootstrap: vec![node.addr.parse().unwrap()],
-            dht_server: false,
-            services: allmende_node::network::Services {
-                mdns: false,
-                relay: None,
-                upnp: false,
-            },
-            external: vec![],
-        })
-        .await
-        .unwrap();
-        network
-            .wait_for_peers(Duration::from_secs(10), "node")
-            .await
-            .unwrap();
+        let network = joined(node, vec![], false).await;
         RawClient {
             network,
             peer: node.peer_id.parse().unwrap(),
