@@ -173,6 +173,66 @@ async fn frames_sent_in_part_and_stalled_are_held_within_a_budget() {
     drop(streams);
 }
 
+/// One address sending frames slowly holds at most its share of the frame budget: a
+/// long prompt from another peer is still taken while it holds all it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_the_frame_budget() {
+    let cage = MemoryCage::new(BUDGET);
+    let mut node = Node::start_caged(&cage, "0..30", &["--max-sessions", "48"]);
+    let before = honest_tokens(&node.addr).await;
+
+    // 16 frames of 32 MiB each, sent in part: twice the node's whole frame budget.
+    const SENT: usize = 32 << 20;
+    let attacker = RawClient::connect(&node).await;
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        streams.push(attacker.stream().await);
+    }
+    let chunk = vec![0x5au8; 1 << 20];
+    let sends = streams.iter_mut().map(|s| async {
+        s.write_all(&(MAX_MESSAGE_BYTES as u32).to_le_bytes())
+            .await?;
+        for _ in 0..SENT / chunk.len() {
+            s.write_all(&chunk).await?;
+        }
+        s.flush().await
+    });
+    futures::future::join_all(sends).await;
+
+    // A prompt of a few hundred tokens: its prefill is a frame of hundreds of KB.
+    let prompt = "The capital of France is Paris, and the capital of Italy is Rome. ".repeat(24);
+    let addr = node.addr.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        allmende(&[
+            "generate",
+            "--bootstrap",
+            &addr,
+            "--no-mdns",
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_of(&out);
+    assert!(
+        report["prompt_token_ids"].as_array().unwrap().len() > 300,
+        "{report:#}"
+    );
+    assert_eq!(ids(&report).len(), 4, "{report:#}");
+    survived(&mut node, &cage, &before).await;
+    drop(streams);
+}
+
 /// A frame trickled in on an idle stream holds its buffer for nothing: past its
 /// patience (10 s for a small frame) the stream is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use allmende_protocol::{ClientMessage, LayerRange, ServerMessage};
+use allmende_node::network::framing::{read_message, write_message};
+use allmende_node::network::PREVIOUS_INFERENCE_PROTOCOL;
+use allmende_protocol::inference::{PREVIOUS_PROTOCOL_NAME, PROTOCOL_NAME};
+use allmende_protocol::{ClientMessage, ErrorKind, LayerRange, ServerMessage};
 use support::raw::{ask, hidden, RawClient};
 use support::swarm::{allmende, ids, json_of, wait_for_status, Node};
 
@@ -40,6 +43,34 @@ async fn a_full_node_says_busy_and_the_client_uses_another_replica() {
     let report = json_of(&out);
     assert_eq!(ids(&report).len(), 4);
     assert_eq!(report["route"][0]["peer"], spare.peer_id.as_str());
+}
+
+/// A node of the previous version opens a session the way it knows: it is told which
+/// version each side speaks, not left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_the_previous_version_is_told_both_versions() {
+    let node = Node::start("0..30", None, &[]);
+    let client = RawClient::connect(&node).await;
+    let mut stream = client
+        .network
+        .open_stream_of(client.peer, PREVIOUS_INFERENCE_PROTOCOL)
+        .await
+        .expect("the previous version's streams are accepted");
+    write_message(&mut stream, &ClientMessage::Info)
+        .await
+        .unwrap();
+    let reply = read_message(&mut stream, allmende_protocol::MAX_MESSAGE_BYTES).await;
+    match reply {
+        Ok(ServerMessage::Error {
+            kind: ErrorKind::BadRequest,
+            message,
+        }) => {
+            assert!(message.contains(PROTOCOL_NAME), "{message}");
+            assert!(message.contains(PREVIOUS_PROTOCOL_NAME), "{message}");
+            assert!(message.contains("upgrade"), "{message}");
+        }
+        other => panic!("expected an error naming both versions, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,14 +2,14 @@
 //! the limit before anything is allocated, then one bounded bincode message.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allmende_protocol::frame::{self, PREFIX_BYTES};
 use allmende_protocol::CodecError;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::{de::DeserializeOwned, Serialize};
+
+pub use super::frame_budget::FrameBudget;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,36 +48,6 @@ where
     Ok(allmende_protocol::decode(&payload)?)
 }
 
-/// Bytes of frames being received, shared by every stream that draws on it: what
-/// peers can make a node hold by sending frames slowly. A frame's buffer grows as its
-/// bytes arrive, each growth charged here, and is given back when the frame is read
-/// or abandoned.
-#[derive(Clone, Debug)]
-pub struct FrameBudget {
-    left: Arc<AtomicUsize>,
-}
-
-impl FrameBudget {
-    pub fn new(bytes: usize) -> Self {
-        Self {
-            left: Arc::new(AtomicUsize::new(bytes)),
-        }
-    }
-
-    /// Bytes not charged to any frame.
-    pub fn left(&self) -> usize {
-        self.left.load(Ordering::Relaxed)
-    }
-
-    fn take(&self, bytes: usize) -> bool {
-        self.left
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                left.checked_sub(bytes)
-            })
-            .is_ok()
-    }
-}
-
 /// Bytes of a [`FrameBudget`] held by one frame's buffer.
 #[derive(Debug)]
 struct Charge {
@@ -87,7 +57,7 @@ struct Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.budget.left.fetch_add(self.bytes, Ordering::AcqRel);
+        self.budget.give_back(self.bytes);
     }
 }
 
@@ -425,7 +395,7 @@ mod tests {
     #[test]
     fn a_frames_buffer_grows_with_what_arrives_and_is_charged_to_the_budget() {
         use futures::FutureExt;
-        let budget = FrameBudget::new(1 << 20);
+        let budget = FrameBudget::new(1 << 20, 1 << 20);
         let mut reader = FrameReader::new(MAX, Some(budget.clone()));
         // 64 MiB announced, 10 bytes sent: one first chunk held (not charged), not
         // 64 MiB.
@@ -460,7 +430,7 @@ mod tests {
     #[test]
     fn a_frame_with_no_room_is_read_to_its_end_and_the_stream_goes_on() {
         futures::executor::block_on(async {
-            let budget = FrameBudget::new(100 << 10);
+            let budget = FrameBudget::new(100 << 10, 100 << 10);
             let mut reader = FrameReader::new(MAX, Some(budget.clone()));
             let mut bytes = 500_000u32.to_le_bytes().to_vec();
             bytes.extend(vec![3u8; 500_000]);
@@ -485,7 +455,7 @@ mod tests {
     #[test]
     fn a_complete_frame_gives_its_bytes_back() {
         futures::executor::block_on(async {
-            let budget = FrameBudget::new(1 << 20);
+            let budget = FrameBudget::new(1 << 20, 1 << 20);
             let mut reader = FrameReader::new(MAX, Some(budget.clone()));
             let payload = vec![1u8; 200_000];
             let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();

@@ -14,6 +14,7 @@ mod dht_store;
 pub mod dialable;
 pub mod discovery;
 mod event_loop;
+mod frame_budget;
 pub mod framing;
 pub mod identity;
 pub mod keys;
@@ -230,12 +231,21 @@ impl Network {
     /// only way to `peer` is a relay, it first gives hole punching a few seconds to
     /// find a direct path, so sessions do not start on a connection about to go.
     pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetworkError> {
+        self.open_stream_of(peer, INFERENCE_PROTOCOL).await
+    }
+
+    /// Like [`Network::open_stream`], for `protocol` (another version of it, say).
+    pub async fn open_stream_of(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p::Stream, NetworkError> {
         self.ask(|tx| Command::Settle(peer, tx))
             .await?
             .map_err(|reason| NetworkError::OpenStream { peer, reason })?;
         self.control
             .clone()
-            .open_stream(peer, INFERENCE_PROTOCOL)
+            .open_stream(peer, protocol)
             .await
             .map_err(|e| NetworkError::OpenStream {
                 peer,

@@ -37,6 +37,8 @@ const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
 /// largest frames. Honest steps are far smaller (a 4,096-position prefill of a
 /// 4,096-wide model is 64 MiB only in f32), and frames arrive in full at once.
 const FRAME_BUDGET_BYTES: usize = 256 << 20;
+/// What one group of senders (an address) may hold of it: one of the largest frames.
+const FRAME_BUDGET_PER_GROUP: usize = FRAME_BUDGET_BYTES / 4;
 
 /// The kinds of slot a server shares among groups of peers.
 #[derive(Clone, Copy, Debug)]
@@ -144,7 +146,7 @@ impl ShardServer {
             metrics,
             compute,
             kv_budget: Arc::new(Semaphore::new(kv_kib)),
-            frame_budget: FrameBudget::new(FRAME_BUDGET_BYTES),
+            frame_budget: FrameBudget::new(FRAME_BUDGET_BYTES, FRAME_BUDGET_PER_GROUP),
             shares: std::sync::Mutex::new(Shares {
                 streams: FairShare::new(limits.max_sessions * 2 + 16),
                 sessions: FairShare::new(limits.max_sessions),

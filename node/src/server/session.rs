@@ -171,7 +171,7 @@ pub async fn serve_stream(
     let mut session: Option<OpenSession> = None;
     let mut reader = FrameReader::new(
         allmende_protocol::MAX_MESSAGE_BYTES,
-        Some(server.frame_budget.clone()),
+        Some(server.frame_budget.for_group(group)),
     )
     .with_patience(frame_patience);
     let mut forwarder = Forwarder::default();
