@@ -539,6 +539,7 @@ async fn a_forward_list_that_loops_back_is_refused() {
             peer: me.clone(),
             session: second_id,
             proof: forward_proof(&second_token, &me, second_id, 1, 0),
+            addrs: vec![],
         }],
         hidden: hidden(1, 576, 0.1),
     };

@@ -73,6 +73,8 @@ pub type SessionToken = [u8; TOKEN_BYTES];
 pub const MAX_FORWARD_HOPS: usize = 64;
 /// Longest peer id accepted in a [`NextHop`] (a libp2p peer id is at most 42 bytes).
 pub const MAX_PEER_ID_BYTES: usize = 64;
+/// Most addresses a [`NextHop`] may name to reach its server at.
+pub const MAX_HOP_ADDRS: usize = 8;
 /// Most steps one `Replay` message may carry; clients split longer histories.
 pub const MAX_REPLAY_STEPS: usize = 4096;
 /// Positions every server accepts in one step. Clients send prefills in chunks of at
@@ -112,6 +114,12 @@ pub struct NextHop {
     pub session: u64,
     /// Lets the server before this one forward the step here ([`forward_proof`]).
     pub proof: ForwardProof,
+    /// Where the client reached the server (its own current addresses, as it
+    /// answered the client's probe), until the server before it has forwarded a step
+    /// there: a server behind NAT is otherwise found only through the DHT, whose
+    /// copies of its announcement may predate its relayed address.
+    #[serde(deserialize_with = "crate::bounded::list::<MAX_HOP_ADDRS, _, _>")]
+    pub addrs: Vec<String>,
 }
 
 impl NextHop {
@@ -128,6 +136,14 @@ impl NextHop {
         }
         if hops.iter().any(|h| h.peer.len() > MAX_PEER_ID_BYTES) {
             return Err(format!("a peer id longer than {MAX_PEER_ID_BYTES} bytes"));
+        }
+        let addrs = |h: &NextHop| h.addrs.iter().map(String::len).collect::<Vec<_>>();
+        if hops.iter().any(|h| {
+            h.addrs.len() > MAX_HOP_ADDRS || addrs(h).iter().any(|&len| len > MAX_ADDR_LEN)
+        }) {
+            return Err(format!(
+                "a hop with more than {MAX_HOP_ADDRS} addresses or one longer than {MAX_ADDR_LEN} bytes"
+            ));
         }
         for (i, hop) in hops.iter().enumerate() {
             if visited.contains(&hop.peer.as_slice())
@@ -385,6 +401,7 @@ mod tests {
                     peer: vec![0, 36, 8],
                     session: 4,
                     proof: [5; TOKEN_BYTES],
+                    addrs: vec!["/ip4/192.0.2.7/udp/4001/quic-v1".into()],
                 }],
             },
             ClientMessage::Forwarded {
@@ -442,11 +459,22 @@ mod tests {
             peer: vec![1; len],
             session: 1,
             proof: [0; TOKEN_BYTES],
+            addrs: vec!["/ip4/192.0.2.1/tcp/4001".into()],
         };
         assert!(NextHop::check_list(&[hop(38), hop(MAX_PEER_ID_BYTES)], &[]).is_ok());
         assert!(NextHop::check_list(&[hop(MAX_PEER_ID_BYTES + 1)], &[]).is_err());
         let many: Vec<NextHop> = (0..=MAX_FORWARD_HOPS).map(hop).collect();
         assert!(NextHop::check_list(&many, &[]).is_err());
+        let many_addrs = NextHop {
+            addrs: vec![String::new(); MAX_HOP_ADDRS + 1],
+            ..hop(38)
+        };
+        assert!(NextHop::check_list(&[many_addrs], &[]).is_err());
+        let long_addr = NextHop {
+            addrs: vec!["x".repeat(MAX_ADDR_LEN + 1)],
+            ..hop(38)
+        };
+        assert!(NextHop::check_list(&[long_addr], &[]).is_err());
     }
 
     #[test]
@@ -475,6 +503,7 @@ mod tests {
             peer: vec![peer; 38],
             session: u64::from(peer),
             proof: [0; TOKEN_BYTES],
+            addrs: vec![],
         };
         let (me, sender) = ([1u8; 38], [2u8; 38]);
         let visited: [&[u8]; 2] = [&me, &sender];
@@ -510,6 +539,7 @@ mod tests {
             peer: vec![1; 38],
             session: 1,
             proof: [0; TOKEN_BYTES],
+            addrs: vec![],
         };
         let step = |forward| ClientMessage::Step {
             session: 1,
@@ -522,9 +552,14 @@ mod tests {
         assert!(decode::<ClientMessage>(&encode(&step(many_hops)).unwrap()).is_err());
         let long_peer = NextHop {
             peer: vec![1; MAX_PEER_ID_BYTES + 1],
-            ..hop
+            ..hop.clone()
         };
         assert!(decode::<ClientMessage>(&encode(&step(vec![long_peer])).unwrap()).is_err());
+        let many_addrs = NextHop {
+            addrs: vec![String::new(); MAX_HOP_ADDRS + 1],
+            ..hop
+        };
+        assert!(decode::<ClientMessage>(&encode(&step(vec![many_addrs])).unwrap()).is_err());
 
         let mut info = info();
         info.addrs = vec![String::new(); MAX_ADDRS + 1];

@@ -118,11 +118,13 @@ fn hops() -> impl Strategy<Value = Vec<NextHop>> {
             proptest::collection::vec(any::<u8>(), 0..40),
             any::<u64>(),
             any::<[u8; TOKEN_BYTES]>(),
+            proptest::collection::vec(".{0,60}", 0..3),
         )
-            .prop_map(|(peer, session, proof)| NextHop {
+            .prop_map(|(peer, session, proof, addrs)| NextHop {
                 peer,
                 session,
                 proof,
+                addrs,
             }),
         0..4,
     )

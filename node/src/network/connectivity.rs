@@ -113,6 +113,10 @@ impl Connectivity {
         self.announced.insert(peer, addrs);
     }
 
+    pub fn addresses(&self, peer: PeerId) -> Vec<Multiaddr> {
+        self.announced.get(&peer).cloned().unwrap_or_default()
+    }
+
     pub fn offers(&self, peer: PeerId) -> bool {
         self.relay_offers.contains(&peer)
     }

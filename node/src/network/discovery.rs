@@ -132,6 +132,9 @@ async fn lookup(
     };
     match answer {
         Some((fresh, rtt_ms)) if fresh.model == *model && fresh.validate().is_ok() => {
+            // Its answer is newer than any copy of its announcement.
+            let addrs = fresh.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let _ = network.add_addresses(peer, addrs).await;
             Some(DiscoveredServer {
                 peer,
                 info: fresh,

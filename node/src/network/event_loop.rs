@@ -322,6 +322,9 @@ impl EventLoop {
                 }
                 self.connectivity.announced(peer, addrs);
             }
+            Command::Addresses(peer, reply) => {
+                let _ = reply.send(self.connectivity.addresses(peer));
+            }
             Command::StartProviding(key) => {
                 if let Err(e) = kad.start_providing(key) {
                     tracing::warn!("cannot announce as a provider: {e}");

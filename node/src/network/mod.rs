@@ -77,6 +77,7 @@ pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     WaitForPeers(oneshot::Sender<()>),
     AddAddresses(PeerId, Vec<Multiaddr>),
+    Addresses(PeerId, oneshot::Sender<Vec<Multiaddr>>),
     StartProviding(RecordKey),
     StopProviding(RecordKey),
     PutRecord {
@@ -176,6 +177,11 @@ impl Network {
         addrs: Vec<Multiaddr>,
     ) -> Result<(), NetworkError> {
         self.send(Command::AddAddresses(peer, addrs)).await
+    }
+
+    /// The addresses `peer` announced (as this node would dial them), once learned.
+    pub async fn addresses(&self, peer: PeerId) -> Result<Vec<Multiaddr>, NetworkError> {
+        self.ask(|tx| Command::Addresses(peer, tx)).await
     }
 
     pub async fn start_providing(&self, key: RecordKey) -> Result<(), NetworkError> {

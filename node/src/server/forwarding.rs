@@ -159,7 +159,11 @@ impl Forwarder {
                 return None;
             }
         };
-        let sent = tokio::time::timeout(FORWARD_TIMEOUT, self.send(network, peer, &frame)).await;
+        let sent = tokio::time::timeout(
+            FORWARD_TIMEOUT,
+            self.send(network, (peer, &next.addrs), &frame),
+        )
+        .await;
         match sent {
             Ok(Ok(link)) => Some(link),
             Ok(Err(e)) => {
@@ -176,12 +180,13 @@ impl Forwarder {
     }
 
     /// Writes `frame` on the stream kept to `peer`; if that stream is gone (the next
-    /// server closed it when it idled, say), once more on a new one. Returns the link
+    /// server closed it when it idled, say), once more on a new one, dialling `peer`
+    /// at `addrs` (where the client reached it) if not connected. Returns the link
     /// the stream runs on, as it was when the stream opened.
     async fn send(
         &mut self,
         network: &Network,
-        peer: PeerId,
+        (peer, addrs): (PeerId, &[String]),
         frame: &[u8],
     ) -> Result<ForwardLink, String> {
         if let Some((to, stream, link)) = &mut self.stream {
@@ -190,6 +195,11 @@ impl Forwarder {
             }
         }
         self.stream = None;
+        if !addrs.is_empty() && matches!(network.path(peer).await, Ok(None)) {
+            // Checked as announced addresses are: where they lead decides if dialled.
+            let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let _ = network.add_addresses(peer, addrs).await;
+        }
         let stream = network.open_stream(peer).await.map_err(|e| e.to_string())?;
         let link = match network.path(peer).await {
             Ok(Some(path)) => path.into(),

@@ -69,7 +69,7 @@ pub fn allmende_in(lab: &Lab, site: &str, args: &[&str]) -> Command {
     let mut cmd = lab.command(site, binary());
     cmd.args(args)
         .env("ALLMENDE_MODEL", super::model_path())
-        .env("ALLMENDE_LOG", "warn,allmende_node::network=debug,allmende_node::server::announce=debug,libp2p_dcutr=debug,libp2p_relay=info,libp2p_mdns=error,libp2p_kad=error,libp2p_autonat=error");
+        .env("ALLMENDE_LOG", "warn,allmende_node::network=debug,allmende_node::server::announce=debug,allmende_node::server::forwarding=debug,libp2p_dcutr=debug,libp2p_relay=info,libp2p_mdns=error,libp2p_kad=error,libp2p_autonat=error");
     cmd
 }
 

@@ -369,7 +369,10 @@ impl Route {
         let forward = match self.context.forward {
             true => self.segments[i..]
                 .windows(2)
-                .map(|pair| pair[1].session.hop(&pair[0].session.segment.peer, step))
+                .map(|pair| {
+                    let (from, to) = (&pair[0].session, &pair[1].session);
+                    to.hop(&from.segment.peer, step, from.forward_link.is_none())
+                })
                 .collect(),
             false => Vec::new(),
         };

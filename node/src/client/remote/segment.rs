@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use allmende_protocol::inference::{
-    forward_proof, ForwardLink, NextHop, SessionToken, MAX_REPLAY_STEPS,
+    forward_proof, ForwardLink, NextHop, SessionToken, MAX_ADDR_LEN, MAX_HOP_ADDRS,
+    MAX_REPLAY_STEPS,
 };
 use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ModelId, ServerMessage, WireDType, WireTensor,
@@ -60,6 +61,9 @@ pub struct SegmentSession {
     pub relayed: bool,
     /// The link the server last said it handed an output on over, to the next server.
     pub forward_link: Option<ForwardLink>,
+    /// Where this client reached the server: the server before it on the route is
+    /// told, until it has forwarded a step here.
+    addrs: Vec<String>,
 }
 
 impl SegmentSession {
@@ -76,6 +80,7 @@ impl SegmentSession {
             .await
             .map_err(|e| connection(&segment, e))?;
         let path = network.path(segment.peer).await.ok().flatten();
+        let addrs = network.addresses(segment.peer).await.unwrap_or_default();
         let mut session = Self {
             segment,
             stream,
@@ -86,6 +91,12 @@ impl SegmentSession {
             draining: false,
             relayed: path.is_some_and(|p| p.kind == PathKind::Relayed),
             forward_link: None,
+            addrs: addrs
+                .iter()
+                .take(MAX_HOP_ADDRS)
+                .map(|a| a.to_string())
+                .filter(|a| a.len() <= MAX_ADDR_LEN)
+                .collect(),
         };
         let open = ClientMessage::Open {
             model,
@@ -191,8 +202,8 @@ impl SegmentSession {
     }
 
     /// Lets server `forwarder` (the one before this on the route) forward step `step`
-    /// into this session.
-    pub fn hop(&self, forwarder: &PeerId, step: u64) -> NextHop {
+    /// into this session, telling it where this server is if `with_addrs`.
+    pub fn hop(&self, forwarder: &PeerId, step: u64, with_addrs: bool) -> NextHop {
         let proof = forward_proof(
             &self.token,
             &forwarder.to_bytes(),
@@ -204,6 +215,10 @@ impl SegmentSession {
             peer: self.segment.peer.to_bytes(),
             session: self.session,
             proof,
+            addrs: match with_addrs {
+                true => self.addrs.clone(),
+                false => Vec::new(),
+            },
         }
     }
 
