@@ -1,16 +1,20 @@
 //! Serving a shard to the swarm: accepting inference streams, running sessions on the
 //! compute worker, and announcing what this node serves in the DHT.
 
+mod admission;
 mod announce;
 mod compute;
 mod fair_queue;
 mod forwarding;
 pub mod guard;
+mod handlers;
 mod memory;
 pub(crate) mod memory_limit;
 mod other_version;
+mod reply;
 mod session;
 pub mod share;
+mod stream;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -22,9 +26,9 @@ use candle_core::{DType, Device, Tensor};
 use futures::StreamExt;
 use tokio::sync::{watch, Semaphore};
 
+use admission::{SlotKind, StreamRefused};
 pub use announce::{announce_loop, ANNOUNCE_INTERVAL, ANNOUNCE_TTL};
 pub use compute::ComputeQueue;
-use share::{FairShare, PeerGroup};
 
 use crate::metrics::Metrics;
 use crate::model::Shard;
@@ -39,51 +43,6 @@ const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(2);
 const FRAME_BUDGET_BYTES: usize = 256 << 20;
 /// What one group of senders (an address) may hold of it: one of the largest frames.
 const FRAME_BUDGET_PER_GROUP: usize = FRAME_BUDGET_BYTES / 4;
-
-/// The kinds of slot a server shares among groups of peers.
-#[derive(Clone, Copy, Debug)]
-pub enum SlotKind {
-    Stream,
-    Session,
-}
-
-/// How a server's slots are shared among groups of peers.
-struct Shares {
-    streams: FairShare<PeerGroup>,
-    sessions: FairShare<PeerGroup>,
-}
-
-impl Shares {
-    fn of(&mut self, kind: SlotKind) -> &mut FairShare<PeerGroup> {
-        match kind {
-            SlotKind::Stream => &mut self.streams,
-            SlotKind::Session => &mut self.sessions,
-        }
-    }
-}
-
-/// Why no slot was given.
-#[derive(Debug, PartialEq, Eq)]
-pub enum NoSlot {
-    /// The node has none left.
-    Full,
-    /// The group holds its fair share.
-    OverShare,
-}
-
-/// A slot in a group's share, given back when dropped.
-pub struct ShareSlot {
-    server: Arc<ShardServer>,
-    group: PeerGroup,
-    kind: SlotKind,
-}
-
-impl Drop for ShareSlot {
-    fn drop(&mut self) {
-        let (group, kind) = (self.group, self.kind);
-        self.server.shares(|s| s.of(kind).release(&group));
-    }
-}
 
 /// Limits a server enforces on every session.
 #[derive(Clone, Debug)]
@@ -114,7 +73,7 @@ pub struct ShardServer {
     kv_budget: Arc<Semaphore>,
     /// Open streams (sessions plus probes) and sessions, shared fairly among groups
     /// of peers; a stream's slot is taken before it is served.
-    shares: std::sync::Mutex<Shares>,
+    shares: std::sync::Mutex<admission::Shares>,
     next_session: AtomicU64,
     /// Where steps forwarded by other servers find their sessions.
     inboxes: forwarding::Inboxes,
@@ -147,10 +106,7 @@ impl ShardServer {
             compute,
             kv_budget: Arc::new(Semaphore::new(kv_kib)),
             frame_budget: FrameBudget::new(FRAME_BUDGET_BYTES, FRAME_BUDGET_PER_GROUP),
-            shares: std::sync::Mutex::new(Shares {
-                streams: FairShare::new(limits.max_sessions * 2 + 16),
-                sessions: FairShare::new(limits.max_sessions),
-            }),
+            shares: std::sync::Mutex::new(admission::Shares::new(limits.max_sessions)),
             next_session: AtomicU64::new(1),
             inboxes: forwarding::Inboxes::default(),
             guard: std::sync::Mutex::new(guard::PeerGuard::new(limits.peers.clone())),
@@ -169,7 +125,7 @@ impl ShardServer {
             range: self.shard.range(),
             protocol_version: PROTOCOL_VERSION,
             throughput: self.throughput,
-            free_sessions: self.shares(|s| s.sessions.available()) as u32,
+            free_sessions: self.free_sessions() as u32,
             max_sessions: self.limits.max_sessions as u32,
             addrs: self.addrs.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             draining: self.is_draining(),
@@ -203,7 +159,7 @@ impl ShardServer {
 
     /// Sessions currently open.
     pub fn open_sessions(&self) -> usize {
-        self.limits.max_sessions - self.shares(|s| s.sessions.available())
+        self.limits.max_sessions - self.free_sessions()
     }
 
     /// Runs `f` on the peer guard. A poisoned lock (a panic elsewhere) still holds
@@ -211,36 +167,6 @@ impl ShardServer {
     pub fn guard<T>(&self, f: impl FnOnce(&mut guard::PeerGuard<libp2p::PeerId>) -> T) -> T {
         let mut guard = self.guard.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut guard)
-    }
-
-    /// Runs `f` on the fair shares (never held across an await).
-    fn shares<T>(&self, f: impl FnOnce(&mut Shares) -> T) -> T {
-        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut shares)
-    }
-
-    /// A slot of `kind` for `group`, if the node has one and the group is within its
-    /// share.
-    pub fn take_slot(
-        self: &Arc<Self>,
-        kind: SlotKind,
-        group: PeerGroup,
-    ) -> Result<ShareSlot, NoSlot> {
-        self.shares(|s| {
-            let slots = s.of(kind);
-            if slots.available() == 0 {
-                Err(NoSlot::Full)
-            } else if slots.try_take(&group) {
-                Ok(())
-            } else {
-                Err(NoSlot::OverShare)
-            }
-        })?;
-        Ok(ShareSlot {
-            server: self.clone(),
-            group,
-            kind,
-        })
     }
 
     /// Accepts inference streams until the network stops.
@@ -267,53 +193,27 @@ impl ShardServer {
                     continue;
                 }
             };
-            if self.guard(|g| g.is_banned(&peer, Instant::now())) {
-                drop(stream);
-                continue;
-            }
-            let group = PeerGroup::of(peer, network.address_of(&peer));
-            let slot = match self.take_slot(SlotKind::Stream, group) {
-                Ok(slot) => slot,
-                Err(why) => {
+            let (group, slot) = match self.admit_stream(peer, &network) {
+                Ok(admitted) => admitted,
+                // Dropped unanswered.
+                Err(StreamRefused::Banned) => continue,
+                Err(StreamRefused::Busy(why)) => {
                     tracing::debug!(%peer, "refusing a stream: {why:?}");
-                    self.metrics.busy_refusals.inc();
                     // Said, not just dropped: a client that hears `Busy` waits its
                     // turn, while a stream that ends looks like a failed server.
-                    tokio::spawn(say_busy(stream, why));
+                    let reason = why.reason(SlotKind::Stream, self.limits.max_sessions);
+                    tokio::spawn(stream::say_busy(stream, reason));
                     continue;
                 }
             };
             let (server, network) = (self.clone(), network.clone());
             tokio::spawn(async move {
-                session::serve_stream(server, network, peer, group, stream).await;
+                stream::serve_stream(server, network, peer, group, stream).await;
                 drop(slot);
             });
         }
         Ok(())
     }
-}
-
-/// How long a refused stream is given to take its `Busy` answer and close.
-const BUSY_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Answers a stream the node has no slot for with `Busy`, and closes it. What the
-/// peer sends meanwhile is read and dropped, a few KB at a time, so that its first
-/// message is written whole and it reads the answer (a stream closed under a peer's
-/// write fails the write, and the answer is never read).
-async fn say_busy(mut stream: libp2p::Stream, why: NoSlot) {
-    use futures::AsyncReadExt;
-    let reason = match why {
-        NoSlot::Full => "every stream is in use".to_string(),
-        NoSlot::OverShare => "this address holds its fair share of streams here".to_string(),
-    };
-    let busy = allmende_protocol::ServerMessage::Busy { reason };
-    let answer = async {
-        crate::network::framing::write_message(&mut stream, &busy).await?;
-        let mut scratch = [0u8; 4096];
-        while stream.read(&mut scratch).await? > 0 {}
-        Ok::<_, crate::network::framing::FrameIoError>(())
-    };
-    let _ = tokio::time::timeout(BUSY_WRITE_TIMEOUT, answer).await;
 }
 
 /// Decode tokens/s of one session through all of `shard`'s layers, measured on a few
