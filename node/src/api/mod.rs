@@ -6,9 +6,14 @@
 //! and text stay on the machine that runs it; servers see only hidden states.
 
 mod admission;
+mod chat;
 mod completions;
 mod error;
+mod generation;
 mod listener;
+mod request;
+mod response;
+mod run;
 mod stop;
 
 use std::net::SocketAddr;
@@ -111,7 +116,7 @@ impl Gateway {
 pub fn router(gateway: Arc<Gateway>) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/chat/completions", post(chat::chat))
         .route("/v1/completions", post(completions::completion))
         .route_layer(middleware::from_fn_with_state(gateway.clone(), require_key));
     Router::new()
