@@ -11,6 +11,7 @@ pub mod head;
 pub mod logprobs;
 pub mod pipeline;
 pub mod remote;
+pub mod routes;
 pub mod sampling;
 pub mod stream;
 pub mod tokenizer;
@@ -24,7 +25,7 @@ pub use generate::{
     SessionSpan, Timings,
 };
 pub use head::ClientHead;
-pub use pipeline::{LocalPipeline, Pipeline, PipelineError};
+pub use pipeline::{LocalPipeline, Pipeline, PipelineError, RouteReport};
 pub use remote::{HopCounts, RemotePipeline, RouteSegment};
 pub use sampling::SamplingParams;
 pub use tokenizer::ModelTokenizer;
