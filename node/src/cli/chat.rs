@@ -171,8 +171,14 @@ impl Chat {
                 tokens.len(),
             );
         }
+        let past = self.generator.kept_of(&tokens);
         match self.answer(&tokens) {
             Ok(reply) => {
+                tracing::debug!(
+                    "turn sent {} new tokens after {past} held; the session holds {}",
+                    tokens.len() - past,
+                    reply.positions
+                );
                 self.conversation.answer(&reply);
                 Ok(())
             }

@@ -47,6 +47,11 @@ impl Generator {
         self.capacity
     }
 
+    /// How many of `context`'s tokens the open session holds and would keep.
+    pub fn kept_of(&self, context: &[u32]) -> usize {
+        held_prefix(&self.held, context)
+    }
+
     /// Opens the session now rather than at the first step (a benchmark opens all
     /// its sessions before any starts).
     pub fn open(&mut self) -> Result<&mut dyn Pipeline, GenerateError> {
@@ -91,11 +96,6 @@ impl Generator {
         });
         match &result {
             Ok(reply) => {
-                tracing::debug!(
-                    "sent {} new tokens after {past} held; the session holds {}",
-                    context.len() - past,
-                    reply.positions
-                );
                 // The last sampled token was not fed back, unless decoding went on.
                 let fed = reply.timings.decode_steps.min(reply.token_ids.len());
                 self.held = context.to_vec();
