@@ -10,21 +10,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use allmende_protocol::LayerRange;
-use anyhow::Context;
 use clap::Args;
 use tokio::runtime::Runtime;
 
-use super::generate::{RouteArgs, SamplingArgs};
-use super::swarm::{join_as_client, model_file, model_target, SwarmArgs};
-use crate::client::connect::{connect, ModelTarget, RouteOptions};
-use crate::client::conversation::{Conversation, Turn};
-use crate::client::{
-    continue_session, ClientModel, Generation, GenerationParams, LocalPipeline, Pipeline,
-    RemotePipeline, SessionSpan,
-};
-use crate::model::{GgufFile, Shard};
-use crate::network::Network;
+use super::layers::{local_backend, swarm_backend, RouteArgs, SamplingArgs};
+use super::swarm::{model_file, SwarmArgs};
+use crate::client::conversation::Conversation;
+use crate::client::{ClientModel, GenerationParams, Generator};
+use crate::model::GgufFile;
 
 const HELP: &str =
     "/reset starts a new conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer";
@@ -75,102 +68,22 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         .min(model.config.context_length);
     let runtime = super::runtime()?;
     let backend = match args.local {
-        true => {
-            let all = LayerRange::new(0, model.config.block_count as u32);
-            let bar = super::loading_bar("loading layers");
-            let shard = Shard::from_gguf(&mut gguf, model.config.clone(), all, &bar)
-                .with_context(|| format!("loading {}", model_path.display()))?;
-            bar.finish_and_clear();
-            Backend::Local(Arc::new(shard))
-        }
-        false => {
-            let target = model_target(&gguf, model.config.block_count)?;
-            let network = runtime.block_on(join_as_client(&args.swarm))?;
-            Backend::Swarm {
-                network,
-                target,
-                options: args.route.options(),
-            }
-        }
+        true => local_backend(&mut gguf, &model)?,
+        false => swarm_backend(&gguf, &model, &args.swarm, &args.route, &runtime)?,
     };
     drop(gguf);
+    eprintln!("chatting through {}; {HELP}", backend.describe());
     let interrupt = Interrupt::install(&runtime);
     let mut chat = Chat {
-        model,
-        backend,
-        runtime,
-        capacity,
+        generator: Generator::new(Arc::new(model), backend, capacity),
         params,
-        pipeline: None,
         conversation: Conversation::new(args.system.clone()),
         interrupt,
         turns: 0,
     };
-    let name = chat.backend.describe();
-    eprintln!("chatting through {name}; {HELP}");
     let result = chat.repl();
-    chat.close_session();
+    chat.generator.close();
     result
-}
-
-/// Where the layers run.
-#[allow(clippy::large_enum_variant)] // one per process
-enum Backend {
-    Local(Arc<Shard>),
-    Swarm {
-        network: Network,
-        target: ModelTarget,
-        options: RouteOptions,
-    },
-}
-
-impl Backend {
-    fn describe(&self) -> String {
-        match self {
-            Backend::Local(_) => "every layer in this process".into(),
-            Backend::Swarm { target, .. } => format!("the swarm serving {}", target.name),
-        }
-    }
-
-    fn open(&self, runtime: &Runtime, capacity: usize) -> anyhow::Result<Session> {
-        Ok(match self {
-            Backend::Local(shard) => {
-                Session::Local(LocalPipeline::new(vec![shard.clone()], capacity))
-            }
-            Backend::Swarm {
-                network,
-                target,
-                options,
-            } => Session::Remote(runtime.block_on(connect(
-                network,
-                target,
-                capacity as u32,
-                *options,
-            ))?),
-        })
-    }
-}
-
-/// One open session of the conversation.
-#[allow(clippy::large_enum_variant)] // one per process
-enum Session {
-    Local(LocalPipeline),
-    Remote(RemotePipeline),
-}
-
-impl Session {
-    fn pipeline(&mut self) -> &mut dyn Pipeline {
-        match self {
-            Session::Local(p) => p,
-            Session::Remote(p) => p,
-        }
-    }
-
-    fn close(self, runtime: &Runtime) {
-        if let Session::Remote(p) = self {
-            runtime.block_on(p.close());
-        }
-    }
 }
 
 /// Ctrl-C: stops the answer being generated, or leaves when there is none.
@@ -203,12 +116,8 @@ impl Interrupt {
 }
 
 struct Chat {
-    model: ClientModel,
-    backend: Backend,
-    runtime: Runtime,
-    capacity: usize,
+    generator: Generator,
     params: GenerationParams,
-    pipeline: Option<Session>,
     conversation: Conversation,
     interrupt: Interrupt,
     turns: u64,
@@ -236,7 +145,7 @@ impl Chat {
                 "" => continue,
                 "/exit" | "/bye" | "/quit" => return Ok(()),
                 "/reset" | "/clear" => {
-                    self.close_session();
+                    self.generator.close();
                     self.conversation.reset();
                     eprintln!("(a new conversation)");
                 }
@@ -253,52 +162,37 @@ impl Chat {
 
     /// One question and its streamed answer.
     fn turn(&mut self, text: &str) -> anyhow::Result<()> {
-        let turn = self.conversation.ask(&self.model, text)?;
-        if turn.tokens.len() >= self.capacity {
+        let tokens = self.conversation.ask(self.generator.model(), text)?;
+        let capacity = self.generator.capacity();
+        if tokens.len() >= capacity {
             self.conversation.withdraw();
             anyhow::bail!(
-                "the conversation would take {} of the session's {} positions; /reset to start again (or a larger --context)",
-                turn.tokens.len(),
-                self.capacity
+                "the conversation would take {} of the session's {capacity} positions; /reset to start again (or a larger --context)",
+                tokens.len(),
             );
         }
-        match self.answer(&turn) {
+        let past = self.generator.kept_of(&tokens);
+        match self.answer(&tokens) {
             Ok(reply) => {
                 tracing::debug!(
-                    "turn sent {} new tokens after {} held; the session holds {}",
-                    turn.tokens.len() - turn.held,
-                    turn.held,
+                    "turn sent {} new tokens after {past} held; the session holds {}",
+                    tokens.len() - past,
                     reply.positions
                 );
-                self.conversation.answer(turn, &reply);
+                self.conversation.answer(&reply);
                 Ok(())
             }
             Err(e) => {
-                // The session's state after a failed step is unknown: start afresh.
+                // The generator closed the session, whose state is unknown.
                 self.conversation.withdraw();
-                self.close_session();
                 Err(e)
             }
         }
     }
 
-    /// Streams the answer to `turn`, in the open session when the turn continues it
-    /// (the conversation holds tokens only while its session is open), else in a new
-    /// one.
-    fn answer(&mut self, turn: &Turn) -> anyhow::Result<Generation> {
-        if turn.held == 0 {
-            self.close_session();
-        }
-        let session = match &mut self.pipeline {
-            Some(session) => session,
-            None => self
-                .pipeline
-                .insert(self.backend.open(&self.runtime, self.capacity)?),
-        };
-        let span = SessionSpan {
-            past: turn.held,
-            capacity: self.capacity,
-        };
+    /// Streams the answer to the conversation rendered as `tokens`; the generator
+    /// sends only what its session does not hold yet.
+    fn answer(&mut self, tokens: &[u32]) -> anyhow::Result<crate::client::Generation> {
         // A new seed each turn: the same seed would repeat one random stream every turn.
         let mut params = self.params.clone();
         params.sampling.seed = params.sampling.seed.wrapping_add(self.turns);
@@ -308,33 +202,19 @@ impl Chat {
         interrupt.stop.store(false, Ordering::SeqCst);
         interrupt.generating.store(true, Ordering::SeqCst);
         let mut stdout = std::io::stdout().lock();
-        let result = continue_session(
-            &self.model,
-            session.pipeline(),
-            span,
-            &turn.tokens[turn.held..],
-            &params,
-            &mut |piece| {
-                let _ = stdout.write_all(piece.text.as_bytes());
-                let _ = stdout.flush();
-                match interrupt.stop.load(Ordering::SeqCst) {
-                    true => ControlFlow::Break(()),
-                    false => ControlFlow::Continue(()),
-                }
-            },
-        );
+        let result = self.generator.generate(tokens, &params, &mut |piece| {
+            let _ = stdout.write_all(piece.text.as_bytes());
+            let _ = stdout.flush();
+            match interrupt.stop.load(Ordering::SeqCst) {
+                true => ControlFlow::Break(()),
+                false => ControlFlow::Continue(()),
+            }
+        });
         interrupt.generating.store(false, Ordering::SeqCst);
         if interrupt.stop.swap(false, Ordering::SeqCst) {
             let _ = write!(stdout, " [stopped]");
         }
         let _ = writeln!(stdout);
         Ok(result?)
-    }
-
-    fn close_session(&mut self) {
-        if let Some(session) = self.pipeline.take() {
-            session.close(&self.runtime);
-        }
-        self.conversation.forget_session();
     }
 }

@@ -1,25 +1,20 @@
 //! `allmende generate`: complete a prompt, streaming the text to stdout, with every
-//! layer in this process (`--local`) or through the swarm.
+//! layer in this process (`--local`) or through the swarm, and with `--json` report
+//! the tokens, timings and route.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use allmende_protocol::inference::ForwardLink;
-use allmende_protocol::{LayerRange, WireDType};
-use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::json;
 
-use super::swarm::{join_as_client, model_file, model_target, SwarmArgs};
+use super::layers::{local_backend, swarm_backend, RouteArgs, SamplingArgs};
+use super::swarm::{model_file, SwarmArgs};
 use crate::client::chat_template::ChatMessage;
-use crate::client::connect::{connect, RouteOptions};
 use crate::client::generate::{check_prompt, session_length};
-use crate::client::{
-    generate, ClientModel, Generation, GenerationParams, HopCounts, LocalPipeline, Pipeline,
-    RouteSegment, SamplingParams,
-};
-use crate::model::{GgufFile, Shard};
+use crate::client::{ClientModel, Generation, GenerationParams, Generator, RouteReport};
+use crate::model::GgufFile;
 use crate::network::PathInfo;
 
 #[derive(Args, Debug)]
@@ -59,90 +54,6 @@ pub struct GenerateArgs {
     swarm: SwarmArgs,
 }
 
-/// Sampling flags, shared by `generate` and `chat`.
-#[derive(Args, Debug)]
-pub(super) struct SamplingArgs {
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Sample only from the K most likely tokens (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Sample only from the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Random seed for sampling [default: drawn at random, and reported with --json].
-    #[arg(long)]
-    pub seed: Option<u64>,
-}
-
-impl SamplingArgs {
-    /// The generation parameters these flags ask for, checked.
-    pub fn params(&self, ignore_eos: bool) -> anyhow::Result<GenerationParams> {
-        let params = GenerationParams {
-            max_tokens: self.max_tokens,
-            sampling: SamplingParams {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                seed: self.seed.unwrap_or_else(rand::random),
-            },
-            ignore_eos,
-            logprobs: None,
-        };
-        params.sampling.validate()?;
-        Ok(params)
-    }
-}
-
-/// How a swarm session carries its steps, shared by `generate` and `chat`.
-#[derive(Args, Debug)]
-pub(super) struct RouteArgs {
-    /// Seconds to look for other servers when one fails mid-generation, before giving
-    /// up with the layers that have no server.
-    #[arg(long, default_value_t = 20)]
-    failover_timeout: u64,
-    /// Element type of hidden states sent to servers.
-    #[arg(long, value_enum, default_value_t = WireType::F32)]
-    wire_dtype: WireType,
-    /// Relay every server's output to the next server through this client, instead
-    /// of letting servers forward it to each other (one network hop more per server
-    /// and token; for servers that cannot reach each other, which are also detected
-    /// and relayed around without this flag).
-    #[arg(long)]
-    no_forward: bool,
-}
-
-impl RouteArgs {
-    pub fn options(&self) -> RouteOptions {
-        let patience = std::time::Duration::from_secs(self.failover_timeout);
-        RouteOptions {
-            forward: !self.no_forward,
-            ..RouteOptions::new(self.wire_dtype.into(), patience)
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum WireType {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<WireType> for WireDType {
-    fn from(t: WireType) -> Self {
-        match t {
-            WireType::F32 => WireDType::F32,
-            WireType::F16 => WireDType::F16,
-            WireType::Bf16 => WireDType::BF16,
-        }
-    }
-}
-
 struct Prepared {
     gguf: GgufFile,
     model: Arc<ClientModel>,
@@ -171,96 +82,32 @@ fn prepare(args: &GenerateArgs) -> anyhow::Result<Prepared> {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     super::client_threads(args.threads, args.local);
-    let prepared = prepare(&args)?;
-    match args.local {
-        true => run_local(&args, prepared),
-        false => super::runtime()?.block_on(run_swarm(&args, prepared)),
-    }
-}
-
-fn run_local(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
     let Prepared {
         mut gguf,
         model,
         prompt_ids,
         params,
-    } = p;
-    let all_layers = LayerRange::new(0, model.config.block_count as u32);
-    let bar = super::loading_bar("loading layers");
-    let shard = Shard::from_gguf(&mut gguf, model.config.clone(), all_layers, &bar)
-        .with_context(|| format!("loading {}", gguf.path().display()))?;
-    bar.finish_and_clear();
-    drop(gguf);
-    let max_len = session_length(&model, prompt_ids.len(), &params);
-    let mut pipeline = LocalPipeline::new(vec![Arc::new(shard)], max_len);
-    let output = stream_generation(&model, &mut pipeline, &prompt_ids, &params)?;
-    report(args, &output, &prompt_ids, &params, None)
-}
-
-async fn run_swarm(args: &GenerateArgs, p: Prepared) -> anyhow::Result<()> {
-    let Prepared {
-        gguf,
-        model,
-        prompt_ids,
-        params,
-    } = p;
-    let target = model_target(&gguf, model.config.block_count)?;
-    drop(gguf);
-    let network = join_as_client(&args.swarm).await?;
-    let max_len = session_length(&model, prompt_ids.len(), &params) as u32;
-    let mut pipeline = connect(&network, &target, max_len, args.route.options()).await?;
-    let (output, pipeline) = tokio::task::spawn_blocking(move || {
-        let output = stream_generation(&model, &mut pipeline, &prompt_ids, &params);
-        (output.map(|o| (o, prompt_ids, params)), pipeline)
-    })
-    .await?;
-    let route = pipeline.route();
-    let failovers = serde_json::to_value(pipeline.failovers())?;
-    let hops = pipeline.hops();
-    let forward_links = pipeline.forward_links();
-    let mut paths = Vec::with_capacity(route.len());
-    for segment in &route {
-        paths.push(network.path(segment.peer).await.ok().flatten());
-    }
-    pipeline.close().await;
-    let (output, prompt_ids, params) = output?;
-    let swarm = SwarmReport {
-        route: &route,
-        paths,
-        forward_links,
-        failovers,
-        hops,
+    } = prepare(&args)?;
+    // The swarm's network runs here; `--local` needs no runtime.
+    let runtime = (!args.local).then(super::runtime).transpose()?;
+    let backend = match &runtime {
+        None => local_backend(&mut gguf, &model)?,
+        Some(runtime) => swarm_backend(&gguf, &model, &args.swarm, &args.route, runtime)?,
     };
-    report(args, &output, &prompt_ids, &params, Some(swarm))
-}
-
-fn stream_generation(
-    model: &ClientModel,
-    pipeline: &mut dyn Pipeline,
-    prompt_ids: &[u32],
-    params: &GenerationParams,
-) -> anyhow::Result<Generation> {
+    drop(gguf);
+    let capacity = session_length(&model, prompt_ids.len(), &params);
+    let mut generator = Generator::new(model, backend, capacity);
     let mut stdout = std::io::stdout().lock();
-    let output = generate(model, pipeline, prompt_ids, params, &mut |piece| {
+    let output = generator.generate(&prompt_ids, &params, &mut |piece| {
         // A closed stdout (e.g. `| head`) must not abort the generation with a panic.
         let _ = stdout.write_all(piece.text.as_bytes());
         let _ = stdout.flush();
         std::ops::ControlFlow::Continue(())
     })?;
     writeln!(stdout)?;
-    Ok(output)
-}
-
-/// What a swarm generation adds to the report.
-struct SwarmReport<'a> {
-    /// The route at the end of the generation.
-    route: &'a [RouteSegment],
-    /// The path to each segment's server, when this client holds a connection to it.
-    paths: Vec<Option<PathInfo>>,
-    /// The link each segment's server handed outputs on over to the next one's.
-    forward_links: Vec<Option<ForwardLink>>,
-    failovers: serde_json::Value,
-    hops: HopCounts,
+    drop(stdout);
+    let route = generator.close().unwrap_or(RouteReport::Local);
+    report(&args, &output, &prompt_ids, &params, &route)
 }
 
 fn report(
@@ -268,7 +115,7 @@ fn report(
     output: &Generation,
     prompt_ids: &[u32],
     params: &GenerationParams,
-    swarm: Option<SwarmReport>,
+    route: &RouteReport,
 ) -> anyhow::Result<()> {
     if !args.json {
         return Ok(());
@@ -285,9 +132,9 @@ fn report(
     if let Some(logprobs) = &output.logprobs {
         report["logprobs"] = serde_json::to_value(logprobs)?;
     }
-    if let Some(swarm) = swarm {
+    if let RouteReport::Swarm(swarm) = route {
         report["route"] = swarm
-            .route
+            .segments
             .iter()
             .zip(&swarm.paths)
             .zip(&swarm.forward_links)
@@ -308,7 +155,7 @@ fn report(
                 })
             })
             .collect();
-        report["failovers"] = swarm.failovers;
+        report["failovers"] = serde_json::to_value(&swarm.failovers)?;
         report["hops"] = serde_json::to_value(swarm.hops)?;
     }
     println!("{report}");

@@ -5,6 +5,7 @@ mod chat;
 mod gateway;
 mod generate;
 mod keygen;
+mod layers;
 mod serve;
 mod status;
 mod swarm;

@@ -1,19 +1,19 @@
-//! Turning a swarm into a pipeline: discover the model's servers, plan a route, open a
+//! Turning a swarm into a pipeline: find a route over the model's servers, open a
 //! session on every segment. A busy or unreachable server is left out and the route
-//! planned again, until the servers run out or the deadline passes.
+//! found again, until the servers run out or the deadline passes.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use allmende_protocol::inference::PROTOCOL_VERSION;
-use allmende_protocol::{ModelId, WireDType};
+use allmende_protocol::WireDType;
 use libp2p::PeerId;
 
-use super::remote::{RemoteError, RemotePipeline, RouteContext, RouteSegment};
-use crate::network::discovery::{discover, DiscoveredServer};
+pub use super::routes::ModelTarget;
+
+use super::remote::{RemoteError, RemotePipeline, RouteContext};
+use super::routes::RouteFinder;
 use crate::network::Network;
-use crate::routing::{plan_route, Candidate, Measured, RouteError};
+use crate::routing::RouteError;
 
 /// How long to keep looking for servers before reporting what is missing: the DHT of
 /// a swarm that was just joined may need a moment to answer.
@@ -45,42 +45,6 @@ fn unusable_note(unusable: &[String]) -> String {
     }
 }
 
-/// What the client knows of the model it wants served.
-#[derive(Clone, Debug)]
-pub struct ModelTarget {
-    pub id: ModelId,
-    pub name: String,
-    pub block_count: u32,
-}
-
-/// What this process has measured of the servers its sessions used, shared by all
-/// its sessions (a gateway's many users teach each other's routes).
-pub fn measured() -> std::sync::MutexGuard<'static, Measured<PeerId>> {
-    static MEASURED: LazyLock<Mutex<Measured<PeerId>>> = LazyLock::new(Mutex::default);
-    MEASURED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The servers as the router sees them: at the speed this process measured, or at
-/// their announced speed held to what is plausible (`routing::Measured`).
-pub fn candidates(servers: &[DiscoveredServer]) -> Vec<Candidate<PeerId>> {
-    let claims: Vec<(PeerId, u32, f64)> = servers
-        .iter()
-        .map(|s| (s.peer, s.info.range.len(), s.info.throughput as f64))
-        .collect();
-    let throughputs = measured().routing_throughputs(&claims);
-    servers
-        .iter()
-        .zip(throughputs)
-        .map(|(s, throughput)| Candidate {
-            peer: s.peer,
-            range: s.info.range,
-            throughput,
-            rtt_ms: s.rtt_ms,
-            free_sessions: s.info.free_sessions,
-        })
-        .collect()
-}
-
 /// How a session's route carries its steps.
 #[derive(Clone, Copy, Debug)]
 pub struct RouteOptions {
@@ -103,6 +67,10 @@ impl RouteOptions {
     }
 }
 
+/// How long to wait before asking the swarm again while the servers found do not
+/// cover the model.
+const LOOK_AGAIN: Duration = Duration::from_millis(250);
+
 /// Opens a pipeline over the swarm for a session of `max_len` positions.
 pub async fn connect(
     network: &Network,
@@ -112,37 +80,31 @@ pub async fn connect(
 ) -> Result<RemotePipeline, ConnectError> {
     let started = Instant::now();
     let mut deadline = started + DISCOVERY_PATIENCE;
+    let mut finder = RouteFinder::new(network, target, LOOK_AGAIN);
     let mut excluded: HashSet<PeerId> = HashSet::new();
     // Servers that said they were busy, and until when they are left out.
     let mut busy: HashMap<PeerId, Instant> = HashMap::new();
-    let mut unusable: Vec<String> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    let context = RouteContext {
+        network: network.clone(),
+        target: target.clone(),
+        max_len,
+        dtype: options.dtype,
+        failover_patience: options.failover_patience,
+        forward: options.forward,
+    };
     loop {
-        let now = Instant::now();
-        let mut servers: Vec<DiscoveredServer> = discover(network, &target.id, true).await;
-        for server in &servers {
-            let Some(theirs) = server.other_version() else {
-                continue;
-            };
-            if excluded.insert(server.peer) {
-                let note = format!(
-                    "server {} speaks inference protocol {theirs}, this node {PROTOCOL_VERSION} \
-                     (one of the two runs another version of allmende)",
-                    server.peer
-                );
-                tracing::warn!("{note}");
-                unusable.push(note);
-            }
-        }
-        servers.retain(|s| s.usable());
-        let servers: Vec<DiscoveredServer> = servers
-            .into_iter()
-            .filter(|s| !excluded.contains(&s.peer))
-            .filter(|s| busy.get(&s.peer).is_none_or(|until| *until <= now))
-            .collect();
-        let candidates = candidates(&servers);
-        let route = match plan_route(&candidates, target.block_count) {
-            Ok(route) => route,
-            Err(route) if Instant::now() >= deadline => {
+        let exclude = |peer: &PeerId, now: Instant| {
+            excluded.contains(peer) || busy.get(peer).is_some_and(|until| now < *until)
+        };
+        let segments = match finder
+            .find_route(target.all_layers(), exclude, deadline)
+            .await
+        {
+            Ok(segments) => segments,
+            Err(route) => {
+                let mut unusable = finder.notes().to_vec();
+                unusable.append(&mut failures);
                 if !busy.is_empty() {
                     unusable.push(format!(
                         "{} server(s) stayed busy for {} s",
@@ -157,27 +119,8 @@ pub async fn connect(
                     unusable,
                 });
             }
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                continue;
-            }
         };
-        let segments: Vec<RouteSegment> = route
-            .iter()
-            .map(|hop| RouteSegment {
-                peer: candidates[hop.server].peer,
-                range: hop.range,
-            })
-            .collect();
-        let context = RouteContext {
-            network: network.clone(),
-            target: target.clone(),
-            max_len,
-            dtype: options.dtype,
-            failover_patience: options.failover_patience,
-            forward: options.forward,
-        };
-        match RemotePipeline::open(context, &segments).await {
+        match RemotePipeline::open(context.clone(), &segments).await {
             Ok(pipeline) => return Ok(pipeline),
             Err(RemoteError::Busy { peer, .. }) => {
                 tracing::debug!(%peer, "busy; waiting for a session to free up");
@@ -189,7 +132,7 @@ pub async fn connect(
                 if let Some(peer) = e.peer() {
                     excluded.insert(peer);
                 }
-                unusable.push(e.to_string());
+                failures.push(e.to_string());
             }
         }
     }

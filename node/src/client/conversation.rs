@@ -1,6 +1,6 @@
 //! A multi-turn conversation: its messages, rendered through the model's chat
-//! template for every turn, and the tokens its session already holds, so that a new
-//! turn sends only what the conversation added since the last one.
+//! template for every turn. The [`super::Generator`] keeps what its session already
+//! holds of the rendering, so that a new turn sends only what the conversation added.
 
 use super::chat_template::ChatMessage;
 use super::generate::Generation;
@@ -17,21 +17,10 @@ pub enum ConversationError {
     Model(#[from] ModelError),
 }
 
-/// What the next turn must send through the session.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Turn {
-    /// The whole rendered conversation, ending with the opening of the assistant's turn.
-    pub tokens: Vec<u32>,
-    /// How many of `tokens` the session already holds; 0 when it must start afresh.
-    pub held: usize,
-}
-
 #[derive(Debug, Default)]
 pub struct Conversation {
     system: Option<String>,
     messages: Vec<ChatMessage>,
-    /// The tokens the session holds, in order.
-    session: Vec<u32>,
 }
 
 impl Conversation {
@@ -42,24 +31,18 @@ impl Conversation {
         }
     }
 
-    /// Forgets every message (the system message stays) and the session's tokens.
+    /// Forgets every message (the system message stays).
     pub fn reset(&mut self) {
         self.messages.clear();
-        self.session.clear();
     }
 
-    /// Forgets what the session holds: a new session will be prefilled from scratch.
-    pub fn forget_session(&mut self) {
-        self.session.clear();
-    }
-
-    /// Adds the user's message and renders the conversation for the assistant's reply.
-    /// On an error the message is not kept.
+    /// Adds the user's message and renders the conversation, ending with the opening
+    /// of the assistant's turn. On an error the message is not kept.
     pub fn ask(
         &mut self,
         model: &ClientModel,
         text: impl Into<String>,
-    ) -> Result<Turn, ConversationError> {
+    ) -> Result<Vec<u32>, ConversationError> {
         self.messages.push(ChatMessage::user(text));
         let rendered = self.render(model);
         let tokens = match rendered {
@@ -69,8 +52,7 @@ impl Conversation {
                 return Err(e);
             }
         };
-        let held = held_prefix(&self.session, &tokens);
-        Ok(Turn { tokens, held })
+        Ok(tokens)
     }
 
     /// Takes back the last question, which got no answer.
@@ -78,18 +60,10 @@ impl Conversation {
         self.messages.pop();
     }
 
-    /// Records the assistant's reply to `turn`; the session now holds the turn's
-    /// tokens and the reply's tokens that were fed back.
-    pub fn answer(&mut self, turn: Turn, reply: &Generation) {
-        let fed = reply.timings.decode_steps.min(reply.token_ids.len());
-        self.session = turn.tokens;
-        self.session.extend_from_slice(&reply.token_ids[..fed]);
+    /// Records the assistant's reply to the last question.
+    pub fn answer(&mut self, reply: &Generation) {
         self.messages
             .push(ChatMessage::new("assistant", reply.text.clone()));
-    }
-
-    pub fn session_len(&self) -> usize {
-        self.session.len()
     }
 
     fn render(&self, model: &ClientModel) -> Result<Vec<u32>, ConversationError> {
@@ -99,35 +73,5 @@ impl Conversation {
         }
         messages.extend(self.messages.iter().cloned());
         Ok(model.chat_prompt_ids(&messages)?)
-    }
-}
-
-/// How much of a session holding `session` can be kept for `next`: all of it when it
-/// is a prefix of `next`, else nothing, since a session cannot be rewound (a chat
-/// template that renders earlier turns differently once later ones exist, or a reply
-/// whose text tokenizes differently from the ids that were sampled).
-pub fn held_prefix(session: &[u32], next: &[u32]) -> usize {
-    match next.starts_with(session) && session.len() < next.len() {
-        true => session.len(),
-        false => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keeps_a_session_that_the_next_turn_extends() {
-        assert_eq!(held_prefix(&[], &[1, 2, 3]), 0);
-        assert_eq!(held_prefix(&[1, 2], &[1, 2, 3]), 2);
-    }
-
-    #[test]
-    fn starts_afresh_when_the_history_changed() {
-        assert_eq!(held_prefix(&[1, 2, 4], &[1, 2, 3, 5]), 0);
-        // Nothing new to send would leave no logits to sample from.
-        assert_eq!(held_prefix(&[1, 2, 3], &[1, 2, 3]), 0);
-        assert_eq!(held_prefix(&[1, 2, 3, 4], &[1, 2, 3]), 0);
     }
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::connect::ConnectError;
 use super::logprobs::{token_logprob, TokenLogprob};
 use super::sampling::{Sampler, SamplingError};
 use super::stream::TextStream;
@@ -73,6 +74,9 @@ pub enum GenerateError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// No session could be opened for the generation.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
 }
 
 /// The positions a session needs for `prompt_tokens` and `params`, within the context.

@@ -1,16 +1,20 @@
 //! The user's side of a generation: tokenizer, chat template, embedding, LM head and
-//! sampling, all kept in the user's own process, plus the generation loop that drives
-//! a [`Pipeline`] of layers (local shards now, remote servers later).
+//! sampling, all kept in the user's own process, plus the [`Generator`] every front
+//! end drives, which runs a [`Pipeline`] of layers opened through a [`Backend`]:
+//! local shards, or servers of the swarm found by [`routes::RouteFinder`].
 
+pub mod backend;
 pub mod chat_prompt;
 pub mod chat_template;
 pub mod connect;
 pub mod conversation;
 pub mod generate;
+pub mod generator;
 pub mod head;
 pub mod logprobs;
 pub mod pipeline;
 pub mod remote;
+pub mod routes;
 pub mod sampling;
 pub mod stream;
 pub mod tokenizer;
@@ -19,12 +23,14 @@ use std::path::Path;
 
 use crate::model::{GgufFile, ModelConfig, ModelError};
 
+pub use backend::{Backend, LocalBackend, SwarmBackend};
 pub use generate::{
     continue_session, generate, FinishReason, GenerateError, Generation, GenerationParams, Piece,
     SessionSpan, Timings,
 };
+pub use generator::Generator;
 pub use head::ClientHead;
-pub use pipeline::{LocalPipeline, Pipeline, PipelineError};
+pub use pipeline::{LocalPipeline, Pipeline, PipelineError, RouteReport};
 pub use remote::{HopCounts, RemotePipeline, RouteSegment};
 pub use sampling::SamplingParams;
 pub use tokenizer::ModelTokenizer;

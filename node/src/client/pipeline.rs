@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::remote::RemoteError;
+use super::remote::{RemoteError, RemotePipeline, SwarmRoute};
 use crate::model::{ForwardError, Shard, ShardCache};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,10 +18,29 @@ pub enum PipelineError {
     Remote(#[from] RemoteError),
 }
 
-pub trait Pipeline {
+/// Where a session's layers ran, for reports.
+#[derive(Clone, Debug)]
+pub enum RouteReport {
+    /// Every layer in this process.
+    Local,
+    Swarm(SwarmRoute),
+}
+
+/// Every method blocks until it is done: call them from a thread outside the async
+/// runtime (e.g. `spawn_blocking`).
+pub trait Pipeline: Send {
     /// Runs every layer over `hidden` (`[1, seq, hidden]`), the next `seq` positions
     /// of this session, and returns the final hidden states.
     fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, PipelineError>;
+
+    /// Where the session's layers run now, and what moved them.
+    fn report(&self) -> RouteReport {
+        RouteReport::Local
+    }
+
+    /// Ends the session, so that servers free its caches now; later steps fail.
+    /// Caches in this process go with the pipeline.
+    fn close(&mut self) {}
 }
 
 /// Shards in this process, run in order, each with its own cache for this session.
@@ -50,5 +69,19 @@ impl Pipeline for LocalPipeline {
             x = shard.forward(&x, cache)?;
         }
         Ok(x)
+    }
+}
+
+impl Pipeline for RemotePipeline {
+    fn forward(&mut self, hidden: &Tensor) -> Result<Tensor, PipelineError> {
+        Ok(RemotePipeline::forward(self, hidden)?)
+    }
+
+    fn report(&self) -> RouteReport {
+        RouteReport::Swarm(RemotePipeline::report(self))
+    }
+
+    fn close(&mut self) {
+        self.close_blocking();
     }
 }

@@ -1,8 +1,8 @@
 //! Concurrent sessions against the swarm, as many users would open them: each session
 //! prefills its own prompt, then all step together, one position per step. Inputs are
-//! the embeddings of fixed token streams (teacher forcing), so this process only embeds
-//! tokens and the measured rate is the servers' alone: with real users every client
-//! computes its own LM head on its own machine.
+//! fixed token streams fed to each generator (teacher forcing), so this process only
+//! embeds tokens and the measured rate is the servers' alone: with real users every
+//! client computes its own LM head on its own machine.
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -11,8 +11,9 @@ use allmende_protocol::WireDType;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::client::connect::{connect, ModelTarget, RouteOptions};
-use crate::client::{ClientModel, Pipeline};
+use crate::client::connect::RouteOptions;
+use crate::client::routes::ModelTarget;
+use crate::client::{Backend, ClientModel, Generator, SwarmBackend};
 use crate::network::Network;
 
 #[derive(Clone, Debug, Serialize)]
@@ -36,51 +37,54 @@ pub async fn run(
     sessions: usize,
     steps: usize,
 ) -> anyhow::Result<LoadResult> {
-    let max_len = (prompt.len() + steps + 1) as u32;
-    let mut pipelines = Vec::with_capacity(sessions);
-    for _ in 0..sessions {
-        let options = RouteOptions::new(WireDType::F32, Duration::from_secs(20));
-        let pipeline = connect(network, target, max_len, options)
-            .await
-            .context("opening a benchmark session")?;
-        pipelines.push(pipeline);
-    }
+    let max_len = prompt.len() + steps + 1;
+    let options = RouteOptions::new(WireDType::F32, Duration::from_secs(20));
+    let handle = tokio::runtime::Handle::current();
+    let backend: Arc<dyn Backend> = Arc::new(SwarmBackend::new(
+        network.clone(),
+        target.clone(),
+        options,
+        handle,
+    ));
+    let mut generators: Vec<Generator> = (0..sessions)
+        .map(|_| Generator::new(model.clone(), backend.clone(), max_len))
+        .collect();
+    // Every session is open before any starts.
+    let generators = tokio::task::spawn_blocking(move || {
+        for generator in &mut generators {
+            generator.open().context("opening a benchmark session")?;
+        }
+        anyhow::Ok(generators)
+    })
+    .await??;
     let start_line = Arc::new(Barrier::new(sessions));
     let vocab = model.head.vocab_size() as u32;
-    let tasks: Vec<_> = pipelines
+    let tasks: Vec<_> = generators
         .into_iter()
         .enumerate()
-        .map(|(k, mut pipeline)| {
-            let model = model.clone();
+        .map(|(k, mut generator)| {
             let start_line = start_line.clone();
             let prompt: Vec<u32> = prompt.iter().map(|&t| (t + k as u32) % vocab).collect();
             tokio::task::spawn_blocking(move || {
-                let result = (|| -> anyhow::Result<(Instant, Instant)> {
-                    let prefill = model
-                        .head
-                        .embed(&prompt)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|x| Ok(pipeline.forward(&x)?));
-                    // Every session reaches the start line, failed or not.
-                    start_line.wait();
-                    prefill?;
+                let prefill = generator.feed(&prompt);
+                // Every session reaches the start line, failed or not.
+                start_line.wait();
+                let result = prefill.map_err(anyhow::Error::from).and_then(|_| {
                     let start = Instant::now();
                     for step in 0..steps {
-                        let token = prompt[step % prompt.len()];
-                        pipeline.forward(&model.head.embed(&[token])?)?;
+                        generator.feed(&[prompt[step % prompt.len()]])?;
                     }
                     Ok((start, Instant::now()))
-                })();
-                (result, pipeline)
+                });
+                generator.close();
+                result
             })
         })
         .collect();
     let mut spans = Vec::with_capacity(sessions);
     let mut failure = None;
     for task in tasks {
-        let (result, pipeline) = task.await?;
-        pipeline.close().await;
-        match result {
+        match task.await? {
             Ok(span) => spans.push(span),
             Err(e) => failure = Some(e),
         }

@@ -16,28 +16,27 @@
 
 mod load;
 mod nodes;
+mod single;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use allmende_protocol::{LayerRange, WireDType};
+use allmende_protocol::LayerRange;
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::client::connect::{connect, RouteOptions};
-use crate::client::Timings;
-use crate::client::{generate, ClientModel, GenerationParams, LocalPipeline, SamplingParams};
+use crate::client::{ClientModel, Timings};
 use crate::model::kv_cache::bytes_per_position_and_layer;
 use crate::model::shard::layer_bytes;
-use crate::model::{GgufFile, ModelConfig, Shard};
+use crate::model::{GgufFile, ModelConfig};
 
 use nodes::{split_layers, ServeProcess};
-
-/// candle's setting for how long idle compute threads spin ([`super::share_cores`]).
-const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+use single::{
+    bench_params, bench_prompt, local_run_in_child, local_runs, median, middle, Swarm,
+    SPIN_LIMIT_VAR,
+};
 
 /// What a node may hold beyond its weights and KV caches.
 const ALLOWANCE_BYTES: u64 = 60 * 1024 * 1024;
@@ -72,21 +71,6 @@ pub struct BenchArgs {
     /// step 1).
     #[arg(long, hide = true)]
     local_only: bool,
-}
-
-/// One local run, as the child process reports it.
-#[derive(Serialize, serde::Deserialize)]
-struct LocalRun {
-    timings: Timings,
-    token_ids: Vec<u32>,
-}
-
-/// Medians of a single session's runs.
-#[derive(Clone, Debug, Serialize)]
-struct Single {
-    time_to_first_token_ms: f64,
-    prefill_tokens_per_s: f64,
-    decode_tokens_per_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -274,125 +258,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One generation through the swarm's nodes.
-struct Swarm<'a> {
-    network: &'a crate::network::Network,
-    target: &'a crate::client::connect::ModelTarget,
-    max_len: u32,
-    model: &'a Arc<ClientModel>,
-    prompt: &'a [u32],
-    params: &'a GenerationParams,
-}
-
-impl Swarm<'_> {
-    /// `forward`: servers forward outputs to each other; otherwise the client relays.
-    async fn run(&self, forward: bool) -> anyhow::Result<(Timings, Vec<u32>)> {
-        let options = RouteOptions {
-            forward,
-            ..RouteOptions::new(WireDType::F32, Duration::from_secs(20))
-        };
-        let mut pipeline = connect(self.network, self.target, self.max_len, options).await?;
-        let model = self.model.clone();
-        let (prompt, params) = (self.prompt.to_vec(), self.params.clone());
-        let (g, pipeline) = tokio::task::spawn_blocking(move || {
-            let g = generate(&model, &mut pipeline, &prompt, &params, &mut |_| {
-                std::ops::ControlFlow::Continue(())
-            });
-            (g, pipeline)
-        })
-        .await?;
-        pipeline.close().await;
-        let g = g?;
-        Ok((g.timings, g.token_ids))
-    }
-}
-
-/// Greedy generation of `--tokens` tokens, end-of-text ignored.
-fn bench_params(args: &BenchArgs) -> GenerationParams {
-    GenerationParams {
-        max_tokens: args.tokens as usize,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        },
-        ignore_eos: true,
-        logprobs: None,
-    }
-}
-
-/// The local runs: every layer in this process.
-fn local_runs(model_path: &std::path::Path, args: &BenchArgs) -> anyhow::Result<Vec<LocalRun>> {
-    let mut gguf = GgufFile::open(model_path)?;
-    let model = ClientModel::from_gguf(&mut gguf)?;
-    let prompt = bench_prompt(&model, args.prompt_tokens as usize)?;
-    let params = bench_params(args);
-    let shard = Arc::new(Shard::from_gguf(
-        &mut gguf,
-        model.config.clone(),
-        LayerRange::new(0, model.config.block_count as u32),
-        &indicatif::ProgressBar::hidden(),
-    )?);
-    let max_len = prompt.len() + params.max_tokens;
-    (0..args.runs)
-        .map(|_| {
-            let mut pipeline = LocalPipeline::new(vec![shard.clone()], max_len);
-            let g = generate(&model, &mut pipeline, &prompt, &params, &mut |_| {
-                std::ops::ControlFlow::Continue(())
-            })?;
-            Ok(LocalRun {
-                timings: g.timings,
-                token_ids: g.token_ids,
-            })
-        })
-        .collect()
-}
-
-/// One of [`local_runs`] in a child process of this binary, with `generate --local`'s
-/// settings: candle's spin limit unless the user set one (`user_spin_limit`).
-fn local_run_in_child(
-    model_path: &std::path::Path,
-    args: &BenchArgs,
-    user_spin_limit: bool,
-) -> anyhow::Result<LocalRun> {
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let mut child = std::process::Command::new(exe);
-    if !user_spin_limit {
-        child.env_remove(SPIN_LIMIT_VAR);
-    }
-    let out = child
-        .arg("bench")
-        .arg("--local-only")
-        .arg("--model")
-        .arg(model_path)
-        .args(["--threads", &args.threads.to_string()])
-        .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
-        .args(["--tokens", &args.tokens.to_string()])
-        .args(["--runs", "1"])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running the local measurement")?;
-    if !out.status.success() {
-        anyhow::bail!("the local measurement failed ({})", out.status);
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().last().unwrap_or_default();
-    let runs: Vec<LocalRun> =
-        serde_json::from_str(last).context("reading the local measurement's report")?;
-    runs.into_iter()
-        .next()
-        .context("the local measurement reported no runs")
-}
-
-/// A prompt of exactly `n` tokens: ordinary text, repeated and cut.
-fn bench_prompt(model: &ClientModel, n: usize) -> anyhow::Result<Vec<u32>> {
-    let text = "The history of the city is long and full of events. ".repeat(n / 8 + 2);
-    let mut ids = model.tokenizer.encode(&text)?;
-    ids.truncate(n.min(model.config.context_length.saturating_sub(1)));
-    Ok(ids)
-}
-
 fn start_nodes(
     model: &std::path::Path,
     ranges: &[LayerRange],
@@ -452,21 +317,4 @@ fn memory_of(gguf: &GgufFile, nodes: &[ServeProcess], kv_all_layers: u64) -> Vec
             }
         })
         .collect()
-}
-
-/// The median of `values` (not empty).
-fn middle(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Medians, field by field, of several runs' timings.
-fn median(runs: &[Timings]) -> Single {
-    let mid = |f: fn(&Timings) -> f64| middle(&runs.iter().map(f).collect::<Vec<_>>());
-    Single {
-        time_to_first_token_ms: mid(|t| t.prefill_ms),
-        prefill_tokens_per_s: mid(|t| t.prefill_tokens_per_s),
-        decode_tokens_per_s: mid(|t| t.decode_tokens_per_s),
-    }
 }
