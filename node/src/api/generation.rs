@@ -1,15 +1,19 @@
-//! The one place the API starts a generation: a session opened through the swarm, the
-//! generation run (with failover) on a blocking thread, the session closed. Everything
-//! else of a request's run only sees pieces of text and the finished [`Generation`].
+//! The one place the API starts a generation: the client's one [`Generator`] over the
+//! swarm, run on a blocking thread, its session closed at the end. Everything else of
+//! a request's run only sees pieces of text and the finished [`Generation`].
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use allmende_protocol::WireDType;
 
 use super::{ApiError, Gateway};
-use crate::client::connect::{connect, RouteOptions};
+use crate::client::backend::SwarmBackend;
+use crate::client::connect::RouteOptions;
 use crate::client::generate::session_length;
-use crate::client::{generate, Generation, GenerationParams, Piece};
+use crate::client::generator::Generator;
+use crate::client::pipeline::RouteReport;
+use crate::client::{Generation, GenerationParams, Piece};
 
 /// What receives a generation's text, on the generation's own thread.
 pub trait Listener: Send + 'static {
@@ -29,25 +33,27 @@ pub async fn generate_through_swarm<L: Listener>(
     params: GenerationParams,
     mut listener: L,
 ) -> Result<L::Output, ApiError> {
-    let max_len = session_length(&gateway.model, prompt_ids.len(), &params) as u32;
-    let options = RouteOptions::new(WireDType::F32, gateway.failover_patience);
-    let mut pipeline = connect(&gateway.network, &gateway.target, max_len, options)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    let model = gateway.model.clone();
-    let (output, pipeline) = tokio::task::spawn_blocking(move || {
-        let generation = generate(&model, &mut pipeline, &prompt_ids, &params, &mut |piece| {
-            listener.piece(piece)
-        });
+    let capacity = session_length(&gateway.model, prompt_ids.len(), &params);
+    let backend = SwarmBackend::new(
+        gateway.network.clone(),
+        gateway.target.clone(),
+        RouteOptions::new(WireDType::F32, gateway.failover_patience),
+        tokio::runtime::Handle::current(),
+    );
+    let mut generator = Generator::new(gateway.model.clone(), Arc::new(backend), capacity);
+    let (output, report) = tokio::task::spawn_blocking(move || {
+        let generation =
+            generator.generate(&prompt_ids, &params, &mut |piece| listener.piece(piece));
         let generation = generation.map_err(|e| ApiError::unavailable(e.to_string()));
-        (listener.end(generation), pipeline)
+        (listener.end(generation), generator.close())
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
-    gateway
-        .metrics
-        .failovers
-        .inc_by(pipeline.failovers().len() as u64);
-    pipeline.close().await;
+    if let Some(RouteReport::Swarm(route)) = report {
+        gateway
+            .metrics
+            .failovers
+            .inc_by(route.failovers.len() as u64);
+    }
     output
 }

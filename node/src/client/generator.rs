@@ -25,6 +25,9 @@ pub struct Generator {
     session: Option<Box<dyn Pipeline>>,
     /// The token ids the open session holds, in order.
     held: Vec<u32>,
+    /// Where the layers of a session closed after an error ran, until [`Self::close`]
+    /// reports it: its failovers count too.
+    failed: Option<RouteReport>,
 }
 
 impl Generator {
@@ -35,6 +38,7 @@ impl Generator {
             capacity,
             session: None,
             held: Vec::new(),
+            failed: None,
         }
     }
 
@@ -102,7 +106,7 @@ impl Generator {
                 self.held.extend_from_slice(&reply.token_ids[..fed]);
             }
             Err(_) => {
-                self.close();
+                self.failed = self.close();
             }
         }
         result
@@ -123,10 +127,13 @@ impl Generator {
         Ok(output)
     }
 
-    /// Closes the session, if one is open, and reports where its layers ran.
+    /// Closes the session, if one is open, and reports where its layers ran (or those
+    /// of the last session an error closed).
     pub fn close(&mut self) -> Option<RouteReport> {
         self.held.clear();
-        let mut session = self.session.take()?;
+        let Some(mut session) = self.session.take() else {
+            return self.failed.take();
+        };
         let report = session.report();
         session.close();
         Some(report)
