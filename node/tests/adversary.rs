@@ -11,7 +11,10 @@ use allmende_protocol::{
     ClientMessage, ErrorKind, LayerRange, ServerMessage, WireDType, WireTensor, MAX_MESSAGE_BYTES,
 };
 use futures::AsyncWriteExt;
-use support::attack::{error_kind, honest_tokens, replay_flood_frame, survived, BUDGET};
+use support::attack::{
+    error_kind, generation, honest_tokens, replay_flood_frame, send_frames_in_part, survived,
+    BUDGET,
+};
 use support::cgroup::MemoryCage;
 use support::raw::{ask, RawClient};
 use support::swarm::{allmende, ids, json_of, Node};
@@ -150,16 +153,7 @@ async fn frames_sent_in_part_and_stalled_are_held_within_a_budget() {
             streams.push(attacker.stream().await);
         }
     }
-    let chunk = vec![0x5au8; 1 << 20];
-    let sends = streams.iter_mut().map(|s| async {
-        s.write_all(&(MAX_MESSAGE_BYTES as u32).to_le_bytes())
-            .await?;
-        for _ in 0..SENT / chunk.len() {
-            s.write_all(&chunk).await?;
-        }
-        s.flush().await
-    });
-    futures::future::join_all(sends).await;
+    send_frames_in_part(&mut streams, SENT).await;
     // Held in full, the frames would take 24 × 48 MiB, past the node's budget: the node
     // holds at most its frame budget of them (the rest are read and thrown away).
     let peak = cage.peak();
@@ -188,42 +182,11 @@ async fn one_address_holds_at_most_its_share_of_the_frame_budget() {
     for _ in 0..16 {
         streams.push(attacker.stream().await);
     }
-    let chunk = vec![0x5au8; 1 << 20];
-    let sends = streams.iter_mut().map(|s| async {
-        s.write_all(&(MAX_MESSAGE_BYTES as u32).to_le_bytes())
-            .await?;
-        for _ in 0..SENT / chunk.len() {
-            s.write_all(&chunk).await?;
-        }
-        s.flush().await
-    });
-    futures::future::join_all(sends).await;
+    send_frames_in_part(&mut streams, SENT).await;
 
     // A prompt of a few hundred tokens: its prefill is a frame of hundreds of KB.
     let prompt = "The capital of France is Paris, and the capital of Italy is Rome. ".repeat(24);
-    let addr = node.addr.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        allmende(&[
-            "generate",
-            "--bootstrap",
-            &addr,
-            "--no-mdns",
-            "--prompt",
-            &prompt,
-            "--max-tokens",
-            "4",
-            "--ignore-eos",
-            "--json",
-        ])
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report = json_of(&out);
+    let report = generation(&node.addr, &prompt, 4).await;
     assert!(
         report["prompt_token_ids"].as_array().unwrap().len() > 300,
         "{report:#}"

@@ -5,6 +5,9 @@ use allmende_protocol::{
     ClientMessage, ErrorKind, ServerMessage, WireDType, WireTensor, MAX_MESSAGE_BYTES,
 };
 
+use futures::AsyncWriteExt;
+use libp2p::Stream;
+
 use super::cgroup::MemoryCage;
 use super::swarm::{allmende, ids, json_of, Node};
 
@@ -14,7 +17,13 @@ pub const BUDGET: u64 = 1 << 30;
 
 /// An honest generation through the node at `addr`: greedy, so always the same tokens.
 pub async fn honest_tokens(addr: &str) -> Vec<u32> {
-    let addr = addr.to_string();
+    ids(&generation(addr, "The capital of France is", 12).await)
+}
+
+/// `generate --json`'s report of `max_tokens` greedy tokens after `prompt`, through the
+/// node at `addr`; the generation must succeed.
+pub async fn generation(addr: &str, prompt: &str, max_tokens: usize) -> serde_json::Value {
+    let (addr, prompt, max_tokens) = (addr.to_string(), prompt.to_string(), max_tokens.to_string());
     let out = tokio::task::spawn_blocking(move || {
         allmende(&[
             "generate",
@@ -22,16 +31,36 @@ pub async fn honest_tokens(addr: &str) -> Vec<u32> {
             &addr,
             "--no-mdns",
             "--prompt",
-            "The capital of France is",
+            &prompt,
             "--max-tokens",
-            "12",
+            &max_tokens,
             "--ignore-eos",
             "--json",
         ])
     })
     .await
     .unwrap();
-    ids(&json_of(&out))
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_of(&out)
+}
+
+/// Starts a frame of the largest size on every stream and sends `bytes` of it, then
+/// stalls: frames the node holds while waiting for the rest.
+pub async fn send_frames_in_part(streams: &mut [Stream], bytes: usize) {
+    let chunk = vec![0x5au8; 1 << 20];
+    let sends = streams.iter_mut().map(|s| async {
+        s.write_all(&(MAX_MESSAGE_BYTES as u32).to_le_bytes())
+            .await?;
+        for _ in 0..bytes / chunk.len() {
+            s.write_all(&chunk).await?;
+        }
+        s.flush().await
+    });
+    futures::future::join_all(sends).await;
 }
 
 /// The node is running, stayed within its budget, and serves `before` again.
