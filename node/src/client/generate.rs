@@ -140,6 +140,22 @@ pub struct SessionSpan {
     pub capacity: usize,
 }
 
+impl SessionSpan {
+    /// Refuses `new` positions after those held if there are none, or no room for them.
+    pub fn check(&self, new: usize) -> Result<(), GenerateError> {
+        if new == 0 {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if self.past + new > self.capacity {
+            return Err(GenerateError::PromptTooLong {
+                tokens: self.past + new,
+                context: self.capacity,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Like [`generate`], but `prompt_ids` follow the `session.past` positions the session
 /// already holds. Generation ends at `max_tokens` or when the session is full.
 pub fn continue_session(
@@ -150,15 +166,7 @@ pub fn continue_session(
     params: &GenerationParams,
     on_text: &mut dyn FnMut(Piece<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
-    if prompt_ids.is_empty() {
-        return Err(GenerateError::EmptyPrompt);
-    }
-    if session.past + prompt_ids.len() > session.capacity {
-        return Err(GenerateError::PromptTooLong {
-            tokens: session.past + prompt_ids.len(),
-            context: session.capacity,
-        });
-    }
+    session.check(prompt_ids.len())?;
     params.sampling.validate()?;
     let max_len = session.capacity;
     let mut sampler = Sampler::new(params.sampling.clone());

@@ -76,15 +76,12 @@ impl Generator {
         params: &GenerationParams,
         on_text: &mut dyn FnMut(Piece<'_>) -> ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
-        if context.is_empty() {
-            return Err(GenerateError::EmptyPrompt);
-        }
-        if context.len() > self.capacity {
-            return Err(GenerateError::PromptTooLong {
-                tokens: context.len(),
-                context: self.capacity,
-            });
-        }
+        // Checked before any session is opened for it.
+        let whole = SessionSpan {
+            past: 0,
+            capacity: self.capacity,
+        };
+        whole.check(context.len())?;
         // A session cannot be rewound: one holding anything but a prefix starts over.
         let past = held_prefix(&self.held, context);
         if past < self.held.len() {
