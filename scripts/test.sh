@@ -30,7 +30,11 @@ report() {
 }
 trap report EXIT
 
-fetch_model() { ALLMENDE_MODEL="$(scripts/fetch-model.sh)"; export ALLMENDE_MODEL; }
+fetch_model() {
+    ALLMENDE_MODEL="$(scripts/fetch-model.sh)"
+    ALLMENDE_GEMMA3="$(scripts/fetch-gemma3.sh)"
+    export ALLMENDE_MODEL ALLMENDE_GEMMA3
+}
 setup() {
     python="$(scripts/setup-test-deps.sh)"
     ALLMENDE_TEST_PYTHON="$PWD/$python"

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::model::arch::Architecture;
 use crate::model::gguf::{self, GgufFile};
 use crate::model::kernels::Linear;
 use crate::model::pieces::load::load_checked;
@@ -22,7 +21,7 @@ pub struct ClientHead {
     hidden_size: usize,
     /// What embeddings are multiplied by, where the architecture scales them.
     embedding_scale: Option<f32>,
-    arch: &'static dyn Architecture,
+    config: ModelConfig,
 }
 
 impl ClientHead {
@@ -46,7 +45,7 @@ impl ClientHead {
             vocab_size: vocab,
             hidden_size: d,
             embedding_scale: cfg.arch.embedding_scale(cfg),
-            arch: cfg.arch,
+            config: cfg.clone(),
         })
     }
 
@@ -89,7 +88,7 @@ impl ClientHead {
             Linear::Ours(_) => lm_head.forward(&normed)?,
         };
         let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        self.arch.finish_logits(&mut logits);
+        self.config.arch.finish_logits(&self.config, &mut logits);
         Ok(logits)
     }
 }

@@ -23,6 +23,9 @@ pub struct Step<'a> {
     pub q: &'a [f32],
     pub heads: usize,
     pub cache: KvView<'a>,
+    /// What each score is multiplied by: `1 / sqrt(head_dim)` unless the model says
+    /// otherwise (Gemma 3 27B).
+    pub scale: f32,
 }
 
 /// Most tasks (and chunk results, ~1 KB each) in one round over the compute threads:
@@ -92,7 +95,7 @@ fn check(step: &Step<'_>) -> Result<()> {
             step.heads
         );
     }
-    if c.positions == 0 || hd == 0 {
+    if c.visible() == 0 || hd == 0 {
         bail!("attention over an empty cache");
     }
     let rows = b * nkv * c.capacity * hd;
@@ -108,12 +111,12 @@ fn check(step: &Step<'_>) -> Result<()> {
 /// Tasks of a step: one per batch row, KV head and chunk of positions.
 fn task_count(step: &Step<'_>) -> usize {
     let c = &step.cache;
-    c.shape.batch * c.shape.kv_heads * c.positions.div_ceil(CHUNK)
+    c.shape.batch * c.shape.kv_heads * c.visible().div_ceil(CHUNK)
 }
 
 /// The step's output from its tasks' results, in task order.
 fn merge(step: &Step<'_>, partials: &[Partial]) -> Vec<f32> {
-    let chunks = step.cache.positions.div_ceil(CHUNK);
+    let chunks = step.cache.visible().div_ceil(CHUNK);
     let mut out = vec![0f32; step.q.len()];
     let group_len = step.heads / step.cache.shape.kv_heads * step.cache.shape.head_dim;
     for (y, parts) in out.chunks_exact_mut(group_len).zip(partials.chunks(chunks)) {
@@ -127,17 +130,17 @@ fn push_tasks<'s>(step: &Step<'s>, tasks: &mut Vec<Task<'s>>) {
     let c = step.cache;
     let (hd, nkv) = (c.shape.head_dim, c.shape.kv_heads);
     let group = step.heads / nkv * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (scale, visible) = (step.scale, c.visible());
     for bi in 0..c.shape.batch {
         for g in 0..nkv {
             let rows = |data| Rows {
                 data,
                 start: c.offset(bi, g),
                 stride: hd,
-                count: c.positions,
+                count: visible,
             };
-            for first in (0..c.positions).step_by(CHUNK) {
-                let n = CHUNK.min(c.positions - first);
+            for first in (0..visible).step_by(CHUNK) {
+                let n = CHUNK.min(visible - first);
                 let cut = |r: Rows<'s>| Rows {
                     count: n,
                     ..r.skip(first)
@@ -216,11 +219,13 @@ mod tests {
                 },
                 capacity,
                 positions,
+                first: 0,
             };
             let step = Step {
                 q: &qv,
                 heads: nh,
                 cache,
+                scale: 1.0 / (hd as f32).sqrt(),
             };
             let ours = single_positions(&[step]).unwrap().remove(0);
             let k = kc.narrow(2, 0, positions).unwrap();
@@ -265,7 +270,9 @@ mod tests {
                     shape: shape(3, 16),
                     capacity: 1,
                     positions: 1,
+                    first: 0,
                 },
+                scale: 0.25,
             })
             .collect();
         assert!(steps.len() * 3 > MAX_TASKS_PER_ROUND);
@@ -288,8 +295,14 @@ mod tests {
             shape: shape(3, 8),
             capacity: 5,
             positions: 5,
+            first: 0,
         };
-        let step = |q, heads, cache| Step { q, heads, cache };
+        let step = |q, heads, cache| Step {
+            q,
+            heads,
+            cache,
+            scale: 1.0,
+        };
         // Four query heads cannot share three KV heads.
         assert!(single_positions(&[step(&q, 4, cache)]).is_err());
         // Too few query values for six heads.

@@ -69,6 +69,29 @@ pub struct ModelConfig {
     /// The model's context length, or its sliding window where that is shorter.
     pub context_length: usize,
     pub vocab_size: usize,
+    /// The RoPE of sliding-window layers where it differs from `rope()` (Gemma 3).
+    pub rope_local: Option<RopeSpec>,
+    /// Sliding-window attention: the window, and which layers are local (one flag
+    /// per layer); `None` where every layer attends to the whole session.
+    pub sliding_window: Option<SlidingWindow>,
+    /// What attention scores are multiplied by, where it is not `1 / sqrt(head_dim)`.
+    pub attention_scale: Option<f32>,
+    /// `cap × tanh(logit / cap)` on the LM head's logits, where the model caps them.
+    pub final_logit_softcap: Option<f32>,
+}
+
+/// Which layers attend to a window of the last `window` positions only.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    pub window: usize,
+    pub local: Vec<bool>,
+}
+
+impl SlidingWindow {
+    /// Whether layer `index` is a sliding-window one.
+    pub fn is_local(&self, index: usize) -> bool {
+        self.local.get(index).copied().unwrap_or(false)
+    }
 }
 
 impl ModelConfig {
@@ -232,6 +255,10 @@ pub fn read_llama_style(
         rms_eps: gguf.f32(&key("attention.layer_norm_rms_epsilon"))?,
         context_length,
         vocab_size,
+        rope_local: None,
+        sliding_window: None,
+        attention_scale: None,
+        final_logit_softcap: None,
     })
 }
 

@@ -41,8 +41,8 @@ pub struct KvShape {
     pub head_dim: usize,
 }
 
-/// One layer's cached keys and values as attention reads them: `positions` filled
-/// rows of each (batch row, KV head), `capacity` rows apart.
+/// One layer's cached keys and values as attention reads them: rows `first..positions`
+/// of each (batch row, KV head), `capacity` rows apart.
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
     pub k: &'a [f16],
@@ -50,12 +50,28 @@ pub struct KvView<'a> {
     pub shape: KvShape,
     pub capacity: usize,
     pub positions: usize,
+    /// The first visible row: 0, or where a sliding window begins.
+    pub first: usize,
 }
 
 impl KvView<'_> {
-    /// Where the rows of batch row `b`, KV head `h` start.
+    /// Where the visible rows of batch row `b`, KV head `h` start.
     pub fn offset(&self, b: usize, h: usize) -> usize {
-        (b * self.shape.kv_heads + h) * self.capacity * self.shape.head_dim
+        ((b * self.shape.kv_heads + h) * self.capacity + self.first) * self.shape.head_dim
+    }
+
+    /// How many rows are visible.
+    pub fn visible(&self) -> usize {
+        self.positions.saturating_sub(self.first)
+    }
+
+    /// The last `window` rows only (a sliding-window layer's position sees no further
+    /// back), of at least one row.
+    pub fn window(self, window: usize) -> Self {
+        Self {
+            first: self.positions.saturating_sub(window.max(1)),
+            ..self
+        }
     }
 
     /// The first `positions` rows only (a prompt's position sees its causal prefix).
@@ -211,6 +227,7 @@ impl ShardCache {
             shape,
             capacity: self.capacity,
             positions,
+            first: 0,
         })
     }
 

@@ -78,6 +78,9 @@ pub struct Rope {
     sin: Vec<f32>,
     half: usize,
     style: RopeStyle,
+    /// The sliding-window layers' own rotation, where it differs (Gemma 3's local
+    /// layers turn with another base and without the global layers' scaling).
+    local: Option<Box<Rope>>,
 }
 
 impl Rope {
@@ -135,7 +138,22 @@ impl Rope {
             sin,
             half,
             style,
+            local: None,
         })
+    }
+
+    /// This rotation for the model's full-attention layers, with `local` for its
+    /// sliding-window layers.
+    pub fn with_local(self, local: Rope) -> Self {
+        Self {
+            local: Some(Box::new(local)),
+            ..self
+        }
+    }
+
+    /// The rotation of a sliding-window layer: its own, or the model's one.
+    pub fn local(&self) -> &Rope {
+        self.local.as_deref().unwrap_or(self)
     }
 
     /// One head's row `x` (`head_dim` values) rotated for position `pos`, written to

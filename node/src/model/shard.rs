@@ -49,7 +49,10 @@ impl Shard {
             progress.inc(layer_bytes(gguf, index as usize));
         }
         let factors = rope_factors(gguf, &config)?;
-        let rope = Rope::new(config.rope(), config.context_length, factors.as_deref())?;
+        let mut rope = Rope::new(config.rope(), config.context_length, factors.as_deref())?;
+        if let Some(local) = config.rope_local {
+            rope = rope.with_local(Rope::new(local, config.context_length, None)?);
+        }
         Ok(Self {
             config,
             range,

@@ -215,6 +215,10 @@ mod tests {
             rms_eps: 1e-5,
             context_length: 2048,
             vocab_size: 49152,
+            rope_local: None,
+            sliding_window: None,
+            attention_scale: None,
+            final_logit_softcap: None,
         }
     }
 
@@ -241,7 +245,7 @@ mod tests {
             ("blk.3.attn_output.bias", "bias is not applied"),
             ("blk.3.ffn_up.bias", "bias is not applied"),
             ("output.bias", "LM head"),
-            ("blk.3.attn_k_norm.weight", "only qwen3 files"),
+            ("blk.3.attn_k_norm.weight", "only qwen3, gemma3 files"),
             ("blk.3.ffn_up_exps.weight", "mixture-of-experts"),
             ("blk.3.rope_factors_long.weight", "long/short"),
             ("blk.3.attn_q", "does not know"),
@@ -259,7 +263,19 @@ mod tests {
         assert!(check_tensor("blk.0.ffn_gate.weight", &config("qwen2")).is_ok());
         let err = check_tensor("blk.0.ffn_gate.weight", &config("phi3")).unwrap_err();
         let err = err.to_string();
-        assert!(err.contains("only llama, qwen2, qwen3 files"), "{err}");
+        assert!(
+            err.contains("only llama, qwen2, qwen3, gemma3 files"),
+            "{err}"
+        );
         assert!(err.contains("a phi3 layer are attn_norm.weight"), "{err}");
+        let gemma3 = config("gemma3");
+        assert!(check_tensor("blk.0.post_ffw_norm.weight", &gemma3).is_ok());
+        for refused in [
+            "blk.0.attn_qkv.weight",
+            "blk.0.attn_q.bias",
+            "rope_freqs.weight",
+        ] {
+            assert!(check_tensor(refused, &gemma3).is_err(), "{refused}");
+        }
     }
 }

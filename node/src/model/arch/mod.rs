@@ -5,6 +5,7 @@
 //! architecture's own lists ([`understood`](super::understood)), so adding an
 //! architecture is adding a file here and a line to [`ALL`].
 
+mod gemma3;
 mod llama;
 mod phi3;
 mod qwen2;
@@ -64,7 +65,7 @@ pub trait Architecture: Send + Sync {
 
     /// What the client does to the LM head's logits before sampling (a soft-cap),
     /// if anything.
-    fn finish_logits(&self, _logits: &mut [f32]) {}
+    fn finish_logits(&self, _cfg: &ModelConfig, _logits: &mut [f32]) {}
 }
 
 /// One loaded layer of an architecture.
@@ -96,7 +97,13 @@ impl PartialEq for dyn Architecture {
 }
 
 /// Every supported architecture.
-pub const ALL: &[&dyn Architecture] = &[&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3, &phi3::Phi3];
+pub const ALL: &[&dyn Architecture] = &[
+    &llama::Llama,
+    &qwen2::Qwen2,
+    &qwen3::Qwen3,
+    &phi3::Phi3,
+    &gemma3::Gemma3,
+];
 
 /// The architecture named `name` (a file's `general.architecture`), if supported.
 pub fn find(name: &str) -> Option<&'static dyn Architecture> {

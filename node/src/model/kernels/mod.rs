@@ -15,6 +15,7 @@ mod activations;
 pub mod attend;
 mod driver;
 pub mod float16;
+mod geglu;
 mod grouped;
 #[cfg(target_arch = "aarch64")]
 mod half_neon;
@@ -32,6 +33,7 @@ pub mod q8_0;
 pub mod softmax;
 mod swiglu;
 
+pub use geglu::geglu;
 pub use matrix::{Matrix, WeightBlock};
 pub use norm::rms_norm;
 pub use swiglu::swiglu;

@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 
 use super::load::{load_matmul, load_weights, LoadResult};
 use crate::model::gguf::GgufFile;
-use crate::model::kernels::{swiglu as swiglu_row, Linear, Simd, Stacked};
+use crate::model::kernels::{geglu as geglu_row, swiglu as swiglu_row, Linear, Simd, Stacked};
 
 /// The per-layer tensors of the two layouts.
 pub const SEPARATE_TENSORS: &[&str] = &["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"];
@@ -18,6 +18,9 @@ pub enum Activation {
     /// SiLU (SwiGLU), in one pass with the product
     /// ([`kernels::swiglu`](crate::model::kernels::swiglu)).
     Silu,
+    /// GELU, tanh form (GeGLU), through llama.cpp's f16 table
+    /// ([`kernels::geglu`](crate::model::kernels::geglu)).
+    Gelu,
 }
 
 pub struct GatedFfn {
@@ -65,7 +68,11 @@ impl GatedFfn {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up.forward(x)?;
         let gated = match self.activation {
-            Activation::Silu => swiglu(&gate_up)?,
+            Activation::Silu => {
+                let simd = Simd::in_use();
+                gated(&gate_up, |g, u, y| swiglu_row(g, u, y, simd))?
+            }
+            Activation::Gelu => gated(&gate_up, geglu_row)?,
         };
         self.down.forward(&gated)
     }
@@ -75,9 +82,9 @@ impl GatedFfn {
 /// run on the calling thread alone (a row takes about a tenth of a microsecond).
 const SWIGLU_ROWS_PER_TASK: usize = 16;
 
-/// `silu(gate) × up` for `[..., gate ‖ up]` (two halves of the last dimension), in one
+/// `act(gate) × up` for `[..., gate ‖ up]` (two halves of the last dimension), in one
 /// pass.
-fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+fn gated(gate_up: &Tensor, act: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Result<Tensor> {
     let mut dims = gate_up.dims().to_vec();
     let ff = match dims.last_mut() {
         Some(width) if *width > 0 && width.is_multiple_of(2) => {
@@ -86,12 +93,11 @@ fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
         }
         _ => candle_core::bail!("gate and up expected side by side, got {dims:?}"),
     };
-    let simd = Simd::in_use();
     let values = crate::model::with_values(gate_up, |values| {
         crate::model::map_rows(values, (2 * ff, ff), SWIGLU_ROWS_PER_TASK, |x, y| {
             for (row, y) in x.chunks_exact(2 * ff).zip(y.chunks_exact_mut(ff)) {
                 let (gate, up) = row.split_at(ff);
-                swiglu_row(gate, up, y, simd);
+                act(gate, up, y);
             }
         })
     })?;

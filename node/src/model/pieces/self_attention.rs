@@ -21,6 +21,11 @@ pub struct SelfAttention {
     head_dim: usize,
     /// Per-head RMS norms of queries and of keys before RoPE, where the model has them.
     head_norms: Option<HeadNorms>,
+    /// What scores are multiplied by.
+    scale: f32,
+    /// A sliding-window layer's window: each position sees itself and the `window - 1`
+    /// before it.
+    window: Option<usize>,
 }
 
 impl SelfAttention {
@@ -30,6 +35,18 @@ impl SelfAttention {
             head_count_kv: cfg.head_count_kv,
             head_dim: cfg.head_dim,
             head_norms,
+            scale: cfg
+                .attention_scale
+                .unwrap_or_else(|| 1.0 / (cfg.head_dim as f32).sqrt()),
+            window: None,
+        }
+    }
+
+    /// This attention over the last `window` positions only.
+    pub fn windowed(self, window: usize) -> Self {
+        Self {
+            window: Some(window),
+            ..self
         }
     }
 
@@ -82,10 +99,15 @@ impl SelfAttention {
                 for (t, q) in q.chunks_exact(b * d).enumerate() {
                     // Position `filled - len + t` sees the cache up to itself.
                     let cache = cache.prefix(filled - part.len + t + 1);
+                    let cache = match self.window {
+                        Some(w) => cache.window(w),
+                        None => cache,
+                    };
                     steps.push(Step {
                         q,
                         heads: nh,
                         cache,
+                        scale: self.scale,
                     });
                 }
             }
