@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use allmende_node::client::chat_template::ChatMessage;
 use allmende_node::client::{
     generate, ClientModel, Generation, GenerationParams, LocalPipeline, SamplingParams,
 };
@@ -60,7 +61,18 @@ impl LlamaServer {
             .arg("-m")
             .arg(gemma_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-t", "1", "-c", "2048", "-np", "1"])
+            .args([
+                "-t",
+                "1",
+                "-c",
+                "2048",
+                "-np",
+                "1",
+                "--chat-template",
+                "gemma",
+                // Without Jinja, the name picks llama.cpp's built-in format.
+                "--no-jinja",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -82,6 +94,15 @@ impl LlamaServer {
             assert!(Instant::now() < deadline, "llama-server never served");
             std::thread::sleep(Duration::from_millis(300));
         }
+    }
+
+    /// `messages` in llama.cpp's built-in `gemma` chat format, with the opening of
+    /// the model's turn.
+    fn apply_template(&self, messages: &Value) -> String {
+        let body = json!({"messages": messages});
+        let (status, reply) = request(self.addr, "POST", "/apply-template", Some(&body));
+        assert_eq!(status, 200, "{reply}");
+        reply["prompt"].as_str().expect("a prompt").to_string()
     }
 
     fn tokenize(&self, text: &str) -> Vec<u32> {
@@ -316,4 +337,41 @@ fn split_equals_unsplit_bit_for_bit() {
             .collect()
     };
     assert_eq!(bits(&split), bits(&unsplit));
+}
+
+/// The file has no chat template: chats use llama.cpp's built-in `gemma` format, as
+/// llama-server renders it with `--chat-template gemma`, and tokenize as its text does.
+#[test]
+fn chats_in_llama_cpps_gemma_format() {
+    let model = &loaded().model;
+    let chats: [&[(&str, &str)]; 4] = [
+        &[("user", "Hello!")],
+        &[("system", "  Be brief. "), ("user", " What is 2 + 2?\n")],
+        &[
+            ("system", "You are a poet."),
+            ("user", "Write a line."),
+            ("assistant", "The sea is wide."),
+            ("user", "Another."),
+        ],
+        &[
+            ("system", "A"),
+            ("system", "B"),
+            ("assistant", "hi"),
+            ("user", "x"),
+        ],
+    ];
+    for chat in chats {
+        let messages: Vec<ChatMessage> =
+            chat.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect();
+        let theirs = server().apply_template(&json!(chat
+            .iter()
+            .map(|(r, c)| json!({"role": r, "content": c}))
+            .collect::<Vec<_>>()));
+        assert_eq!(model.chat_prompt(&messages).unwrap(), theirs, "{chat:?}");
+        assert_eq!(
+            model.chat_prompt_ids(&messages).unwrap(),
+            server().tokenize(&theirs),
+            "{chat:?}"
+        );
+    }
 }
