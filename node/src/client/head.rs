@@ -1,13 +1,16 @@
-//! The client's own part of the model: token embedding, final norm and LM head.
+//! The client's own part of the model: token embedding, final norm and LM head, with
+//! what the architecture does to embeddings and logits.
 //! Keeping these local is what keeps plain tokens away from servers.
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::model::block::{load_checked, RmsNorm};
+use crate::model::arch::Architecture;
 use crate::model::gguf::{self, GgufFile};
 use crate::model::kernels::Linear;
+use crate::model::pieces::load::load_checked;
+use crate::model::pieces::norm::RmsNorm;
 use crate::model::{ModelConfig, ModelError};
 
 pub struct ClientHead {
@@ -17,6 +20,9 @@ pub struct ClientHead {
     output: Option<Linear>,
     vocab_size: usize,
     hidden_size: usize,
+    /// What embeddings are multiplied by, where the architecture scales them.
+    embedding_scale: Option<f32>,
+    arch: &'static dyn Architecture,
 }
 
 impl ClientHead {
@@ -39,6 +45,8 @@ impl ClientHead {
             output,
             vocab_size: vocab,
             hidden_size: d,
+            embedding_scale: cfg.arch.embedding_scale(cfg),
+            arch: cfg.arch,
         })
     }
 
@@ -54,7 +62,12 @@ impl ClientHead {
                 self.vocab_size
             )));
         }
-        Ok(self.embedding.rows(ids)?.unsqueeze(0)?)
+        let rows = self.embedding.rows(ids)?;
+        let rows = match self.embedding_scale {
+            Some(scale) => rows.affine(f64::from(scale), 0.0)?,
+            None => rows,
+        };
+        Ok(rows.unsqueeze(0)?)
     }
 
     /// Logits of the last position of `hidden` (`[1, seq, hidden]`).
@@ -75,6 +88,8 @@ impl ClientHead {
             Linear::Candle(_) => candle_core::utils::with_threadpool(|| lm_head.forward(&normed))?,
             Linear::Ours(_) => lm_head.forward(&normed)?,
         };
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        self.arch.finish_logits(&mut logits);
+        Ok(logits)
     }
 }

@@ -1,10 +1,13 @@
-//! Hyper-parameters of a model, read from GGUF metadata (`<architecture>.*`).
+//! Hyper-parameters of a model, read from GGUF metadata (`<architecture>.*`) by its
+//! architecture, and the bounds every architecture's must keep. The keys these
+//! families share with llama.cpp's `llama` are read here, for an architecture to
+//! call and add its own to.
 
 use candle_core::quantized::gguf_file::Value;
 
 use super::arch::{self, Architecture};
 use super::gguf::GgufFile;
-use super::rope::{RopeSpec, Yarn};
+use super::rope::{RopeSpec, RopeStyle, Yarn};
 use super::ModelError;
 
 // Bounds on what a file may declare: each well past the largest open models (126
@@ -26,9 +29,30 @@ const MAX_CONTEXT: usize = 1 << 20;
 /// still ask for gigabytes of tables.
 const MAX_ROPE_TABLE_BYTES: u64 = 1 << 30;
 
+/// The `<architecture>.` keys [`read_llama_style`] reads, or that only describe the
+/// file: what every architecture here shares with llama.cpp's `llama`.
+pub const LLAMA_KEYS: &[&str] = &[
+    "block_count",
+    "context_length",
+    "embedding_length",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.layer_norm_rms_epsilon",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "rope.scaling.original_context_length",
+    "rope.scaling.finetuned",
+    "vocab_size",
+];
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
-    pub arch: &'static Architecture,
+    pub arch: &'static dyn Architecture,
     pub block_count: usize,
     pub hidden_size: usize,
     pub feed_forward_size: usize,
@@ -36,6 +60,7 @@ pub struct ModelConfig {
     pub head_count_kv: usize,
     pub head_dim: usize,
     pub rope_dimension: usize,
+    pub rope_style: RopeStyle,
     pub rope_freq_base: f32,
     /// RoPE scaling's `1 / factor` (linear or YaRN); 1 without.
     pub rope_freq_scale: f32,
@@ -47,76 +72,16 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The hyper-parameters of the file's architecture, checked, after refusing the
+    /// file if it holds anything that architecture does not understand.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ModelError> {
         let name = gguf.string("general.architecture")?;
         let arch = arch::find(name).ok_or_else(|| ModelError::UnsupportedArchitecture {
             name: name.to_string(),
         })?;
-        let key = |k: &str| format!("{name}.{k}");
-        let hidden_size = gguf.usize(&key("embedding_length"))?;
-        let head_count = gguf.usize(&key("attention.head_count"))?;
-        let head_count_kv = match gguf.has(&key("attention.head_count_kv")) {
-            true => gguf.usize(&key("attention.head_count_kv"))?,
-            false => head_count,
-        };
-        // Qwen 3 sizes its heads apart from the width; others may say so redundantly.
-        let head_dim = match gguf.has(&key("attention.key_length")) {
-            true => gguf.usize(&key("attention.key_length"))?,
-            false => hidden_size.checked_div(head_count).unwrap_or(0),
-        };
-        if gguf.has(&key("attention.value_length"))
-            && gguf.usize(&key("attention.value_length"))? != head_dim
-        {
-            return Err(ModelError::BadConfig(format!(
-                "value heads of another size than key heads ({}) are not supported",
-                head_dim
-            )));
-        }
-        let rope_dimension = match gguf.has(&key("rope.dimension_count")) {
-            true => gguf.usize(&key("rope.dimension_count"))?,
-            false => head_dim,
-        };
-        let rope_freq_base = match gguf.has(&key("rope.freq_base")) {
-            true => gguf.f32(&key("rope.freq_base"))?,
-            false => 10_000.0,
-        };
-        let mut context_length = gguf.usize(&key("context_length"))?;
-        let (rope_freq_scale, rope_yarn) =
-            rope_scaling(gguf, name, head_dim, rope_freq_base, context_length)?;
-        if let Some(window) = arch.sliding_window_key.map(key) {
-            if gguf.has(&window) && gguf.usize(&window)? > 0 {
-                context_length = context_length.min(gguf.usize(&window)?);
-            }
-        }
-        let embeddings = gguf
-            .tensor_info("token_embd.weight")
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-        let vocab_size = match embeddings.shape.dims() {
-            &[vocab, _] => vocab,
-            dims => {
-                return Err(ModelError::BadConfig(format!(
-                    "tensor token_embd.weight has shape {dims:?}, not one row per token"
-                )))
-            }
-        };
-        let config = Self {
-            arch,
-            block_count: gguf.usize(&key("block_count"))?,
-            hidden_size,
-            feed_forward_size: gguf.usize(&key("feed_forward_length"))?,
-            head_count,
-            head_count_kv,
-            head_dim,
-            rope_dimension,
-            rope_freq_base,
-            rope_freq_scale,
-            rope_yarn,
-            rms_eps: gguf.f32(&key("attention.layer_norm_rms_epsilon"))?,
-            context_length,
-            vocab_size,
-        };
+        let config = arch.read_config(gguf)?;
         config.validate()?;
-        super::understood::check(gguf, name, &config)?;
+        super::understood::check(gguf, &config)?;
         Ok(config)
     }
 
@@ -151,7 +116,7 @@ impl ModelConfig {
             if value > max {
                 return bad(format!(
                     "{}.{key} is {value}, more than this version's limit of {max}",
-                    self.arch.name
+                    self.arch.name()
                 ));
             }
         }
@@ -205,8 +170,81 @@ impl ModelConfig {
             freq_base: self.rope_freq_base,
             freq_scale: self.rope_freq_scale,
             yarn: self.rope_yarn,
-            style: self.arch.rope,
+            style: self.rope_style,
         }
+    }
+}
+
+/// The hyper-parameters from [`LLAMA_KEYS`], with llama.cpp's defaults: KV heads as
+/// many as query heads, heads of width / heads unless `attention.key_length` says
+/// otherwise (Qwen 3 sizes its heads apart from the width), RoPE over the whole head
+/// with base 10,000.
+pub fn read_llama_style(
+    gguf: &GgufFile,
+    arch: &'static dyn Architecture,
+    rope_style: RopeStyle,
+) -> Result<ModelConfig, ModelError> {
+    let name = arch.name();
+    let key = |k: &str| format!("{name}.{k}");
+    let hidden_size = gguf.usize(&key("embedding_length"))?;
+    let head_count = gguf.usize(&key("attention.head_count"))?;
+    let head_count_kv = match gguf.has(&key("attention.head_count_kv")) {
+        true => gguf.usize(&key("attention.head_count_kv"))?,
+        false => head_count,
+    };
+    let head_dim = match gguf.has(&key("attention.key_length")) {
+        true => gguf.usize(&key("attention.key_length"))?,
+        false => hidden_size.checked_div(head_count).unwrap_or(0),
+    };
+    if gguf.has(&key("attention.value_length"))
+        && gguf.usize(&key("attention.value_length"))? != head_dim
+    {
+        return Err(ModelError::BadConfig(format!(
+            "value heads of another size than key heads ({}) are not supported",
+            head_dim
+        )));
+    }
+    let rope_dimension = match gguf.has(&key("rope.dimension_count")) {
+        true => gguf.usize(&key("rope.dimension_count"))?,
+        false => head_dim,
+    };
+    let rope_freq_base = match gguf.has(&key("rope.freq_base")) {
+        true => gguf.f32(&key("rope.freq_base"))?,
+        false => 10_000.0,
+    };
+    let context_length = gguf.usize(&key("context_length"))?;
+    let (rope_freq_scale, rope_yarn) =
+        rope_scaling(gguf, name, head_dim, rope_freq_base, context_length)?;
+    let vocab_size = vocab_size(gguf)?;
+    Ok(ModelConfig {
+        arch,
+        block_count: gguf.usize(&key("block_count"))?,
+        hidden_size,
+        feed_forward_size: gguf.usize(&key("feed_forward_length"))?,
+        head_count,
+        head_count_kv,
+        head_dim,
+        rope_dimension,
+        rope_style,
+        rope_freq_base,
+        rope_freq_scale,
+        rope_yarn,
+        rms_eps: gguf.f32(&key("attention.layer_norm_rms_epsilon"))?,
+        context_length,
+        vocab_size,
+    })
+}
+
+/// The vocabulary's size: the embedding's rows.
+fn vocab_size(gguf: &GgufFile) -> Result<usize, ModelError> {
+    let embeddings = gguf
+        .tensor_info("token_embd.weight")
+        .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+    match embeddings.shape.dims() {
+        &[vocab, _] => Ok(vocab),
+        dims => Err(ModelError::BadConfig(format!(
+            "tensor token_embd.weight has shape {dims:?}, not one row per token"
+        ))),
     }
 }
 

@@ -2,19 +2,21 @@
 //! running a contiguous range of its transformer layers (a *shard*) over hidden
 //! states.
 //!
-//! The file reads top-down as the model does: [`config`] → [`rope`] → [`block`]
-//! (attention + MLP) → [`shard`]. KV caches live in [`kv_cache`], outside the
-//! weights, one per session, so many sessions share one loaded shard.
+//! Each architecture is one file in [`arch`]: the keys of its [`config`], its
+//! tensors (whatever else a file holds is refused, [`understood`]) and its layer,
+//! built from the shared [`pieces`] (norms, Q/K/V, [`rope`], attention, feed-forward).
+//! A [`shard`] runs a range of those layers. KV caches live in [`kv_cache`], outside
+//! the weights, one per session, so many sessions share one loaded shard.
 
 pub mod arch;
 mod attention;
-pub mod block;
 pub mod config;
 pub mod gguf;
 pub mod gguf_header;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model_id;
+pub mod pieces;
 pub mod rope;
 pub mod shard;
 pub mod understood;

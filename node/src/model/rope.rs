@@ -11,7 +11,15 @@
 
 use candle_core::{bail, Result};
 
-pub use super::arch::RopeStyle;
+/// How RoPE pairs a head's values for rotation; each architecture says which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i + 1)`: llama.cpp's "normal" rope, for which its
+    /// converter permutes Llama's Q and K rows.
+    Adjacent,
+    /// Pairs `(i, i + d/2)`: llama.cpp's "neox" rope, the checkpoints' own layout.
+    Halves,
+}
 
 /// What a model's RoPE is: everything but the positions.
 #[derive(Clone, Copy, Debug, PartialEq)]

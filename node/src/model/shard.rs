@@ -7,16 +7,18 @@ use allmende_protocol::LayerRange;
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use super::block::{Block, Part};
+use super::arch::Layer;
 use super::gguf::GgufFile;
 use super::kv_cache::ShardCache;
+use super::pieces::Part;
 use super::rope::Rope;
 use super::{ForwardError, ModelConfig, ModelError};
 
 pub struct Shard {
     config: ModelConfig,
     range: LayerRange,
-    blocks: Vec<Block>,
+    /// One per layer of the range, as its architecture computes it.
+    blocks: Vec<Box<dyn Layer>>,
     rope: Rope,
 }
 
@@ -43,7 +45,7 @@ impl Shard {
         progress.set_length(bytes);
         let mut blocks = Vec::with_capacity(range.len() as usize);
         for index in range.iter() {
-            blocks.push(Block::load(gguf, &config, index as usize)?);
+            blocks.push(config.arch.load_layer(gguf, &config, index as usize)?);
             progress.inc(layer_bytes(gguf, index as usize));
         }
         let factors = rope_factors(gguf, &config)?;
@@ -210,7 +212,7 @@ fn rope_factors(gguf: &mut GgufFile, config: &ModelConfig) -> Result<Option<Vec<
     if gguf.tensor_info(NAME).is_none() {
         return Ok(None);
     }
-    let q = super::block::load_checked(gguf, NAME, &[config.head_dim / 2], |t| {
+    let q = super::pieces::load::load_checked(gguf, NAME, &[config.head_dim / 2], |t| {
         t == candle_core::quantized::GgmlDType::F32
     })?;
     let values = q

@@ -1,91 +1,24 @@
-//! What the loader understands of a GGUF file, as lists: the metadata keys and the
-//! tensors that the compute uses, or that are known not to change what it computes.
-//! Anything else in a file (a bias, RoPE scaling by type, a sliding window, experts,
-//! a LoRA adapter, one part of a split file) is refused with an error that names it:
-//! ignoring it would run the model silently wrong.
+//! What the loader understands of a GGUF file: the metadata keys and tensors its
+//! architecture lists ([`Architecture`]), and keys known not to change what it
+//! computes. Anything else in a file (a bias, RoPE scaling by type, a sliding window,
+//! experts, a LoRA adapter, one part of a split file) is refused with an error that
+//! names it and the architecture's own list: ignoring it would run the model silently
+//! wrong.
 
 use candle_core::quantized::gguf_file::Value;
 
-use super::arch::Architecture;
+use super::arch::{self, Architecture};
 use super::gguf::GgufFile;
 use super::{ModelConfig, ModelError};
-
-/// Per-layer tensors (`blk.N.<name>`) every architecture may have: Q, K and V
-/// separate or fused, with or without biases (as llama.cpp reads them for all of
-/// these architectures), and the block loader checks that one complete set is there.
-const LAYER_TENSORS: &[&str] = &[
-    "attn_norm.weight",
-    "attn_q.weight",
-    "attn_k.weight",
-    "attn_v.weight",
-    "attn_qkv.weight",
-    "attn_q.bias",
-    "attn_k.bias",
-    "attn_v.bias",
-    "attn_qkv.bias",
-    "attn_output.weight",
-    "ffn_norm.weight",
-    "ffn_up.weight",
-    "ffn_down.weight",
-];
-
-/// Per-layer tensors only some architectures have.
-fn arch_layer_tensors(arch: &'static Architecture) -> impl Iterator<Item = &'static str> {
-    let qk_norm = ["attn_q_norm.weight", "attn_k_norm.weight"];
-    let gate = ["ffn_gate.weight"];
-    let qk_norm = qk_norm.into_iter().filter(move |_| arch.qk_norm);
-    qk_norm.chain(gate.into_iter().filter(move |_| !arch.fused_gate_up))
-}
-
-/// The client's tensors, and the servers' RoPE frequency factors; `output.weight`
-/// (absent when the LM head is tied) and `rope_freqs.weight` are optional.
-const MODEL_TENSORS: &[&str] = &[
-    "token_embd.weight",
-    "output_norm.weight",
-    "output.weight",
-    "rope_freqs.weight",
-];
-
-/// `<arch>.` keys the config reads, or that only describe the file.
-const ARCH_KEYS: &[&str] = &[
-    "block_count",
-    "context_length",
-    "embedding_length",
-    "feed_forward_length",
-    "attention.head_count",
-    "attention.head_count_kv",
-    "attention.layer_norm_rms_epsilon",
-    "rope.freq_base",
-    "rope.dimension_count",
-    "rope.scaling.factor",
-    "rope.scale_linear",
-    "rope.scaling.original_context_length",
-    "rope.scaling.finetuned",
-    "vocab_size",
-];
 
 /// Namespaces that say nothing about the computation: descriptions, quantization
 /// provenance (`quantize.imatrix.*`), and the tokenizer, which checks its own keys.
 const NEUTRAL_NAMESPACES: &[&str] = &["general.", "quantize.", "tokenizer."];
 
-/// Why a known tensor outside the lists is refused, for the error message.
+/// What a tensor outside every architecture's lists is, where that is known, for the
+/// error message.
 const KNOWN_TENSORS: &[(&str, &str)] = &[
-    (
-        ".bias",
-        "this bias is not applied (only Q, K and V biases are)",
-    ),
-    (
-        "attn_q_norm",
-        "per-head query norms are applied only to qwen3 files",
-    ),
-    (
-        "attn_k_norm",
-        "per-head key norms are applied only to qwen3 files",
-    ),
-    (
-        "ffn_gate.",
-        "a separate gate in a phi3 file (its gate is fused into ffn_up)",
-    ),
+    (".bias", "this bias is not applied"),
     ("_exps", "mixture-of-experts layers are not supported"),
     (
         "rope_factors_",
@@ -93,25 +26,28 @@ const KNOWN_TENSORS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Refuses `gguf` unless every key and tensor in it is one the loader understands.
-pub fn check(gguf: &GgufFile, arch: &str, config: &ModelConfig) -> Result<(), ModelError> {
+/// Refuses `gguf` unless every key and tensor in it is one its architecture lists.
+pub fn check(gguf: &GgufFile, config: &ModelConfig) -> Result<(), ModelError> {
+    let arch = config.arch;
     let mut keys: Vec<&str> = gguf.metadata_keys().collect();
     keys.sort_unstable();
+    let arch_keys = arch.metadata_keys();
     for key in keys {
-        check_key(gguf, arch, key, config)?;
+        check_key(gguf, key, &arch_keys, config)?;
     }
     let mut tensors: Vec<&str> = gguf.tensor_names().collect();
     tensors.sort_unstable();
+    let lists = TensorLists::of(arch);
     for name in tensors {
-        check_tensor(name, config)?;
+        check_tensor(name, &lists, config)?;
     }
     Ok(())
 }
 
 fn check_key(
     gguf: &GgufFile,
-    arch: &str,
     key: &str,
+    arch_keys: &[&str],
     config: &ModelConfig,
 ) -> Result<(), ModelError> {
     if NEUTRAL_NAMESPACES.iter().any(|ns| key.starts_with(ns)) {
@@ -133,57 +69,112 @@ fn check_key(
             _ => Ok(()),
         };
     }
+    let name = config.arch.name();
     let Some(field) = key
-        .strip_prefix(arch)
+        .strip_prefix(name)
         .and_then(|rest| rest.strip_prefix('.'))
     else {
         return refuse("not a key of a model file this version knows");
     };
     // The scaling factor is read with its type (`config::rope_scaling`), which
     // refuses every type but linear and YaRN.
-    if ARCH_KEYS.contains(&field) || config.arch.sliding_window_key == Some(field) {
+    if arch_keys.contains(&field) {
         return Ok(());
     }
-    // Keys that are harmless with their neutral values.
+    // Keys that are harmless with their neutral values, in any architecture.
     let neutral = match field {
-        "attention.key_length" | "attention.value_length" => {
-            gguf.usize(key).is_ok_and(|n| n == config.head_dim)
-        }
         "rope.scaling.type" => {
             matches!(value, Some(Value::String(s)) if ["none", "linear", "yarn"].contains(&s.as_str()))
         }
         "expert_count" | "expert_used_count" => gguf.usize(key).is_ok_and(|n| n == 0),
         _ => false,
     };
-    match neutral {
-        true => Ok(()),
-        false => refuse("this version does not compute what it asks for"),
+    if neutral {
+        return Ok(());
+    }
+    let others = others_with(config.arch, |a| a.metadata_keys().contains(&field));
+    refuse(&format!(
+        "this version does not compute what it asks for in a {name} file{others}; \
+         a {name} file's keys are {}",
+        arch_keys.join(", ")
+    ))
+}
+
+/// An architecture's tensors, in its layers and outside them.
+struct TensorLists {
+    layer: Vec<&'static str>,
+    global: Vec<&'static str>,
+}
+
+impl TensorLists {
+    fn of(arch: &dyn Architecture) -> Self {
+        Self {
+            layer: arch.layer_tensors(),
+            global: arch.global_tensors(),
+        }
     }
 }
 
-fn check_tensor(name: &str, config: &ModelConfig) -> Result<(), ModelError> {
-    if MODEL_TENSORS.contains(&name) {
+fn check_tensor(name: &str, lists: &TensorLists, config: &ModelConfig) -> Result<(), ModelError> {
+    if lists.global.contains(&name) {
         return Ok(());
     }
     let layer_tensor = name
         .strip_prefix("blk.")
         .and_then(|rest| rest.split_once('.'))
         .and_then(|(index, rest)| Some((index.parse::<usize>().ok()?, rest)));
-    if let Some((index, tensor)) = layer_tensor {
-        let known =
-            LAYER_TENSORS.contains(&tensor) || arch_layer_tensors(config.arch).any(|t| t == tensor);
-        if index < config.block_count && known {
-            return Ok(());
+    let arch = config.arch.name();
+    let refuse = |why: String| Err(ModelError::NotUnderstood(format!("tensor {name}: {why}")));
+    let (others, whose, list) = match layer_tensor {
+        Some((index, tensor)) if lists.layer.contains(&tensor) => {
+            return match index < config.block_count {
+                true => Ok(()),
+                false => refuse(format!(
+                    "this version does not know what it is for: the model has {} layers",
+                    config.block_count
+                )),
+            };
         }
-    }
-    let why = match name {
-        "output.bias" => "a bias on the LM head is not applied",
+        Some((_, tensor)) => (
+            others_with(config.arch, |a| a.layer_tensors().contains(&tensor)),
+            "layer",
+            &lists.layer,
+        ),
+        None => (
+            others_with(config.arch, |a| a.global_tensors().contains(&name)),
+            "model outside its layers",
+            &lists.global,
+        ),
+    };
+    let known = match name {
+        "output.bias" => Some("a bias on the LM head is not applied"),
         _ => KNOWN_TENSORS
             .iter()
             .find(|(part, _)| name.contains(part))
-            .map_or("this version does not know what it is for", |(_, why)| why),
+            .map(|(_, why)| *why),
     };
-    Err(ModelError::NotUnderstood(format!("tensor {name}: {why}")))
+    let why = match (others.is_empty(), known) {
+        (false, _) => format!("{arch} files do not have it{others}"),
+        (true, Some(why)) => why.to_string(),
+        (true, None) => "this version does not know what it is for".into(),
+    };
+    refuse(format!(
+        "{why}; the tensors of a {arch} {whose} are {}",
+        list.join(", ")
+    ))
+}
+
+/// ` (only <names> files do)` for the other architectures where `has` holds, or nothing.
+fn others_with(arch: &dyn Architecture, has: impl Fn(&dyn Architecture) -> bool) -> String {
+    let others: Vec<&str> = arch::ALL
+        .iter()
+        .filter(|a| a.name() != arch.name() && has(**a))
+        .map(|a| a.name())
+        .collect();
+    match others.is_empty() {
+        true => String::new(),
+        false => format!(" (only {} files do)", others.join(", ")),
+    }
 }
 
 fn show(value: Option<&Value>) -> String {
@@ -217,6 +208,7 @@ mod tests {
             head_count_kv: 3,
             head_dim: 64,
             rope_dimension: 64,
+            rope_style: crate::model::rope::RopeStyle::Adjacent,
             rope_freq_base: 10_000.0,
             rope_freq_scale: 1.0,
             rope_yarn: None,
@@ -224,6 +216,10 @@ mod tests {
             context_length: 2048,
             vocab_size: 49152,
         }
+    }
+
+    fn check_tensor(name: &str, config: &ModelConfig) -> Result<(), ModelError> {
+        super::check_tensor(name, &TensorLists::of(config.arch), config)
     }
 
     #[test]
@@ -245,7 +241,7 @@ mod tests {
             ("blk.3.attn_output.bias", "bias is not applied"),
             ("blk.3.ffn_up.bias", "bias is not applied"),
             ("output.bias", "LM head"),
-            ("blk.3.attn_k_norm.weight", "key norms"),
+            ("blk.3.attn_k_norm.weight", "only qwen3 files"),
             ("blk.3.ffn_up_exps.weight", "mixture-of-experts"),
             ("blk.3.rope_factors_long.weight", "long/short"),
             ("blk.3.attn_q", "does not know"),
@@ -262,6 +258,8 @@ mod tests {
         assert!(check_tensor("blk.0.attn_q_norm.weight", &config("qwen2")).is_err());
         assert!(check_tensor("blk.0.ffn_gate.weight", &config("qwen2")).is_ok());
         let err = check_tensor("blk.0.ffn_gate.weight", &config("phi3")).unwrap_err();
-        assert!(err.to_string().contains("fused into ffn_up"), "{err}");
+        let err = err.to_string();
+        assert!(err.contains("only llama, qwen2, qwen3 files"), "{err}");
+        assert!(err.contains("a phi3 layer are attn_norm.weight"), "{err}");
     }
 }

@@ -1,12 +1,99 @@
-//! Llama 2 and 3.x, Mistral, TinyLlama, SmolLM: the base layout. Llama 3.1's RoPE
-//! frequency factors and linear RoPE scaling are read for every architecture.
+//! Llama 2 and 3.x, Mistral, TinyLlama, SmolLM: the base layout, as llama.cpp's
+//! `llama`. Pre-norm attention with RoPE over adjacent pairs (llama.cpp's converter
+//! permutes Llama's Q and K rows for it), then a pre-norm SwiGLU feed-forward. Llama
+//! 3.1's RoPE frequency factors and linear or YaRN RoPE scaling are read for every
+//! architecture here.
 
-use super::{Architecture, RopeStyle};
+use candle_core::Tensor;
 
-pub const ARCH: Architecture = Architecture {
-    name: "llama",
-    rope: RopeStyle::Adjacent,
-    qk_norm: false,
-    fused_gate_up: false,
-    sliding_window_key: None,
-};
+use super::{Architecture, Layer};
+use crate::model::config::{read_llama_style, LLAMA_KEYS};
+use crate::model::gguf::GgufFile;
+use crate::model::kernels::Linear;
+use crate::model::pieces::ffn::{self, Activation, GatedFfn};
+use crate::model::pieces::load::load_matmul;
+use crate::model::pieces::norm::RmsNorm;
+use crate::model::pieces::qkv::{self, Qkv};
+use crate::model::pieces::self_attention::SelfAttention;
+use crate::model::pieces::{residual, Part};
+use crate::model::rope::{Rope, RopeStyle};
+use crate::model::{ModelConfig, ModelError};
+
+pub struct Llama;
+
+impl Architecture for Llama {
+    fn name(&self) -> &'static str {
+        "llama"
+    }
+
+    fn metadata_keys(&self) -> Vec<&'static str> {
+        LLAMA_KEYS.to_vec()
+    }
+
+    fn read_config(&'static self, gguf: &GgufFile) -> Result<ModelConfig, ModelError> {
+        read_llama_style(gguf, self, RopeStyle::Adjacent)
+    }
+
+    fn layer_tensors(&self) -> Vec<&'static str> {
+        let norms = ["attn_norm.weight", "attn_output.weight", "ffn_norm.weight"];
+        [&norms[..], qkv::TENSORS, ffn::SEPARATE_TENSORS].concat()
+    }
+
+    fn load_layer(
+        &self,
+        gguf: &mut GgufFile,
+        cfg: &ModelConfig,
+        index: usize,
+    ) -> Result<Box<dyn Layer>, ModelError> {
+        Ok(Box::new(LlamaLayer::load(gguf, cfg, index)?))
+    }
+}
+
+/// Also Qwen 2's layer: the two differ only in RoPE's pairing, which the shard's
+/// [`Rope`] carries.
+pub struct LlamaLayer {
+    attn_norm: RmsNorm,
+    qkv: Qkv,
+    attention: SelfAttention,
+    attn_output: Linear,
+    ffn_norm: RmsNorm,
+    ffn: GatedFfn,
+}
+
+impl LlamaLayer {
+    pub fn load(gguf: &mut GgufFile, cfg: &ModelConfig, index: usize) -> Result<Self, ModelError> {
+        let name = |t: &str| format!("blk.{index}.{t}.weight");
+        let (d, q, kv, ff) = (
+            cfg.hidden_size,
+            cfg.q_size(),
+            cfg.kv_size(),
+            cfg.feed_forward_size,
+        );
+        Ok(Self {
+            attn_norm: RmsNorm::load(gguf, &name("attn_norm"), d, cfg.rms_eps)?,
+            qkv: Qkv::load(gguf, index, (d, q, kv))?,
+            attention: SelfAttention::new(cfg, None),
+            attn_output: load_matmul(gguf, &name("attn_output"), d, q)?,
+            ffn_norm: RmsNorm::load(gguf, &name("ffn_norm"), d, cfg.rms_eps)?,
+            ffn: GatedFfn::load_separate(gguf, index, (d, ff), Activation::Silu)?,
+        })
+    }
+}
+
+impl Layer for LlamaLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        parts: &mut [Part<'_>],
+        layer: usize,
+        rope: &Rope,
+    ) -> candle_core::Result<Tensor> {
+        let _span = tracing::trace_span!("block", layer).entered();
+        let qkv = self.qkv.forward(&self.attn_norm.forward(x)?)?;
+        let attended = self.attention.forward(&qkv, parts, layer, rope)?;
+        let (h, normed) = self
+            .ffn_norm
+            .add_forward(x, &self.attn_output.forward(&attended)?)?;
+        residual::add(&h, &self.ffn.forward(&normed)?)
+    }
+}
