@@ -7,7 +7,8 @@
 mod support;
 
 use std::io::Read;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,10 @@ use allmende_node::network::Network;
 use allmende_protocol::inference::PROTOCOL_VERSION;
 use allmende_protocol::{ClientMessage, LayerRange, ModelId, ServerInfo, ServerMessage};
 use futures::{AsyncWriteExt, StreamExt};
-use support::swarm::{allmende, ids, json_of, Node};
+use serde_json::json;
+use support::cgroup::MemoryCage;
+use support::http::{free_port, request, wait_until_serving};
+use support::swarm::{allmende, binary, ids, json_of, Node};
 
 const PROMPT: &str = "The capital of France is";
 
@@ -77,9 +81,12 @@ fn generate(bootstrap: &str, local: bool) -> (Vec<u32>, usize) {
     (ids(&json_of(&out)), out.stdout.len() + out.stderr.len())
 }
 
-/// What the hostile provider answers to an `Open`.
+/// What the hostile provider answers to an `Open` (and, for `HugeInfo`, to a probe).
 #[derive(Clone, Copy, Debug)]
 enum Reply {
+    /// A probe's answer listing millions of empty addresses, which would cost some
+    /// 24 bytes of memory for every 8 bytes of frame if decoded; `Open`s as `HugeError`.
+    HugeInfo,
     /// An error whose message fills the frame.
     HugeError,
     /// A `Busy` whose reason fills the frame.
@@ -90,21 +97,28 @@ enum Reply {
 
 const FILL: usize = 60 << 20;
 
-async fn answer(mut stream: libp2p::Stream, reply: Reply, opens: Arc<AtomicUsize>) {
+async fn answer(mut stream: libp2p::Stream, reply: Reply, contacts: Arc<AtomicUsize>) {
     let mut reader = FrameReader::default();
     while let Ok(message) = reader.read_message::<ClientMessage, _>(&mut stream).await {
         match message {
             ClientMessage::Info => {
-                // A valid answer: the client should find the server usable.
-                let info = ServerMessage::Info(hostile_info(model(), vec![]));
+                let addrs = match reply {
+                    Reply::HugeInfo => {
+                        contacts.fetch_add(1, Ordering::SeqCst);
+                        vec![String::new(); FILL / 8]
+                    }
+                    // A valid answer: the client should find the server usable.
+                    _ => vec![],
+                };
+                let info = ServerMessage::Info(hostile_info(model(), addrs));
                 if write_message(&mut stream, &info).await.is_err() {
                     return;
                 }
             }
             ClientMessage::Open { .. } => {
-                opens.fetch_add(1, Ordering::SeqCst);
+                contacts.fetch_add(1, Ordering::SeqCst);
                 let _ = match reply {
-                    Reply::HugeError => {
+                    Reply::HugeError | Reply::HugeInfo => {
                         let message = ServerMessage::Error {
                             kind: allmende_protocol::ErrorKind::Internal,
                             message: "e".repeat(FILL),
@@ -139,30 +153,10 @@ async fn a_provider_with_oversized_replies_leaves_clients_their_tokens() {
     let local = tokio::task::spawn_blocking(|| generate("", true).0)
         .await
         .unwrap();
-    let hostile = joined(&honest).await;
-    let addrs = hostile.listen_addrs().await.unwrap();
-    announce(
-        &hostile,
-        model(),
-        addrs.iter().map(|a| a.to_string()).collect(),
-    )
-    .await;
-    let mut incoming = hostile.accept().unwrap();
-    let opens = Arc::new(AtomicUsize::new(0));
-    let mode = Arc::new(std::sync::Mutex::new(Reply::HugeError));
-    {
-        let (opens, mode) = (opens.clone(), mode.clone());
-        tokio::spawn(async move {
-            while let Some((_, stream)) = incoming.next().await {
-                let reply = *mode.lock().unwrap();
-                tokio::spawn(answer(stream, reply, opens.clone()));
-            }
-        });
-    }
-
+    let provider = HostileProvider::start(&honest).await;
     for reply in [Reply::HugeError, Reply::HugeBusy, Reply::Stalled] {
-        *mode.lock().unwrap() = reply;
-        let before = opens.load(Ordering::SeqCst);
+        provider.set(reply);
+        let before = provider.contacts();
         // The client picks among two servers; it may pick the honest one first.
         for attempt in 0..6 {
             let bootstrap = honest.addr.clone();
@@ -175,14 +169,174 @@ async fn a_provider_with_oversized_replies_leaves_clients_their_tokens() {
                 printed < 64 << 10,
                 "{reply:?}: the client printed {printed} bytes"
             );
-            if opens.load(Ordering::SeqCst) > before {
+            if provider.contacts() > before {
                 break;
             }
         }
         assert!(
-            opens.load(Ordering::SeqCst) > before,
+            provider.contacts() > before,
             "no client tried the hostile provider with {reply:?}"
         );
+    }
+}
+
+/// A gateway's memory, far above what it holds (the tokenizer, embedding and head of
+/// the test model, and generations' buffers), far below what the replies above
+/// would cost it if decoded or copied.
+const GATEWAY_MEMORY: u64 = 1 << 30;
+
+/// The same provider against a gateway in a memory group of its own, as it would run
+/// on a small machine facing the internet: anyone may make it look at the swarm
+/// (`GET /api/swarm`) and send it requests, and every honest request gets the tokens
+/// of `--local` while the gateway stays inside its memory, with each kind of reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_in_its_memory_serves_honest_users_past_a_hostile_provider() {
+    let honest = Node::start("0..30", None, &[]);
+    let local = tokio::task::spawn_blocking(|| {
+        let out = allmende(&[
+            "generate",
+            "--local",
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "8",
+            "--json",
+        ]);
+        json_of(&out)["text"].as_str().unwrap().to_string()
+    })
+    .await
+    .unwrap();
+    let provider = HostileProvider::start(&honest).await;
+    let completion = json!({"prompt": PROMPT, "max_tokens": 8, "temperature": 0});
+    for reply in [
+        Reply::HugeInfo,
+        Reply::HugeError,
+        Reply::HugeBusy,
+        Reply::Stalled,
+    ] {
+        provider.set(reply);
+        let before = provider.contacts();
+        let cage = MemoryCage::new(GATEWAY_MEMORY);
+        let bootstrap = honest.addr.clone();
+        let (completion, cage) = (completion.clone(), Arc::new(cage));
+        let (gateway_cage, contacts) = (cage.clone(), provider.contacts.clone());
+        let tries = tokio::task::spawn_blocking(move || {
+            let gateway = CagedGateway::start(&gateway_cage, &bootstrap);
+            let mut texts = Vec::new();
+            for _ in 0..6 {
+                let (status, _) = request(gateway.addr, "GET", "/api/swarm", None);
+                assert_eq!(status, 200, "{reply:?}: /api/swarm");
+                let (status, body) =
+                    request(gateway.addr, "POST", "/v1/completions", Some(&completion));
+                assert_eq!(status, 200, "{reply:?}: {body}");
+                texts.push(body["choices"][0]["text"].as_str().unwrap().to_string());
+                if texts.len() >= 2 && contacts.load(Ordering::SeqCst) > before {
+                    break;
+                }
+            }
+            texts
+        });
+        let texts = tries.await.unwrap();
+        assert!(
+            texts.iter().all(|t| *t == local),
+            "{reply:?}: {texts:?}, --local wrote {local:?}"
+        );
+        assert!(
+            provider.contacts() > before,
+            "the gateway never tried the hostile provider with {reply:?}"
+        );
+        assert_eq!(
+            cage.oom_kills(),
+            0,
+            "{reply:?}: the gateway ran out of memory"
+        );
+        eprintln!(
+            "{reply:?}: the gateway's memory peaked at {} MiB",
+            cage.peak() >> 20
+        );
+    }
+}
+
+/// A libp2p node in this process announcing itself as a fast server of every layer,
+/// answering as [`Reply`] says.
+struct HostileProvider {
+    _network: Network,
+    mode: Arc<std::sync::Mutex<Reply>>,
+    /// Probes and opens answered as asked.
+    contacts: Arc<AtomicUsize>,
+}
+
+impl HostileProvider {
+    async fn start(honest: &Node) -> HostileProvider {
+        let network = joined(honest).await;
+        let addrs = network.listen_addrs().await.unwrap();
+        announce(
+            &network,
+            model(),
+            addrs.iter().map(|a| a.to_string()).collect(),
+        )
+        .await;
+        let mut incoming = network.accept().unwrap();
+        let mode = Arc::new(std::sync::Mutex::new(Reply::HugeError));
+        let contacts = Arc::new(AtomicUsize::new(0));
+        let (answering, counting) = (mode.clone(), contacts.clone());
+        tokio::spawn(async move {
+            while let Some((_, stream)) = incoming.next().await {
+                let reply = *answering.lock().unwrap();
+                tokio::spawn(answer(stream, reply, counting.clone()));
+            }
+        });
+        HostileProvider {
+            _network: network,
+            mode,
+            contacts,
+        }
+    }
+
+    fn set(&self, reply: Reply) {
+        *self.mode.lock().unwrap() = reply;
+    }
+
+    fn contacts(&self) -> usize {
+        self.contacts.load(Ordering::SeqCst)
+    }
+}
+
+/// `allmende gateway` joining at `bootstrap`, in `cage` from its first instruction.
+struct CagedGateway {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl CagedGateway {
+    fn start(cage: &MemoryCage, bootstrap: &str) -> CagedGateway {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new("sh")
+            .args(["-c", r#"echo $$ > "$0" && exec "$@""#])
+            .arg(cage.procs())
+            .arg(binary())
+            .args([
+                "gateway",
+                "--no-mdns",
+                "--threads",
+                "1",
+                "--bootstrap",
+                bootstrap,
+            ])
+            .args(["--api", &addr.to_string()])
+            .env("ALLMENDE_MODEL", support::model_path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("allmende gateway starts");
+        wait_until_serving(addr);
+        CagedGateway { child, addr }
+    }
+}
+
+impl Drop for CagedGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -12,7 +12,7 @@ use super::request::ChatRequest;
 use super::response::{ChatChoice, ChatChunkChoice, ChatLogprobs};
 use super::run::{respond, Endpoint};
 use super::{ApiError, Gateway};
-use crate::client::chat_template::ChatMessage;
+use crate::client::chat_template::{ChatMessage, ChatTemplateError};
 use crate::client::logprobs::TokenLogprob;
 use crate::client::{ClientModel, FinishReason, ModelTokenizer};
 
@@ -44,9 +44,11 @@ impl Endpoint for Chat {
     const CHUNK_OBJECT: &'static str = "chat.completion.chunk";
 
     fn prompt_ids(model: &ClientModel, messages: &Self::Prompt) -> Result<Vec<u32>, ApiError> {
-        model
-            .chat_prompt_ids(messages)
-            .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))
+        model.chat_prompt_ids(messages).map_err(|e| match e {
+            // This node could not run the render: not the request's fault.
+            ChatTemplateError::Process(_) => ApiError::internal(e.to_string()),
+            _ => ApiError::bad_request(e.to_string()).param("messages"),
+        })
     }
 
     fn logprobs(

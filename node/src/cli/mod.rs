@@ -10,10 +10,13 @@ mod serve;
 mod status;
 mod swarm;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::client::chat_template;
 
 /// The version, with the git commit it was built from when built from a checkout
 /// (set by build.rs).
@@ -47,13 +50,20 @@ enum Command {
     /// Measure speed and memory (local, through a loopback swarm, concurrent sessions)
     /// and write a JSON report.
     Bench(bench::BenchArgs),
+    /// Renders one chat template request from standard input: the child process every
+    /// render of this binary runs in.
+    #[command(name = "render-template", hide = true)]
+    RenderTemplate,
 }
 
 /// Parses the command line, runs the command, and turns errors into a message and a
 /// non-zero exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    if !matches!(cli.command, Command::RenderTemplate) {
+        chat_template::render_in_child_processes(own_program());
+        init_logging();
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
@@ -62,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Gateway(args) => gateway::run(args),
         Command::Keygen(args) => keygen::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::RenderTemplate => return chat_template::serve_one_render(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +81,16 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// This very program, for child processes: the running image even when its file has
+/// been replaced by an upgrade since it started.
+fn own_program() -> PathBuf {
+    let running = PathBuf::from("/proc/self/exe");
+    if running.exists() {
+        return running;
+    }
+    std::env::current_exe().unwrap_or(running)
 }
 
 fn init_logging() {

@@ -16,7 +16,7 @@ use libp2p::{PeerId, Stream};
 use super::chunks::{byte_chunks, split_steps};
 use super::error::RemoteError;
 use crate::client::routes::RouteSegment;
-use crate::network::framing::{write_message, FrameIoError, FrameReader};
+use crate::network::framing::{decode_frame, write_message, FrameIoError, FrameReader};
 use crate::network::{Network, PathKind};
 
 /// Longest wait for one server's reply to one message. A long replay on a slow server
@@ -168,9 +168,12 @@ impl SegmentSession {
     }
 
     async fn receive(&mut self) -> Result<ServerMessage<'static>, RemoteError> {
-        let read = self
-            .reader
-            .read_message::<ServerMessage, _>(&mut self.stream);
+        // A reply of megabytes (a prefill's hidden states, or a hostile server's filler)
+        // is decoded on a blocking thread, not on the runtime every stream shares.
+        let reader = &mut self.reader;
+        let stream = &mut self.stream;
+        let read =
+            async move { decode_frame::<ServerMessage>(reader.read_frame(stream).await?).await };
         match tokio::time::timeout(STEP_TIMEOUT, read).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(FrameIoError::Closed)) => {

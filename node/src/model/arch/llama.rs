@@ -12,7 +12,7 @@ use crate::model::gguf::GgufFile;
 use crate::model::kernels::Linear;
 use crate::model::pieces::ffn::{self, Activation, GatedFfn};
 use crate::model::pieces::load::load_matmul;
-use crate::model::pieces::norm::RmsNorm;
+use crate::model::pieces::norm::{HeadNorms, RmsNorm};
 use crate::model::pieces::qkv::{self, Qkv};
 use crate::model::pieces::self_attention::SelfAttention;
 use crate::model::pieces::{residual, Part};
@@ -45,12 +45,27 @@ impl Architecture for Llama {
         cfg: &ModelConfig,
         index: usize,
     ) -> Result<Box<dyn Layer>, ModelError> {
-        Ok(Box::new(LlamaLayer::load(gguf, cfg, index)?))
+        Ok(Box::new(LlamaLayer::load(
+            gguf,
+            cfg,
+            index,
+            Variant::default(),
+        )?))
     }
 }
 
-/// Also Qwen 2's layer: the two differ only in RoPE's pairing, which the shard's
-/// [`Rope`] carries.
+/// The tensors by which another architecture's Llama-style layer differs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Variant {
+    /// Per-head RMS norms of queries and keys (`attn_q_norm`, `attn_k_norm`), applied
+    /// to each head just before its rotation.
+    pub head_norms: bool,
+    /// Gate and up fused in one `ffn_up` of twice the width, gate first.
+    pub fused_gate_up: bool,
+}
+
+/// Also the layer of Qwen 2 (which differs only in RoPE's pairing, which the shard's
+/// [`Rope`] carries), Qwen 3 and Phi-3 (which differ in their tensors: [`Variant`]).
 pub struct LlamaLayer {
     attn_norm: RmsNorm,
     qkv: Qkv,
@@ -61,7 +76,12 @@ pub struct LlamaLayer {
 }
 
 impl LlamaLayer {
-    pub fn load(gguf: &mut GgufFile, cfg: &ModelConfig, index: usize) -> Result<Self, ModelError> {
+    pub fn load(
+        gguf: &mut GgufFile,
+        cfg: &ModelConfig,
+        index: usize,
+        variant: Variant,
+    ) -> Result<Self, ModelError> {
         let name = |t: &str| format!("blk.{index}.{t}.weight");
         let (d, q, kv, ff) = (
             cfg.hidden_size,
@@ -69,13 +89,21 @@ impl LlamaLayer {
             cfg.kv_size(),
             cfg.feed_forward_size,
         );
+        let head_norms = match variant.head_norms {
+            true => Some(HeadNorms::load(gguf, index, cfg.head_dim, cfg.rms_eps)?),
+            false => None,
+        };
+        let ffn = match variant.fused_gate_up {
+            true => GatedFfn::load_fused(gguf, index, (d, ff), Activation::Silu)?,
+            false => GatedFfn::load_separate(gguf, index, (d, ff), Activation::Silu)?,
+        };
         Ok(Self {
             attn_norm: RmsNorm::load(gguf, &name("attn_norm"), d, cfg.rms_eps)?,
             qkv: Qkv::load(gguf, index, (d, q, kv))?,
-            attention: SelfAttention::new(cfg, None),
+            attention: SelfAttention::new(cfg, head_norms),
             attn_output: load_matmul(gguf, &name("attn_output"), d, q)?,
             ffn_norm: RmsNorm::load(gguf, &name("ffn_norm"), d, cfg.rms_eps)?,
-            ffn: GatedFfn::load_separate(gguf, index, (d, ff), Activation::Silu)?,
+            ffn,
         })
     }
 }

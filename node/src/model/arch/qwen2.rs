@@ -2,7 +2,7 @@
 //! checkpoints' own layout, llama.cpp's "neox"), and biases on Q, K and V, which every
 //! Qwen 2 file has (the shared Q/K/V piece reads them wherever they are).
 
-use super::llama::LlamaLayer;
+use super::llama::{LlamaLayer, Variant};
 use super::{Architecture, Layer};
 use crate::model::config::{read_llama_style, LLAMA_KEYS};
 use crate::model::gguf::GgufFile;
@@ -36,6 +36,11 @@ impl Architecture for Qwen2 {
         cfg: &ModelConfig,
         index: usize,
     ) -> Result<Box<dyn Layer>, ModelError> {
-        Ok(Box::new(LlamaLayer::load(gguf, cfg, index)?))
+        Ok(Box::new(LlamaLayer::load(
+            gguf,
+            cfg,
+            index,
+            Variant::default(),
+        )?))
     }
 }

@@ -1,59 +1,13 @@
-//! Rendering a conversation with the model's own chat template (a Jinja template in
-//! the GGUF's `tokenizer.chat_template`), as Hugging Face's tokenizers do.
-//!
-//! The template is code from the model file, which anyone may have written: a render
-//! runs on a budget of instructions ([`FUEL_BASE`], [`FUEL_PER_MESSAGE`]) and of output
-//! bytes ([`output_limit`]), so a template that loops or writes without end fails
-//! with an error naming the template instead of holding a thread (and an API slot)
-//! forever.
+//! The render itself, with minijinja: a budget of instructions ([`FUEL_BASE`],
+//! [`FUEL_PER_MESSAGE`]) and of output bytes ([`output_limit`]), so that a template
+//! that loops or writes without end fails with an error naming the template instead
+//! of holding a thread (and an API slot) forever.
 
 use std::io;
 
 use minijinja::{context, Environment, Error, ErrorKind};
-use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-
-    pub fn user(content: impl Into<String>) -> Self {
-        Self::new("user", content)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ChatTemplateError {
-    #[error("the model has no chat template (tokenizer.chat_template); use a raw prompt instead")]
-    Missing,
-    #[error("the model's chat template failed: {0}")]
-    Render(String),
-    #[error("the model's chat template ran out of its budget of {0} instructions for this conversation (a template that loops without end, or far too long)")]
-    OutOfFuel(u64),
-    #[error("the model's chat template wrote more than {0} bytes for this conversation (a template that writes without end)")]
-    TooLong(usize),
-    #[error("message {index} has the role {role:?}; this model's chat template takes {known}")]
-    Role {
-        index: usize,
-        role: String,
-        known: &'static str,
-    },
-    #[error("message {0}: the model's chat template changes its content, or renders differently because of it, so that control tokens' texts in it could not be kept as text")]
-    ContentNotKept(usize),
-    #[error("the model's chat template renders control tokens for this conversation that it does not render around placeholders; refused, as a message's text might have become one")]
-    ControlsChanged,
-    #[error(transparent)]
-    Tokenizer(#[from] crate::model::ModelError),
-}
+use super::{ChatMessage, ChatTemplateError, RenderRequest};
 
 /// Instructions any render may take. Measured on the real templates of the supported
 /// families (Llama 3.x, Qwen 2.5 and 3, Phi-3.5, Mistral Nemo, SmolLM 3): 54 to 143
@@ -105,15 +59,9 @@ impl io::Write for CappedOutput {
     }
 }
 
-/// Renders `messages` and, when `add_generation_prompt`, the opening of the
-/// assistant's turn.
-pub fn render(
-    template: &str,
-    messages: &[ChatMessage],
-    add_generation_prompt: bool,
-    bos_token: &str,
-    eos_token: &str,
-) -> Result<String, ChatTemplateError> {
+/// Renders in this process, within the instruction and output budgets.
+pub fn render_here(request: &RenderRequest) -> Result<String, ChatTemplateError> {
+    let messages = request.messages;
     let mut env = Environment::new();
     // As Hugging Face's transformers renders chat templates (what their authors test
     // against): blocks trimmed, Python str methods (.strip(), .title()), and the
@@ -143,13 +91,13 @@ pub fn render(
         limit: output_limit(messages),
         over: false,
     };
-    let rendered = env.add_template("chat", template).and_then(|()| {
+    let rendered = env.add_template("chat", request.template).and_then(|()| {
         env.get_template("chat")?.render_captured_to(
             context! {
                 messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => bos_token,
-                eos_token => eos_token,
+                add_generation_prompt => request.add_generation_prompt,
+                bos_token => request.bos_token,
+                eos_token => request.eos_token,
             },
             &mut out,
         )
@@ -166,6 +114,22 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render(
+        template: &str,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatTemplateError> {
+        render_here(&RenderRequest {
+            template,
+            messages,
+            add_generation_prompt,
+            bos_token,
+            eos_token,
+        })
+    }
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
