@@ -26,24 +26,6 @@ const END_OF_GENERATION: &[&str] = &[
     "<end_of_turn>",
 ];
 
-/// llama.cpp's built-in `gemma` chat format, for Gemma files without a template of
-/// their own (base models): system messages trimmed and merged into the next user
-/// turn, `assistant` called `model`, every content trimmed.
-const GEMMA_TEMPLATE: &str = "{%- set ns = namespace(system='') -%}\
-{%- for message in messages -%}\
-{%- if message['role'] == 'system' -%}\
-{%- set ns.system = ns.system + (message['content'] | trim) -%}\
-{%- else -%}\
-{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
-{{- '<start_of_turn>' + role + '\n' -}}\
-{%- if ns.system != '' and role != 'model' -%}\
-{{- ns.system + '\n\n' -}}{%- set ns.system = '' -%}\
-{%- endif -%}\
-{{- (message['content'] | trim) + '<end_of_turn>\n' -}}\
-{%- endif -%}\
-{%- endfor -%}\
-{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}";
-
 pub struct ModelTokenizer {
     inner: Tokenizer,
     /// `inner` with control tokens' texts read as plain text, for text a user wrote.
@@ -212,8 +194,10 @@ impl ModelTokenizer {
                 .ok()
                 .map(String::from)
                 .or_else(|| {
-                    let gemma = gguf.string("general.architecture").ok() == Some("gemma3");
-                    gemma.then(|| GEMMA_TEMPLATE.to_string())
+                    let name = gguf.string("general.architecture").ok()?;
+                    crate::model::arch::find(name)?
+                        .default_chat_template()
+                        .map(String::from)
                 }),
             pieces: std::sync::OnceLock::new(),
         })

@@ -132,6 +132,10 @@ impl Architecture for Gemma3 {
         Some((cfg.hidden_size as f32).sqrt())
     }
 
+    fn default_chat_template(&self) -> Option<&'static str> {
+        Some(GEMMA_TEMPLATE)
+    }
+
     fn finish_logits(&self, cfg: &ModelConfig, logits: &mut [f32]) {
         if let Some(cap) = cfg.final_logit_softcap {
             // As ggml: a product by the f32 reciprocal, not a division.
@@ -142,6 +146,24 @@ impl Architecture for Gemma3 {
         }
     }
 }
+
+/// llama.cpp's built-in `gemma` chat format, for Gemma files without a template of
+/// their own (base models): system messages trimmed and merged into the next user
+/// turn, `assistant` called `model`, every content trimmed.
+const GEMMA_TEMPLATE: &str = "{%- set ns = namespace(system='') -%}\
+{%- for message in messages -%}\
+{%- if message['role'] == 'system' -%}\
+{%- set ns.system = ns.system + (message['content'] | trim) -%}\
+{%- else -%}\
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
+{{- '<start_of_turn>' + role + '\n' -}}\
+{%- if ns.system != '' and role != 'model' -%}\
+{{- ns.system + '\n\n' -}}{%- set ns.system = '' -%}\
+{%- endif -%}\
+{{- (message['content'] | trim) + '<end_of_turn>\n' -}}\
+{%- endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}";
 
 /// Which of `layers` layers are local: from the pattern key, a per-layer array (true
 /// or 1 for local) or a period `n` (layer `i` is local unless `i % n == n - 1`; 0

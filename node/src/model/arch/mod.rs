@@ -63,6 +63,12 @@ pub trait Architecture: Send + Sync {
         None
     }
 
+    /// The chat template of files that carry none (`tokenizer.chat_template`), as
+    /// llama.cpp falls back to its built-in format for the architecture, if any.
+    fn default_chat_template(&self) -> Option<&'static str> {
+        None
+    }
+
     /// What the client does to the LM head's logits before sampling (a soft-cap),
     /// if anything.
     fn finish_logits(&self, _cfg: &ModelConfig, _logits: &mut [f32]) {}
