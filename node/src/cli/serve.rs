@@ -12,7 +12,7 @@ use libp2p::Multiaddr;
 
 use super::gateway::{build_gateway, ApiArgs};
 use super::swarm::{join_swarm, model_file, model_target, Joining, SwarmArgs};
-use crate::model::shard::layer_bytes;
+use crate::model::shard::layer_resident_bytes;
 use crate::model::{GgufFile, ModelConfig, Shard};
 use crate::network::discovery::discover;
 use crate::routing::choose_layers;
@@ -339,7 +339,6 @@ fn default_kv_budget() -> u64 {
     crate::server::memory_limit::available().map_or(1 << 30, |bytes| bytes / 4)
 }
 
-/// How many layers fit in half of the memory available now.
 /// Prints each change of this node's reachability, so a donor sees whether peers can
 /// reach the node and how.
 async fn report_reachability(network: crate::network::Network) {
@@ -372,8 +371,14 @@ async fn report_reachability(network: crate::network::Network) {
     }
 }
 
+/// How many layers fit in half of the memory available now, by what a layer holds
+/// once loaded (its largest layer), not its bytes on disk.
 fn layers_that_fit(gguf: &GgufFile, config: &ModelConfig) -> u32 {
-    let per_layer = layer_bytes(gguf, 0).max(1);
+    let per_layer = (0..config.block_count)
+        .map(|i| layer_resident_bytes(gguf, i))
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let available = crate::server::memory_limit::available().unwrap_or(u64::MAX / 4);
     ((available / 2) / per_layer).clamp(1, config.block_count as u64) as u32
 }

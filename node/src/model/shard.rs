@@ -225,6 +225,20 @@ fn rope_factors(gguf: &mut GgufFile, config: &ModelConfig) -> Result<Option<Vec<
     Ok(Some(values))
 }
 
+/// Bytes layer `index`'s weights hold in memory once loaded (norms and biases as
+/// f32, matrices in their kernels' layout), from the file's tensor table alone.
+pub fn layer_resident_bytes(gguf: &GgufFile, index: usize) -> u64 {
+    let prefix = format!("blk.{index}.");
+    gguf.tensor_names()
+        .filter(|name| name.starts_with(&prefix))
+        .filter_map(|name| gguf.tensor_info(name))
+        .map(|info| match info.shape.dims() {
+            &[rows, cols] => crate::model::kernels::resident_bytes(info.ggml_dtype, rows, cols),
+            dims => 4 * dims.iter().product::<usize>() as u64,
+        })
+        .sum()
+}
+
 /// Bytes on disk of layer `index`'s tensors.
 pub fn layer_bytes(gguf: &GgufFile, index: usize) -> u64 {
     let prefix = format!("blk.{index}.");

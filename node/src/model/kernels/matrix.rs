@@ -169,6 +169,18 @@ impl<B: WeightBlock> Matrix<B> {
         self.simd
     }
 
+    /// Bytes the blocks of a `[rows, cols]` matrix take.
+    pub fn bytes_for(rows: usize, cols: usize) -> u64 {
+        let units = rows.div_ceil(B::ROWS) as u64 * (cols / B::VALUES) as u64;
+        units * std::mem::size_of::<B>() as u64
+    }
+
+    /// Bytes this matrix's blocks take.
+    #[cfg(test)]
+    pub fn bytes(&self) -> u64 {
+        (self.blocks.len() * std::mem::size_of::<B>()) as u64
+    }
+
     /// Unit row `i`: rows `i × B::ROWS..` of the matrix.
     pub fn unit_row(&self, i: usize) -> &[B] {
         let per_row = self.cols / B::VALUES;

@@ -89,22 +89,14 @@ impl Linear {
         if parts.iter().any(|p| p.dtype() != dtype) {
             return Ok(None);
         }
-        fn boxed<B: WeightBlock>(parts: &[&QTensor]) -> Result<Option<Linear>> {
-            Ok(Some(Linear::Ours(Box::new(Matrix::<B>::stack(parts)?))))
+        struct Stack<'a>(&'a [&'a QTensor]);
+        impl ForBlock for Stack<'_> {
+            type Output = Result<Linear>;
+            fn run<B: WeightBlock>(self) -> Result<Linear> {
+                Ok(Linear::Ours(Box::new(Matrix::<B>::stack(self.0)?)))
+            }
         }
-        match dtype {
-            GgmlDType::Q4_0 => boxed::<q4_0::GroupQ4_0>(parts),
-            GgmlDType::Q4_1 => boxed::<q4_1::GroupQ4_1>(parts),
-            GgmlDType::Q5_0 => boxed::<q5_0::GroupQ5_0>(parts),
-            GgmlDType::Q5_1 => boxed::<q5_1::GroupQ5_1>(parts),
-            GgmlDType::Q8_0 => boxed::<q8_0::GroupQ8_0>(parts),
-            GgmlDType::Q4K => boxed::<q4_k::GroupQ4K>(parts),
-            GgmlDType::Q5K => boxed::<q5_k::GroupQ5K>(parts),
-            GgmlDType::Q6K => boxed::<q6_k::GroupQ6K>(parts),
-            GgmlDType::F16 => boxed::<float16::BlockF16>(parts),
-            GgmlDType::BF16 => boxed::<float16::BlockBf16>(parts),
-            _ => Ok(None),
-        }
+        for_block(dtype, Stack(parts)).transpose()
     }
 
     /// Rows `ids` of the matrix, dequantized: `[ids.len(), in]` (an embedding lookup).
@@ -122,6 +114,47 @@ impl Linear {
             Linear::Ours(m) => m.forward(x),
         }
     }
+}
+
+/// Something done with the block type that computes a quant type.
+pub trait ForBlock {
+    type Output;
+    fn run<B: WeightBlock>(self) -> Self::Output;
+}
+
+/// `f` run with the block type this module computes `dtype` with, if it has one:
+/// the one place a quant type with kernels of its own is registered.
+pub fn for_block<F: ForBlock>(dtype: GgmlDType, f: F) -> Option<F::Output> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => f.run::<q4_0::GroupQ4_0>(),
+        GgmlDType::Q4_1 => f.run::<q4_1::GroupQ4_1>(),
+        GgmlDType::Q5_0 => f.run::<q5_0::GroupQ5_0>(),
+        GgmlDType::Q5_1 => f.run::<q5_1::GroupQ5_1>(),
+        GgmlDType::Q8_0 => f.run::<q8_0::GroupQ8_0>(),
+        GgmlDType::Q4K => f.run::<q4_k::GroupQ4K>(),
+        GgmlDType::Q5K => f.run::<q5_k::GroupQ5K>(),
+        GgmlDType::Q6K => f.run::<q6_k::GroupQ6K>(),
+        GgmlDType::F16 => f.run::<float16::BlockF16>(),
+        GgmlDType::BF16 => f.run::<float16::BlockBf16>(),
+        _ => return None,
+    })
+}
+
+/// Bytes a `[rows, cols]` weight matrix of `dtype` holds in memory once loaded: this
+/// module's layout for its own types (which may keep scales unpacked), else candle's
+/// (f32 for F32, the stored blocks for the rest).
+pub fn resident_bytes(dtype: GgmlDType, rows: usize, cols: usize) -> u64 {
+    struct Size(usize, usize);
+    impl ForBlock for Size {
+        type Output = u64;
+        fn run<B: WeightBlock>(self) -> u64 {
+            Matrix::<B>::bytes_for(self.0, self.1)
+        }
+    }
+    for_block(dtype, Size(rows, cols)).unwrap_or_else(|| {
+        let values = rows as u64 * cols as u64;
+        values / dtype.block_size() as u64 * dtype.type_size() as u64
+    })
 }
 
 /// Weight matrices that share their input (attention's Q, K and V; the MLP's gate
@@ -261,20 +294,30 @@ pub(crate) mod tests {
         QTensor::quantize(&w, dtype).unwrap()
     }
 
+    /// Small and odd shapes (rows, columns, tokens), each type's edge cases.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (96, 64, 1),
+        (192, 576, 1),
+        (70, 576, 5),
+        (33, 96, 9),
+        (8, 32, 2),
+        (40, 2048, 8),
+    ];
+
+    /// A 1B-to-8B model's projections: long sums, where an accumulator's rounding
+    /// or an integer overflow would show.
+    const LARGE: &[(usize, usize, usize)] = &[(2048, 8192, 2), (8192, 2048, 2)];
+
     /// `build(weights, path)` makes the kernel's matrix computed on `path`.
-    fn check(dtype: GgmlDType, build: impl Fn(&QTensor, Simd) -> Linear) {
-        let shapes = [
-            (96, 64, 1),
-            (192, 576, 1),
-            (70, 576, 5),
-            (33, 96, 9),
-            (8, 32, 2),
-            (40, 2048, 8),
-        ];
+    fn check(
+        dtype: GgmlDType,
+        shapes: &[(usize, usize, usize)],
+        build: impl Fn(&QTensor, Simd) -> Linear,
+    ) {
         // Rows of whole blocks (K-quants' are 256 values).
         let unit = dtype.block_size();
-        for (rows, cols, tokens) in shapes {
-            let cols = (cols as usize).div_ceil(unit) * unit;
+        for &(rows, cols, tokens) in shapes {
+            let cols = cols.div_ceil(unit) * unit;
             let q = weights(dtype, rows, cols);
             let ours = build(&q, Simd::cached());
             let others: Vec<(Simd, Linear)> = Simd::available()
@@ -357,6 +400,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn resident_bytes_are_what_a_loaded_matrix_holds() {
+        struct Held<'a>(&'a QTensor);
+        impl ForBlock for Held<'_> {
+            type Output = u64;
+            fn run<B: WeightBlock>(self) -> u64 {
+                Matrix::<B>::from_qtensor(self.0).unwrap().bytes()
+            }
+        }
+        for dtype in OURS {
+            for (rows, cols) in [(48, 256), (33, 512)] {
+                let q = weights(dtype, rows, cols);
+                let held = for_block(dtype, Held(&q)).unwrap();
+                assert_eq!(resident_bytes(dtype, rows, cols), held, "{dtype:?}");
+            }
+        }
+        let stored = weights(GgmlDType::Q2K, 4, 256);
+        let bytes = resident_bytes(GgmlDType::Q2K, 4, 256);
+        assert_eq!(bytes, stored.storage_size_in_bytes() as u64);
+    }
+
+    #[test]
     fn no_tokens_give_an_empty_product() {
         for dtype in OURS {
             let linear = Linear::new(Arc::new(weights(dtype, 48, 256))).unwrap();
@@ -381,9 +445,20 @@ pub(crate) mod tests {
 
     /// `check` for block type `B` on every path.
     fn check_type<B: WeightBlock>() {
-        check(B::DTYPE, |q, path| {
+        check_shapes::<B>(SHAPES);
+    }
+
+    fn check_shapes<B: WeightBlock>(shapes: &[(usize, usize, usize)]) {
+        check(B::DTYPE, shapes, |q, path| {
             Linear::Ours(Box::new(Matrix::<B>::from_qtensor(q).unwrap().on(path)))
         });
+    }
+
+    #[test]
+    fn k_quants_on_large_matrices_agree_with_the_exact_product() {
+        check_shapes::<q4_k::GroupQ4K>(LARGE);
+        check_shapes::<q5_k::GroupQ5K>(LARGE);
+        check_shapes::<q6_k::GroupQ6K>(LARGE);
     }
 
     #[test]
