@@ -21,6 +21,30 @@ const QUANTIZE_ALONE: usize = 16;
 #[cfg(target_arch = "x86_64")]
 const AVX2_TOKENS: usize = 4;
 
+/// How far ahead of the unit in use the kernels prefetch weights, in bytes: every
+/// product streams its weights from memory once.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH: usize = 4096;
+
+/// Cache lines `lines` (of 64 bytes) of the unit [`PREFETCH`] bytes ahead of `x`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn prefetch_lines<U>(x: &U, lines: std::ops::Range<usize>) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let ahead = (x as *const U).cast::<i8>().wrapping_add(PREFETCH);
+    for line in lines {
+        // SAFETY: a prefetch only hints; it never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line)) };
+    }
+}
+
+/// Every cache line of the unit [`PREFETCH`] bytes ahead of `x`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn prefetch<U>(x: &U) {
+    prefetch_lines(x, 0..std::mem::size_of::<U>().div_ceil(64));
+}
+
 /// `x @ m^T`: `x` is `[..., cols]`, the result `[..., rows]`.
 pub fn matmul<B: WeightBlock>(
     m: &Matrix<B>,

@@ -38,6 +38,45 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     fn dequantize(&self, lane: usize, out: &mut Vec<f32>);
     /// One output: row `lane` of a unit row, in plain Rust.
     fn dot_portable(row: &[Self], lane: usize, act: &Acts) -> f32;
+    /// Rows `8 × half..8 × half + 8` of one unit row against `T` tokens, one row per
+    /// lane, into `out[t * stride + row]`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn half_avx2<const T: usize>(
+        row: &[Self],
+        half: usize,
+        acts: [&Acts; T],
+        out: &mut [f32],
+        stride: usize,
+    );
+    /// Every row of one unit row against `T` tokens, one row per lane, into
+    /// `out[t * stride + row]`.
+    ///
+    /// # Safety
+    /// The CPU must support what [`Simd::Avx512`] requires.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn group_avx512<const T: usize>(
+        row: &[Self],
+        acts: [&Acts; T],
+        out: &mut [f32],
+        stride: usize,
+    );
+    /// As [`WeightBlock::group_avx512`] with Arm's 128-bit vectors, for any number of
+    /// tokens; by default the portable arithmetic (a type without an Arm kernel).
+    ///
+    /// # Safety
+    /// The CPU must support Advanced SIMD (NEON).
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+        for lane in 0..Self::ROWS {
+            for (t, act) in acts.iter().enumerate() {
+                out[t * stride + lane] = Self::dot_portable(row, lane, act);
+            }
+        }
+    }
+
     /// `R` unit rows (`R × ROWS` rows) against `T` tokens into `out[t * stride + r]`
     /// (token-major, as the product's output).
     ///
@@ -49,7 +88,15 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
         acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
-    );
+    ) {
+        for (r, row) in rows.into_iter().enumerate() {
+            for half in 0..Self::ROWS / 8 {
+                let out = &mut out[r * Self::ROWS + 8 * half..];
+                // SAFETY: the caller guarantees the CPU features.
+                unsafe { Self::half_avx2(row, half, acts, out, stride) }
+            }
+        }
+    }
     /// As [`WeightBlock::tile_avx2`], with 512-bit vectors.
     ///
     /// # Safety
@@ -60,7 +107,12 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
         acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
-    );
+    ) {
+        for (r, row) in rows.into_iter().enumerate() {
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe { Self::group_avx512(row, acts, &mut out[r * Self::ROWS..], stride) }
+        }
+    }
     /// As [`WeightBlock::tile_avx2`] with Arm's 128-bit vectors, for any number of
     /// tokens.
     ///
@@ -72,8 +124,43 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
         acts: &[Acts],
         out: &mut [f32],
         stride: usize,
-    );
+    ) {
+        for (r, row) in rows.into_iter().enumerate() {
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe { Self::group_neon(row, acts, &mut out[r * Self::ROWS..], stride) }
+        }
+    }
 }
+
+/// Implements [`WeightBlock::half_avx2`] and [`WeightBlock::group_avx512`] by a
+/// type's kernel functions of those signatures (which enable the CPU features).
+macro_rules! avx_kernels {
+    ($half:path, $group:path) => {
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn half_avx2<const T: usize>(
+            row: &[Self],
+            half: usize,
+            acts: [&Acts; T],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe { $half(row, half, acts, out, stride) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn group_avx512<const T: usize>(
+            row: &[Self],
+            acts: [&Acts; T],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe { $group(row, acts, out, stride) }
+        }
+    };
+}
+pub(crate) use avx_kernels;
 
 pub struct Matrix<B> {
     rows: usize,

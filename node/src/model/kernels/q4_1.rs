@@ -19,7 +19,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::activations::{ActBlock, Acts};
-use super::matrix::WeightBlock;
+use super::matrix::{avx_kernels, WeightBlock};
 use super::BLOCK;
 
 /// Rows per group.
@@ -109,6 +109,7 @@ impl WeightBlock for GroupQ4_1 {
         acc
     }
 
+    /// One token takes a kernel of its own: a whole group's sums in one register.
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_avx2<const R: usize, const T: usize>(
         rows: [&[GroupQ4_1]; R],
@@ -125,35 +126,17 @@ impl WeightBlock for GroupQ4_1 {
             }
             for half in 0..2 {
                 // SAFETY: the caller guarantees the CPU features.
-                unsafe { simd::half_avx2(group, half, acts, &mut out[8 * half..], stride) }
+                unsafe { Self::half_avx2(group, half, acts, &mut out[8 * half..], stride) }
             }
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_avx512<const R: usize, const T: usize>(
-        rows: [&[GroupQ4_1]; R],
-        acts: [&Acts; T],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (r, group) in rows.into_iter().enumerate() {
-            // SAFETY: the caller guarantees the CPU features.
-            unsafe { simd::group_avx512(group, acts, &mut out[r * GROUP..], stride) }
-        }
-    }
+    avx_kernels!(simd::half_avx2, simd::group_avx512);
 
     #[cfg(target_arch = "aarch64")]
-    unsafe fn tile_neon<const R: usize>(
-        rows: [&[GroupQ4_1]; R],
-        acts: &[Acts],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (r, group) in rows.into_iter().enumerate() {
-            // SAFETY: the caller guarantees the CPU features.
-            unsafe { neon::group(group, acts, &mut out[r * GROUP..], stride) }
-        }
+    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { neon::group(row, acts, out, stride) }
     }
 }
 
@@ -248,23 +231,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     use super::{quad, ActBlock, Acts, GroupQ4_1, GROUP};
-    use crate::model::kernels::driver::cut_each;
-
-    /// How far ahead of the group in use to prefetch weights, in bytes: every product
-    /// streams its weights from memory once (2,048 and 8,192 were slower here).
-    const PREFETCH: usize = 4096;
-
-    /// Every cache line of the group [`PREFETCH`] bytes ahead of `x`: with one line
-    /// per group (320 bytes), 8 tokens against 64 MB of weights ran at 113 billion
-    /// multiply-adds per second; with all five, 159–169.
-    #[inline]
-    fn prefetch(x: &GroupQ4_1) {
-        let ahead = (x as *const GroupQ4_1).cast::<i8>().wrapping_add(PREFETCH);
-        for line in (0..std::mem::size_of::<GroupQ4_1>()).step_by(64) {
-            // SAFETY: a prefetch only hints; it never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line)) };
-        }
-    }
+    use crate::model::kernels::driver::{cut_each, prefetch};
 
     /// Weights `4k..4k + 4` (low nibbles) and `16 + 4k..20 + 4k` (high ones) of rows
     /// `8 × half..8 × half + 8` of a group's block, one row per 32-bit lane.

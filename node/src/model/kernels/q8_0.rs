@@ -19,7 +19,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::activations::Acts;
-use super::matrix::WeightBlock;
+use super::matrix::{avx_kernels, WeightBlock};
 use super::BLOCK;
 
 /// Rows per group.
@@ -80,51 +80,7 @@ impl WeightBlock for GroupQ8_0 {
         acc
     }
 
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_avx2<const R: usize, const T: usize>(
-        rows: [&[GroupQ8_0]; R],
-        acts: [&Acts; T],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (r, group) in rows.into_iter().enumerate() {
-            for half in 0..2 {
-                let out = &mut out[r * GROUP + 8 * half..];
-                // SAFETY: the caller guarantees the CPU features.
-                unsafe { simd::half_avx2(group, half, acts, out, stride) }
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_avx512<const R: usize, const T: usize>(
-        rows: [&[GroupQ8_0]; R],
-        acts: [&Acts; T],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (r, group) in rows.into_iter().enumerate() {
-            // SAFETY: the caller guarantees the CPU features.
-            unsafe { simd::group_avx512(group, acts, &mut out[r * GROUP..], stride) }
-        }
-    }
-
-    /// The portable arithmetic (no Arm kernel for this layout yet).
-    #[cfg(target_arch = "aarch64")]
-    unsafe fn tile_neon<const R: usize>(
-        rows: [&[GroupQ8_0]; R],
-        acts: &[Acts],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (r, row) in rows.into_iter().enumerate() {
-            for lane in 0..GROUP {
-                for (t, act) in acts.iter().enumerate() {
-                    out[t * stride + r * GROUP + lane] = Self::dot_portable(row, lane, act);
-                }
-            }
-        }
-    }
+    avx_kernels!(simd::half_avx2, simd::group_avx512);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -133,20 +89,7 @@ mod simd {
 
     use super::{Acts, GroupQ8_0, GROUP};
     use crate::model::kernels::activations::ActBlock;
-    use crate::model::kernels::driver::cut_each;
-
-    /// How far ahead of the group in use to prefetch weights, in bytes.
-    const PREFETCH: usize = 4096;
-
-    /// Every cache line of the group [`PREFETCH`] bytes ahead of `x`.
-    #[inline(always)]
-    fn prefetch(x: &GroupQ8_0) {
-        let ahead = (x as *const GroupQ8_0).cast::<i8>().wrapping_add(PREFETCH);
-        for line in (0..std::mem::size_of::<GroupQ8_0>()).step_by(64) {
-            // SAFETY: a prefetch only hints; it never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line)) };
-        }
-    }
+    use crate::model::kernels::driver::{cut_each, prefetch};
 
     /// Four quants of a token's block (values `4e..4e + 4`) as one 32-bit lane.
     #[inline(always)]

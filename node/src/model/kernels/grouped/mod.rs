@@ -39,7 +39,7 @@ use std::marker::PhantomData;
 use candle_core::quantized::GgmlDType;
 
 use super::activations::{ActBlock, Acts};
-use super::matrix::WeightBlock;
+use super::matrix::{avx_kernels, WeightBlock};
 use super::BLOCK;
 
 /// Rows per group.
@@ -179,75 +179,21 @@ impl<F: Format, const SUB: usize, const PLANES: usize> WeightBlock for Group<F, 
         acc
     }
 
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_avx2<const R: usize, const T: usize>(
-        rows: [&[Self]; R],
-        acts: [&Acts; T],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (r, group) in rows.into_iter().enumerate() {
-            for half in 0..2 {
-                let out = &mut out[r * GROUP + 8 * half..];
-                // SAFETY: the caller guarantees the CPU features.
-                unsafe { avx2::half(group, half, acts, out, stride) }
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_avx512<const R: usize, const T: usize>(
-        rows: [&[Self]; R],
-        acts: [&Acts; T],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (r, group) in rows.into_iter().enumerate() {
-            // SAFETY: the caller guarantees the CPU features.
-            unsafe { avx512::group(group, acts, &mut out[r * GROUP..], stride) }
-        }
-    }
-
-    /// The portable arithmetic (these formats have no Arm kernels yet).
-    #[cfg(target_arch = "aarch64")]
-    unsafe fn tile_neon<const R: usize>(
-        rows: [&[Self]; R],
-        acts: &[Acts],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (r, row) in rows.into_iter().enumerate() {
-            for lane in 0..GROUP {
-                for (t, act) in acts.iter().enumerate() {
-                    out[t * stride + r * GROUP + lane] = Self::dot_portable(row, lane, act);
-                }
-            }
-        }
-    }
+    avx_kernels!(avx2::half, avx512::group);
 }
 
-/// How far ahead of the unit in use to prefetch weights, in bytes.
-#[cfg(target_arch = "x86_64")]
-const PREFETCH: usize = 4096;
-
-/// Sub-block `sub`'s share of the cache lines of the unit [`PREFETCH`] bytes ahead
-/// of `x`: over a unit's sub-blocks, every line of it.
+/// Sub-block `sub`'s share of the cache lines of the unit the kernels prefetch
+/// ahead of `x`: over a unit's sub-blocks, every line of it.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch<F: Format, const SUB: usize, const PLANES: usize>(
     x: &Group<F, SUB, PLANES>,
     sub: usize,
 ) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     let lines = std::mem::size_of::<Group<F, SUB, PLANES>>().div_ceil(64);
     let per_sub = lines.div_ceil(SUB);
-    let ahead = (x as *const Group<F, SUB, PLANES>)
-        .cast::<i8>()
-        .wrapping_add(PREFETCH);
-    for line in sub * per_sub..((sub + 1) * per_sub).min(lines) {
-        // SAFETY: a prefetch only hints; it never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line)) };
-    }
+    let first = sub * per_sub;
+    crate::model::kernels::driver::prefetch_lines(x, first..((sub + 1) * per_sub).min(lines));
 }
 
 /// Four quants of a token's block (values `4e..4e + 4`) as one 32-bit lane.
