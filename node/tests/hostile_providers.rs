@@ -46,6 +46,7 @@ fn hostile_info(model: ModelId, addrs: Vec<String>) -> ServerInfo {
         block_count: 30,
         range: LayerRange::new(0, 30),
         protocol_version: PROTOCOL_VERSION,
+        numerics_version: allmende_protocol::NUMERICS_VERSION,
         throughput: 10_000.0,
         free_sessions: 8,
         max_sessions: 8,

@@ -58,11 +58,11 @@ use serde::{Deserialize, Serialize};
 use crate::{LayerRange, ModelId, WireDType, WireTensor};
 
 /// Versioned protocol name; a change in the messages below bumps the version.
-pub const PROTOCOL_NAME: &str = "/allmende/inference/4";
+pub const PROTOCOL_NAME: &str = "/allmende/inference/5";
 /// Version number carried in announcements, matching [`PROTOCOL_NAME`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The version before: a node answers its streams with an error naming both.
-pub const PREVIOUS_PROTOCOL_NAME: &str = "/allmende/inference/3";
+pub const PREVIOUS_PROTOCOL_NAME: &str = "/allmende/inference/4";
 
 /// Bytes of a session's forwarding token.
 pub const TOKEN_BYTES: usize = 16;
@@ -294,6 +294,9 @@ pub struct ServerInfo {
     pub block_count: u32,
     pub range: LayerRange,
     pub protocol_version: u32,
+    /// The [`crate::NUMERICS_VERSION`] of the server's kernels: outputs of servers of
+    /// one version are bit-identical, of two versions may differ in their low bits.
+    pub numerics_version: u32,
     /// Measured single-session decode speed through the hosted layers, tokens/s.
     pub throughput: f32,
     pub free_sessions: u32,
@@ -373,6 +376,7 @@ mod tests {
             block_count: 30,
             range: LayerRange::new(10, 20),
             protocol_version: PROTOCOL_VERSION,
+            numerics_version: crate::NUMERICS_VERSION,
             throughput: 50.0,
             free_sessions: 3,
             max_sessions: 4,

@@ -9,6 +9,7 @@
 //! - [`frame`]: length prefixes of stream frames, bounded before allocation.
 //! - [`inference`]: the session protocol's messages and the servers' announcements.
 //! - [`announcement`]: the signed envelope of a server's DHT announcement.
+//! - [`numerics`]: [`NUMERICS_VERSION`], which results the compute kernels produce.
 //!
 //! This crate holds no I/O, no async runtime and no model compute: only what two
 //! peers must agree on byte for byte.
@@ -20,10 +21,12 @@ pub mod frame;
 pub mod inference;
 pub mod layers;
 pub mod model;
+pub mod numerics;
 pub mod tensor;
 
 pub use codec::{decode, encode, encode_frame, CodecError, MAX_MESSAGE_BYTES};
 pub use inference::{ClientMessage, ErrorKind, ServerInfo, ServerMessage, PROTOCOL_NAME};
 pub use layers::{LayerRange, LayerRangeError};
 pub use model::ModelId;
+pub use numerics::NUMERICS_VERSION;
 pub use tensor::{TensorError, WireDType, WireTensor};

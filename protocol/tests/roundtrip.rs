@@ -93,16 +93,18 @@ fn info() -> impl Strategy<Value = ServerInfo> {
         range(),
         0f32..1000.0,
         any::<u32>(),
+        any::<u32>(),
         any::<bool>(),
         proptest::collection::vec(".{0,30}", 0..3),
     )
         .prop_map(
-            |(model, model_name, range, throughput, free, draining, addrs)| ServerInfo {
+            |(model, model_name, range, throughput, numerics, free, draining, addrs)| ServerInfo {
                 model,
                 model_name,
                 block_count: range.end,
                 range,
                 protocol_version: 1,
+                numerics_version: numerics,
                 throughput,
                 free_sessions: free,
                 max_sessions: free.saturating_add(1),

@@ -149,6 +149,7 @@ fn report(
                 json!({
                     "peer": s.peer.to_string(),
                     "layers": [s.range.start, s.range.end],
+                    "numerics_version": s.numerics_version,
                     "path": path.map(|p| p.kind),
                     "rtt_ms": path.and_then(|p| p.rtt_ms),
                     "forwards_to_next": next,

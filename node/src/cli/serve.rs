@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allmende_protocol::inference::STEP_POSITIONS;
-use allmende_protocol::LayerRange;
+use allmende_protocol::{LayerRange, NUMERICS_VERSION};
 use anyhow::{bail, Context};
 use clap::Args;
 use libp2p::Multiaddr;
@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// 127.0.0.1:8080.
     #[arg(long)]
     api: Option<std::net::SocketAddr>,
+    /// For tests only: announce this numerics version instead of the kernels' own, to
+    /// stand in for a server of another release. The computation is unchanged, so a
+    /// real node must never set it.
+    #[arg(long, hide = true)]
+    numerics_version_override: Option<u32>,
     #[command(flatten)]
     api_args: ApiArgs,
     #[command(flatten)]
@@ -238,6 +243,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_name.clone(),
         limits,
         throughput,
+        args.numerics_version_override.unwrap_or(NUMERICS_VERSION),
         metrics.clone(),
     );
     server.set_addrs(addrs.iter().map(|a| a.to_string()).collect());

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use allmende_protocol::ModelId;
+use allmende_protocol::{ModelId, NUMERICS_VERSION};
 use anyhow::bail;
 use clap::Args;
 
@@ -60,15 +60,24 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (cover, missing) = (report.coverage, report.missing);
     println!("model {name} ({})", model.short());
     match block_count {
-        Some(n) => println!("{n} layers, {} servers", servers.len()),
+        Some(n) => println!(
+            "{n} layers, {} servers; this node's numerics version {NUMERICS_VERSION}",
+            servers.len()
+        ),
         None => println!("no servers found, and no local model file to tell its layers"),
     }
     for s in &servers {
         println!(
-            "  {}  layers {:>9}  {:6.1} tok/s  sessions {}/{} free  rtt {}  {}{}",
+            "  {}  layers {:>9}  {:6.1} tok/s  numerics {}{}  sessions {}/{} free  rtt {}  {}{}",
             s.peer,
             s.info.range.to_string(),
             s.info.throughput,
+            s.info.numerics_version,
+            if s.info.numerics_version == NUMERICS_VERSION {
+                ""
+            } else {
+                " (not this node's)"
+            },
             s.info.free_sessions,
             s.info.max_sessions,
             s.rtt_ms.map_or("?".into(), |r| format!("{r:.2} ms")),

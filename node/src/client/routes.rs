@@ -3,17 +3,18 @@
 //! cheapest route, and look again until the deadline.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use allmende_protocol::inference::PROTOCOL_VERSION;
-use allmende_protocol::{LayerRange, ModelId};
+use allmende_protocol::{LayerRange, ModelId, NUMERICS_VERSION};
 use libp2p::PeerId;
 use serde::Serialize;
 
 use crate::network::discovery::{discover, DiscoveredServer};
 use crate::network::Network;
-use crate::routing::{plan_route_over, Candidate, Measured, RouteError};
+use crate::routing::{plan_route_preferring, Candidate, Measured, PreferredRoute, RouteError};
 
 /// What the client knows of the model it wants served.
 #[derive(Clone, Debug)]
@@ -36,6 +37,8 @@ pub struct RouteSegment {
     #[serde(serialize_with = "display_peer")]
     pub peer: PeerId,
     pub range: LayerRange,
+    /// The numerics version the server announced.
+    pub numerics_version: u32,
 }
 
 /// Peers are written as their text form in reports.
@@ -67,6 +70,7 @@ pub fn candidates(servers: &[DiscoveredServer]) -> Vec<Candidate<PeerId>> {
             throughput,
             rtt_ms: s.rtt_ms,
             free_sessions: s.info.free_sessions,
+            numerics: s.info.numerics_version,
         })
         .collect()
 }
@@ -110,15 +114,18 @@ impl<'a> RouteFinder<'a> {
             self.note_other_versions(&servers);
             servers.retain(|s| s.usable() && !exclude(&s.peer, started));
             let candidates = candidates(&servers);
-            match plan_route_over(&candidates, range) {
-                Ok(hops) => {
-                    return Ok(hops
+            match plan_route_preferring(&candidates, range, NUMERICS_VERSION) {
+                Ok(route) => {
+                    note_other_numerics(&route, range);
+                    return Ok(route
+                        .hops
                         .iter()
                         .map(|hop| RouteSegment {
                             peer: candidates[hop.server].peer,
                             range: hop.range,
+                            numerics_version: candidates[hop.server].numerics,
                         })
-                        .collect())
+                        .collect());
                 }
                 Err(route) if Instant::now() >= deadline => return Err(route),
                 Err(_) => tokio::time::sleep(self.look_again).await,
@@ -146,5 +153,25 @@ impl<'a> RouteFinder<'a> {
                 self.notes.push(note);
             }
         }
+    }
+}
+
+/// Says once per process that a route runs layers on servers of another numerics
+/// version, whose outputs may differ from this release's in their low bits: a gateway
+/// would otherwise repeat it for every session.
+fn note_other_numerics(route: &PreferredRoute, range: LayerRange) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if route.other_numerics == 0 {
+        return;
+    }
+    let hops = route.other_numerics;
+    if SAID.swap(true, Ordering::Relaxed) {
+        tracing::debug!("route over {range}: {hops} hop(s) of another numerics version");
+    } else {
+        tracing::warn!(
+            "servers of this node's numerics version {NUMERICS_VERSION} do not cover layers \
+             {range}; the route uses {hops} hop(s) of another version, whose results may \
+             differ in their low bits"
+        );
     }
 }

@@ -111,6 +111,7 @@ mod tests {
             block_count: 30,
             range: LayerRange::new(0, 10),
             protocol_version: 1,
+            numerics_version: 1,
             throughput: 10.0,
             free_sessions: 1,
             max_sessions: 2,

@@ -1,7 +1,7 @@
-//! The swarm as a person reads it: servers with their ranges and load, per-layer
-//! coverage, missing layers. Shared by `allmende status --json` and `GET /api/swarm`.
+//! The swarm as a person reads it: servers with their ranges, load and numerics
+//! version, per-layer coverage, missing layers. Shared by `allmende status --json` and `GET /api/swarm`.
 
-use allmende_protocol::{LayerRange, ModelId};
+use allmende_protocol::{LayerRange, ModelId, NUMERICS_VERSION};
 use serde_json::{json, Value};
 
 use super::discovery::DiscoveredServer;
@@ -39,6 +39,7 @@ pub fn swarm_report(
                 "peer": s.peer.to_string(),
                 "layers": [s.info.range.start, s.info.range.end],
                 "throughput": s.info.throughput,
+                "numerics_version": s.info.numerics_version,
                 "free_sessions": s.info.free_sessions,
                 "max_sessions": s.info.max_sessions,
                 "rtt_ms": s.rtt_ms,
@@ -55,6 +56,7 @@ pub fn swarm_report(
         "model": model.to_hex(),
         "model_name": name,
         "block_count": block_count,
+        "numerics_version": NUMERICS_VERSION,
         "peers": peers,
         "coverage": coverage,
         "missing": missing.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),

@@ -5,9 +5,11 @@
 mod assign;
 mod ban;
 mod measured;
+mod numerics;
 mod route;
 
 pub use assign::{choose_layers, coverage};
 pub use ban::BanList;
 pub use measured::Measured;
+pub use numerics::{plan_route_preferring, PreferredRoute};
 pub use route::{missing_ranges, plan_route, plan_route_over, Candidate, Hop, RouteError};

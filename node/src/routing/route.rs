@@ -29,6 +29,8 @@ pub struct Candidate<P> {
     pub throughput: f64,
     pub rtt_ms: Option<f64>,
     pub free_sessions: u32,
+    /// The numerics version the server announced.
+    pub numerics: u32,
 }
 
 impl<P> Candidate<P> {
@@ -142,12 +144,26 @@ pub fn plan_route_over<P>(
     candidates: &[Candidate<P>],
     target: LayerRange,
 ) -> Result<Vec<Hop>, RouteError> {
+    plan_among(candidates, target, |_| Some(0.0))
+}
+
+/// The cheapest chain of hops covering `target` over the candidates `extra` admits:
+/// `None` leaves a candidate out, `Some(ms)` adds `ms` to the cost of each layer it
+/// runs. Hops index into all of `candidates`.
+pub(super) fn plan_among<P>(
+    candidates: &[Candidate<P>],
+    target: LayerRange,
+    extra: impl Fn(&Candidate<P>) -> Option<f64>,
+) -> Result<Vec<Hop>, RouteError> {
     let (first, last) = (target.start, target.end);
-    let clipped = candidates.iter().filter_map(|c| {
-        let start = c.range.start.max(first);
-        let end = c.range.end.min(last);
-        (start < end).then(|| LayerRange::new(start - first, end - first))
-    });
+    let clipped = candidates
+        .iter()
+        .filter(|c| extra(c).is_some())
+        .filter_map(|c| {
+            let start = c.range.start.max(first);
+            let end = c.range.end.min(last);
+            (start < end).then(|| LayerRange::new(start - first, end - first))
+        });
     let missing: Vec<LayerRange> = missing_ranges(clipped, last.saturating_sub(first))
         .into_iter()
         .map(|r| LayerRange::new(r.start + first, r.end + first))
@@ -170,11 +186,12 @@ pub fn plan_route_over<P>(
             continue;
         }
         for (i, c) in candidates.iter().enumerate() {
-            if !c.range.contains(layer) {
+            let Some(extra) = extra(c).filter(|_| c.range.contains(layer)) else {
                 continue;
-            }
+            };
             for end in layer + 1..=c.range.end.min(last) {
-                let next = (cost + c.cost_ms(end - layer), hops + 1);
+                let layers = end - layer;
+                let next = (cost + c.cost_ms(layers) + extra * layers as f64, hops + 1);
                 if next < best[end as usize] {
                     best[end as usize] = next;
                     came_from[end as usize] = Some((layer, i));
@@ -217,6 +234,7 @@ mod tests {
             throughput,
             rtt_ms: Some(rtt),
             free_sessions: 4,
+            numerics: 1,
         }
     }
 

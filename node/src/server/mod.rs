@@ -67,6 +67,9 @@ pub struct ShardServer {
     pub model_name: String,
     pub limits: ServerLimits,
     pub throughput: f32,
+    /// The numerics version this server announces: its kernels' own, unless a test
+    /// stands in for a server of another release.
+    pub numerics_version: u32,
     pub metrics: Arc<Metrics>,
     compute: ComputeQueue,
     /// The KV-cache budget, in KiB.
@@ -93,6 +96,7 @@ impl ShardServer {
         model_name: String,
         limits: ServerLimits,
         throughput: f32,
+        numerics_version: u32,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let compute = ComputeQueue::start(shard.clone(), limits.max_sessions);
@@ -102,6 +106,7 @@ impl ShardServer {
             model,
             model_name,
             throughput,
+            numerics_version,
             metrics,
             compute,
             kv_budget: Arc::new(Semaphore::new(kv_kib)),
@@ -124,6 +129,7 @@ impl ShardServer {
             block_count: self.shard.config().block_count as u32,
             range: self.shard.range(),
             protocol_version: PROTOCOL_VERSION,
+            numerics_version: self.numerics_version,
             throughput: self.throughput,
             free_sessions: self.free_sessions() as u32,
             max_sessions: self.limits.max_sessions as u32,
