@@ -31,6 +31,8 @@ pub enum CodecError {
     TrailingBytes(usize),
     #[error("cannot encode message: {0}")]
     Encode(#[from] bincode::error::EncodeError),
+    #[error("manifest is not in canonical form (layout keys, or keys or tensors out of order)")]
+    NotCanonical,
 }
 
 pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, CodecError> {

@@ -9,6 +9,8 @@
 //! - [`frame`]: length prefixes of stream frames, bounded before allocation.
 //! - [`inference`]: the session protocol's messages and the servers' announcements.
 //! - [`announcement`]: the signed envelope of a server's DHT announcement.
+//! - [`manifest`]: [`Manifest`], a model's metadata, tensor table and chunk hashes,
+//!   whose hash is the [`ModelId`].
 //! - [`numerics`]: [`NUMERICS_VERSION`], which results the compute kernels produce.
 //!
 //! This crate holds no I/O, no async runtime and no model compute: only what two
@@ -20,6 +22,7 @@ pub mod codec;
 pub mod frame;
 pub mod inference;
 pub mod layers;
+pub mod manifest;
 pub mod model;
 pub mod numerics;
 pub mod tensor;
@@ -27,6 +30,7 @@ pub mod tensor;
 pub use codec::{decode, encode, encode_frame, CodecError, MAX_MESSAGE_BYTES};
 pub use inference::{ClientMessage, ErrorKind, ServerInfo, ServerMessage, PROTOCOL_NAME};
 pub use layers::{LayerRange, LayerRangeError};
+pub use manifest::Manifest;
 pub use model::ModelId;
 pub use numerics::NUMERICS_VERSION;
 pub use tensor::{TensorError, WireDType, WireTensor};

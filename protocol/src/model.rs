@@ -1,11 +1,13 @@
-//! The identity of a model: a digest of its file's content, so that every node
-//! holding the same GGUF agrees on the id without any registry.
+//! The identity of a model: a digest of its manifest (metadata, tensor table and the
+//! hashes of its weights), so that every node holding the model agrees on the id
+//! without any registry.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// SHA-256 of the model file's bytes.
+/// The hash of the model's [`Manifest`](crate::Manifest): its metadata, tensor table
+/// and the hashes of its weights, not how a file lays them out.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ModelId(pub [u8; 32]);
 

@@ -87,6 +87,12 @@ impl GgufFile {
         self.tensor_bytes_read
     }
 
+    /// Where one tensor's bytes start in the file.
+    pub fn tensor_start(&self, name: &str) -> Option<u64> {
+        let info = self.tensor_info(name)?;
+        self.content.tensor_data_offset.checked_add(info.offset)
+    }
+
     /// Size on disk of one tensor, in bytes.
     pub fn tensor_bytes(&self, name: &str) -> u64 {
         self.tensor_info(name).map_or(0, tensor_size)

@@ -394,26 +394,36 @@ impl<R: Read> Bounded<'_, R> {
     }
 }
 
-/// The ggml types candle can hold, by their code in the file.
+/// The ggml types candle can hold, with their code in the file.
+const GGML_CODES: [(u32, GgmlDType); 15] = [
+    (0, GgmlDType::F32),
+    (1, GgmlDType::F16),
+    (2, GgmlDType::Q4_0),
+    (3, GgmlDType::Q4_1),
+    (6, GgmlDType::Q5_0),
+    (7, GgmlDType::Q5_1),
+    (8, GgmlDType::Q8_0),
+    (9, GgmlDType::Q8_1),
+    (10, GgmlDType::Q2K),
+    (11, GgmlDType::Q3K),
+    (12, GgmlDType::Q4K),
+    (13, GgmlDType::Q5K),
+    (14, GgmlDType::Q6K),
+    (15, GgmlDType::Q8K),
+    (30, GgmlDType::BF16),
+];
+
 fn ggml_dtype(code: u32) -> Option<GgmlDType> {
-    Some(match code {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
+    GGML_CODES.iter().find(|(c, _)| *c == code).map(|(_, d)| *d)
+}
+
+/// A type's code in a GGUF file.
+pub fn ggml_code(dtype: GgmlDType) -> u32 {
+    GGML_CODES
+        .iter()
+        .find(|(_, d)| *d == dtype)
+        .map(|(c, _)| *c)
+        .expect("every type candle holds has a code")
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 pub use config::ModelConfig;
 pub use gguf::GgufFile;
 pub use kv_cache::ShardCache;
-pub use model_id::model_id;
+pub use model_id::{manifest, model_id};
 pub use shard::Shard;
 
 #[derive(Debug, thiserror::Error)]
