@@ -75,7 +75,7 @@ impl Architecture for Gemma2 {
         }
         // Both caps always apply: llama.cpp divides by them, so 0 is no model's cap.
         let cap = |name: &str, default: f32| match read_cap(gguf, &key(name))? {
-            Some(c) if c == 0.0 => Err(ModelError::BadMetadata(key(name), "a positive number")),
+            Some(0.0) => Err(ModelError::BadMetadata(key(name), "a positive number")),
             cap => Ok(Some(cap.unwrap_or(default))),
         };
         config.attention_logit_softcap = cap(ATTENTION_SOFTCAP, DEFAULT_ATTENTION_SOFTCAP)?;
