@@ -1,11 +1,12 @@
 """Dresses a Gemma 3 GGUF file as Gemma 2, for testing the gemma2 architecture against
 llama.cpp on real weights (no Gemma 2 file is small enough to fetch for tests): the
-architecture and its keys renamed, the per-head Q and K norms (which Gemma 2 lacks)
-dropped and Q and K weights scaled to make up for them on average (without, scores
-grow so large that rounding alone moves the model's choices), Gemma 2's attention and final logit soft-caps set, and a short sliding window
-so that test prompts cross it, and local layers their own RoPE base (Gemma 3's local
-one) so that local and global layers turn differently. The result is no trained model, but llama.cpp and
-Allmende must compute it alike.
+architecture and its keys renamed; the per-head Q and K norms (which Gemma 2 lacks)
+dropped, and Q and K weights scaled to make up for them on average (without, scores
+grow so large that rounding alone moves the model's choices); Gemma 2's attention and
+final logit soft-caps set; a short sliding window, so that test prompts cross it; and
+local layers given their own RoPE base (Gemma 3's local one), so that local and global
+layers turn differently. The result is no trained model, but llama.cpp and Allmende
+must compute it alike.
 
     python dress-gemma2.py SOURCE.gguf TARGET.gguf
 """
@@ -25,8 +26,8 @@ SET = {
     "attention.sliding_window": (64, GGUFValueType.UINT32),
     "rope.freq_base_swa": (10000.0, GGUFValueType.FLOAT32),
 }
-# Gemma 3's keys that Gemma 2 has no use for.
-DROP = {"attention.sliding_window_pattern", "rope.scaling.type", "rope.scaling.factor"}
+# Gemma 3's pattern of local layers, if the file has one: Gemma 2's default applies.
+DROP = {"attention.sliding_window_pattern"}
 DROP_TENSORS = ("attn_q_norm.weight", "attn_k_norm.weight")
 
 
