@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use allmende_node::model::{GgufFile, ModelConfig};
 use support::agreement::{counting, prose, Loaded, NEAR_TIE};
+use support::gguf_writer::{Gguf, GGML_F32};
 use support::llama_cpp::{quantize, LlamaServer};
 
 /// The dressed file's window.
@@ -151,4 +153,57 @@ fn split_equals_unsplit_bit_for_bit() {
     assert!(prompt.len() > 2 * WINDOW, "{} tokens", prompt.len());
     let cuts = [(0, 1), (1, 4), (4, 9), (9, 18)];
     ours.split_equals_unsplit(&cuts, &prompt, 8);
+}
+
+/// A small Gemma 2 header: four layers, and the embeddings (8 tokens of width 64),
+/// with `edit` applied; its hyper-parameters as the loader reads them, or its error.
+fn config_of(edit: impl FnOnce(Gguf) -> Gguf) -> Result<ModelConfig, String> {
+    let header = Gguf::default()
+        .string("general.architecture", "gemma2")
+        .u32("gemma2.block_count", 4)
+        .u32("gemma2.context_length", 8192)
+        .u32("gemma2.embedding_length", 64)
+        .u32("gemma2.feed_forward_length", 128)
+        .u32("gemma2.attention.head_count", 2)
+        .u32("gemma2.attention.head_count_kv", 1)
+        .f32("gemma2.attention.layer_norm_rms_epsilon", 1e-6)
+        .tensor("token_embd.weight", &[64, 8], GGML_F32, 64 * 8 * 4);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gemma2.gguf");
+    std::fs::write(&path, edit(header).bytes()).unwrap();
+    let gguf = GgufFile::open(&path).map_err(|e| e.to_string())?;
+    ModelConfig::from_gguf(&gguf).map_err(|e| e.to_string())
+}
+
+/// Without the keys, llama.cpp's defaults: a window of 4096 on even layers, both caps,
+/// and local layers turning like global ones.
+#[test]
+fn files_without_gemma2s_keys_get_llama_cpps_defaults() {
+    let config = config_of(|g| g).unwrap();
+    let window = config.sliding_window.expect("a sliding window");
+    assert_eq!(window.window, 4096);
+    assert_eq!(window.local, [true, false, true, false]);
+    assert_eq!(config.attention_logit_softcap, Some(50.0));
+    assert_eq!(config.final_logit_softcap, Some(30.0));
+    assert_eq!(config.rope_local, None);
+}
+
+/// A cap or window of 0, which llama.cpp would divide by or mask everything with, and
+/// an LM head of the file's own, which llama.cpp refuses, are refused by name.
+#[test]
+fn caps_and_windows_of_zero_and_own_lm_heads_are_refused() {
+    for key in [
+        "gemma2.attn_logit_softcapping",
+        "gemma2.final_logit_softcapping",
+        "gemma2.attention.sliding_window",
+    ] {
+        let err = config_of(|g| match key.ends_with("window") {
+            true => g.u32(key, 0),
+            false => g.f32(key, 0.0),
+        })
+        .unwrap_err();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    let err = config_of(|g| g.tensor("output.weight", &[64, 8], GGML_F32, 64 * 8 * 4)).unwrap_err();
+    assert!(err.contains("output.weight"), "{err}");
 }
