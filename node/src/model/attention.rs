@@ -11,7 +11,7 @@
 
 use candle_core::{bail, Result};
 
-use super::kernels::attend::{self, Partial, Rows, CHUNK};
+use super::kernels::attend::{self, Partial, Rows, Scoring, CHUNK};
 use super::kernels::Simd;
 use super::kv_cache::KvView;
 
@@ -26,6 +26,9 @@ pub struct Step<'a> {
     /// What each score is multiplied by: `1 / sqrt(head_dim)` unless the model says
     /// otherwise (Gemma 3 27B).
     pub scale: f32,
+    /// The cap of `cap × tanh(score / cap)` on each scaled score, where the model
+    /// caps attention logits (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 /// Most tasks (and chunk results, ~1 KB each) in one round over the compute threads:
@@ -58,7 +61,7 @@ pub fn single_positions(steps: &[Step<'_>]) -> Result<Vec<Vec<f32>>> {
             push_tasks(step, &mut tasks);
         }
         let partials = super::parallel_map(&tasks, |t| {
-            attend::partial(t.q, t.hd, t.keys, t.values, t.scale, simd)
+            attend::partial(t.q, t.hd, t.keys, t.values, t.scoring, simd)
         });
         let mut partials: &[Partial] = &partials;
         for step in round {
@@ -76,7 +79,7 @@ struct Task<'a> {
     hd: usize,
     keys: Rows<'a>,
     values: Rows<'a>,
-    scale: f32,
+    scoring: Scoring,
 }
 
 fn check(step: &Step<'_>) -> Result<()> {
@@ -130,7 +133,11 @@ fn push_tasks<'s>(step: &Step<'s>, tasks: &mut Vec<Task<'s>>) {
     let c = step.cache;
     let (hd, nkv) = (c.shape.head_dim, c.shape.kv_heads);
     let group = step.heads / nkv * hd;
-    let (scale, visible) = (step.scale, c.visible());
+    let scoring = Scoring {
+        scale: step.scale,
+        softcap: step.softcap,
+    };
+    let visible = c.visible();
     for bi in 0..c.shape.batch {
         for g in 0..nkv {
             let rows = |data| Rows {
@@ -150,7 +157,7 @@ fn push_tasks<'s>(step: &Step<'s>, tasks: &mut Vec<Task<'s>>) {
                     hd,
                     keys: cut(rows(c.k)),
                     values: cut(rows(c.v)),
-                    scale,
+                    scoring,
                 });
             }
         }
@@ -164,12 +171,16 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
     use half::f16;
 
-    /// The same attention as candle operations.
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Tensor {
+    /// The same attention as candle operations, scores soft-capped by `softcap`.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, softcap: Option<f32>) -> Tensor {
         let (b, nh, _, hd) = q.dims4().unwrap();
         let nkv = nh / n_rep;
         let q = q.reshape((b, nkv, n_rep, hd)).unwrap();
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / (hd as f64).sqrt())).unwrap();
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / (hd as f64).sqrt())).unwrap();
+        if let Some(cap) = softcap {
+            let cap = f64::from(cap);
+            scores = ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap();
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
         probs
             .matmul(&v.contiguous().unwrap())
@@ -197,11 +208,17 @@ mod tests {
     #[test]
     fn equals_candle_operations_within_rounding() {
         let dev = &Device::Cpu;
-        for (b, nh, nkv, positions, hd, capacity) in [
+        // Scores of about ±1: a cap of 2 changes them.
+        let caps = [None, Some(2.0)];
+        for ((b, nh, nkv, positions, hd, capacity), softcap) in [
             (1, 9, 3, 17, 64, 32),
             (2, 4, 4, 1, 8, 4),
             (1, 6, 2, 300, 20, 512),
-        ] {
+            (1, 8, 1, 200, 256, 256),
+        ]
+        .into_iter()
+        .flat_map(|shape| caps.map(|cap| (shape, cap)))
+        {
             let q = Tensor::randn(0f32, 1.0, (b, nh, 1, hd), dev).unwrap();
             // Caches larger than what is filled, as ShardCache keeps them.
             let kc = Tensor::randn(0f32, 1.0, (b, nkv, capacity, hd), dev).unwrap();
@@ -226,11 +243,12 @@ mod tests {
                 heads: nh,
                 cache,
                 scale: 1.0 / (hd as f32).sqrt(),
+                softcap,
             };
             let ours = single_positions(&[step]).unwrap().remove(0);
             let k = kc.narrow(2, 0, positions).unwrap();
             let v = vc.narrow(2, 0, positions).unwrap();
-            let theirs = values(&reference(&q, &k, &v, nh / nkv));
+            let theirs = values(&reference(&q, &k, &v, nh / nkv, softcap));
             assert_eq!(ours.len(), theirs.len());
             for (x, y) in ours.iter().zip(&theirs) {
                 assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
@@ -273,6 +291,7 @@ mod tests {
                     first: 0,
                 },
                 scale: 0.25,
+                softcap: None,
             })
             .collect();
         assert!(steps.len() * 3 > MAX_TASKS_PER_ROUND);
@@ -302,6 +321,7 @@ mod tests {
             heads,
             cache,
             scale: 1.0,
+            softcap: None,
         };
         // Four query heads cannot share three KV heads.
         assert!(single_positions(&[step(&q, 4, cache)]).is_err());

@@ -76,6 +76,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<SlidingWindow>,
     /// What attention scores are multiplied by, where it is not `1 / sqrt(head_dim)`.
     pub attention_scale: Option<f32>,
+    /// `cap × tanh(score / cap)` on the scaled attention scores, before the softmax,
+    /// where the model caps them (Gemma 2).
+    pub attention_logit_softcap: Option<f32>,
     /// `cap × tanh(logit / cap)` on the LM head's logits, where the model caps them.
     pub final_logit_softcap: Option<f32>,
 }
@@ -258,6 +261,7 @@ pub fn read_llama_style(
         rope_local: None,
         sliding_window: None,
         attention_scale: None,
+        attention_logit_softcap: None,
         final_logit_softcap: None,
     })
 }

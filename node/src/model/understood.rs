@@ -218,6 +218,7 @@ mod tests {
             rope_local: None,
             sliding_window: None,
             attention_scale: None,
+            attention_logit_softcap: None,
             final_logit_softcap: None,
         }
     }
@@ -264,7 +265,7 @@ mod tests {
         let err = check_tensor("blk.0.ffn_gate.weight", &config("phi3")).unwrap_err();
         let err = err.to_string();
         assert!(
-            err.contains("only llama, qwen2, qwen3, gemma3 files"),
+            err.contains("only llama, qwen2, qwen3, gemma3, gemma2 files"),
             "{err}"
         );
         assert!(err.contains("a phi3 layer are attn_norm.weight"), "{err}");

@@ -3,10 +3,12 @@
 //! real server processes ([`swarm`]).
 #![allow(dead_code)]
 
+pub mod agreement;
 pub mod attack;
 pub mod cgroup;
 pub mod gguf_writer;
 pub mod http;
+pub mod llama_cpp;
 pub mod raw;
 pub mod swarm;
 pub mod wan;
@@ -21,6 +23,20 @@ pub fn model_path() -> PathBuf {
     assert!(
         path.exists(),
         "test model {} is missing: run scripts/fetch-model.sh (or set ALLMENDE_MODEL)",
+        path.display()
+    );
+    path
+}
+
+/// The real Gemma 3 270M file (`scripts/fetch-gemma3.sh`; `scripts/test.sh` passes it
+/// as `ALLMENDE_GEMMA3`). Tests fail, rather than skip, without it.
+pub fn gemma3_path() -> PathBuf {
+    let path = std::env::var_os("ALLMENDE_GEMMA3").map(PathBuf::from).expect(
+        "ALLMENDE_GEMMA3 is not set: run scripts/fetch-gemma3.sh and point it at the file it prints (scripts/test.sh does)",
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-gemma3.sh",
         path.display()
     );
     path

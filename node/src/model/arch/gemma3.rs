@@ -54,20 +54,15 @@ impl Architecture for Gemma3 {
     }
 
     fn read_config(&'static self, gguf: &GgufFile) -> Result<ModelConfig, ModelError> {
-        let mut config = read_llama_style(gguf, self, RopeStyle::Halves)?;
+        let mut config = read_gemma_style(gguf, self, LAYERS_27B)?;
         let key = |k: &str| format!("gemma3.{k}");
-        if config.rope_yarn.is_some() {
-            return Err(ModelError::NotUnderstood(format!(
-                "metadata {} = yarn: a gemma3 file's RoPE scaling is linear",
-                key("rope.scaling.type")
-            )));
-        }
         let window = match gguf.has(&key(SLIDING_WINDOW)) {
             true => gguf.usize(&key(SLIDING_WINDOW))?,
             false => 0,
         };
         if window > 0 {
-            let local = local_layers(gguf, &key(SLIDING_WINDOW_PATTERN), config.block_count)?;
+            let pattern = key(SLIDING_WINDOW_PATTERN);
+            let local = local_layers(gguf, &pattern, config.block_count, DEFAULT_PATTERN)?;
             let freq_base = match gguf.has(&key(FREQ_BASE_SWA)) {
                 true => gguf.f32(&key(FREQ_BASE_SWA))?,
                 false => DEFAULT_FREQ_BASE_SWA,
@@ -80,22 +75,8 @@ impl Architecture for Gemma3 {
             });
             config.sliding_window = Some(SlidingWindow { window, local });
         }
-        if config.block_count == LAYERS_27B {
-            // Integer division first, as llama.cpp divides its integers.
-            let per_head = config.hidden_size / config.head_count;
-            config.attention_scale = Some(1.0 / (per_head as f32).sqrt());
-        }
-        if gguf.has(&key(FINAL_SOFTCAP)) {
-            let cap = gguf.f32(&key(FINAL_SOFTCAP))?;
-            if !cap.is_finite() || cap < 0.0 {
-                return Err(ModelError::BadMetadata(
-                    key(FINAL_SOFTCAP),
-                    "a positive number",
-                ));
-            }
-            // llama.cpp caps only with a cap other than 0.
-            config.final_logit_softcap = (cap != 0.0).then_some(cap);
-        }
+        // llama.cpp caps only with a cap other than 0.
+        config.final_logit_softcap = read_cap(gguf, &key(FINAL_SOFTCAP))?.filter(|&c| c != 0.0);
         Ok(config)
     }
 
@@ -125,7 +106,7 @@ impl Architecture for Gemma3 {
         cfg: &ModelConfig,
         index: usize,
     ) -> Result<Box<dyn Layer>, ModelError> {
-        Ok(Box::new(Gemma3Layer::load(gguf, cfg, index)?))
+        Ok(Box::new(Gemma3Layer::load(gguf, cfg, index, true)?))
     }
 
     fn embedding_scale(&self, cfg: &ModelConfig) -> Option<f32> {
@@ -137,12 +118,55 @@ impl Architecture for Gemma3 {
     }
 
     fn finish_logits(&self, cfg: &ModelConfig, logits: &mut [f32]) {
-        if let Some(cap) = cfg.final_logit_softcap {
-            // As ggml: a product by the f32 reciprocal, not a division.
-            let inverse = 1.0 / cap;
-            for x in logits {
-                *x = cap * libm::tanhf(*x * inverse);
-            }
+        softcap_logits(cfg, logits);
+    }
+}
+
+/// The hyper-parameters Gemma 2 and 3 read alike: llama's, with RoPE over halves and
+/// only linear RoPE scaling, and the attention scale of width / heads in the 27B
+/// model, which llama.cpp recognises by its layer count (`layers_27b`).
+pub(super) fn read_gemma_style(
+    gguf: &GgufFile,
+    arch: &'static dyn Architecture,
+    layers_27b: usize,
+) -> Result<ModelConfig, ModelError> {
+    let mut config = read_llama_style(gguf, arch, RopeStyle::Halves)?;
+    if config.rope_yarn.is_some() {
+        return Err(ModelError::NotUnderstood(format!(
+            "metadata {}.rope.scaling.type = yarn: a {0} file's RoPE scaling is linear",
+            arch.name()
+        )));
+    }
+    if config.block_count == layers_27b {
+        // Integer division first, as llama.cpp divides its integers.
+        let per_head = config.hidden_size / config.head_count;
+        config.attention_scale = Some(1.0 / (per_head as f32).sqrt());
+    }
+    Ok(config)
+}
+
+/// A soft-cap from metadata `key`, if the file has one: a number, not negative.
+pub(super) fn read_cap(gguf: &GgufFile, key: &str) -> Result<Option<f32>, ModelError> {
+    if !gguf.has(key) {
+        return Ok(None);
+    }
+    let cap = gguf.f32(key)?;
+    if !cap.is_finite() || cap < 0.0 {
+        return Err(ModelError::BadMetadata(
+            key.to_string(),
+            "a positive number",
+        ));
+    }
+    Ok(Some(cap))
+}
+
+/// The final logit soft-cap, where the model has one.
+pub(super) fn softcap_logits(cfg: &ModelConfig, logits: &mut [f32]) {
+    if let Some(cap) = cfg.final_logit_softcap {
+        // As ggml: a product by the f32 reciprocal, not a division.
+        let inverse = 1.0 / cap;
+        for x in logits {
+            *x = cap * libm::tanhf(*x * inverse);
         }
     }
 }
@@ -150,7 +174,7 @@ impl Architecture for Gemma3 {
 /// llama.cpp's built-in `gemma` chat format, for Gemma files without a template of
 /// their own (base models): system messages trimmed and merged into the next user
 /// turn, `assistant` called `model`, every content trimmed.
-const GEMMA_TEMPLATE: &str = "{%- set ns = namespace(system='') -%}\
+pub(super) const GEMMA_TEMPLATE: &str = "{%- set ns = namespace(system='') -%}\
 {%- for message in messages -%}\
 {%- if message['role'] == 'system' -%}\
 {%- set ns.system = ns.system + (message['content'] | trim) -%}\
@@ -167,11 +191,16 @@ const GEMMA_TEMPLATE: &str = "{%- set ns = namespace(system='') -%}\
 
 /// Which of `layers` layers are local: from the pattern key, a per-layer array (true
 /// or 1 for local) or a period `n` (layer `i` is local unless `i % n == n - 1`; 0
-/// makes every layer local), by default [`DEFAULT_PATTERN`].
-fn local_layers(gguf: &GgufFile, key: &str, layers: usize) -> Result<Vec<bool>, ModelError> {
+/// makes every layer local), by default the period `default`.
+pub(super) fn local_layers(
+    gguf: &GgufFile,
+    key: &str,
+    layers: usize,
+    default: usize,
+) -> Result<Vec<bool>, ModelError> {
     let bad = || ModelError::BadMetadata(key.to_string(), "a number or one flag per layer");
     let period = match gguf.metadata(key) {
-        None => DEFAULT_PATTERN,
+        None => default,
         Some(Value::Array(flags)) => {
             if flags.len() != layers {
                 return Err(bad());
@@ -191,10 +220,11 @@ fn local_layers(gguf: &GgufFile, key: &str, layers: usize) -> Result<Vec<bool>, 
         .collect())
 }
 
-struct Gemma3Layer {
+/// Gemma 3's layer; without the per-head norms, Gemma 2's.
+pub(super) struct Gemma3Layer {
     attn_norm: RmsNorm,
     qkv: Qkv,
-    /// With the per-head norms, and a window on local layers.
+    /// With the per-head norms where the model has them, and a window on local layers.
     attention: SelfAttention,
     /// Whether this layer turns with the local layers' RoPE.
     local: bool,
@@ -206,7 +236,12 @@ struct Gemma3Layer {
 }
 
 impl Gemma3Layer {
-    fn load(gguf: &mut GgufFile, cfg: &ModelConfig, index: usize) -> Result<Self, ModelError> {
+    pub(super) fn load(
+        gguf: &mut GgufFile,
+        cfg: &ModelConfig,
+        index: usize,
+        head_norms: bool,
+    ) -> Result<Self, ModelError> {
         let name = |t: &str| format!("blk.{index}.{t}.weight");
         let (d, q, kv, ff, eps) = (
             cfg.hidden_size,
@@ -215,8 +250,11 @@ impl Gemma3Layer {
             cfg.feed_forward_size,
             cfg.rms_eps,
         );
-        let head_norms = HeadNorms::load(gguf, index, cfg.head_dim, eps)?;
-        let mut attention = SelfAttention::new(cfg, Some(head_norms));
+        let head_norms = match head_norms {
+            true => Some(HeadNorms::load(gguf, index, cfg.head_dim, eps)?),
+            false => None,
+        };
+        let mut attention = SelfAttention::new(cfg, head_norms);
         let window = cfg.sliding_window.as_ref().filter(|w| w.is_local(index));
         if let Some(w) = window {
             attention = attention.windowed(w.window);

@@ -5,6 +5,7 @@
 //! architecture's own lists ([`understood`](super::understood)), so adding an
 //! architecture is adding a file here and a line to [`ALL`].
 
+mod gemma2;
 mod gemma3;
 mod llama;
 mod phi3;
@@ -109,6 +110,7 @@ pub const ALL: &[&dyn Architecture] = &[
     &qwen3::Qwen3,
     &phi3::Phi3,
     &gemma3::Gemma3,
+    &gemma2::Gemma2,
 ];
 
 /// The architecture named `name` (a file's `general.architecture`), if supported.

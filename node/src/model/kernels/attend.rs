@@ -8,7 +8,8 @@
 //!
 //! - a score is `dot(q, k) × scale`, the dot product in sixteen lane accumulators
 //!   (element `i` into lane `i % 16`, fused multiply-adds in element order) summed in
-//!   one fixed tree ([`sum_lanes`]);
+//!   one fixed tree ([`sum_lanes`]); with a soft-cap ([`Scoring`]) it is then
+//!   `cap × tanh(score)` with the scale divided by the cap beforehand, as ggml caps;
 //! - a chunk's weights are `exp(score - max)` over the chunk, with the exp and sum of
 //!   [`super::softmax`], and its output accumulates `weight × v` per element with fused
 //!   multiply-adds in position order;
@@ -56,6 +57,33 @@ impl Rows<'_> {
     }
 }
 
+/// How a score is made of a dot product: `dot × scale`, then, where the model caps
+/// attention logits (Gemma 2), `cap × tanh(score / cap)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scoring {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl Scoring {
+    /// What the dot product is multiplied by before the cap: ggml divides its scale
+    /// by the cap once and caps with `cap × tanh`, so the division rounds the same.
+    fn inner_scale(self) -> f32 {
+        match self.softcap {
+            Some(cap) => self.scale / cap,
+            None => self.scale,
+        }
+    }
+
+    /// The cap applied to scores made with [`inner_scale`](Self::inner_scale).
+    fn cap(self, scores: &mut [f32]) {
+        if let Some(cap) = self.softcap {
+            // `tanhf` from `libm`, so that every platform rounds alike.
+            scores.iter_mut().for_each(|s| *s = cap * libm::tanhf(*s));
+        }
+    }
+}
+
 /// One chunk's result for a group of heads: per head the chunk's largest score, the
 /// sum of its weights, and the weighted sum of its values (`heads × head_dim`).
 pub struct Partial {
@@ -66,7 +94,15 @@ pub struct Partial {
 
 /// The heads `q` (`heads × hd` values, one KV head's queries) over the positions of
 /// `keys` and `values` (at least one; rows of `hd` values).
-pub fn partial(q: &[f32], hd: usize, keys: Rows, values: Rows, scale: f32, simd: Simd) -> Partial {
+pub fn partial(
+    q: &[f32],
+    hd: usize,
+    keys: Rows,
+    values: Rows,
+    scoring: Scoring,
+    simd: Simd,
+) -> Partial {
+    let scale = scoring.inner_scale();
     let heads = q.len() / hd;
     let positions = keys.count.min(values.count);
     assert!(hd > 0 && q.len() == heads * hd && positions > 0);
@@ -85,13 +121,14 @@ pub fn partial(q: &[f32], hd: usize, keys: Rows, values: Rows, scale: f32, simd:
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 {
         // SAFETY: as checked above; AVX-512 present (detection).
-        let done = unsafe { group_avx512(q, hd, keys, values, scale, positions, &mut scores) };
+        let done = unsafe { group_avx512(q, hd, keys, values, scoring, positions, &mut scores) };
         if let Some(partial) = done {
             return partial;
         }
     }
     // SAFETY: as checked above.
     unsafe { all_scores(q, hd, keys, values, scale, simd, &mut scores) };
+    scoring.cap(&mut scores);
     let (max, sum) = softmax_rows(&mut scores, positions, simd);
     let mut out = vec![0f32; heads * hd];
     for first in (0..positions).step_by(BLOCK) {
@@ -314,17 +351,19 @@ unsafe fn group_avx512(
     hd: usize,
     keys: Rows,
     values: Rows,
-    scale: f32,
+    scoring: Scoring,
     positions: usize,
     scores: &mut [f32],
 ) -> Option<Partial> {
     let heads = q.len() / hd;
+    let scale = scoring.inner_scale();
     // SAFETY (all calls): the caller's guarantees.
     match hd {
         64 => unsafe { scores_heads_avx512::<4>(q, keys, values, scale, positions, scores) },
         128 => unsafe { scores_heads_avx512::<8>(q, keys, values, scale, positions, scores) },
         _ => return None,
     }
+    scoring.cap(scores);
     let (max, sum) = softmax_rows(scores, positions, Simd::Avx512);
     let mut out = vec![0f32; heads * hd];
     match hd {
@@ -705,7 +744,11 @@ mod tests {
                 let n = chunk.min(positions - first);
                 let (k, v) = (rows(&k[..]).skip(first), rows(&v[..]).skip(first));
                 let (k, v) = (Rows { count: n, ..k }, Rows { count: n, ..v });
-                partial(&q, hd, k, v, 0.125, simd)
+                let scoring = Scoring {
+                    scale: 0.125,
+                    softcap: None,
+                };
+                partial(&q, hd, k, v, scoring, simd)
             })
             .collect();
         let mut out = vec![f32::NAN; heads * hd];

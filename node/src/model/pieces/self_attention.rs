@@ -23,6 +23,8 @@ pub struct SelfAttention {
     head_norms: Option<HeadNorms>,
     /// What scores are multiplied by.
     scale: f32,
+    /// `cap × tanh(score / cap)` on the scaled scores, where the model caps them.
+    softcap: Option<f32>,
     /// A sliding-window layer's window: each position sees itself and the `window - 1`
     /// before it.
     window: Option<usize>,
@@ -38,6 +40,7 @@ impl SelfAttention {
             scale: cfg
                 .attention_scale
                 .unwrap_or_else(|| 1.0 / (cfg.head_dim as f32).sqrt()),
+            softcap: cfg.attention_logit_softcap,
             window: None,
         }
     }
@@ -108,6 +111,7 @@ impl SelfAttention {
                         heads: nh,
                         cache,
                         scale: self.scale,
+                        softcap: self.softcap,
                     });
                 }
             }
