@@ -395,7 +395,7 @@ impl<R: Read> Bounded<'_, R> {
 }
 
 /// The ggml types candle can hold, with their code in the file.
-const GGML_CODES: [(u32, GgmlDType); 15] = [
+pub(crate) const GGML_CODES: [(u32, GgmlDType); 15] = [
     (0, GgmlDType::F32),
     (1, GgmlDType::F16),
     (2, GgmlDType::Q4_0),

@@ -1,6 +1,6 @@
 //! A model file run by us against llama.cpp running it ([`LlamaServer`]): the same
-//! prompt ids, the same greedy tokens up to the first divergence, which must be a
-//! near-tie on both sides; and the model split into shards equal to itself unsplit,
+//! prompt ids, the same greedy tokens up to the first divergence, which the exact
+//! float64 reference must call a near-tie (or ours); and the model split into shards equal to itself unsplit,
 //! bit for bit.
 
 use std::ops::ControlFlow;
@@ -15,9 +15,10 @@ use allmende_protocol::LayerRange;
 
 use super::llama_cpp::{LlamaServer, TOP};
 
-/// A divergence where both sides prefer their token by less than this (in nats) is a
-/// near-tie, for a trained model: llama.cpp rounds queries to 16 bits in attention and
-/// sums in another order, and both sides quantize activations with their own rounding.
+/// A divergence where the exact reference prefers llama.cpp's token by less than this
+/// (in nats) is a near-tie, for a trained model: llama.cpp rounds queries to 16 bits
+/// in attention and sums in another order, and both sides quantize activations with
+/// their own rounding, each moving log-probabilities by up to a few tenths.
 pub const NEAR_TIE: f32 = 0.5;
 
 /// A model file loaded whole: its client side and all of its layers in one shard.
@@ -65,8 +66,9 @@ impl Loaded {
     }
 
     /// Ours against `server` on `text`: the same prompt ids, the same greedy tokens up
-    /// to the first divergence, where both sides must prefer their token by less than
-    /// `near_tie` nats. Returns how many of the `tokens` agree.
+    /// to the first divergence, where the exact reference must prefer llama.cpp's
+    /// token by less than `near_tie` nats (or prefer ours). Returns how many of the
+    /// `tokens` agree.
     pub fn agrees(&self, server: &LlamaServer, text: &str, tokens: usize, near_tie: f32) -> usize {
         let prompt = self.model.tokenizer.encode(text).unwrap();
         assert_eq!(prompt, server.tokenize(text), "tokenization of {text:?}");
@@ -106,12 +108,18 @@ impl Loaded {
             let theirs_of = |t: u32| their_top.iter().find(|x| x.0 == t).map(|x| x.1);
             let our_margin = ours_of(mine).zip(ours_of(*their)).map(|(a, b)| a - b);
             let their_margin = theirs_of(*their).zip(theirs_of(mine)).map(|(a, b)| a - b);
+            let context: Vec<u32> = theirs[..=agreed].iter().map(|(t, _)| *t).collect();
+            let exact = exact_logprobs(&self.path, &prompt, &context, agreed);
+            let exact_of = |t: u32| exact.iter().find(|x| x.0 == t).map(|x| x.1);
+            let exact_margin = exact_of(*their).zip(exact_of(mine)).map(|(a, b)| a - b);
             eprintln!(
-                "  position {agreed}: ours {mine} by {our_margin:?}, llama.cpp's {their} by {their_margin:?}"
+                "  position {agreed}: ours {mine} by {our_margin:?}, llama.cpp's {their} by {their_margin:?}; the exact reference prefers llama.cpp's by {exact_margin:?}"
             );
+            // The exact reference decides: ours is right, or the two are a near-tie
+            // in exact arithmetic too.
             assert!(
-                our_margin.is_some_and(|m| m < near_tie) && their_margin.is_some_and(|m| m < near_tie),
-                "{text:?} position {agreed}: ours {mine} (by {our_margin:?} nats), llama.cpp's {their} (by {their_margin:?}): not a near-tie"
+                exact_margin.is_some_and(|m| m < near_tie),
+                "{text:?} position {agreed}: ours {mine} (by {our_margin:?} nats), llama.cpp's {their} (by {their_margin:?}), and the exact reference prefers llama.cpp's by {exact_margin:?}: not a near-tie"
             );
         }
         agreed
@@ -131,6 +139,44 @@ impl Loaded {
         };
         assert_eq!(bits(&split), bits(&unsplit));
     }
+}
+
+/// The exact (float64) reference's top log-probabilities of the token after
+/// `prompt` + `continuation[..position]`, from `scripts/reference/exact.py` run on the
+/// file's own weights (`ALLMENDE_TEST_PYTHON`, which has numpy and the `gguf` package).
+fn exact_logprobs(
+    path: &Path,
+    prompt: &[u32],
+    continuation: &[u32],
+    position: usize,
+) -> Vec<(u32, f32)> {
+    let python = std::env::var("ALLMENDE_TEST_PYTHON").expect(
+        "ALLMENDE_TEST_PYTHON is not set: run scripts/setup-test-deps.sh and point it at the Python it prints (scripts/test.sh does)",
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/reference/exact.py");
+    let mut child = std::process::Command::new(python)
+        .arg(script)
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    let request = serde_json::json!([{"prompt_token_ids": prompt, "token_ids": continuation}]);
+    serde_json::to_writer(child.stdin.take().unwrap(), &request).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the exact reference failed");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    reply["outputs"][0]["top_logprobs"][position]
+        .as_array()
+        .expect("the exact reference's top log-probabilities")
+        .iter()
+        .map(|t| {
+            (
+                t["token_id"].as_u64().unwrap() as u32,
+                t["logprob"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect()
 }
 
 fn shard(gguf: &mut GgufFile, model: &ClientModel, range: LayerRange) -> Arc<Shard> {

@@ -271,19 +271,25 @@ pub(crate) mod tests {
     //! reference is the exact product instead.)
     use super::*;
 
-    /// The types this module has kernels for.
-    pub const OURS: [GgmlDType; 10] = [
-        GgmlDType::F16,
-        GgmlDType::BF16,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
+    /// The types this module has kernels for: those [`for_block`] registers.
+    pub fn ours() -> Vec<GgmlDType> {
+        struct Has;
+        impl ForBlock for Has {
+            type Output = ();
+            fn run<B: WeightBlock>(self) {}
+        }
+        let all = crate::model::gguf_header::GGML_CODES
+            .iter()
+            .map(|(_, d)| *d);
+        all.filter(|&d| for_block(d, Has).is_some()).collect()
+    }
+
+    #[test]
+    fn every_16_bit_and_common_quantized_type_has_kernels() {
+        use GgmlDType::*;
+        let expected = [F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, BF16];
+        assert_eq!(ours(), expected);
+    }
 
     pub fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -379,7 +385,7 @@ pub(crate) mod tests {
 
     #[test]
     fn stacked_parts_equal_separate_matrices() {
-        for dtype in OURS.into_iter().chain([GgmlDType::Q2K]) {
+        for dtype in ours().into_iter().chain([GgmlDType::Q2K]) {
             let parts: Vec<Arc<QTensor>> = [64, 32, 32]
                 .into_iter()
                 .map(|rows| Arc::new(weights(dtype, rows, 256)))
@@ -408,7 +414,7 @@ pub(crate) mod tests {
                 Matrix::<B>::from_qtensor(self.0).unwrap().bytes()
             }
         }
-        for dtype in OURS {
+        for dtype in ours() {
             for (rows, cols) in [(48, 256), (33, 512)] {
                 let q = weights(dtype, rows, cols);
                 let held = for_block(dtype, Held(&q)).unwrap();
@@ -422,7 +428,7 @@ pub(crate) mod tests {
 
     #[test]
     fn no_tokens_give_an_empty_product() {
-        for dtype in OURS {
+        for dtype in ours() {
             let linear = Linear::new(Arc::new(weights(dtype, 48, 256))).unwrap();
             assert!(matches!(linear, Linear::Ours(_)), "{dtype:?}");
             let x = Tensor::zeros((1, 0, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -432,7 +438,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rows_equal_candles_dequantization() {
-        for dtype in OURS {
+        for dtype in ours() {
             let q = Arc::new(weights(dtype, 10, 256));
             let ours = Linear::new(q.clone()).unwrap().rows(&[7, 0, 7]).unwrap();
             let all = q.dequantize(&Device::Cpu).unwrap();
