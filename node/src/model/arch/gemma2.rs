@@ -9,7 +9,8 @@
 //! unless the file gives them a base of their own (`rope.freq_base_swa`).
 
 use super::gemma3::{
-    local_layers, read_cap, read_gemma_style, softcap_logits, Gemma3Layer, GEMMA_TEMPLATE,
+    local_layers, read_cap, read_gemma_style, softcap_logits, Gemma3Layer, FINAL_SOFTCAP,
+    FREQ_BASE_SWA, GEMMA_TEMPLATE, SLIDING_WINDOW, SLIDING_WINDOW_PATTERN,
 };
 use super::{Architecture, Layer};
 use crate::model::config::{SlidingWindow, LLAMA_KEYS};
@@ -20,11 +21,7 @@ use crate::model::{ModelConfig, ModelError};
 
 pub struct Gemma2;
 
-const SLIDING_WINDOW: &str = "attention.sliding_window";
-const SLIDING_WINDOW_PATTERN: &str = "attention.sliding_window_pattern";
-const FREQ_BASE_SWA: &str = "rope.freq_base_swa";
 const ATTENTION_SOFTCAP: &str = "attn_logit_softcapping";
-const FINAL_SOFTCAP: &str = "final_logit_softcapping";
 
 /// llama.cpp's defaults for files without the keys.
 const DEFAULT_WINDOW: usize = 4096;

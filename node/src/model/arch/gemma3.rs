@@ -25,10 +25,11 @@ use crate::model::{ModelConfig, ModelError};
 
 pub struct Gemma3;
 
-const SLIDING_WINDOW: &str = "attention.sliding_window";
-const SLIDING_WINDOW_PATTERN: &str = "attention.sliding_window_pattern";
-const FREQ_BASE_SWA: &str = "rope.freq_base_swa";
-const FINAL_SOFTCAP: &str = "final_logit_softcapping";
+/// Keys Gemma 2 reads too.
+pub(super) const SLIDING_WINDOW: &str = "attention.sliding_window";
+pub(super) const SLIDING_WINDOW_PATTERN: &str = "attention.sliding_window_pattern";
+pub(super) const FREQ_BASE_SWA: &str = "rope.freq_base_swa";
+pub(super) const FINAL_SOFTCAP: &str = "final_logit_softcapping";
 
 /// llama.cpp's default pattern: five local layers, then one global.
 const DEFAULT_PATTERN: usize = 6;
