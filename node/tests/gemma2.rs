@@ -14,9 +14,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use allmende_node::model::{GgufFile, ModelConfig};
-use support::agreement::{counting, prose, Loaded, NEAR_TIE};
+use support::agreement::{counting, prose, Subject};
 use support::gguf_writer::{Gguf, GGML_F32};
-use support::llama_cpp::{quantize, LlamaServer};
+use support::llama_cpp::{fresh, requantized, work_dir};
 
 /// The dressed file's window.
 const WINDOW: usize = 64;
@@ -27,7 +27,7 @@ fn dressed() -> &'static Path {
     DRESSED.get_or_init(|| {
         let source = support::gemma3_path();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/dress-gemma2.py");
-        let target = work_dir().join("gemma2-dressed.gguf");
+        let target = work_dir("gemma2").join("gemma2-dressed.gguf");
         if fresh(&target, &[&source, &script]) {
             return target;
         }
@@ -49,56 +49,18 @@ fn dressed() -> &'static Path {
     })
 }
 
-/// The dressed file requantized to `kind`.
-fn requantized(kind: &str) -> PathBuf {
-    let target = work_dir().join(format!("gemma2-{kind}.gguf"));
-    if !fresh(&target, &[dressed()]) {
-        quantize(dressed(), &target, kind);
-    }
-    target
-}
-
-fn work_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gemma2");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Whether `target` exists and is newer than every one of `sources`.
-fn fresh(target: &Path, sources: &[&Path]) -> bool {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    match modified(target) {
-        Some(made) => sources
-            .iter()
-            .all(|s| modified(s).is_some_and(|m| m <= made)),
-        None => false,
-    }
-}
-
-/// One requantized file, loaded by us and served by llama.cpp.
-struct Subject {
-    ours: Loaded,
-    server: LlamaServer,
-}
-
-impl Subject {
-    fn new(kind: &str) -> Self {
-        let path = requantized(kind);
-        Self {
-            ours: Loaded::open(&path),
-            server: LlamaServer::start(&path, "gemma"),
-        }
-    }
+fn subject(kind: &str) -> Subject {
+    Subject::new(&requantized(dressed(), "gemma2", kind), "gemma")
 }
 
 fn f16() -> &'static Subject {
     static SUBJECT: OnceLock<Subject> = OnceLock::new();
-    SUBJECT.get_or_init(|| Subject::new("F16"))
+    SUBJECT.get_or_init(|| subject("F16"))
 }
 
 fn q8_0() -> &'static Subject {
     static SUBJECT: OnceLock<Subject> = OnceLock::new();
-    SUBJECT.get_or_init(|| Subject::new("Q8_0"))
+    SUBJECT.get_or_init(|| subject("Q8_0"))
 }
 
 /// Prompts of about three windows.
@@ -106,17 +68,10 @@ fn long_prompts() -> [String; 2] {
     [counting(60), prose(6)]
 }
 
-/// Short prompts, then the long ones, each continued as llama.cpp continues it up to
-/// a near-tie.
+/// Short prompts, then ones of more than two windows.
 fn generates_as_llama_cpp(subject: &Subject) {
-    let short = ["The capital of France is", "def fibonacci(n):"].map(String::from);
-    for text in short.iter().chain(&long_prompts()) {
-        let prompt = subject.ours.model.tokenizer.encode(text).unwrap();
-        if !short.contains(text) {
-            assert!(prompt.len() > 2 * WINDOW, "{} tokens", prompt.len());
-        }
-        subject.ours.agrees(&subject.server, text, 24, NEAR_TIE);
-    }
+    let short = ["The capital of France is", "def fibonacci(n):"];
+    subject.generates_as_llama_cpp(&short, &long_prompts(), 2 * WINDOW, 24);
 }
 
 #[test]

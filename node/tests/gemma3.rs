@@ -3,6 +3,8 @@
 //! (from `ALLMENDE_LLAMA_CPP_DIR`, on 127.0.0.1): tokenization of varied texts, greedy
 //! continuations up to near-ties, prompts longer than the sliding window, and the
 //! model split between local and global layers equal to itself unsplit, bit for bit.
+//! The same, fewer prompts, on the file requantized by llama.cpp to F16 and Q8_0, whose
+//! matrices take other kernels than the shipped file's.
 
 mod support;
 
@@ -11,30 +13,50 @@ use std::sync::OnceLock;
 use allmende_node::client::chat_template::ChatMessage;
 use serde_json::json;
 
-use support::agreement::{counting, prose, Loaded, NEAR_TIE};
-use support::llama_cpp::LlamaServer;
+use support::agreement::{counting, prose, Loaded, Subject};
+use support::llama_cpp::{requantized, LlamaServer};
+
+/// The window of the local layers.
+const WINDOW: usize = 512;
+
+/// The file as shipped.
+fn shipped() -> &'static Subject {
+    static SUBJECT: OnceLock<Subject> = OnceLock::new();
+    SUBJECT.get_or_init(|| Subject::new(&support::gemma3_path(), "gemma"))
+}
 
 fn server() -> &'static LlamaServer {
-    static SERVER: OnceLock<LlamaServer> = OnceLock::new();
-    SERVER.get_or_init(|| LlamaServer::start(&support::gemma3_path(), "gemma"))
+    &shipped().server
 }
 
 fn loaded() -> &'static Loaded {
-    static LOADED: OnceLock<Loaded> = OnceLock::new();
-    LOADED.get_or_init(|| Loaded::open(&support::gemma3_path()))
+    &shipped().ours
 }
 
-fn agrees(text: &str, tokens: usize) -> usize {
-    loaded().agrees(server(), text, tokens, NEAR_TIE)
+fn requantized_to(kind: &str) -> Subject {
+    Subject::new(
+        &requantized(&support::gemma3_path(), "gemma3", kind),
+        "gemma",
+    )
 }
 
-/// Prompts of well over 512 tokens (the window of the local layers).
+fn f16() -> &'static Subject {
+    static SUBJECT: OnceLock<Subject> = OnceLock::new();
+    SUBJECT.get_or_init(|| requantized_to("F16"))
+}
+
+fn q8_0() -> &'static Subject {
+    static SUBJECT: OnceLock<Subject> = OnceLock::new();
+    SUBJECT.get_or_init(|| requantized_to("Q8_0"))
+}
+
+/// Prompts of well over one window.
 fn long_prompts() -> [String; 2] {
     [counting(199), prose(24)]
 }
 
-#[test]
-fn tokenizes_as_llama_cpp() {
+/// Each of varied texts tokenized by `subject` as its llama.cpp tokenizes it.
+fn tokenizes_texts_as_llama_cpp(subject: &Subject) {
     let texts = [
         "",
         " ",
@@ -57,12 +79,12 @@ fn tokenizes_as_llama_cpp() {
         "https://example.org/path?query=1&x=%20",
         "\u{0}\u{1}\u{7f}",
     ];
-    let tokenizer = &loaded().model.tokenizer;
+    let tokenizer = &subject.ours.model.tokenizer;
     let mut equal = 0;
     for text in texts {
         assert_eq!(
             tokenizer.encode(text).unwrap(),
-            server().tokenize(text),
+            subject.server.tokenize(text),
             "tokenization of {text:?}"
         );
         equal += 1;
@@ -71,35 +93,62 @@ fn tokenizes_as_llama_cpp() {
 }
 
 #[test]
+fn tokenizes_as_llama_cpp() {
+    tokenizes_texts_as_llama_cpp(shipped());
+}
+
+#[test]
 fn generates_as_llama_cpp_up_to_near_ties() {
-    for text in [
+    let short = [
         "The capital of France is",
         "Once upon a time",
         "def fibonacci(n):",
         "The three primary colors are",
         "Water boils at",
-    ] {
-        agrees(text, 24);
-    }
+    ];
+    shipped().generates_as_llama_cpp(&short, &[], WINDOW, 24);
 }
 
 #[test]
 fn prompts_past_the_window_generate_as_llama_cpp() {
-    for text in long_prompts() {
-        let prompt = loaded().model.tokenizer.encode(&text).unwrap();
-        assert!(prompt.len() > 600, "{} tokens", prompt.len());
-        agrees(&text, 16);
-    }
+    shipped().generates_as_llama_cpp(&[], &long_prompts(), WINDOW, 16);
+}
+
+/// Requantized: the texts, two short prompts and a long one.
+fn requantized_agrees(subject: &Subject) {
+    tokenizes_texts_as_llama_cpp(subject);
+    let short = ["The capital of France is", "def fibonacci(n):"];
+    subject.generates_as_llama_cpp(&short, &[prose(24)], WINDOW, 24);
+}
+
+#[test]
+fn f16_tokenizes_and_generates_as_llama_cpp_up_to_near_ties() {
+    requantized_agrees(f16());
+}
+
+#[test]
+fn q8_0_tokenizes_and_generates_as_llama_cpp_up_to_near_ties() {
+    requantized_agrees(q8_0());
+}
+
+#[test]
+fn split_equals_unsplit_bit_for_bit() {
+    split_equals_unsplit(loaded());
+}
+
+#[test]
+fn q8_0_split_equals_unsplit_bit_for_bit() {
+    split_equals_unsplit(&q8_0().ours);
 }
 
 /// Split where local and global layers meet (layer 5 is the first global one, 11 the
 /// second), the long prompt through every cut: the same tokens and the same
 /// log-probabilities, bit for bit, as the unsplit model.
-#[test]
-fn split_equals_unsplit_bit_for_bit() {
-    let prompt = loaded().model.tokenizer.encode(&counting(199)).unwrap();
+fn split_equals_unsplit(ours: &Loaded) {
+    let prompt = ours.model.tokenizer.encode(&counting(199)).unwrap();
+    assert!(prompt.len() > WINDOW, "{} tokens", prompt.len());
     let cuts = [(0, 5), (5, 6), (6, 11), (11, 12), (12, 18)];
-    loaded().split_equals_unsplit(&cuts, &prompt, 8);
+    ours.split_equals_unsplit(&cuts, &prompt, 8);
 }
 
 /// The file has no chat template: chats use llama.cpp's built-in `gemma` format, as

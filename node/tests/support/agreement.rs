@@ -141,6 +141,47 @@ impl Loaded {
     }
 }
 
+/// One model file, loaded by us and served by llama.cpp.
+pub struct Subject {
+    pub ours: Loaded,
+    pub server: LlamaServer,
+}
+
+impl Subject {
+    /// `path`, chatting in llama.cpp's built-in format `chat_format`.
+    pub fn new(path: &Path, chat_format: &str) -> Self {
+        Self {
+            ours: Loaded::open(path),
+            server: LlamaServer::start(path, chat_format),
+        }
+    }
+
+    /// [`Loaded::agrees`] with a near-tie of [`NEAR_TIE`].
+    pub fn agrees(&self, text: &str, tokens: usize) -> usize {
+        self.ours.agrees(&self.server, text, tokens, NEAR_TIE)
+    }
+
+    /// The `short` prompts, then the `long` ones, which must each be of more than
+    /// `longer_than` tokens, each continued for `tokens` as llama.cpp continues it up to
+    /// a near-tie.
+    pub fn generates_as_llama_cpp(
+        &self,
+        short: &[&str],
+        long: &[String],
+        longer_than: usize,
+        tokens: usize,
+    ) {
+        for text in short {
+            self.agrees(text, tokens);
+        }
+        for text in long {
+            let prompt = self.ours.model.tokenizer.encode(text).unwrap();
+            assert!(prompt.len() > longer_than, "{} tokens", prompt.len());
+            self.agrees(text, tokens);
+        }
+    }
+}
+
 /// The exact (float64) reference's top log-probabilities of the token after
 /// `prompt` + `continuation[..position]`, from `scripts/reference/exact.py` run on the
 /// file's own weights (`ALLMENDE_TEST_PYTHON`, which has numpy and the `gguf` package).

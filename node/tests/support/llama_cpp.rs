@@ -1,6 +1,7 @@
 //! llama.cpp, the independent reference of the architecture tests, from
 //! `ALLMENDE_LLAMA_CPP_DIR` (`scripts/llama-cpp.sh`; `scripts/test.sh` sets it):
-//! llama-server on a model file, on a free port of 127.0.0.1, and llama-quantize.
+//! llama-server on a model file, on a free port of 127.0.0.1, and llama-quantize, with
+//! the files it makes kept between runs.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,35 @@ pub fn quantize(source: &Path, target: &Path, kind: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::rename(&partial, target).unwrap();
+}
+
+/// `source` requantized to `kind`, in `name`'s working directory: made again only when
+/// `source` changes, not on every run.
+pub fn requantized(source: &Path, name: &str, kind: &str) -> PathBuf {
+    let target = work_dir(name).join(format!("{name}-{kind}.gguf"));
+    if !fresh(&target, &[source]) {
+        quantize(source, &target, kind);
+    }
+    target
+}
+
+/// A directory of the test build's own for the files `name`'s tests make, kept between
+/// runs.
+pub fn work_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Whether `target` exists and is newer than every one of `sources`.
+pub fn fresh(target: &Path, sources: &[&Path]) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match modified(target) {
+        Some(made) => sources
+            .iter()
+            .all(|s| modified(s).is_some_and(|m| m <= made)),
+        None => false,
+    }
 }
 
 /// llama-server on one model file; killed when dropped.
