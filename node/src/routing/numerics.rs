@@ -30,21 +30,13 @@ pub fn plan_route_preferring<P>(
     target: LayerRange,
     numerics: u32,
 ) -> Result<PreferredRoute, RouteError> {
-    let same = |c: &Candidate<P>| (c.numerics == numerics).then_some(0.0);
-    if let Ok(hops) = plan_among(candidates, target, same) {
-        return Ok(PreferredRoute {
-            hops,
-            other_numerics: 0,
-        });
-    }
-    let penalised = |c: &Candidate<P>| {
-        Some(if c.numerics == numerics {
-            0.0
-        } else {
-            OTHER_NUMERICS_PENALTY_MS
-        })
+    // One pass: the penalty puts every route of the client's version alone below
+    // every route with another version in it, and among those, fewer such layers first.
+    let penalty = |c: &Candidate<P>| match c.numerics == numerics {
+        true => 0.0,
+        false => OTHER_NUMERICS_PENALTY_MS,
     };
-    let hops = plan_among(candidates, target, penalised)?;
+    let hops = plan_among(candidates, target, penalty)?;
     let other_numerics = hops
         .iter()
         .filter(|h| candidates[h.server].numerics != numerics)

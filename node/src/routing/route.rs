@@ -144,26 +144,22 @@ pub fn plan_route_over<P>(
     candidates: &[Candidate<P>],
     target: LayerRange,
 ) -> Result<Vec<Hop>, RouteError> {
-    plan_among(candidates, target, |_| Some(0.0))
+    plan_among(candidates, target, |_| 0.0)
 }
 
-/// The cheapest chain of hops covering `target` over the candidates `extra` admits:
-/// `None` leaves a candidate out, `Some(ms)` adds `ms` to the cost of each layer it
-/// runs. Hops index into all of `candidates`.
+/// The cheapest chain of hops covering `target`, `extra(candidate)` ms added to the
+/// cost of each layer a candidate runs.
 pub(super) fn plan_among<P>(
     candidates: &[Candidate<P>],
     target: LayerRange,
-    extra: impl Fn(&Candidate<P>) -> Option<f64>,
+    extra: impl Fn(&Candidate<P>) -> f64,
 ) -> Result<Vec<Hop>, RouteError> {
     let (first, last) = (target.start, target.end);
-    let clipped = candidates
-        .iter()
-        .filter(|c| extra(c).is_some())
-        .filter_map(|c| {
-            let start = c.range.start.max(first);
-            let end = c.range.end.min(last);
-            (start < end).then(|| LayerRange::new(start - first, end - first))
-        });
+    let clipped = candidates.iter().filter_map(|c| {
+        let start = c.range.start.max(first);
+        let end = c.range.end.min(last);
+        (start < end).then(|| LayerRange::new(start - first, end - first))
+    });
     let missing: Vec<LayerRange> = missing_ranges(clipped, last.saturating_sub(first))
         .into_iter()
         .map(|r| LayerRange::new(r.start + first, r.end + first))
@@ -186,9 +182,10 @@ pub(super) fn plan_among<P>(
             continue;
         }
         for (i, c) in candidates.iter().enumerate() {
-            let Some(extra) = extra(c).filter(|_| c.range.contains(layer)) else {
+            if !c.range.contains(layer) {
                 continue;
-            };
+            }
+            let extra = extra(c);
             for end in layer + 1..=c.range.end.min(last) {
                 let layers = end - layer;
                 let next = (cost + c.cost_ms(layers) + extra * layers as f64, hops + 1);
