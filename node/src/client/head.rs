@@ -10,7 +10,7 @@ use crate::model::gguf::{self, GgufFile};
 use crate::model::kernels::Linear;
 use crate::model::pieces::load::load_checked;
 use crate::model::pieces::norm::RmsNorm;
-use crate::model::{ModelConfig, ModelError};
+use crate::model::{Hidden, ModelConfig, ModelError};
 
 pub struct ClientHead {
     embedding: Linear,
@@ -78,16 +78,16 @@ impl ClientHead {
                 self.hidden_size
             )));
         }
-        let last = hidden.narrow(1, seq - 1, 1)?.contiguous()?;
+        let last = Hidden::from_tensor(&hidden.narrow(1, seq - 1, 1)?)?;
         let normed = self.norm.forward(&last)?;
         let lm_head = self.output.as_ref().unwrap_or(&self.embedding);
         let logits = match lm_head {
             // candle's own products run best on a thread of its pool (a hand-off there
             // and back); this project's kernels spread their work from any thread.
-            Linear::Candle(_) => candle_core::utils::with_threadpool(|| lm_head.forward(&normed))?,
-            Linear::Ours(_) => lm_head.forward(&normed)?,
+            Linear::Candle(_) => candle_core::utils::with_threadpool(|| lm_head.apply(&normed))?,
+            Linear::Ours(_) => lm_head.apply(&normed)?,
         };
-        let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let mut logits = logits.into_values();
         self.config.arch.finish_logits(&self.config, &mut logits);
         Ok(logits)
     }

@@ -13,6 +13,7 @@ mod attention;
 pub mod config;
 pub mod gguf;
 pub mod gguf_header;
+pub mod hidden;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model_id;
@@ -25,6 +26,7 @@ use std::path::PathBuf;
 
 pub use config::ModelConfig;
 pub use gguf::GgufFile;
+pub use hidden::Hidden;
 pub use kv_cache::ShardCache;
 pub use model_id::{manifest, model_id};
 pub use shard::Shard;

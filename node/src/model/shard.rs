@@ -12,7 +12,7 @@ use super::gguf::GgufFile;
 use super::kv_cache::ShardCache;
 use super::pieces::Part;
 use super::rope::Rope;
-use super::{ForwardError, ModelConfig, ModelError};
+use super::{ForwardError, Hidden, ModelConfig, ModelError};
 
 pub struct Shard {
     config: ModelConfig,
@@ -168,9 +168,16 @@ impl Shard {
         };
         let batch = first.dims()[0];
         let range = jobs[0].1.range();
+        // The one copy into the layers' own type; the layers reuse its memory.
         let mut x = match &*jobs {
-            [(hidden, _)] => hidden.contiguous()?,
-            jobs => Tensor::cat(&jobs.iter().map(|(h, _)| *h).collect::<Vec<_>>(), 1)?,
+            [(hidden, _)] => Hidden::from_tensor(hidden)?,
+            jobs => {
+                let each: Vec<Hidden> = jobs
+                    .iter()
+                    .map(|(h, _)| Hidden::from_tensor(h))
+                    .collect::<candle_core::Result<_>>()?;
+                Hidden::concat_positions(&each.iter().collect::<Vec<_>>())?
+            }
         };
         let mut parts = Vec::with_capacity(jobs.len());
         let mut start = 0;
@@ -192,13 +199,13 @@ impl Shard {
             .skip(first_layer)
             .take(range.len() as usize);
         for (layer, block) in blocks.enumerate() {
-            x = block.forward(&x, &mut parts, layer, &self.rope)?;
+            x = block.forward(x, &mut parts, layer, &self.rope)?;
         }
         let outputs = match parts.as_slice() {
-            [_] => vec![x],
+            [_] => vec![x.into_tensor()?],
             parts => parts
                 .iter()
-                .map(|p| x.narrow(1, p.start, p.len)?.contiguous())
+                .map(|p| x.positions(p.start, p.len)?.into_tensor())
                 .collect::<candle_core::Result<Vec<_>>>()?,
         };
         for part in parts {

@@ -8,7 +8,6 @@
 //! The file's norm weights already hold Gemma's `1 + w`.
 
 use candle_core::quantized::gguf_file::Value;
-use candle_core::Tensor;
 
 use super::{Architecture, Layer};
 use crate::model::config::{read_llama_style, SlidingWindow, LLAMA_KEYS};
@@ -19,9 +18,9 @@ use crate::model::pieces::load::load_matmul;
 use crate::model::pieces::norm::{HeadNorms, RmsNorm};
 use crate::model::pieces::qkv::Qkv;
 use crate::model::pieces::self_attention::SelfAttention;
-use crate::model::pieces::{residual, Part};
+use crate::model::pieces::Part;
 use crate::model::rope::{Rope, RopeSpec, RopeStyle};
-use crate::model::{ModelConfig, ModelError};
+use crate::model::{Hidden, ModelConfig, ModelError};
 
 pub struct Gemma3;
 
@@ -277,20 +276,21 @@ impl Gemma3Layer {
 impl Layer for Gemma3Layer {
     fn forward(
         &self,
-        x: &Tensor,
+        x: Hidden,
         parts: &mut [Part<'_>],
         layer: usize,
         rope: &Rope,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<Hidden> {
         let _span = tracing::trace_span!("block", layer).entered();
         let rope = if self.local { rope.local() } else { rope };
-        let qkv = self.qkv.forward(&self.attn_norm.forward(x)?)?;
+        let qkv = self.qkv.forward(&self.attn_norm.forward(&x)?)?;
         let attended = self.attention.forward(&qkv, parts, layer, rope)?;
         let attended = self
             .post_attention_norm
-            .forward(&self.attn_output.forward(&attended)?)?;
-        let (h, normed) = self.ffn_norm.add_forward(x, &attended)?;
-        let fed = self.post_ffw_norm.forward(&self.ffn.forward(&normed)?)?;
-        residual::add(&h, &fed)
+            .forward(&self.attn_output.apply(&attended)?)?;
+        let (h, normed) = self.ffn_norm.add_forward(&attended, x)?;
+        let mut fed = self.post_ffw_norm.forward(&self.ffn.forward(&normed)?)?;
+        fed.add(&h)?;
+        Ok(fed)
     }
 }

@@ -4,8 +4,6 @@
 //! 3.1's RoPE frequency factors and linear or YaRN RoPE scaling are read for every
 //! architecture here.
 
-use candle_core::Tensor;
-
 use super::{Architecture, Layer};
 use crate::model::config::{read_llama_style, LLAMA_KEYS};
 use crate::model::gguf::GgufFile;
@@ -15,9 +13,9 @@ use crate::model::pieces::load::load_matmul;
 use crate::model::pieces::norm::{HeadNorms, RmsNorm};
 use crate::model::pieces::qkv::{self, Qkv};
 use crate::model::pieces::self_attention::SelfAttention;
-use crate::model::pieces::{residual, Part};
+use crate::model::pieces::Part;
 use crate::model::rope::{Rope, RopeStyle};
-use crate::model::{ModelConfig, ModelError};
+use crate::model::{Hidden, ModelConfig, ModelError};
 
 pub struct Llama;
 
@@ -111,17 +109,19 @@ impl LlamaLayer {
 impl Layer for LlamaLayer {
     fn forward(
         &self,
-        x: &Tensor,
+        x: Hidden,
         parts: &mut [Part<'_>],
         layer: usize,
         rope: &Rope,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<Hidden> {
         let _span = tracing::trace_span!("block", layer).entered();
-        let qkv = self.qkv.forward(&self.attn_norm.forward(x)?)?;
+        let qkv = self.qkv.forward(&self.attn_norm.forward(&x)?)?;
         let attended = self.attention.forward(&qkv, parts, layer, rope)?;
         let (h, normed) = self
             .ffn_norm
-            .add_forward(x, &self.attn_output.forward(&attended)?)?;
-        residual::add(&h, &self.ffn.forward(&normed)?)
+            .add_forward(&self.attn_output.apply(&attended)?, x)?;
+        let mut out = self.ffn.forward(&normed)?;
+        out.add(&h)?;
+        Ok(out)
     }
 }

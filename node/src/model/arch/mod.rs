@@ -12,12 +12,10 @@ mod phi3;
 mod qwen2;
 mod qwen3;
 
-use candle_core::Tensor;
-
 use super::gguf::GgufFile;
 use super::pieces::Part;
 use super::rope::Rope;
-use super::{ModelConfig, ModelError};
+use super::{Hidden, ModelConfig, ModelError};
 
 /// Tensors outside the layers that every architecture here may have: the client's
 /// embedding, final norm and LM head (`output.weight` is absent when the LM head is
@@ -77,17 +75,17 @@ pub trait Architecture: Send + Sync {
 
 /// One loaded layer of an architecture.
 pub trait Layer: Send + Sync {
-    /// `x`: `[batch, tokens, hidden]`, the tokens of one or more sequences one after
+    /// `x`: `[batch, tokens, hidden]` (its memory reused for the residual stream), the tokens of one or more sequences one after
     /// another (`parts`, each with its own cache); `layer` indexes this layer's slot in
     /// the caches. Everything but attention runs once over all tokens; attention runs
     /// per part. Each token's result is the same as if its sequence ran alone.
     fn forward(
         &self,
-        x: &Tensor,
+        x: Hidden,
         parts: &mut [Part<'_>],
         layer: usize,
         rope: &Rope,
-    ) -> candle_core::Result<Tensor>;
+    ) -> candle_core::Result<Hidden>;
 }
 
 impl std::fmt::Debug for dyn Architecture {

@@ -5,8 +5,6 @@
 // The SIMD dispatch calls `unsafe` kernels after checking the CPU's features.
 #![allow(unsafe_code)]
 
-use candle_core::{bail, Device, Result, Tensor};
-
 use super::activations::Acts;
 use super::matrix::{Matrix, WeightBlock};
 use super::Simd;
@@ -45,27 +43,17 @@ pub fn prefetch<U>(x: &U) {
     prefetch_lines(x, 0..std::mem::size_of::<U>().div_ceil(64));
 }
 
-/// `x @ m^T`: `x` is `[..., cols]`, the result `[..., rows]`.
-pub fn matmul<B: WeightBlock>(
-    m: &Matrix<B>,
-    x: &Tensor,
-    rows: usize,
-    cols: usize,
-) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    match dims.last_mut() {
-        Some(last) if *last == cols => *last = rows,
-        _ => bail!("input of shape {:?} does not end in {cols}", x.dims()),
-    }
-    let acts = crate::model::with_values(x, |values| match B::FLOAT {
-        true => values.chunks_exact(cols).map(Acts::raw).collect(),
-        false => quantize_tokens(values, cols, B::SUMS),
-    })?;
+/// `x @ m^T`: `x` holds rows of `cols` values, the result `rows` values for each.
+pub fn matmul<B: WeightBlock>(m: &Matrix<B>, x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let acts: Vec<Acts> = match B::FLOAT {
+        true => x.chunks_exact(cols).map(Acts::raw).collect(),
+        false => quantize_tokens(x, cols, B::SUMS),
+    };
     let tokens = acts.len();
-    if tokens == 0 {
-        return Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu);
-    }
     let mut out = vec![0f32; rows * tokens];
+    if tokens == 0 {
+        return out;
+    }
     let target = TokenMajor {
         out: out.as_mut_ptr(),
         rows,
@@ -85,7 +73,7 @@ pub fn matmul<B: WeightBlock>(
             }
         }
     });
-    Tensor::from_vec(out, dims, &Device::Cpu)
+    out
 }
 
 /// The product's `[tokens][rows]` buffer, which the tasks fill each with its own rows.

@@ -13,6 +13,7 @@ use super::activations::Acts;
 use super::driver::matmul;
 use super::pages::{Blocks, Placing};
 use super::{Simd, BLOCK};
+use crate::model::hidden::Hidden;
 
 /// A unit of quantized weights (one block of `VALUES` values of each of `ROWS` rows),
 /// and the kernels that multiply rows of them. Each type documents the fixed sequence
@@ -291,6 +292,28 @@ impl<B: WeightBlock> Matrix<B> {
 
     /// `x`: `[..., cols]` → `[..., rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul(self, x, self.rows, self.cols)
+        let mut dims = x.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == self.cols => *last = self.rows,
+            _ => bail!(
+                "input of shape {:?} does not end in {}",
+                x.dims(),
+                self.cols
+            ),
+        }
+        let out = crate::model::with_values(x, |x| matmul(self, x, self.rows, self.cols))?;
+        Tensor::from_vec(out, dims, &Device::Cpu)
+    }
+
+    /// `x`: `[batch, seq, cols]` → `[batch, seq, rows]`.
+    pub fn apply(&self, x: &Hidden) -> Result<Hidden> {
+        if x.width() != self.cols {
+            bail!(
+                "rows of {} values for a matrix of {} columns",
+                x.width(),
+                self.cols
+            );
+        }
+        x.with_rows(matmul(self, x.values(), self.rows, self.cols), self.rows)
     }
 }

@@ -43,6 +43,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 
+use crate::model::hidden::Hidden;
+
 /// Values per quantized block.
 const BLOCK: usize = 32;
 
@@ -50,6 +52,8 @@ const BLOCK: usize = 32;
 pub trait Product: Send + Sync {
     /// `x`: `[..., in]` → `[..., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// `x`: `[batch, seq, in]` → `[batch, seq, out]`.
+    fn apply(&self, x: &Hidden) -> Result<Hidden>;
     /// Rows `ids`, dequantized: `[ids.len(), in]`.
     fn rows_of(&self, ids: &[u32]) -> Result<Tensor>;
 }
@@ -57,6 +61,10 @@ pub trait Product: Send + Sync {
 impl<B: WeightBlock> Product for Matrix<B> {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Matrix::forward(self, x)
+    }
+
+    fn apply(&self, x: &Hidden) -> Result<Hidden> {
+        Matrix::apply(self, x)
     }
 
     fn rows_of(&self, ids: &[u32]) -> Result<Tensor> {
@@ -112,6 +120,15 @@ impl Linear {
         match self {
             Linear::Candle(m) => m.forward(x),
             Linear::Ours(m) => m.forward(x),
+        }
+    }
+
+    /// `x`: `[batch, seq, in]` → `[batch, seq, out]`; through a tensor only where
+    /// candle computes the type.
+    pub fn apply(&self, x: &Hidden) -> Result<Hidden> {
+        match self {
+            Linear::Candle(m) => Hidden::from_tensor(&m.forward(&x.clone().into_tensor()?)?),
+            Linear::Ours(m) => m.apply(x),
         }
     }
 }
@@ -179,13 +196,14 @@ impl Stacked {
         }
     }
 
-    /// `x`: `[..., in]` → `[..., Σ rows_i]`, the parts' outputs side by side.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x`: `[batch, seq, in]` → `[batch, seq, Σ rows_i]`, the parts' outputs side by
+    /// side.
+    pub fn apply(&self, x: &Hidden) -> Result<Hidden> {
         match self {
-            Stacked::One(linear) => linear.forward(x),
+            Stacked::One(linear) => linear.apply(x),
             Stacked::Each(parts) => {
-                let ys: Vec<Tensor> = parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?;
-                Tensor::cat(&ys, x.rank().saturating_sub(1))
+                let ys: Vec<Hidden> = parts.iter().map(|p| p.apply(x)).collect::<Result<_>>()?;
+                Hidden::side_by_side(&ys)
             }
         }
     }
@@ -392,7 +410,8 @@ pub(crate) mod tests {
                 .collect();
             let stacked = Stacked::new(parts.clone()).unwrap();
             let x = Tensor::randn(0f32, 1.0, (1, 3, 256), &Device::Cpu).unwrap();
-            let joined = stacked.forward(&x).unwrap();
+            let joined = stacked.apply(&Hidden::from_tensor(&x).unwrap()).unwrap();
+            let joined = joined.into_tensor().unwrap();
             let mut start = 0;
             for part in parts {
                 let alone = Linear::new(part).unwrap().forward(&x).unwrap();

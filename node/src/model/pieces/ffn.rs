@@ -2,11 +2,12 @@
 //! matrices (`ffn_gate`, `ffn_up`) or fused into one `ffn_up` of twice the width, gate
 //! first (Phi-3).
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 
 use super::load::{load_matmul, load_weights, LoadResult};
 use crate::model::gguf::GgufFile;
 use crate::model::kernels::{geglu as geglu_row, swiglu as swiglu_row, Linear, Simd, Stacked};
+use crate::model::Hidden;
 
 /// The per-layer tensors of the two layouts.
 pub const SEPARATE_TENSORS: &[&str] = &["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"];
@@ -65,8 +66,8 @@ impl GatedFfn {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up.forward(x)?;
+    pub fn forward(&self, x: &Hidden) -> Result<Hidden> {
+        let gate_up = self.gate_up.apply(x)?;
         let gated = match self.activation {
             Activation::Silu => {
                 let simd = Simd::in_use();
@@ -74,7 +75,7 @@ impl GatedFfn {
             }
             Activation::Gelu => gated(&gate_up, geglu_row)?,
         };
-        self.down.forward(&gated)
+        self.down.apply(&gated)
     }
 }
 
@@ -84,22 +85,18 @@ const SWIGLU_ROWS_PER_TASK: usize = 16;
 
 /// `act(gate) × up` for `[..., gate ‖ up]` (two halves of the last dimension), in one
 /// pass.
-fn gated(gate_up: &Tensor, act: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Result<Tensor> {
-    let mut dims = gate_up.dims().to_vec();
-    let ff = match dims.last_mut() {
-        Some(width) if *width > 0 && width.is_multiple_of(2) => {
-            *width /= 2;
-            *width
-        }
-        _ => candle_core::bail!("gate and up expected side by side, got {dims:?}"),
+fn gated(gate_up: &Hidden, act: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Result<Hidden> {
+    let ff = match gate_up.width() {
+        width if width > 0 && width.is_multiple_of(2) => width / 2,
+        _ => candle_core::bail!(
+            "gate and up expected side by side, got {:?}",
+            gate_up.dims()
+        ),
     };
-    let values = crate::model::with_values(gate_up, |values| {
-        crate::model::map_rows(values, (2 * ff, ff), SWIGLU_ROWS_PER_TASK, |x, y| {
-            for (row, y) in x.chunks_exact(2 * ff).zip(y.chunks_exact_mut(ff)) {
-                let (gate, up) = row.split_at(ff);
-                act(gate, up, y);
-            }
-        })
-    })?;
-    Tensor::from_vec(values, dims, &candle_core::Device::Cpu)
+    gate_up.map_rows(ff, SWIGLU_ROWS_PER_TASK, |x, y| {
+        for (row, y) in x.chunks_exact(2 * ff).zip(y.chunks_exact_mut(ff)) {
+            let (gate, up) = row.split_at(ff);
+            act(gate, up, y);
+        }
+    })
 }

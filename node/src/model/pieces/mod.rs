@@ -1,6 +1,6 @@
 //! The shared pieces an architecture builds its layer from (llama.cpp's `build_norm`,
-//! `build_qkv`, `build_attn`, `build_ffn`): loading checked tensors, RMS norms and the
-//! residual stream, the Q/K/V projection, attention over a session's cache with RoPE,
+//! `build_qkv`, `build_attn`, `build_ffn`): loading checked tensors, RMS norms (the
+//! residual stream is [`Hidden::add`](crate::model::Hidden::add)), the Q/K/V projection, attention over a session's cache with RoPE,
 //! and a gated feed-forward. Each piece keeps its kernels and order of operations, so
 //! two architectures built from the same pieces compute the same bits.
 
@@ -8,7 +8,6 @@ pub mod ffn;
 pub mod load;
 pub mod norm;
 pub mod qkv;
-pub mod residual;
 pub mod self_attention;
 
 use super::kv_cache::ShardCache;

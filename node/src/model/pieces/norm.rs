@@ -2,11 +2,12 @@
 //! head), and of each query and key head before RoPE where an architecture norms
 //! heads (Qwen 3).
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 
 use super::load::{load_vector, LoadResult};
 use crate::model::gguf::GgufFile;
 use crate::model::kernels::rms_norm;
+use crate::model::Hidden;
 
 /// Rows per task when a norm is split over the compute threads; up to this many rows
 /// run on the calling thread alone (eight rows take one or two microseconds).
@@ -25,22 +26,15 @@ impl RmsNorm {
         Ok(Self { weight, eps })
     }
 
-    /// The norm of each row of `x` (`[..., size]`).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dims().last() != Some(&self.weight.len()) || self.weight.is_empty() {
-            candle_core::bail!(
-                "rows of {} values expected, got {:?}",
-                self.weight.len(),
-                x.dims()
-            );
-        }
+    /// The norm of each row of `x`.
+    pub fn forward(&self, x: &Hidden) -> Result<Hidden> {
         let size = self.weight.len();
-        let out = crate::model::with_values(x, |values| {
-            crate::model::map_rows(values, (size, size), NORM_ROWS_PER_TASK, |x, y| {
-                rms_norm(x, &self.weight, self.eps, y)
-            })
-        })?;
-        Tensor::from_vec(out, x.dims(), &candle_core::Device::Cpu)
+        if x.width() != size || size == 0 {
+            candle_core::bail!("rows of {size} values expected, got {:?}", x.dims());
+        }
+        x.map_rows(size, NORM_ROWS_PER_TASK, |x, y| {
+            rms_norm(x, &self.weight, self.eps, y)
+        })
     }
 
     /// The norm of one row `x` into `out`, on the calling thread.
@@ -48,11 +42,11 @@ impl RmsNorm {
         rms_norm(x, &self.weight, self.eps, out)
     }
 
-    /// `x + y` (the residual stream after a sublayer) and its norm.
-    pub fn add_forward(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
-        let sum = super::residual::add(x, y)?;
-        let normed = self.forward(&sum)?;
-        Ok((sum, normed))
+    /// `y + x` (the residual stream after a sublayer, in `y`'s memory) and its norm.
+    pub fn add_forward(&self, x: &Hidden, mut y: Hidden) -> Result<(Hidden, Hidden)> {
+        y.add(x)?;
+        let normed = self.forward(&y)?;
+        Ok((y, normed))
     }
 }
 

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{Device, Result, Tensor};
+use candle_core::Result;
 
 use super::load::{load_vector, load_weights, LoadResult};
 use crate::model::gguf::GgufFile;
 use crate::model::kernels::Stacked;
-use crate::model::ModelError;
+use crate::model::{Hidden, ModelError};
 
 /// The per-layer tensors (`blk.N.<name>`) this piece may read; the loader checks that
 /// one complete set is there.
@@ -47,21 +47,21 @@ impl Qkv {
     }
 
     /// `[batch, tokens, q + 2 kv]` for `x` (`[batch, tokens, d]`).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let qkv = self.weights.forward(x)?;
+    pub fn forward(&self, x: &Hidden) -> Result<Hidden> {
+        let mut qkv = self.weights.apply(x)?;
         let Some(bias) = &self.bias else {
             return Ok(qkv);
         };
-        let (b, tokens, width) = qkv.dims3()?;
+        let width = qkv.width();
         if width != bias.len() {
             candle_core::bail!("Q, K and V of width {width} for {} biases", bias.len());
         }
-        let biased = crate::model::with_values(&qkv, |values| {
-            let rows = values.chunks_exact(width);
-            rows.flat_map(|row| row.iter().zip(bias).map(|(v, b)| v + b))
-                .collect::<Vec<f32>>()
-        })?;
-        Tensor::from_vec(biased, (b, tokens, width), &Device::Cpu)
+        for row in qkv.values_mut().chunks_exact_mut(width) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+        Ok(qkv)
     }
 }
 

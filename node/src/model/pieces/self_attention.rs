@@ -6,14 +6,14 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::Result;
 
 use super::norm::{HeadNorms, RmsNorm};
 use super::Part;
 use crate::model::attention::Step;
 use crate::model::kv_cache::KvShape;
 use crate::model::rope::Rope;
-use crate::model::ModelConfig;
+use crate::model::{Hidden, ModelConfig};
 
 pub struct SelfAttention {
     head_count: usize,
@@ -59,74 +59,71 @@ impl SelfAttention {
     /// head_dim]`; each token's result is the same as if its sequence ran alone.
     pub fn forward(
         &self,
-        qkv: &Tensor,
+        qkv: &Hidden,
         parts: &mut [Part<'_>],
         layer: usize,
         rope: &Rope,
-    ) -> Result<Tensor> {
-        let (b, tokens, width) = qkv.dims3()?;
+    ) -> Result<Hidden> {
+        let (b, tokens, width) = qkv.dims();
         let (nh, nkv, hd) = (self.head_count, self.head_count_kv, self.head_dim);
         if width != (nh + 2 * nkv) * hd {
             candle_core::bail!("Q, K and V expected side by side, got width {width}");
         }
-        let y = crate::model::with_values(qkv, |values| -> Result<Vec<f32>> {
-            // Each sequence's rows rotated and its keys and values written into its
-            // cache, then the attention of every new position (against its causal
-            // prefix of the cache) of every sequence at once across the compute
-            // threads: a prompt's positions and a batch's decode steps alike, with the
-            // same arithmetic as one decode step. Several sequences (a batch of decode
-            // steps) on every compute thread. If one fails, the others have still
-            // written this layer's rows past their caches' ends; no cache advances
-            // (the forward fails), so the next step overwrites them.
-            let rotate =
-                |part: &mut Part<'_>| self.rotate_and_cache(values, (b, tokens), part, layer, rope);
-            let queries = match &mut *parts {
-                [part] => vec![rotate(part)?],
-                parts => {
-                    let slots: Vec<Mutex<&mut Part<'_>>> =
-                        parts.iter_mut().map(Mutex::new).collect();
-                    crate::model::parallel_map(&slots, |slot| {
-                        // Each slot is locked once, by one thread: never contended.
-                        let mut part = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                        rotate(&mut part)
-                    })
-                    .into_iter()
-                    .collect::<Result<Vec<_>>>()?
-                }
-            };
-            let d = nh * hd;
-            let mut steps = Vec::with_capacity(tokens);
-            for (part, q) in parts.iter().zip(&queries) {
-                let filled = part.cache.len() + part.len;
-                let cache = part.cache.view(layer, filled)?;
-                for (t, q) in q.chunks_exact(b * d).enumerate() {
-                    // Position `filled - len + t` sees the cache up to itself.
-                    let cache = cache.prefix(filled - part.len + t + 1);
-                    let cache = match self.window {
-                        Some(w) => cache.window(w),
-                        None => cache,
-                    };
-                    steps.push(Step {
-                        q,
-                        heads: nh,
-                        cache,
-                        scale: self.scale,
-                        softcap: self.softcap,
-                    });
-                }
+        let values = qkv.values();
+        // Each sequence's rows rotated and its keys and values written into its
+        // cache, then the attention of every new position (against its causal
+        // prefix of the cache) of every sequence at once across the compute
+        // threads: a prompt's positions and a batch's decode steps alike, with the
+        // same arithmetic as one decode step. Several sequences (a batch of decode
+        // steps) on every compute thread. If one fails, the others have still
+        // written this layer's rows past their caches' ends; no cache advances
+        // (the forward fails), so the next step overwrites them.
+        let rotate =
+            |part: &mut Part<'_>| self.rotate_and_cache(values, (b, tokens), part, layer, rope);
+        let queries = match &mut *parts {
+            [part] => vec![rotate(part)?],
+            parts => {
+                let slots: Vec<Mutex<&mut Part<'_>>> = parts.iter_mut().map(Mutex::new).collect();
+                crate::model::parallel_map(&slots, |slot| {
+                    // Each slot is locked once, by one thread: never contended.
+                    let mut part = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    rotate(&mut part)
+                })
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?
             }
-            let outputs = crate::model::attention::single_positions(&steps)?;
-            // `[batch, tokens, heads × head_dim]`, the parts' tokens in order.
-            let mut y = vec![0f32; b * tokens * d];
-            let tokens_of_parts = parts.iter().flat_map(|p| p.start..p.start + p.len);
-            for (token, out) in tokens_of_parts.zip(&outputs) {
-                for (bi, out) in out.chunks_exact(d).enumerate() {
-                    y[(bi * tokens + token) * d..][..d].copy_from_slice(out);
-                }
+        };
+        let d = nh * hd;
+        let mut steps = Vec::with_capacity(tokens);
+        for (part, q) in parts.iter().zip(&queries) {
+            let filled = part.cache.len() + part.len;
+            let cache = part.cache.view(layer, filled)?;
+            for (t, q) in q.chunks_exact(b * d).enumerate() {
+                // Position `filled - len + t` sees the cache up to itself.
+                let cache = cache.prefix(filled - part.len + t + 1);
+                let cache = match self.window {
+                    Some(w) => cache.window(w),
+                    None => cache,
+                };
+                steps.push(Step {
+                    q,
+                    heads: nh,
+                    cache,
+                    scale: self.scale,
+                    softcap: self.softcap,
+                });
             }
-            Ok(y)
-        })??;
-        Tensor::from_vec(y, (b, tokens, nh * hd), &Device::Cpu)
+        }
+        let outputs = crate::model::attention::single_positions(&steps)?;
+        // `[batch, tokens, heads × head_dim]`, the parts' tokens in order.
+        let mut y = vec![0f32; b * tokens * d];
+        let tokens_of_parts = parts.iter().flat_map(|p| p.start..p.start + p.len);
+        for (token, out) in tokens_of_parts.zip(&outputs) {
+            for (bi, out) in out.chunks_exact(d).enumerate() {
+                y[(bi * tokens + token) * d..][..d].copy_from_slice(out);
+            }
+        }
+        qkv.with_rows(y, d)
     }
 
     /// One sequence's rows of Q, K and V (side by side in `qkv`, `[batch, tokens,
