@@ -12,10 +12,12 @@ use libp2p::Multiaddr;
 
 use super::gateway::{build_gateway, ApiArgs};
 use super::swarm::{join_swarm, model_file, model_target, Joining, SwarmArgs};
+use crate::model::kv_cache::bytes_per_position_and_layer;
 use crate::model::shard::layer_resident_bytes;
 use crate::model::{GgufFile, ModelConfig, Shard};
 use crate::network::discovery::discover;
 use crate::routing::choose_layers;
+use crate::server::memory_plan::{plan, MemoryPlan, Needs};
 use crate::server::{announce_loop, measure_throughput, ServerLimits, ShardServer};
 
 #[derive(Args, Debug)]
@@ -31,6 +33,12 @@ pub struct ServeArgs {
     /// available memory].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_layers: Option<u32>,
+    /// Memory this node may use in all, e.g. 2GiB or 800MiB (G and M are powers of
+    /// 1000): it hosts only as many layers as fit beside its sessions' KV caches and
+    /// what the process itself needs, and says how it split the memory [default: half
+    /// the available memory for layers and a quarter for caches].
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<bytesize::ByteSize>,
     /// Address to listen on; repeat for several [default: all interfaces, TCP and QUIC,
     /// on ports chosen by the system].
     #[arg(long = "listen", value_name = "MULTIADDR")]
@@ -182,6 +190,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("listening on {addr}");
     }
 
+    let plan = args
+        .max_memory
+        .map(|cap| memory_plan(cap.as_u64(), &gguf, &config, &args, explicit))
+        .transpose()?;
     let range = match explicit {
         Some(range) => range,
         None => {
@@ -190,15 +202,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|s| (s.info.range, s.info.throughput as f64))
                 .collect();
-            let max_layers = args
-                .max_layers
-                .unwrap_or_else(|| layers_that_fit(&gguf, &config));
+            let fit = plan.map_or_else(|| layers_that_fit(&gguf, &config), |p| p.layers);
+            let max_layers = args.max_layers.map_or(fit, |n| n.min(fit));
             let range = choose_layers(&served, config.block_count as u32, max_layers);
             tracing::info!("the swarm serves {served:?}; taking layers {range}");
             range
         }
     };
 
+    let weights: u64 = range
+        .iter()
+        .map(|i| layer_resident_bytes(&gguf, i as usize))
+        .sum();
     let bar = super::loading_bar("loading layers");
     let shard = tokio::task::spawn_blocking(move || {
         let shard = Shard::from_gguf(&mut gguf, config, range, &bar);
@@ -228,10 +243,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             burst: 2.0 * args.max_requests_per_second.max(0.5),
             ..Default::default()
         },
-        kv_cache_bytes: args
-            .max_cache_mb
-            .map_or_else(default_kv_budget, |mb| mb << 20),
+        kv_cache_bytes: match (plan, args.max_cache_mb) {
+            (Some(plan), _) => plan.kv_cache_bytes,
+            (None, Some(mb)) => mb << 20,
+            (None, None) => default_kv_budget(),
+        },
     };
+    if let Some(cap) = args.max_memory {
+        println!(
+            "memory: layers {range} take {} MiB and sessions' KV caches up to {} MiB, \
+             within --max-memory {} MiB",
+            weights.div_ceil(1 << 20),
+            limits.kv_cache_bytes >> 20,
+            cap.as_u64() >> 20
+        );
+    }
     println!(
         "sessions' KV caches: up to {} MiB",
         limits.kv_cache_bytes >> 20
@@ -375,6 +401,50 @@ async fn report_reachability(network: crate::network::Network) {
             ),
         }
     }
+}
+
+/// Layers and caches under `--max-memory cap`, after what the process holds now and
+/// the largest step's activations.
+fn memory_plan(
+    cap: u64,
+    gguf: &GgufFile,
+    config: &ModelConfig,
+    args: &ServeArgs,
+    explicit: Option<LayerRange>,
+) -> anyhow::Result<MemoryPlan> {
+    let layer = (0..config.block_count)
+        .map(|i| layer_resident_bytes(gguf, i))
+        .max()
+        .unwrap_or(0);
+    let needs = Needs {
+        cap,
+        base: resident_bytes() + step_bytes(config, args.max_step_positions as u64),
+        layer,
+        layer_count: config.block_count as u32,
+        kv_per_position: bytes_per_position_and_layer(config.kv_size()),
+        kv_cache: args.max_cache_mb.map(|mb| mb << 20),
+    };
+    Ok(plan(needs, explicit.map(|r| r.len()))?)
+}
+
+/// What this process holds in memory now.
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    kib.map_or(0, |k| k << 10)
+}
+
+/// The activations one step of `positions` positions holds at once in a layer: its
+/// input and residual, the normed input, Q/K/V, the attention output and the
+/// feed-forward's gate and up with their product, in f32.
+fn step_bytes(config: &ModelConfig, positions: u64) -> u64 {
+    let d = config.hidden_size as u64;
+    let qkv = (config.q_size() + 2 * config.kv_size()) as u64;
+    let ff = config.feed_forward_size as u64;
+    positions * (3 * d + qkv + config.q_size() as u64 + 3 * ff) * 4
 }
 
 /// How many layers fit in half of the memory available now, by what a layer holds

@@ -10,6 +10,7 @@ pub mod guard;
 mod handlers;
 mod memory;
 pub(crate) mod memory_limit;
+pub mod memory_plan;
 mod other_version;
 mod reply;
 mod session;

@@ -14,6 +14,8 @@ pub struct Node {
     /// Its first listen address, with /p2p/<peer id>.
     pub addr: String,
     pub peer_id: String,
+    /// What it printed until it served.
+    pub started: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -103,7 +105,7 @@ impl Node {
                 let _ = tx.send(line);
             }
         });
-        let (mut addr, mut peer_id) = (None, None);
+        let (mut addr, mut peer_id, mut started) = (None, None, Vec::new());
         loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(60))
@@ -114,7 +116,9 @@ impl Node {
             if let Some(a) = line.strip_prefix("listening on ") {
                 addr.get_or_insert_with(|| a.to_string());
             }
-            if line.starts_with("serving layers") {
+            let serving = line.starts_with("serving layers");
+            started.push(line);
+            if serving {
                 break;
             }
         }
@@ -122,6 +126,7 @@ impl Node {
             child,
             addr: addr.expect("a listen address"),
             peer_id: peer_id.expect("a peer id"),
+            started,
             _dir: dir,
         }
     }
