@@ -20,6 +20,8 @@ use super::activations::Acts;
 use super::matrix::{avx_kernels, WeightBlock};
 use super::BLOCK;
 
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -39,6 +41,12 @@ pub trait HalfFloat: Copy + Send + Sync + 'static {
     /// `p` must point to 8 values; the CPU must support AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn wide256(p: *const u16) -> __m256;
+    /// Four values at `p` widened.
+    ///
+    /// # Safety
+    /// `p` must point to 4 values; the CPU must support Advanced SIMD.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn wide_neon(p: *const u16) -> float32x4_t;
 }
 
 /// IEEE half precision.
@@ -64,6 +72,13 @@ impl HalfFloat for F16 {
     unsafe fn wide256(p: *const u16) -> __m256 {
         // SAFETY: the caller's guarantees.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn wide_neon(p: *const u16) -> float32x4_t {
+        // SAFETY: the caller's guarantees.
+        unsafe { super::half_neon::f16x4_to_f32(vld1_u16(p)) }
     }
 }
 
@@ -96,6 +111,13 @@ impl HalfFloat for Bf16 {
             let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
         }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn wide_neon(p: *const u16) -> float32x4_t {
+        // SAFETY: the caller's guarantees.
+        unsafe { vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p))) }
     }
 }
 
@@ -152,6 +174,70 @@ impl<H: HalfFloat> WeightBlock for Halves<H> {
     }
 
     avx_kernels!(simd::half_avx2, simd::group_avx512);
+
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { neon::group(row, acts, out, stride) }
+    }
+}
+
+/// The Advanced SIMD path: a column of the group in four vectors, each widened once
+/// for several tokens.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{Acts, HalfFloat, Halves, BLOCK, GROUP};
+
+    /// Most tokens per pass over a group's blocks: their accumulators and a column
+    /// take 20 of the 32 vector registers (not tuned on Arm hardware).
+    const TOKENS: usize = 4;
+
+    /// A group of rows against every token of `acts` into `out[t * stride + row]`.
+    #[target_feature(enable = "neon")]
+    pub fn group<H: HalfFloat>(group: &[Halves<H>], acts: &[Acts], out: &mut [f32], stride: usize) {
+        for (i, chunk) in acts.chunks(TOKENS).enumerate() {
+            let out = &mut out[i * TOKENS * stride..];
+            match chunk.len() {
+                1 => pass::<H, 1>(group, chunk, out, stride),
+                2 => pass::<H, 2>(group, chunk, out, stride),
+                3 => pass::<H, 3>(group, chunk, out, stride),
+                _ => pass::<H, 4>(group, chunk, out, stride),
+            }
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn pass<H: HalfFloat, const T: usize>(
+        group: &[Halves<H>],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let blocks = acts[0].values.len() / BLOCK;
+        let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+        for (b, x) in group[..blocks].iter().enumerate() {
+            for (j, column) in x.w.iter().enumerate() {
+                // SAFETY: 4 of the column's 16 values per load.
+                let w: [float32x4_t; 4] =
+                    std::array::from_fn(|c| unsafe { H::wide_neon(column.as_ptr().add(4 * c)) });
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let y = vdupq_n_f32(acts[t].values[b * BLOCK + j]);
+                    for (acc, &w) in acc.iter_mut().zip(&w) {
+                        *acc = vfmaq_f32(*acc, w, y);
+                    }
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            let out = &mut out[t * stride..][..GROUP];
+            for (c, acc) in acc.iter().enumerate() {
+                // SAFETY: `out` holds 16 floats; a store of 4 of them.
+                unsafe { vst1q_f32(out.as_mut_ptr().add(4 * c), *acc) };
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -309,6 +309,14 @@ pub(crate) mod tests {
         assert_eq!(ours(), expected);
     }
 
+    /// Every Arm CPU runs the NEON kernels, so the checks below compare them with the
+    /// portable ones there.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn arm_cpus_run_the_neon_kernels() {
+        assert_eq!(Simd::available(), [Simd::Neon, Simd::Portable]);
+    }
+
     pub fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }

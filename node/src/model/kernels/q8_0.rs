@@ -81,6 +81,96 @@ impl WeightBlock for GroupQ8_0 {
     }
 
     avx_kernels!(simd::half_avx2, simd::group_avx512);
+
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { neon::group(row, acts, out, stride) }
+    }
+}
+
+/// The Advanced SIMD path (every AArch64 CPU; no dot-product extension needed): a
+/// 16-byte load holds four weights of four rows, signed again; two products per i16
+/// lane (`smull`, `smlal`: at most 2 × 128 × 127) are added pairwise into i32
+/// (`sadalp`), so each row's block sum is exact.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{Acts, GroupQ8_0, GROUP};
+    use crate::model::kernels::activations::ActBlock;
+    use crate::model::kernels::half_neon::f16x4_to_f32;
+
+    /// Most tokens per pass over a group's blocks (as the Q4_1 kernel; not tuned on
+    /// Arm hardware).
+    const TOKENS: usize = 4;
+
+    /// A group of rows against every token of `acts` into `out[t * stride + row]`.
+    #[target_feature(enable = "neon")]
+    pub fn group(group: &[GroupQ8_0], acts: &[Acts], out: &mut [f32], stride: usize) {
+        for (i, chunk) in acts.chunks(TOKENS).enumerate() {
+            let out = &mut out[i * TOKENS * stride..];
+            match chunk.len() {
+                1 => pass::<1>(group, chunk, out, stride),
+                2 => pass::<2>(group, chunk, out, stride),
+                3 => pass::<3>(group, chunk, out, stride),
+                _ => pass::<4>(group, chunk, out, stride),
+            }
+        }
+    }
+
+    /// Token `y`'s quants `4e..4e + 4` in every 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn quad(y: &ActBlock, e: usize) -> int8x16_t {
+        let four = &y.qs[4 * e..4 * e + 4];
+        // SAFETY: `four` holds 4 bytes; an unaligned read of exactly those.
+        let four = unsafe { four.as_ptr().cast::<i32>().read_unaligned() };
+        vreinterpretq_s8_s32(vdupq_n_s32(four))
+    }
+
+    #[target_feature(enable = "neon")]
+    fn pass<const T: usize>(group: &[GroupQ8_0], acts: &[Acts], out: &mut [f32], stride: usize) {
+        let blocks = acts[0].blocks.len();
+        let flip = vdupq_n_u8(0x80);
+        let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+        for (b, x) in group[..blocks].iter().enumerate() {
+            // SAFETY: 4 of the group's 16 scales per load.
+            let d: [float32x4_t; 4] =
+                std::array::from_fn(|c| f16x4_to_f32(unsafe { vld1_u16(x.d.as_ptr().add(4 * c)) }));
+            for (c, &d) in d.iter().enumerate() {
+                // Rows 4c..4c + 4: weights 4e..4e + 4 of each in `w[e]`.
+                let w: [int8x16_t; 8] = std::array::from_fn(|e| {
+                    // SAFETY: 16 of the group's 512 quant bytes.
+                    let raw = unsafe { vld1q_u8(x.qs.as_ptr().add(64 * e + 16 * c)) };
+                    vreinterpretq_s8_u8(veorq_u8(raw, flip))
+                });
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let y = &acts[t].blocks[b];
+                    // Rows 4c and 4c + 1 in `front`, 4c + 2 and 4c + 3 in `back`.
+                    let (mut front, mut back) = (vdupq_n_s32(0), vdupq_n_s32(0));
+                    for e in (0..8).step_by(2) {
+                        let (qa, qb) = (quad(y, e), quad(y, e + 1));
+                        let lo = vmull_s8(vget_low_s8(w[e]), vget_low_s8(qa));
+                        let lo = vmlal_s8(lo, vget_low_s8(w[e + 1]), vget_low_s8(qb));
+                        let hi = vmlal_high_s8(vmull_high_s8(w[e], qa), w[e + 1], qb);
+                        front = vpadalq_s16(front, lo);
+                        back = vpadalq_s16(back, hi);
+                    }
+                    let s = vpaddq_s32(front, back);
+                    let scaled = vmulq_f32(vcvtq_f32_s32(s), vdupq_n_f32(y.d));
+                    acc[c] = vfmaq_f32(acc[c], scaled, d);
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            let out = &mut out[t * stride..][..GROUP];
+            for (c, acc) in acc.iter().enumerate() {
+                // SAFETY: `out` holds 16 floats; a store of 4 of them.
+                unsafe { vst1q_f32(out.as_mut_ptr().add(4 * c), *acc) };
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -30,6 +30,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scales;
 
 pub use scales::{ScaleSet, SixScales, SuperScales, WithMin, WithOffset};
@@ -180,6 +182,12 @@ impl<F: Format, const SUB: usize, const PLANES: usize> WeightBlock for Group<F, 
     }
 
     avx_kernels!(avx2::half, avx512::group);
+
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { neon::group(row, acts, out, stride) }
+    }
 }
 
 /// Sub-block `sub`'s share of the cache lines of the unit the kernels prefetch
@@ -197,7 +205,7 @@ fn prefetch<F: Format, const SUB: usize, const PLANES: usize>(
 }
 
 /// Four quants of a token's block (values `4e..4e + 4`) as one 32-bit lane.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 fn quad(y: &ActBlock, e: usize) -> i32 {
     let four = &y.qs[4 * e..4 * e + 4];
@@ -206,7 +214,7 @@ fn quad(y: &ActBlock, e: usize) -> i32 {
 }
 
 /// The integer offsets of a token's block halves: `offset × Σ x` over each.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 fn offsets<F: Format>(y: &ActBlock) -> [i32; 2] {
     [F::OFFSET * y.front, F::OFFSET * (y.sum - y.front)]

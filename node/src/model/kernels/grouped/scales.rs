@@ -10,8 +10,13 @@ use half::f16;
 
 use super::GROUP;
 
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+
+#[cfg(target_arch = "aarch64")]
+use crate::model::kernels::half_neon::f16x4_to_f32;
 
 pub trait ScaleSet: Copy + Send + Sync + 'static {
     const ZERO: Self;
@@ -33,6 +38,58 @@ pub trait ScaleSet: Copy + Send + Sync + 'static {
     /// The CPU must support AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2(&self, sub: usize, half: usize) -> (__m256, __m256, [__m256i; 2]);
+    /// As [`ScaleSet::row`] for all sixteen rows, rows `4c..4c + 4` in vector `c`.
+    ///
+    /// # Safety
+    /// The CPU must support Advanced SIMD.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn neon(&self, sub: usize) -> NeonScales;
+}
+
+/// Sixteen rows' `(d, m, [s_a, s_b])`, four rows per vector.
+#[cfg(target_arch = "aarch64")]
+pub type NeonScales = ([float32x4_t; 4], [float32x4_t; 4], [[int32x4_t; 4]; 2]);
+
+/// Sixteen f16 values as f32, four per vector.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+fn halves_neon(h: &[u16; GROUP]) -> [float32x4_t; 4] {
+    // SAFETY: 4 of the 16 values per load.
+    [0, 1, 2, 3].map(|c| f16x4_to_f32(unsafe { vld1_u16(h.as_ptr().add(4 * c)) }))
+}
+
+/// Sixteen signed bytes as i32, four per vector.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+fn ints_neon(b: &[i8; GROUP]) -> [int32x4_t; 4] {
+    // SAFETY: the 16 bytes; a load of exactly those.
+    let b = unsafe { vld1q_s8(b.as_ptr()) };
+    let (lo, hi) = (vmovl_s8(vget_low_s8(b)), vmovl_high_s8(b));
+    [
+        vmovl_s16(vget_low_s16(lo)),
+        vmovl_high_s16(lo),
+        vmovl_s16(vget_low_s16(hi)),
+        vmovl_high_s16(hi),
+    ]
+}
+
+/// Sixteen unsigned bytes as f32, four per vector.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+fn floats_neon(b: &[u8; GROUP]) -> [float32x4_t; 4] {
+    // SAFETY: the 16 bytes; a load of exactly those.
+    let b = unsafe { vld1q_u8(b.as_ptr()) };
+    let (lo, hi) = (vmovl_u8(vget_low_u8(b)), vmovl_high_u8(b));
+    [
+        vmovl_u16(vget_low_u16(lo)),
+        vmovl_high_u16(lo),
+        vmovl_u16(vget_low_u16(hi)),
+        vmovl_high_u16(hi),
+    ]
+    .map(|i| vcvtq_f32_u32(i))
 }
 
 fn f32_of(bits: u16) -> f32 {
@@ -87,6 +144,14 @@ impl ScaleSet for WithOffset {
         let d = unsafe { halves256(&self.d, half) };
         (d, d, unsafe { [_mm256_setzero_si256(); 2] })
     }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn neon(&self, _sub: usize) -> NeonScales {
+        // SAFETY: the caller guarantees the CPU features.
+        let d = unsafe { halves_neon(&self.d) };
+        (d, d, [[vdupq_n_s32(0); 4]; 2])
+    }
 }
 
 /// A scale and a minimum per row (Q5_1).
@@ -122,6 +187,14 @@ impl ScaleSet for WithMin {
         // SAFETY: the caller guarantees the CPU features.
         let (d, m) = unsafe { (halves256(&self.d, half), halves256(&self.m, half)) };
         (d, m, unsafe { [_mm256_setzero_si256(); 2] })
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn neon(&self, _sub: usize) -> NeonScales {
+        // SAFETY: the caller guarantees the CPU features.
+        let (d, m) = unsafe { (halves_neon(&self.d), halves_neon(&self.m)) };
+        (d, m, [[vdupq_n_s32(0); 4]; 2])
     }
 }
 
@@ -185,6 +258,23 @@ impl ScaleSet for SuperScales {
             (d, m, [_mm256_setzero_si256(); 2])
         }
     }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn neon(&self, sub: usize) -> NeonScales {
+        // SAFETY: the caller guarantees the CPU features.
+        let (d, dmin, sc, mn) = unsafe {
+            (
+                halves_neon(&self.d),
+                halves_neon(&self.dmin),
+                floats_neon(&self.sc[sub]),
+                floats_neon(&self.mn[sub]),
+            )
+        };
+        let d = [0, 1, 2, 3].map(|c| vmulq_f32(d[c], sc[c]));
+        let m = [0, 1, 2, 3].map(|c| vnegq_f32(vmulq_f32(dmin[c], mn[c])));
+        (d, m, [[vdupq_n_s32(0); 4]; 2])
+    }
 }
 
 /// Q6_K's: per row an f16 scale, and per 16 values a signed 8-bit multiple of it.
@@ -234,6 +324,20 @@ impl ScaleSet for SixScales {
             };
             let d = halves256(&self.d, half);
             (d, d, [ints(&self.sc[2 * sub]), ints(&self.sc[2 * sub + 1])])
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn neon(&self, sub: usize) -> NeonScales {
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe {
+            let d = halves_neon(&self.d);
+            let split = [
+                ints_neon(&self.sc[2 * sub]),
+                ints_neon(&self.sc[2 * sub + 1]),
+            ];
+            (d, d, split)
         }
     }
 }
