@@ -274,7 +274,17 @@ fn bad_model_files_are_refused_with_a_reason() {
     });
     assert_fails(
         generate_with(&q8_1),
-        "unsupported tensor type Q8_1 for tensor blk.3.attn_q.weight",
+        "unsupported tensor type Q8_1 (ggml type 9) for tensor blk.3.attn_q.weight",
+    );
+
+    // IQ4_NL matrices are computed; a norm is kept in float and cannot be IQ4_NL.
+    let iq4_nl_norm = model_copy(dir.path(), "iq4_nl-norm.gguf", |b| {
+        let at = tensor_type_offset(b, "blk.3.attn_norm.weight");
+        b[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
+    });
+    assert_fails(
+        generate_with(&iq4_nl_norm),
+        "unsupported tensor type IQ4_NL (ggml type 20) for tensor blk.3.attn_norm.weight",
     );
 
     let gemma = model_copy(dir.path(), "gemma.gguf", |b| {

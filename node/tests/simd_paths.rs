@@ -13,12 +13,13 @@ use support::reference_dir;
 use support::swarm::{binary, json_of};
 
 /// Files whose tensors cover every type with its own kernel: Q4_K, Q5_0, Q6_K and
-/// Q8_0; Q5_K and Q5_1; Q4_0; Q4_1; F16; BF16.
+/// Q8_0; Q5_K and Q5_1; Q4_0; Q4_1; IQ4_NL; F16; BF16.
 const FILES: &[&str] = &[
     "smollm2-Q4_K_M.gguf",
     "smollm2-Q5_K_M.gguf",
     "smollm2-Q4_0.gguf",
     "smollm2-Q4_1.gguf",
+    "smollm2-IQ4_NL.gguf",
     "smollm2-F16.gguf",
     "smollm2-BF16.gguf",
 ];

@@ -25,7 +25,7 @@ from exact import reference
 
 # Every type llama-quantize makes that the issue lists, as llama-quantize names them.
 TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-         "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]
+         "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL"]
 # Each architecture's dressed file, and the quantized type it is also checked in.
 STYLES = [("llama3-style", lambda b, t: llama3_style(b, t), "Q4_K_M"),
           ("linear-rope", lambda b, t: linear_rope_style(b, t), "Q8_0"),

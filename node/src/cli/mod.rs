@@ -40,7 +40,7 @@ enum Command {
     /// Chat with the model in the terminal, through the swarm or with --local.
     Chat(chat::ChatArgs),
     /// Donate compute: host a range of the model's layers for the swarm.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Show which servers host which layers of a model, and what is missing.
     Status(status::StatusArgs),
     /// Serve the OpenAI-compatible API and the web page for a swarm, hosting no layers.
@@ -67,7 +67,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Status(args) => status::run(args),
         Command::Gateway(args) => gateway::run(args),
         Command::Keygen(args) => keygen::run(args),

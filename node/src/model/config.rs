@@ -271,9 +271,9 @@ fn vocab_size(gguf: &GgufFile) -> Result<usize, ModelError> {
     let embeddings = gguf
         .tensor_info("token_embd.weight")
         .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-    match embeddings.shape.dims() {
-        &[vocab, _] => Ok(vocab),
-        dims => Err(ModelError::BadConfig(format!(
+    match embeddings.shape[..] {
+        [vocab, _] => Ok(vocab),
+        ref dims => Err(ModelError::BadConfig(format!(
             "tensor token_embd.weight has shape {dims:?}, not one row per token"
         ))),
     }

@@ -3,14 +3,14 @@
 //! is read later, one tensor at a time, so a shard reads only its own layers.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::Device;
+use candle_core::quantized::gguf_file;
 
-use super::gguf_header::{self, HeaderError};
-use super::{candle_message, ModelError};
+use super::gguf_header::{self, Content, HeaderError, TensorInfo};
+use super::tensor_type::{StoredTensor, TensorType};
+use super::ModelError;
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
@@ -18,7 +18,7 @@ const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 pub struct GgufFile {
     path: PathBuf,
     reader: BufReader<File>,
-    content: gguf_file::Content,
+    content: Content,
     tensor_bytes_read: u64,
 }
 
@@ -65,21 +65,32 @@ impl GgufFile {
         self.content.tensor_infos.keys().map(String::as_str)
     }
 
-    pub fn tensor_info(&self, name: &str) -> Option<&gguf_file::TensorInfo> {
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
         self.content.tensor_infos.get(name)
     }
 
     /// Reads one tensor's bytes from disk (and nothing else).
-    pub fn tensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
-        let Some(info) = self.tensor_info(name) else {
+    pub fn tensor(&mut self, name: &str) -> Result<StoredTensor, ModelError> {
+        let (Some(info), Some(start)) = (self.tensor_info(name), self.tensor_start(name)) else {
             return Err(ModelError::MissingTensor(name.to_string()));
         };
-        self.tensor_bytes_read += tensor_size(info);
-        self.content
-            .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| {
-                ModelError::Candle(format!("reading tensor {name}: {}", candle_message(&e)))
-            })
+        // Within the file, checked at open: it fits in memory's address space.
+        let size = tensor_size(info);
+        let (dtype, shape) = (info.dtype, info.shape.clone());
+        let mut bytes = vec![0u8; size as usize];
+        self.reader
+            .seek(SeekFrom::Start(start))
+            .and_then(|_| self.reader.read_exact(&mut bytes))
+            .map_err(|source| ModelError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.tensor_bytes_read += size;
+        Ok(StoredTensor {
+            dtype,
+            shape,
+            bytes,
+        })
     }
 
     /// Tensor data read so far, in bytes: what a shard costs in I/O.
@@ -153,11 +164,10 @@ impl GgufFile {
 
 /// Bytes a tensor's data takes; `u64::MAX` for dimensions no file could hold (a
 /// hostile header's product would overflow).
-fn tensor_size(info: &gguf_file::TensorInfo) -> u64 {
-    let dtype = info.ggml_dtype;
+fn tensor_size(info: &TensorInfo) -> u64 {
+    let dtype = info.dtype;
     let elems = info
         .shape
-        .dims()
         .iter()
         .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
     elems
@@ -167,11 +177,7 @@ fn tensor_size(info: &gguf_file::TensorInfo) -> u64 {
 
 /// Every tensor must lie inside the file: a truncated download is caught at open,
 /// not as a read error in the middle of loading.
-fn check_tensor_extents(
-    path: &Path,
-    content: &gguf_file::Content,
-    file_len: u64,
-) -> Result<(), ModelError> {
+fn check_tensor_extents(path: &Path, content: &Content, file_len: u64) -> Result<(), ModelError> {
     for (name, info) in &content.tensor_infos {
         let end = content
             .tensor_data_offset
@@ -254,26 +260,27 @@ pub fn ggml_type_name(code: u32) -> String {
     format!("{name} (ggml type {code})")
 }
 
-/// Weight types the shard's matrix multiplications accept.
-pub fn is_supported_weight_type(dtype: GgmlDType) -> bool {
-    !matches!(dtype, GgmlDType::Q8_1 | GgmlDType::Q8K)
+/// Weight types the shard's matrix multiplications accept: those with kernels of
+/// our own, and those candle computes.
+pub fn is_supported_weight_type(dtype: TensorType) -> bool {
+    !matches!(dtype, TensorType::Q8_1 | TensorType::Q8K)
+        && (crate::model::kernels::has_kernels(dtype) || dtype.candle().is_some())
 }
 
 /// Norm weights are small vectors kept in float.
-pub fn is_supported_norm_type(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+pub fn is_supported_norm_type(dtype: TensorType) -> bool {
+    matches!(dtype, TensorType::F32 | TensorType::F16 | TensorType::BF16)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::GgmlDType;
 
     #[test]
     fn declared_sizes_past_any_file_do_not_overflow() {
-        let info = |dims: Vec<usize>| gguf_file::TensorInfo {
-            ggml_dtype: GgmlDType::Q4_0,
-            shape: candle_core::Shape::from(dims),
+        let info = |dims: Vec<usize>| TensorInfo {
+            dtype: TensorType::Q4_0,
+            shape: dims,
             offset: 0,
         };
         assert_eq!(tensor_size(&info(vec![64, 2])), 2 * 2 * 18);

@@ -1,8 +1,9 @@
 //! Reading a GGUF header (metadata and tensor table) from a file nobody vouches for:
 //! every length is checked against the bytes the file has left and against a memory
 //! budget before anything is allocated, every size is computed with checked
-//! arithmetic, and values the format forbids are refused. The result is candle's own
-//! `Content`, so candle reads the tensor data as it always has.
+//! arithmetic, and values the format forbids are refused. Metadata values are
+//! candle's own; the tensor table names types by [`TensorType`], which includes
+//! types candle cannot hold.
 //!
 //! candle's reader bounds lengths by the file's size only, but a decoded value costs
 //! more than its bytes on disk (an array of `u8` costs one `Value`, 32 bytes, per
@@ -12,8 +13,9 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 
-use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Value;
+
+use super::tensor_type::TensorType;
 
 /// What a header may cost in memory once decoded. The largest vocabularies known
 /// (about 256k tokens with scores, types and merges) cost some tens of MiB.
@@ -43,6 +45,24 @@ const ENTRY_COST: u64 = (std::mem::size_of::<(String, Value)>() + 16) as u64;
 /// its shape's dimensions.
 const TENSOR_COST: u64 =
     (std::mem::size_of::<(String, TensorInfo)>() + 16 + 8 * MAX_DIMS as usize) as u64;
+
+/// A GGUF file's header: its metadata and its tensor table.
+#[derive(Debug)]
+pub struct Content {
+    pub metadata: HashMap<String, Value>,
+    pub tensor_infos: HashMap<String, TensorInfo>,
+    /// Where tensor data starts in the file; each tensor's offset is relative to it.
+    pub tensor_data_offset: u64,
+}
+
+/// A tensor table entry.
+#[derive(Debug)]
+pub struct TensorInfo {
+    pub dtype: TensorType,
+    /// Outermost dimension first, as candle orders shapes.
+    pub shape: Vec<usize>,
+    pub offset: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
@@ -100,13 +120,11 @@ pub fn read<R: Read + Seek>(reader: &mut R, limit: u64) -> Result<Content, Heade
     if &magic != b"GGUF" {
         return Err(HeaderError::Magic);
     }
-    let magic = match r.u32("the version")? {
-        1 => VersionedMagic::GgufV1,
-        2 => VersionedMagic::GgufV2,
-        3 => VersionedMagic::GgufV3,
+    let long = match r.u32("the version")? {
+        1 => false,
+        2 | 3 => true,
         v => return Err(HeaderError::Version(v)),
     };
-    let long = !matches!(magic, VersionedMagic::GgufV1);
     let tensor_count = r.length(long, "the tensor count")?;
     let kv_count = r.length(long, "the metadata count")?;
     let prefix = if long { 8 } else { 4 };
@@ -137,7 +155,6 @@ pub fn read<R: Read + Seek>(reader: &mut R, limit: u64) -> Result<Content, Heade
     // Padding to the alignment: at most MAX_ALIGNMENT past a position in the file.
     let tensor_data_offset = r.pos.div_ceil(alignment) * alignment;
     Ok(Content {
-        magic,
         metadata,
         tensor_infos,
         tensor_data_offset,
@@ -354,7 +371,7 @@ impl<R: Read> Bounded<'_, R> {
         }
         dims.reverse();
         let code = self.u32(&what)?;
-        let dtype = ggml_dtype(code).ok_or_else(|| HeaderError::TensorType {
+        let dtype = TensorType::from_code(code).ok_or_else(|| HeaderError::TensorType {
             name: name.to_string(),
             code,
         })?;
@@ -385,50 +402,18 @@ impl<R: Read> Bounded<'_, R> {
         if usize::try_from(elements).is_err() || usize::try_from(bytes).is_err() {
             return Err(overflow());
         }
-        let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
         Ok(TensorInfo {
-            ggml_dtype: dtype,
-            shape: candle_core::Shape::from(shape),
+            dtype,
+            shape: dims.iter().map(|&d| d as usize).collect(),
             offset,
         })
     }
 }
 
-/// The ggml types candle can hold, with their code in the file.
-pub(crate) const GGML_CODES: [(u32, GgmlDType); 15] = [
-    (0, GgmlDType::F32),
-    (1, GgmlDType::F16),
-    (2, GgmlDType::Q4_0),
-    (3, GgmlDType::Q4_1),
-    (6, GgmlDType::Q5_0),
-    (7, GgmlDType::Q5_1),
-    (8, GgmlDType::Q8_0),
-    (9, GgmlDType::Q8_1),
-    (10, GgmlDType::Q2K),
-    (11, GgmlDType::Q3K),
-    (12, GgmlDType::Q4K),
-    (13, GgmlDType::Q5K),
-    (14, GgmlDType::Q6K),
-    (15, GgmlDType::Q8K),
-    (30, GgmlDType::BF16),
-];
-
-fn ggml_dtype(code: u32) -> Option<GgmlDType> {
-    GGML_CODES.iter().find(|(c, _)| *c == code).map(|(_, d)| *d)
-}
-
-/// A type's code in a GGUF file.
-pub fn ggml_code(dtype: GgmlDType) -> u32 {
-    GGML_CODES
-        .iter()
-        .find(|(_, d)| *d == dtype)
-        .map(|(c, _)| *c)
-        .expect("every type candle holds has a code")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{gguf_file, GgmlDType};
     use std::io::Cursor;
 
     /// A version 3 header of `kvs` (key, type code, encoded value) and no tensors.
@@ -466,15 +451,21 @@ mod tests {
         let mut file = Cursor::new(Vec::new());
         candle_core::quantized::gguf_file::write(&mut file, &metadata, &[("t", &q)]).unwrap();
         let ours = read_bytes(file.get_ref().clone(), HEADER_MEMORY_LIMIT).unwrap();
-        let theirs = Content::read(&mut Cursor::new(file.into_inner())).unwrap();
-        let sorted = |c: &Content| {
-            let mut m: Vec<String> = c.metadata.iter().map(|e| format!("{e:?}")).collect();
-            let mut t: Vec<String> = c.tensor_infos.iter().map(|e| format!("{e:?}")).collect();
+        let theirs = gguf_file::Content::read(&mut Cursor::new(file.into_inner())).unwrap();
+        let sorted = |m: &HashMap<String, Value>| {
+            let mut m: Vec<String> = m.iter().map(|e| format!("{e:?}")).collect();
             m.sort();
-            t.sort();
-            (m, t, c.tensor_data_offset, c.magic)
+            m
         };
-        assert_eq!(sorted(&ours), sorted(&theirs));
+        assert_eq!(sorted(&ours.metadata), sorted(&theirs.metadata));
+        assert_eq!(ours.tensor_data_offset, theirs.tensor_data_offset);
+        assert_eq!(ours.tensor_infos.len(), theirs.tensor_infos.len());
+        for (name, theirs) in &theirs.tensor_infos {
+            let ours = &ours.tensor_infos[name];
+            assert_eq!(ours.dtype.candle(), Some(theirs.ggml_dtype));
+            assert_eq!(ours.shape, theirs.shape.dims());
+            assert_eq!(ours.offset, theirs.offset);
+        }
     }
 
     #[test]
@@ -557,6 +548,9 @@ mod tests {
             Err(HeaderError::TensorType { code: 16, .. })
         ));
         let ok = with_tensor(&[32, 3], 2).unwrap();
-        assert_eq!(ok.tensor_infos["t"].shape.dims(), &[3, 32]);
+        assert_eq!(ok.tensor_infos["t"].shape, [3, 32]);
+        // A type candle cannot hold is read all the same.
+        let nl = with_tensor(&[64, 2], 20).unwrap();
+        assert_eq!(nl.tensor_infos["t"].dtype, TensorType::IQ4_NL);
     }
 }

@@ -20,6 +20,7 @@ pub mod model_id;
 pub mod pieces;
 pub mod rope;
 pub mod shard;
+pub mod tensor_type;
 pub mod understood;
 
 use std::path::PathBuf;

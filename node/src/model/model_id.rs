@@ -15,7 +15,6 @@ use candle_core::quantized::gguf_file::Value;
 use indicatif::ProgressBar;
 
 use super::gguf::GgufFile;
-use super::gguf_header::ggml_code;
 use super::ModelError;
 
 /// The cache of a file's id, beside it.
@@ -85,8 +84,8 @@ pub fn manifest(gguf: &GgufFile, progress: &ProgressBar) -> Result<Manifest, Mod
         }
         tensors.push(TensorEntry {
             name: name.to_string(),
-            ggml_type: ggml_code(info.ggml_dtype),
-            shape: info.shape.dims().iter().map(|&d| d as u64).collect(),
+            ggml_type: info.dtype.code(),
+            shape: info.shape.iter().map(|&d| d as u64).collect(),
             bytes,
             chunks,
         });

@@ -223,10 +223,11 @@ fn rope_factors(gguf: &mut GgufFile, config: &ModelConfig) -> Result<Option<Vec<
         return Ok(None);
     }
     let q = super::pieces::load::load_checked(gguf, NAME, &[config.head_dim / 2], |t| {
-        t == candle_core::quantized::GgmlDType::F32
+        t == super::tensor_type::TensorType::F32
     })?;
     let values = q
-        .dequantize(&candle_core::Device::Cpu)
+        .to_candle()
+        .and_then(|q| q.dequantize(&candle_core::Device::Cpu))
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| ModelError::Candle(super::candle_message(&e)))?;
     Ok(Some(values))
@@ -239,9 +240,9 @@ pub fn layer_resident_bytes(gguf: &GgufFile, index: usize) -> u64 {
     gguf.tensor_names()
         .filter(|name| name.starts_with(&prefix))
         .filter_map(|name| gguf.tensor_info(name))
-        .map(|info| match info.shape.dims() {
-            &[rows, cols] => crate::model::kernels::resident_bytes(info.ggml_dtype, rows, cols),
-            dims => 4 * dims.iter().product::<usize>() as u64,
+        .map(|info| match info.shape[..] {
+            [rows, cols] => crate::model::kernels::resident_bytes(info.dtype, rows, cols),
+            ref dims => 4 * dims.iter().product::<usize>() as u64,
         })
         .sum()
 }

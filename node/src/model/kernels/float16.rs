@@ -14,7 +14,7 @@
 
 use std::marker::PhantomData;
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 
 use super::activations::Acts;
 use super::matrix::{avx_kernels, WeightBlock};
@@ -27,7 +27,7 @@ use std::arch::x86_64::*;
 
 /// A 16-bit float format: how its bits widen to f32.
 pub trait HalfFloat: Copy + Send + Sync + 'static {
-    const DTYPE: GgmlDType;
+    const DTYPE: TensorType;
     fn to_f32(bits: u16) -> f32;
     /// Sixteen values at `p` widened.
     ///
@@ -54,7 +54,7 @@ pub trait HalfFloat: Copy + Send + Sync + 'static {
 pub struct F16;
 
 impl HalfFloat for F16 {
-    const DTYPE: GgmlDType = GgmlDType::F16;
+    const DTYPE: TensorType = TensorType::F16;
 
     fn to_f32(bits: u16) -> f32 {
         half::f16::from_bits(bits).to_f32()
@@ -87,7 +87,7 @@ impl HalfFloat for F16 {
 pub struct Bf16;
 
 impl HalfFloat for Bf16 {
-    const DTYPE: GgmlDType = GgmlDType::BF16;
+    const DTYPE: TensorType = TensorType::BF16;
 
     fn to_f32(bits: u16) -> f32 {
         f32::from_bits((bits as u32) << 16)
@@ -136,7 +136,7 @@ pub type BlockF16 = Halves<F16>;
 pub type BlockBf16 = Halves<Bf16>;
 
 impl<H: HalfFloat> WeightBlock for Halves<H> {
-    const DTYPE: GgmlDType = H::DTYPE;
+    const DTYPE: TensorType = H::DTYPE;
     const BYTES: usize = 2 * BLOCK;
     const ROWS: usize = GROUP;
     const SUMS: bool = false;
@@ -318,7 +318,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::model::kernels::tests::{values, weights};
+    use crate::model::kernels::tests::{dequantized, values, weights};
     use crate::model::kernels::{Linear, Matrix, Simd};
 
     /// Every path against the exact product of the file's weights and the
@@ -326,11 +326,11 @@ mod tests {
     fn exact<H: HalfFloat>() {
         for (rows, cols, tokens) in [(33, 576, 3), (8, 2048, 9), (2, 32, 1)] {
             let q = Arc::new(weights(H::DTYPE, rows, cols));
-            let w = values(&q.dequantize(&Device::Cpu).unwrap());
+            let w = dequantized(&q);
             let x = Tensor::randn(0f32, 1.0, (1, tokens, cols), &Device::Cpu).unwrap();
             let xs = values(&x);
             for path in Simd::available() {
-                let matrix = Matrix::<Halves<H>>::from_qtensor(&q).unwrap().on(path);
+                let matrix = Matrix::<Halves<H>>::from_stored(&q).unwrap().on(path);
                 let ours = values(&Linear::Ours(Box::new(matrix)).forward(&x).unwrap());
                 for t in 0..tokens {
                     for r in 0..rows {

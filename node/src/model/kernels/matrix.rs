@@ -6,7 +6,6 @@
 // The SIMD kernels of a block type are `unsafe` to call (CPU features).
 #![allow(unsafe_code)]
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, Device, Result, Tensor};
 
 use super::activations::Acts;
@@ -14,12 +13,13 @@ use super::driver::matmul;
 use super::pages::{Blocks, Placing};
 use super::{Simd, BLOCK};
 use crate::model::hidden::Hidden;
+use crate::model::tensor_type::{StoredTensor, TensorType};
 
 /// A unit of quantized weights (one block of `VALUES` values of each of `ROWS` rows),
 /// and the kernels that multiply rows of them. Each type documents the fixed sequence
 /// of float operations every path performs per output.
 pub trait WeightBlock: Copy + Send + Sync + 'static {
-    const DTYPE: GgmlDType;
+    const DTYPE: TensorType;
     /// Values of a row one unit holds: the file's block (32, or 256 for K-quants).
     const VALUES: usize = BLOCK;
     /// Bytes of one file block (`VALUES` values).
@@ -174,33 +174,33 @@ pub struct Matrix<B> {
 
 impl<B: WeightBlock> Matrix<B> {
     /// The blocks of a tensor of shape `[rows, cols]` and type `B::DTYPE`.
-    pub fn from_qtensor(t: &QTensor) -> Result<Self> {
+    pub fn from_stored(t: &StoredTensor) -> Result<Self> {
         Self::stack(&[t])
     }
 
     /// One matrix holding the rows of `parts` in order; the parts must share their
     /// row length.
-    pub fn stack(parts: &[&QTensor]) -> Result<Self> {
+    pub fn stack(parts: &[&StoredTensor]) -> Result<Self> {
         let Some(first) = parts.first() else {
             bail!("no matrices to stack");
         };
-        let cols = first.shape().dims2()?.1;
+        let cols = first.dims2()?.1;
         if cols == 0 || cols % B::VALUES != 0 {
             bail!("{:?} rows of {cols} values are not whole blocks", B::DTYPE);
         }
-        if let Some(part) = parts.iter().find(|p| p.dtype() != B::DTYPE) {
-            bail!("expected a {:?} tensor, got {:?}", B::DTYPE, part.dtype());
+        if let Some(part) = parts.iter().find(|p| p.dtype != B::DTYPE) {
+            bail!("expected a {:?} tensor, got {:?}", B::DTYPE, part.dtype);
         }
         // Every row's bytes in order, then unit rows from them; sized exactly up front:
         // these blocks are most of a node's memory.
         let total_rows: usize = parts
             .iter()
-            .map(|p| p.shape().dims2().map_or(0, |(r, _)| r))
+            .map(|p| p.dims2().map_or(0, |(r, _)| r))
             .fold(0, usize::saturating_add);
         let mut all_rows: Vec<&[u8]> = Vec::with_capacity(total_rows);
-        let datas = parts.iter().map(|p| p.data()).collect::<Result<Vec<_>>>()?;
-        for (part, bytes) in parts.iter().zip(&datas) {
-            let (part_rows, part_cols) = part.shape().dims2()?;
+        for part in parts {
+            let bytes = &part.bytes;
+            let (part_rows, part_cols) = part.dims2()?;
             if part_cols != cols {
                 bail!("stacked matrices must have equal row lengths");
             }

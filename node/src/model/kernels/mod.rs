@@ -1,5 +1,5 @@
 //! Matrix kernels for the weights of real GGUF files: Q4_1 and Q8_0 in their own
-//! modules, the formats with small unsigned quants and per-32-value scales (Q4_0,
+//! modules (IQ4_NL through Q8_0's, its values looked up at load), the formats with small unsigned quants and per-32-value scales (Q4_0,
 //! Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) through one [`grouped`] kernel, and F16 and BF16
 //! kept in 16 bits ([`float16`]).
 //!
@@ -19,6 +19,7 @@ mod geglu;
 mod grouped;
 #[cfg(target_arch = "aarch64")]
 mod half_neon;
+pub mod iq4_nl;
 mod matrix;
 mod norm;
 mod pages;
@@ -40,10 +41,11 @@ pub use swiglu::swiglu;
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Result, Tensor};
 
 use crate::model::hidden::Hidden;
+use crate::model::tensor_type::{StoredTensor, TensorType};
 
 /// Values per quantized block.
 const BLOCK: usize = 32;
@@ -81,23 +83,27 @@ pub enum Linear {
 }
 
 impl Linear {
-    pub fn new(weights: Arc<QTensor>) -> Result<Self> {
+    /// The matrix computed by this module's kernels where they cover its type, else
+    /// by candle's (an error naming the type where neither does).
+    pub fn new(weights: Arc<StoredTensor>) -> Result<Self> {
         match Self::ours(&[&weights])? {
             Some(linear) => Ok(linear),
-            None => Ok(Linear::Candle(QMatMul::from_arc(weights)?)),
+            None => Ok(Linear::Candle(QMatMul::from_arc(Arc::new(
+                weights.to_candle()?,
+            ))?)),
         }
     }
 
     /// The rows of `parts` as one matrix for this module's kernels, if they all have
     /// one type the kernels cover.
-    fn ours(parts: &[&QTensor]) -> Result<Option<Self>> {
-        let Some(dtype) = parts.first().map(|p| p.dtype()) else {
+    fn ours(parts: &[&StoredTensor]) -> Result<Option<Self>> {
+        let Some(dtype) = parts.first().map(|p| p.dtype) else {
             return Ok(None);
         };
-        if parts.iter().any(|p| p.dtype() != dtype) {
+        if parts.iter().any(|p| p.dtype != dtype) {
             return Ok(None);
         }
-        struct Stack<'a>(&'a [&'a QTensor]);
+        struct Stack<'a>(&'a [&'a StoredTensor]);
         impl ForBlock for Stack<'_> {
             type Output = Result<Linear>;
             fn run<B: WeightBlock>(self) -> Result<Linear> {
@@ -141,26 +147,37 @@ pub trait ForBlock {
 
 /// `f` run with the block type this module computes `dtype` with, if it has one:
 /// the one place a quant type with kernels of its own is registered.
-pub fn for_block<F: ForBlock>(dtype: GgmlDType, f: F) -> Option<F::Output> {
+pub fn for_block<F: ForBlock>(dtype: TensorType, f: F) -> Option<F::Output> {
     Some(match dtype {
-        GgmlDType::Q4_0 => f.run::<q4_0::GroupQ4_0>(),
-        GgmlDType::Q4_1 => f.run::<q4_1::GroupQ4_1>(),
-        GgmlDType::Q5_0 => f.run::<q5_0::GroupQ5_0>(),
-        GgmlDType::Q5_1 => f.run::<q5_1::GroupQ5_1>(),
-        GgmlDType::Q8_0 => f.run::<q8_0::GroupQ8_0>(),
-        GgmlDType::Q4K => f.run::<q4_k::GroupQ4K>(),
-        GgmlDType::Q5K => f.run::<q5_k::GroupQ5K>(),
-        GgmlDType::Q6K => f.run::<q6_k::GroupQ6K>(),
-        GgmlDType::F16 => f.run::<float16::BlockF16>(),
-        GgmlDType::BF16 => f.run::<float16::BlockBf16>(),
+        TensorType::Q4_0 => f.run::<q4_0::GroupQ4_0>(),
+        TensorType::Q4_1 => f.run::<q4_1::GroupQ4_1>(),
+        TensorType::Q5_0 => f.run::<q5_0::GroupQ5_0>(),
+        TensorType::Q5_1 => f.run::<q5_1::GroupQ5_1>(),
+        TensorType::Q8_0 => f.run::<q8_0::GroupQ8_0>(),
+        TensorType::Q4K => f.run::<q4_k::GroupQ4K>(),
+        TensorType::Q5K => f.run::<q5_k::GroupQ5K>(),
+        TensorType::Q6K => f.run::<q6_k::GroupQ6K>(),
+        TensorType::IQ4_NL => f.run::<iq4_nl::GroupIq4Nl>(),
+        TensorType::F16 => f.run::<float16::BlockF16>(),
+        TensorType::BF16 => f.run::<float16::BlockBf16>(),
         _ => return None,
     })
+}
+
+/// Whether this module computes `dtype` with kernels of its own.
+pub fn has_kernels(dtype: TensorType) -> bool {
+    struct Has;
+    impl ForBlock for Has {
+        type Output = ();
+        fn run<B: WeightBlock>(self) {}
+    }
+    for_block(dtype, Has).is_some()
 }
 
 /// Bytes a `[rows, cols]` weight matrix of `dtype` holds in memory once loaded: this
 /// module's layout for its own types (which may keep scales unpacked), else candle's
 /// (f32 for F32, the stored blocks for the rest).
-pub fn resident_bytes(dtype: GgmlDType, rows: usize, cols: usize) -> u64 {
+pub fn resident_bytes(dtype: TensorType, rows: usize, cols: usize) -> u64 {
     struct Size(usize, usize);
     impl ForBlock for Size {
         type Output = u64;
@@ -186,8 +203,8 @@ pub enum Stacked {
 }
 
 impl Stacked {
-    pub fn new(parts: Vec<Arc<QTensor>>) -> Result<Self> {
-        let refs: Vec<&QTensor> = parts.iter().map(|p| p.as_ref()).collect();
+    pub fn new(parts: Vec<Arc<StoredTensor>>) -> Result<Self> {
+        let refs: Vec<&StoredTensor> = parts.iter().map(|p| p.as_ref()).collect();
         match Linear::ours(&refs)? {
             Some(linear) => Ok(Stacked::One(linear)),
             None => Ok(Stacked::Each(
@@ -290,22 +307,19 @@ pub(crate) mod tests {
     use super::*;
 
     /// The types this module has kernels for: those [`for_block`] registers.
-    pub fn ours() -> Vec<GgmlDType> {
-        struct Has;
-        impl ForBlock for Has {
-            type Output = ();
-            fn run<B: WeightBlock>(self) {}
-        }
-        let all = crate::model::gguf_header::GGML_CODES
-            .iter()
-            .map(|(_, d)| *d);
-        all.filter(|&d| for_block(d, Has).is_some()).collect()
+    pub fn ours() -> Vec<TensorType> {
+        TensorType::ALL
+            .into_iter()
+            .filter(|&d| has_kernels(d))
+            .collect()
     }
 
     #[test]
     fn every_16_bit_and_common_quantized_type_has_kernels() {
-        use GgmlDType::*;
-        let expected = [F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, BF16];
+        use TensorType::*;
+        let expected = [
+            F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, IQ4_NL, BF16,
+        ];
         assert_eq!(ours(), expected);
     }
 
@@ -321,9 +335,39 @@ pub(crate) mod tests {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
-    pub fn weights(dtype: GgmlDType, rows: usize, cols: usize) -> QTensor {
+    /// Random weights of `dtype`: quantized by candle, or for IQ4_NL, which candle
+    /// cannot quantize, candle's Q4_0 blocks read as IQ4_NL's (the same layout: any
+    /// f16 scale and 32 four-bit indices are a valid block).
+    pub fn weights(dtype: TensorType, rows: usize, cols: usize) -> StoredTensor {
         let w = Tensor::randn(0f32, 0.5, (rows, cols), &Device::Cpu).unwrap();
-        QTensor::quantize(&w, dtype).unwrap()
+        let quantize_as = dtype
+            .candle()
+            .unwrap_or(candle_core::quantized::GgmlDType::Q4_0);
+        let q = candle_core::quantized::QTensor::quantize(&w, quantize_as).unwrap();
+        StoredTensor {
+            dtype,
+            ..StoredTensor::of_candle(&q)
+        }
+    }
+
+    /// The weights' values: candle's dequantization (ggml's), and for IQ4_NL ggml's
+    /// `d × kvalues_iq4nl[q]` with the low nibbles first.
+    pub fn dequantized(t: &StoredTensor) -> Vec<f32> {
+        if t.dtype != TensorType::IQ4_NL {
+            return values(&t.to_candle().unwrap().dequantize(&Device::Cpu).unwrap());
+        }
+        let mut out = Vec::with_capacity(t.bytes.len() / 18 * BLOCK);
+        for block in t.bytes.chunks_exact(18) {
+            let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+            let nibbles = block[2..].iter().map(|b| b & 0x0F);
+            let high = block[2..].iter().map(|b| b >> 4);
+            out.extend(
+                nibbles
+                    .chain(high)
+                    .map(|q| d * iq4_nl::KVALUES[q as usize] as f32),
+            );
+        }
+        out
     }
 
     /// Small and odd shapes (rows, columns, tokens), each type's edge cases.
@@ -342,9 +386,9 @@ pub(crate) mod tests {
 
     /// `build(weights, path)` makes the kernel's matrix computed on `path`.
     fn check(
-        dtype: GgmlDType,
+        dtype: TensorType,
         shapes: &[(usize, usize, usize)],
-        build: impl Fn(&QTensor, Simd) -> Linear,
+        build: impl Fn(&StoredTensor, Simd) -> Linear,
     ) {
         // Rows of whole blocks (K-quants' are 256 values).
         let unit = dtype.block_size();
@@ -356,7 +400,7 @@ pub(crate) mod tests {
                 .into_iter()
                 .map(|s| (s, build(&q, s)))
                 .collect();
-            let w = values(&q.dequantize(&Device::Cpu).unwrap());
+            let w = dequantized(&q);
             let x = Tensor::randn(0f32, 1.0, (1, tokens, cols), &Device::Cpu).unwrap();
             let a = values(&ours.forward(&x).unwrap());
             let xs = values(&x);
@@ -411,8 +455,8 @@ pub(crate) mod tests {
 
     #[test]
     fn stacked_parts_equal_separate_matrices() {
-        for dtype in ours().into_iter().chain([GgmlDType::Q2K]) {
-            let parts: Vec<Arc<QTensor>> = [64, 32, 32]
+        for dtype in ours().into_iter().chain([TensorType::Q2K]) {
+            let parts: Vec<Arc<StoredTensor>> = [64, 32, 32]
                 .into_iter()
                 .map(|rows| Arc::new(weights(dtype, rows, 256)))
                 .collect();
@@ -434,11 +478,11 @@ pub(crate) mod tests {
 
     #[test]
     fn resident_bytes_are_what_a_loaded_matrix_holds() {
-        struct Held<'a>(&'a QTensor);
+        struct Held<'a>(&'a StoredTensor);
         impl ForBlock for Held<'_> {
             type Output = u64;
             fn run<B: WeightBlock>(self) -> u64 {
-                Matrix::<B>::from_qtensor(self.0).unwrap().bytes()
+                Matrix::<B>::from_stored(self.0).unwrap().bytes()
             }
         }
         for dtype in ours() {
@@ -448,8 +492,8 @@ pub(crate) mod tests {
                 assert_eq!(resident_bytes(dtype, rows, cols), held, "{dtype:?}");
             }
         }
-        let stored = weights(GgmlDType::Q2K, 4, 256);
-        let bytes = resident_bytes(GgmlDType::Q2K, 4, 256);
+        let stored = weights(TensorType::Q2K, 4, 256).to_candle().unwrap();
+        let bytes = resident_bytes(TensorType::Q2K, 4, 256);
         assert_eq!(bytes, stored.storage_size_in_bytes() as u64);
     }
 
@@ -468,7 +512,7 @@ pub(crate) mod tests {
         for dtype in ours() {
             let q = Arc::new(weights(dtype, 10, 256));
             let ours = Linear::new(q.clone()).unwrap().rows(&[7, 0, 7]).unwrap();
-            let all = q.dequantize(&Device::Cpu).unwrap();
+            let all = Tensor::from_vec(dequantized(&q), (10, 256), &Device::Cpu).unwrap();
             let ids = Tensor::new(&[7u32, 0, 7], &Device::Cpu).unwrap();
             let theirs = all.index_select(&ids, 0).unwrap();
             assert_eq!(values(&ours), values(&theirs), "{dtype:?}");
@@ -483,7 +527,7 @@ pub(crate) mod tests {
 
     fn check_shapes<B: WeightBlock>(shapes: &[(usize, usize, usize)]) {
         check(B::DTYPE, shapes, |q, path| {
-            Linear::Ours(Box::new(Matrix::<B>::from_qtensor(q).unwrap().on(path)))
+            Linear::Ours(Box::new(Matrix::<B>::from_stored(q).unwrap().on(path)))
         });
     }
 
@@ -502,6 +546,11 @@ pub(crate) mod tests {
     #[test]
     fn q8_0_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
         check_type::<q8_0::GroupQ8_0>();
+    }
+
+    #[test]
+    fn iq4_nl_agrees_with_the_exact_product_and_is_the_same_on_every_path() {
+        check_type::<iq4_nl::GroupIq4Nl>();
     }
 
     #[test]

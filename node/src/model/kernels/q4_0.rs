@@ -1,7 +1,7 @@
 //! Q4_0: per 32 values an f16 scale and 4-bit quants around 8 (`w = d·(q − 8)`),
 //! computed by the [`grouped`](super::grouped) kernel.
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 
 use super::grouped::{Format, Group, WithOffset};
 
@@ -11,7 +11,7 @@ pub type GroupQ4_0 = Group<Q4_0, 1, 0>;
 pub struct Q4_0;
 
 impl Format for Q4_0 {
-    const DTYPE: GgmlDType = GgmlDType::Q4_0;
+    const DTYPE: TensorType = TensorType::Q4_0;
     const BYTES: usize = 18;
     const SUB: usize = 1;
     const PLANES: usize = 0;

@@ -15,7 +15,7 @@
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 use half::f16;
 
 use super::activations::{ActBlock, Acts};
@@ -68,7 +68,7 @@ fn quad(y: &ActBlock, e: usize) -> i32 {
 const FILE_BLOCK: usize = 20;
 
 impl WeightBlock for GroupQ4_1 {
-    const DTYPE: GgmlDType = GgmlDType::Q4_1;
+    const DTYPE: TensorType = TensorType::Q4_1;
     const BYTES: usize = FILE_BLOCK;
     const ROWS: usize = GROUP;
     const SUMS: bool = true;
@@ -423,13 +423,13 @@ mod tests {
     #[test]
     fn every_path_computes_the_per_block_formula() {
         for (rows, cols, tokens) in [(48, 576, 3), (40, 1536, 9), (16, 32, 1)] {
-            let q = Arc::new(weights(GgmlDType::Q4_1, rows, cols));
-            let bytes = q.data().unwrap();
+            let q = Arc::new(weights(TensorType::Q4_1, rows, cols));
+            let bytes = &q.bytes;
             let x = Tensor::randn(0f32, 1.0, (1, tokens, cols), &Device::Cpu).unwrap();
             let xs = values(&x);
             for path in Simd::available() {
                 let linear = Linear::Ours(Box::new(
-                    Matrix::<GroupQ4_1>::from_qtensor(&q).unwrap().on(path),
+                    Matrix::<GroupQ4_1>::from_stored(&q).unwrap().on(path),
                 ));
                 let ours = values(&linear.forward(&x).unwrap());
                 for t in 0..tokens {

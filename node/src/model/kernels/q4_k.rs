@@ -2,7 +2,7 @@
 //! multiples of them, and 4-bit quants (`w = D·sc·q − Dmin·mn`), computed by the
 //! [`grouped`](super::grouped) kernel.
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 
 use super::grouped::{Format, Group, SuperScales};
 
@@ -45,7 +45,7 @@ pub fn nibbles(qs: &[u8], quants: &mut [u8]) {
 }
 
 impl Format for Q4K {
-    const DTYPE: GgmlDType = GgmlDType::Q4K;
+    const DTYPE: TensorType = TensorType::Q4K;
     const BYTES: usize = 144;
     const SUB: usize = 8;
     const PLANES: usize = 0;

@@ -3,7 +3,7 @@
 //! are mostly Q5_0: llama-quantize falls back to it for rows that are not whole
 //! K-quant blocks.
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 
 use super::grouped::{Format, Group, WithOffset};
 
@@ -22,7 +22,7 @@ pub fn five_bits(high: u32, qs: &[u8], quants: &mut [u8]) {
 }
 
 impl Format for Q5_0 {
-    const DTYPE: GgmlDType = GgmlDType::Q5_0;
+    const DTYPE: TensorType = TensorType::Q5_0;
     const BYTES: usize = 22;
     const SUB: usize = 1;
     const PLANES: usize = 1;

@@ -1,7 +1,7 @@
 //! Q5_1: per 32 values an f16 scale and minimum and 5-bit quants (`w = d·q + m`),
 //! computed by the [`grouped`](super::grouped) kernel.
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 
 use super::grouped::{Format, Group, WithMin};
 use super::q5_0::five_bits;
@@ -12,7 +12,7 @@ pub type GroupQ5_1 = Group<Q5_1, 1, 1>;
 pub struct Q5_1;
 
 impl Format for Q5_1 {
-    const DTYPE: GgmlDType = GgmlDType::Q5_1;
+    const DTYPE: TensorType = TensorType::Q5_1;
     const BYTES: usize = 24;
     const SUB: usize = 1;
     const PLANES: usize = 1;

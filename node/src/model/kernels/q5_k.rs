@@ -1,7 +1,7 @@
 //! Q5_K: Q4_K with a fifth bit per quant, computed by the [`grouped`](super::grouped)
 //! kernel.
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 
 use super::grouped::{Format, Group, SuperScales};
 use super::q4_k::{nibbles, super_scales};
@@ -12,7 +12,7 @@ pub type GroupQ5K = Group<Q5K, 8, 1>;
 pub struct Q5K;
 
 impl Format for Q5K {
-    const DTYPE: GgmlDType = GgmlDType::Q5K;
+    const DTYPE: TensorType = TensorType::Q5K;
     const BYTES: usize = 176;
     const SUB: usize = 8;
     const PLANES: usize = 1;

@@ -2,7 +2,7 @@
 //! 6-bit quants around 32 (`w = d·sc·(q − 32)`), computed by the
 //! [`grouped`](super::grouped) kernel.
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 
 use super::grouped::{Format, Group, SixScales};
 
@@ -12,7 +12,7 @@ pub type GroupQ6K = Group<Q6K, 8, 2>;
 pub struct Q6K;
 
 impl Format for Q6K {
-    const DTYPE: GgmlDType = GgmlDType::Q6K;
+    const DTYPE: TensorType = TensorType::Q6K;
     const BYTES: usize = 210;
     const SUB: usize = 8;
     const PLANES: usize = 2;

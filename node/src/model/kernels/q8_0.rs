@@ -12,10 +12,16 @@
 //! The arithmetic every path performs, per row and token, for blocks in order (`acc`
 //! starting at zero): `S`, the block's exact integer sum `Σ w·x`, then
 //! `acc = fma(S × d_x, d_w, acc)`, the product `S × d_x` rounded to f32 first.
+//!
+//! Any format whose block is an f16 scale times 32 signed 8-bit values
+//! ([`Int8Source`]) is kept and computed this way: IQ4_NL ([`super::iq4_nl`]), its
+//! values looked up once at load.
 // SIMD intrinsics need `unsafe`; each use is bounded by fixed-size arrays.
 #![allow(unsafe_code)]
 
-use candle_core::quantized::GgmlDType;
+use std::marker::PhantomData;
+
+use crate::model::tensor_type::TensorType;
 use half::f16;
 
 use super::activations::Acts;
@@ -25,40 +31,69 @@ use super::BLOCK;
 /// Rows per group.
 pub const GROUP: usize = 16;
 
-/// One block (32 values) of each of [`GROUP`] rows: their scales as f16 bits and their
-/// quants plus 128. Rows past the matrix's last are zero.
-#[derive(Clone, Copy, Debug)]
-pub struct GroupQ8_0 {
-    d: [u16; GROUP],
-    qs: [u8; BLOCK * GROUP],
+/// A file format whose block is an f16 scale and 32 signed 8-bit values.
+pub trait Int8Source: Copy + Send + Sync + 'static {
+    const DTYPE: TensorType;
+    /// Bytes of one file block.
+    const BYTES: usize;
+    /// One row's file block: its scale's f16 bits, and its values into `values`.
+    fn decode(block: &[u8], values: &mut [i8; BLOCK]) -> u16;
 }
 
-impl GroupQ8_0 {
+/// Q8_0 as its file stores it.
+#[derive(Clone, Copy, Debug)]
+pub struct Q8_0;
+
+impl Int8Source for Q8_0 {
+    const DTYPE: TensorType = TensorType::Q8_0;
+    const BYTES: usize = 34;
+
+    /// ggml's block_q8_0: f16 d, 32 signed bytes.
+    fn decode(block: &[u8], values: &mut [i8; BLOCK]) -> u16 {
+        for (v, &q) in values.iter_mut().zip(&block[2..]) {
+            *v = q as i8;
+        }
+        u16::from_le_bytes([block[0], block[1]])
+    }
+}
+
+pub type GroupQ8_0 = GroupInt8<Q8_0>;
+
+/// One block (32 values) of each of [`GROUP`] rows: their scales as f16 bits and their
+/// values plus 128. Rows past the matrix's last are zero.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupInt8<S> {
+    d: [u16; GROUP],
+    qs: [u8; BLOCK * GROUP],
+    source: PhantomData<S>,
+}
+
+impl<S> GroupInt8<S> {
     /// Weight `j` of row `lane`.
     fn weight(&self, lane: usize, j: usize) -> i32 {
         self.qs[64 * (j / 4) + 4 * lane + j % 4] as i32 - 128
     }
 }
 
-impl WeightBlock for GroupQ8_0 {
-    const DTYPE: GgmlDType = GgmlDType::Q8_0;
-    const BYTES: usize = 34;
+impl<S: Int8Source> WeightBlock for GroupInt8<S> {
+    const DTYPE: TensorType = S::DTYPE;
+    const BYTES: usize = S::BYTES;
     const ROWS: usize = GROUP;
     const SUMS: bool = true;
 
-    /// ggml's block_q8_0: f16 d, 32 signed bytes.
     fn parse_rows(rows: &[&[u8]], out: &mut Vec<Self>) {
         let blocks = rows.first().map_or(0, |r| r.len() / Self::BYTES);
+        let mut values = [0i8; BLOCK];
         out.extend((0..blocks).map(|b| {
-            let mut group = GroupQ8_0 {
+            let mut group = GroupInt8 {
                 d: [0; GROUP],
                 qs: [128; BLOCK * GROUP],
+                source: PhantomData,
             };
             for (lane, row) in rows.iter().enumerate() {
-                let x = &row[b * Self::BYTES..][..Self::BYTES];
-                group.d[lane] = u16::from_le_bytes([x[0], x[1]]);
-                for (j, &q) in x[2..].iter().enumerate() {
-                    group.qs[64 * (j / 4) + 4 * lane + j % 4] = q ^ 0x80;
+                group.d[lane] = S::decode(&row[b * Self::BYTES..][..Self::BYTES], &mut values);
+                for (j, &q) in values.iter().enumerate() {
+                    group.qs[64 * (j / 4) + 4 * lane + j % 4] = q as u8 ^ 0x80;
                 }
             }
             group
@@ -70,7 +105,7 @@ impl WeightBlock for GroupQ8_0 {
         out.extend((0..BLOCK).map(|j| self.weight(lane, j) as f32 * d));
     }
 
-    fn dot_portable(row: &[GroupQ8_0], lane: usize, act: &Acts) -> f32 {
+    fn dot_portable(row: &[Self], lane: usize, act: &Acts) -> f32 {
         let mut acc = 0f32;
         for (x, y) in row.iter().zip(&act.blocks) {
             let sum: i32 = (0..BLOCK).map(|j| x.weight(lane, j) * y.qs[j] as i32).sum();
@@ -177,7 +212,7 @@ mod neon {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Acts, GroupQ8_0, GROUP};
+    use super::{Acts, GroupInt8, GROUP};
     use crate::model::kernels::activations::ActBlock;
     use crate::model::kernels::driver::{cut_each, prefetch};
 
@@ -192,8 +227,8 @@ mod simd {
     /// A group of rows against `T` tokens, one row per lane, into
     /// `out[t * stride + row]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub fn group_avx512<const T: usize>(
-        group: &[GroupQ8_0],
+    pub fn group_avx512<S, const T: usize>(
+        group: &[GroupInt8<S>],
         acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
@@ -251,8 +286,8 @@ mod simd {
     /// into `out[t * stride + row]`: the weights signed again and multiplied as
     /// `|w| × (x with w's sign)` (`vpmaddubsw`; a pair is at most 2 × 128 × 127).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn half_avx2<const T: usize>(
-        group: &[GroupQ8_0],
+    pub fn half_avx2<S, const T: usize>(
+        group: &[GroupInt8<S>],
         half: usize,
         acts: [&Acts; T],
         out: &mut [f32],

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::model::gguf::{self, GgufFile};
 use crate::model::kernels::Linear;
+use crate::model::tensor_type::{StoredTensor, TensorType};
 use crate::model::ModelError;
 
 pub type LoadResult<T> = Result<T, ModelError>;
@@ -17,21 +17,21 @@ pub fn load_checked(
     gguf: &mut GgufFile,
     name: &str,
     expected: &[usize],
-    type_ok: fn(GgmlDType) -> bool,
-) -> LoadResult<QTensor> {
+    type_ok: fn(TensorType) -> bool,
+) -> LoadResult<StoredTensor> {
     let info = gguf
         .tensor_info(name)
         .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-    if !type_ok(info.ggml_dtype) {
+    if !type_ok(info.dtype) {
         return Err(ModelError::UnsupportedTensorType {
             tensor: Some(name.to_string()),
-            dtype: format!("{:?}", info.ggml_dtype),
+            dtype: info.dtype.name(),
         });
     }
-    if info.shape.dims() != expected {
+    if info.shape != expected {
         return Err(ModelError::TensorShape {
             name: name.to_string(),
-            actual: info.shape.dims().to_vec(),
+            actual: info.shape.clone(),
             expected: expected.to_vec(),
         });
     }
@@ -41,7 +41,7 @@ pub fn load_checked(
 /// A one-dimensional tensor of `size` values (a norm's weight, a bias), in f32.
 pub fn load_vector(gguf: &mut GgufFile, name: &str, size: usize) -> LoadResult<Vec<f32>> {
     let t = load_checked(gguf, name, &[size], gguf::is_supported_norm_type)?;
-    Ok(t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+    Ok(t.to_candle()?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
 }
 
 /// A weight matrix of `out` rows of `inp` values, as stored.
@@ -50,7 +50,7 @@ pub fn load_weights(
     name: &str,
     out: usize,
     inp: usize,
-) -> LoadResult<Arc<QTensor>> {
+) -> LoadResult<Arc<StoredTensor>> {
     let q = load_checked(gguf, name, &[out, inp], gguf::is_supported_weight_type)?;
     Ok(Arc::new(q))
 }

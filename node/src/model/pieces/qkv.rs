@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
 use candle_core::Result;
 
 use super::load::{load_vector, load_weights, LoadResult};
 use crate::model::gguf::GgufFile;
 use crate::model::kernels::Stacked;
+use crate::model::tensor_type::StoredTensor;
 use crate::model::{Hidden, ModelError};
 
 /// The per-layer tensors (`blk.N.<name>`) this piece may read; the loader checks that
@@ -70,7 +70,7 @@ fn load_matrices(
     gguf: &mut GgufFile,
     index: usize,
     (d, q, kv): (usize, usize, usize),
-) -> LoadResult<Vec<Arc<QTensor>>> {
+) -> LoadResult<Vec<Arc<StoredTensor>>> {
     let name = |t: &str| format!("blk.{index}.{t}.weight");
     let fused = name("attn_qkv");
     if gguf.tensor_info(&fused).is_none() {

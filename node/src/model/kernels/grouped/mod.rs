@@ -38,7 +38,7 @@ pub use scales::{ScaleSet, SixScales, SuperScales, WithMin, WithOffset};
 
 use std::marker::PhantomData;
 
-use candle_core::quantized::GgmlDType;
+use crate::model::tensor_type::TensorType;
 
 use super::activations::{ActBlock, Acts};
 use super::matrix::{avx_kernels, WeightBlock};
@@ -49,7 +49,7 @@ pub const GROUP: usize = 16;
 
 /// A quantization as its file stores it.
 pub trait Format: Copy + Send + Sync + 'static {
-    const DTYPE: GgmlDType;
+    const DTYPE: TensorType;
     /// Bytes of one file block.
     const BYTES: usize;
     /// 32-value sub-blocks per file block.
@@ -112,7 +112,7 @@ fn act_sum(y: &ActBlock) -> f32 {
 }
 
 impl<F: Format, const SUB: usize, const PLANES: usize> WeightBlock for Group<F, SUB, PLANES> {
-    const DTYPE: GgmlDType = F::DTYPE;
+    const DTYPE: TensorType = F::DTYPE;
     const VALUES: usize = BLOCK * SUB;
     const BYTES: usize = F::BYTES;
     const ROWS: usize = GROUP;

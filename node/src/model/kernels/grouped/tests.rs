@@ -7,17 +7,17 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::*;
-use crate::model::kernels::tests::{values, weights};
+use crate::model::kernels::tests::{dequantized, values, weights};
 use crate::model::kernels::{q4_0, q4_k, q5_0, q5_1, q5_k, q6_k, Linear, Matrix, Simd};
 
 fn formula<F: Format, const SUB: usize, const PLANES: usize>() {
     for (rows, cols, tokens) in [(48, 512, 3), (40, 2048, 9), (16, 256, 1), (20, 768, 8)] {
         let q = Arc::new(weights(F::DTYPE, rows, cols));
-        let w = values(&q.dequantize(&Device::Cpu).unwrap());
+        let w = dequantized(&q);
         let x = Tensor::randn(0f32, 1.0, (1, tokens, cols), &Device::Cpu).unwrap();
         let xs = values(&x);
         for path in Simd::available() {
-            let matrix = Matrix::<Group<F, SUB, PLANES>>::from_qtensor(&q)
+            let matrix = Matrix::<Group<F, SUB, PLANES>>::from_stored(&q)
                 .unwrap()
                 .on(path);
             let ours = values(&Linear::Ours(Box::new(matrix)).forward(&x).unwrap());
