@@ -176,9 +176,14 @@ impl<H: HalfFloat> WeightBlock for Halves<H> {
     avx_kernels!(simd::half_avx2, simd::group_avx512);
 
     #[cfg(target_arch = "aarch64")]
-    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+    unsafe fn pass_neon<const T: usize>(
+        row: &[Self],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         // SAFETY: the caller guarantees the CPU features.
-        unsafe { neon::group(row, acts, out, stride) }
+        unsafe { neon::pass::<H, T>(row, acts, out, stride) }
     }
 }
 
@@ -190,26 +195,8 @@ mod neon {
 
     use super::{Acts, HalfFloat, Halves, BLOCK, GROUP};
 
-    /// Most tokens per pass over a group's blocks: their accumulators and a column
-    /// take 20 of the 32 vector registers (not tuned on Arm hardware).
-    const TOKENS: usize = 4;
-
-    /// A group of rows against every token of `acts` into `out[t * stride + row]`.
     #[target_feature(enable = "neon")]
-    pub fn group<H: HalfFloat>(group: &[Halves<H>], acts: &[Acts], out: &mut [f32], stride: usize) {
-        for (i, chunk) in acts.chunks(TOKENS).enumerate() {
-            let out = &mut out[i * TOKENS * stride..];
-            match chunk.len() {
-                1 => pass::<H, 1>(group, chunk, out, stride),
-                2 => pass::<H, 2>(group, chunk, out, stride),
-                3 => pass::<H, 3>(group, chunk, out, stride),
-                _ => pass::<H, 4>(group, chunk, out, stride),
-            }
-        }
-    }
-
-    #[target_feature(enable = "neon")]
-    fn pass<H: HalfFloat, const T: usize>(
+    pub fn pass<H: HalfFloat, const T: usize>(
         group: &[Halves<H>],
         acts: &[Acts],
         out: &mut [f32],

@@ -15,6 +15,12 @@ use super::{Simd, BLOCK};
 use crate::model::hidden::Hidden;
 use crate::model::tensor_type::{StoredTensor, TensorType};
 
+/// Most tokens per pass over a unit row's blocks on Arm: a block's weights are
+/// unpacked once for them, and each token's accumulators for 16 rows are four of the
+/// 32 vector registers (not tuned on Arm hardware).
+#[cfg(target_arch = "aarch64")]
+pub const NEON_TOKENS: usize = 4;
+
 /// A unit of quantized weights (one block of `VALUES` values of each of `ROWS` rows),
 /// and the kernels that multiply rows of them. Each type documents the fixed sequence
 /// of float operations every path performs per output.
@@ -64,16 +70,42 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
         out: &mut [f32],
         stride: usize,
     );
-    /// As [`WeightBlock::group_avx512`] with Arm's 128-bit vectors, for any number of
-    /// tokens; by default the portable arithmetic (a type without an Arm kernel).
+    /// As [`WeightBlock::group_avx512`] with Arm's 128-bit vectors, for the `T` tokens
+    /// of `acts` (at most [`NEON_TOKENS`]); by default the portable arithmetic (a type
+    /// without an Arm kernel).
+    ///
+    /// # Safety
+    /// The CPU must support Advanced SIMD (NEON).
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn pass_neon<const T: usize>(
+        row: &[Self],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        for lane in 0..Self::ROWS {
+            for (t, act) in acts.iter().enumerate() {
+                out[t * stride + lane] = Self::dot_portable(row, lane, act);
+            }
+        }
+    }
+    /// Every row of one unit row against any number of tokens, [`NEON_TOKENS`] at a
+    /// time.
     ///
     /// # Safety
     /// The CPU must support Advanced SIMD (NEON).
     #[cfg(target_arch = "aarch64")]
     unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
-        for lane in 0..Self::ROWS {
-            for (t, act) in acts.iter().enumerate() {
-                out[t * stride + lane] = Self::dot_portable(row, lane, act);
+        for (i, chunk) in acts.chunks(NEON_TOKENS).enumerate() {
+            let out = &mut out[i * NEON_TOKENS * stride..];
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe {
+                match chunk.len() {
+                    1 => Self::pass_neon::<1>(row, chunk, out, stride),
+                    2 => Self::pass_neon::<2>(row, chunk, out, stride),
+                    3 => Self::pass_neon::<3>(row, chunk, out, stride),
+                    _ => Self::pass_neon::<4>(row, chunk, out, stride),
+                }
             }
         }
     }

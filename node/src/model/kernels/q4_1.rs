@@ -134,9 +134,14 @@ impl WeightBlock for GroupQ4_1 {
     avx_kernels!(simd::half_avx2, simd::group_avx512);
 
     #[cfg(target_arch = "aarch64")]
-    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+    unsafe fn pass_neon<const T: usize>(
+        row: &[Self],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         // SAFETY: the caller guarantees the CPU features.
-        unsafe { neon::group(row, acts, out, stride) }
+        unsafe { neon::pass::<T>(row, acts, out, stride) }
     }
 }
 
@@ -152,27 +157,13 @@ mod neon {
     use super::{quad, Acts, GroupQ4_1};
     use crate::model::kernels::half_neon::f16x4_to_f32;
 
-    /// Most tokens per pass over a group's blocks: the block's weights are unpacked
-    /// once for them (each token's accumulators are four vectors; not tuned on Arm
-    /// hardware).
-    const TOKENS: usize = 4;
-
-    /// A group of rows against every token of `acts` into `out[t * stride + row]`.
     #[target_feature(enable = "neon")]
-    pub fn group(group: &[GroupQ4_1], acts: &[Acts], out: &mut [f32], stride: usize) {
-        for (i, chunk) in acts.chunks(TOKENS).enumerate() {
-            let out = &mut out[i * TOKENS * stride..];
-            match chunk.len() {
-                1 => pass::<1>(group, chunk, out, stride),
-                2 => pass::<2>(group, chunk, out, stride),
-                3 => pass::<3>(group, chunk, out, stride),
-                _ => pass::<4>(group, chunk, out, stride),
-            }
-        }
-    }
-
-    #[target_feature(enable = "neon")]
-    fn pass<const T: usize>(group: &[GroupQ4_1], acts: &[Acts], out: &mut [f32], stride: usize) {
+    pub fn pass<const T: usize>(
+        group: &[GroupQ4_1],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         let blocks = acts[0].blocks.len();
         let low = vdupq_n_u8(0x0F);
         let mut acc = [[vdupq_n_f32(0.0); 4]; T];

@@ -118,9 +118,14 @@ impl<S: Int8Source> WeightBlock for GroupInt8<S> {
     avx_kernels!(simd::half_avx2, simd::group_avx512);
 
     #[cfg(target_arch = "aarch64")]
-    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+    unsafe fn pass_neon<const T: usize>(
+        row: &[Self],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         // SAFETY: the caller guarantees the CPU features.
-        unsafe { neon::group(row, acts, out, stride) }
+        unsafe { neon::pass::<S, T>(row, acts, out, stride) }
     }
 }
 
@@ -132,27 +137,9 @@ impl<S: Int8Source> WeightBlock for GroupInt8<S> {
 mod neon {
     use std::arch::aarch64::*;
 
-    use super::{Acts, GroupQ8_0, GROUP};
+    use super::{Acts, GroupInt8, GROUP};
     use crate::model::kernels::activations::ActBlock;
     use crate::model::kernels::half_neon::f16x4_to_f32;
-
-    /// Most tokens per pass over a group's blocks (as the Q4_1 kernel; not tuned on
-    /// Arm hardware).
-    const TOKENS: usize = 4;
-
-    /// A group of rows against every token of `acts` into `out[t * stride + row]`.
-    #[target_feature(enable = "neon")]
-    pub fn group(group: &[GroupQ8_0], acts: &[Acts], out: &mut [f32], stride: usize) {
-        for (i, chunk) in acts.chunks(TOKENS).enumerate() {
-            let out = &mut out[i * TOKENS * stride..];
-            match chunk.len() {
-                1 => pass::<1>(group, chunk, out, stride),
-                2 => pass::<2>(group, chunk, out, stride),
-                3 => pass::<3>(group, chunk, out, stride),
-                _ => pass::<4>(group, chunk, out, stride),
-            }
-        }
-    }
 
     /// Token `y`'s quants `4e..4e + 4` in every 32-bit lane.
     #[inline]
@@ -165,7 +152,12 @@ mod neon {
     }
 
     #[target_feature(enable = "neon")]
-    fn pass<const T: usize>(group: &[GroupQ8_0], acts: &[Acts], out: &mut [f32], stride: usize) {
+    pub fn pass<S, const T: usize>(
+        group: &[GroupInt8<S>],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         let blocks = acts[0].blocks.len();
         let flip = vdupq_n_u8(0x80);
         let mut acc = [[vdupq_n_f32(0.0); 4]; T];

@@ -184,9 +184,14 @@ impl<F: Format, const SUB: usize, const PLANES: usize> WeightBlock for Group<F, 
     avx_kernels!(avx2::half, avx512::group);
 
     #[cfg(target_arch = "aarch64")]
-    unsafe fn group_neon(row: &[Self], acts: &[Acts], out: &mut [f32], stride: usize) {
+    unsafe fn pass_neon<const T: usize>(
+        row: &[Self],
+        acts: &[Acts],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         // SAFETY: the caller guarantees the CPU features.
-        unsafe { neon::group(row, acts, out, stride) }
+        unsafe { neon::pass::<F, SUB, PLANES, T>(row, acts, out, stride) }
     }
 }
 

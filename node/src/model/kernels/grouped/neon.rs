@@ -8,29 +8,6 @@ use std::arch::aarch64::*;
 use super::{act_sum, offsets, quad, Format, Group, ScaleSet, GROUP};
 use crate::model::kernels::activations::{ActBlock, Acts};
 
-/// Most tokens per pass over a group's blocks: the weights are unpacked once for
-/// them (as the Q4_1 kernel does; not tuned on Arm hardware).
-const TOKENS: usize = 4;
-
-/// A group of rows against every token of `acts` into `out[t * stride + row]`.
-#[target_feature(enable = "neon")]
-pub fn group<F: Format, const SUB: usize, const PLANES: usize>(
-    units: &[Group<F, SUB, PLANES>],
-    acts: &[Acts],
-    out: &mut [f32],
-    stride: usize,
-) {
-    for (i, chunk) in acts.chunks(TOKENS).enumerate() {
-        let out = &mut out[i * TOKENS * stride..];
-        match chunk.len() {
-            1 => pass::<F, SUB, PLANES, 1>(units, chunk, out, stride),
-            2 => pass::<F, SUB, PLANES, 2>(units, chunk, out, stride),
-            3 => pass::<F, SUB, PLANES, 3>(units, chunk, out, stride),
-            _ => pass::<F, SUB, PLANES, 4>(units, chunk, out, stride),
-        }
-    }
-}
-
 /// Rows `4c..4c + 4` of a sub-block: weights `4e..4e + 4` of each row in `w[e]`.
 #[inline]
 #[target_feature(enable = "neon")]
@@ -80,7 +57,7 @@ fn half_sums(w: &[int8x16_t], y: &ActBlock, e: usize) -> int32x4_t {
 }
 
 #[target_feature(enable = "neon")]
-fn pass<F: Format, const SUB: usize, const PLANES: usize, const T: usize>(
+pub fn pass<F: Format, const SUB: usize, const PLANES: usize, const T: usize>(
     units: &[Group<F, SUB, PLANES>],
     acts: &[Acts],
     out: &mut [f32],
