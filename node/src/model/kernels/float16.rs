@@ -17,7 +17,7 @@ use std::marker::PhantomData;
 use crate::model::tensor_type::TensorType;
 
 use super::activations::Acts;
-use super::matrix::{avx_kernels, WeightBlock};
+use super::matrix::{avx_kernels, neon_kernel, WeightBlock};
 use super::BLOCK;
 
 #[cfg(target_arch = "aarch64")]
@@ -175,16 +175,7 @@ impl<H: HalfFloat> WeightBlock for Halves<H> {
 
     avx_kernels!(simd::half_avx2, simd::group_avx512);
 
-    #[cfg(target_arch = "aarch64")]
-    unsafe fn pass_neon<const T: usize>(
-        row: &[Self],
-        acts: &[Acts],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        // SAFETY: the caller guarantees the CPU features.
-        unsafe { neon::pass::<H, T>(row, acts, out, stride) }
-    }
+    neon_kernel!(neon::pass);
 }
 
 /// The Advanced SIMD path: a column of the group in four vectors, each widened once
@@ -198,7 +189,7 @@ mod neon {
     #[target_feature(enable = "neon")]
     pub fn pass<H: HalfFloat, const T: usize>(
         group: &[Halves<H>],
-        acts: &[Acts],
+        acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {

@@ -79,7 +79,7 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     #[cfg(target_arch = "aarch64")]
     unsafe fn pass_neon<const T: usize>(
         row: &[Self],
-        acts: &[Acts],
+        acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {
@@ -100,11 +100,12 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
             let out = &mut out[i * NEON_TOKENS * stride..];
             // SAFETY: the caller guarantees the CPU features.
             unsafe {
-                match chunk.len() {
-                    1 => Self::pass_neon::<1>(row, chunk, out, stride),
-                    2 => Self::pass_neon::<2>(row, chunk, out, stride),
-                    3 => Self::pass_neon::<3>(row, chunk, out, stride),
-                    _ => Self::pass_neon::<4>(row, chunk, out, stride),
+                match chunk {
+                    [a] => Self::pass_neon(row, [a], out, stride),
+                    [a, b] => Self::pass_neon(row, [a, b], out, stride),
+                    [a, b, c] => Self::pass_neon(row, [a, b, c], out, stride),
+                    [a, b, c, d] => Self::pass_neon(row, [a, b, c, d], out, stride),
+                    _ => unreachable!("passes hold 1 to {NEON_TOKENS} tokens"),
                 }
             }
         }
@@ -194,6 +195,24 @@ macro_rules! avx_kernels {
     };
 }
 pub(crate) use avx_kernels;
+
+/// Implements [`WeightBlock::pass_neon`] by a type's kernel function of that signature
+/// (which enables NEON).
+macro_rules! neon_kernel {
+    ($pass:path) => {
+        #[cfg(target_arch = "aarch64")]
+        unsafe fn pass_neon<const T: usize>(
+            row: &[Self],
+            acts: [&Acts; T],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            // SAFETY: the caller guarantees the CPU features.
+            unsafe { $pass(row, acts, out, stride) }
+        }
+    };
+}
+pub(crate) use neon_kernel;
 
 pub struct Matrix<B> {
     rows: usize,

@@ -19,7 +19,7 @@ use crate::model::tensor_type::TensorType;
 use half::f16;
 
 use super::activations::{ActBlock, Acts};
-use super::matrix::{avx_kernels, WeightBlock};
+use super::matrix::{avx_kernels, neon_kernel, WeightBlock};
 use super::BLOCK;
 
 /// Rows per group.
@@ -133,16 +133,7 @@ impl WeightBlock for GroupQ4_1 {
 
     avx_kernels!(simd::half_avx2, simd::group_avx512);
 
-    #[cfg(target_arch = "aarch64")]
-    unsafe fn pass_neon<const T: usize>(
-        row: &[Self],
-        acts: &[Acts],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        // SAFETY: the caller guarantees the CPU features.
-        unsafe { neon::pass::<T>(row, acts, out, stride) }
-    }
+    neon_kernel!(neon::pass);
 }
 
 /// The Advanced SIMD path (every AArch64 CPU; no dot-product extension needed): a
@@ -160,7 +151,7 @@ mod neon {
     #[target_feature(enable = "neon")]
     pub fn pass<const T: usize>(
         group: &[GroupQ4_1],
-        acts: &[Acts],
+        acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {

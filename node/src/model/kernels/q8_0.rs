@@ -25,7 +25,7 @@ use crate::model::tensor_type::TensorType;
 use half::f16;
 
 use super::activations::Acts;
-use super::matrix::{avx_kernels, WeightBlock};
+use super::matrix::{avx_kernels, neon_kernel, WeightBlock};
 use super::BLOCK;
 
 /// Rows per group.
@@ -117,16 +117,7 @@ impl<S: Int8Source> WeightBlock for GroupInt8<S> {
 
     avx_kernels!(simd::half_avx2, simd::group_avx512);
 
-    #[cfg(target_arch = "aarch64")]
-    unsafe fn pass_neon<const T: usize>(
-        row: &[Self],
-        acts: &[Acts],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        // SAFETY: the caller guarantees the CPU features.
-        unsafe { neon::pass::<S, T>(row, acts, out, stride) }
-    }
+    neon_kernel!(neon::pass);
 }
 
 /// The Advanced SIMD path (every AArch64 CPU; no dot-product extension needed): a
@@ -154,7 +145,7 @@ mod neon {
     #[target_feature(enable = "neon")]
     pub fn pass<S, const T: usize>(
         group: &[GroupInt8<S>],
-        acts: &[Acts],
+        acts: [&Acts; T],
         out: &mut [f32],
         stride: usize,
     ) {

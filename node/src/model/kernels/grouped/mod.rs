@@ -41,7 +41,7 @@ use std::marker::PhantomData;
 use crate::model::tensor_type::TensorType;
 
 use super::activations::{ActBlock, Acts};
-use super::matrix::{avx_kernels, WeightBlock};
+use super::matrix::{avx_kernels, neon_kernel, WeightBlock};
 use super::BLOCK;
 
 /// Rows per group.
@@ -183,16 +183,7 @@ impl<F: Format, const SUB: usize, const PLANES: usize> WeightBlock for Group<F, 
 
     avx_kernels!(avx2::half, avx512::group);
 
-    #[cfg(target_arch = "aarch64")]
-    unsafe fn pass_neon<const T: usize>(
-        row: &[Self],
-        acts: &[Acts],
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        // SAFETY: the caller guarantees the CPU features.
-        unsafe { neon::pass::<F, SUB, PLANES, T>(row, acts, out, stride) }
-    }
+    neon_kernel!(neon::pass);
 }
 
 /// Sub-block `sub`'s share of the cache lines of the unit the kernels prefetch

@@ -59,7 +59,7 @@ fn half_sums(w: &[int8x16_t], y: &ActBlock, e: usize) -> int32x4_t {
 #[target_feature(enable = "neon")]
 pub fn pass<F: Format, const SUB: usize, const PLANES: usize, const T: usize>(
     units: &[Group<F, SUB, PLANES>],
-    acts: &[Acts],
+    acts: [&Acts; T],
     out: &mut [f32],
     stride: usize,
 ) {
