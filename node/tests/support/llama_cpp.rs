@@ -80,7 +80,40 @@ pub fn fresh(target: &Path, sources: &[&Path]) -> bool {
     }
 }
 
-/// llama-server on one model file; killed when dropped.
+/// The llama-servers this process started and has not stopped: servers held in
+/// statics (shared by a binary's tests) are never dropped, so they are killed as the
+/// process exits instead of outliving it.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn kill_running() {
+    let pids = RUNNING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for &pid in pids.iter() {
+        #[allow(unsafe_code)]
+        // SAFETY: a signal to a child this process started and has not reaped.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}
+
+fn track(pid: u32) {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        #[allow(unsafe_code)]
+        // SAFETY: registers a function without arguments to run at exit.
+        unsafe {
+            libc::atexit(kill_running);
+        }
+    });
+    let mut pids = RUNNING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    pids.push(pid);
+}
+
+/// llama-server on one model file; killed when dropped, or when the process exits.
 pub struct LlamaServer {
     child: Child,
     addr: SocketAddr,
@@ -103,6 +136,7 @@ impl LlamaServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("llama-server starts");
+        track(child.id());
         let mut server = Self {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -167,6 +201,10 @@ impl Drop for LlamaServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let mut pids = RUNNING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pids.retain(|&pid| pid != self.child.id());
     }
 }
 
