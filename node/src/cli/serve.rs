@@ -418,23 +418,14 @@ fn memory_plan(
         .unwrap_or(0);
     let needs = Needs {
         cap,
-        base: resident_bytes() + step_bytes(config, args.max_step_positions as u64),
+        base: crate::server::memory_limit::resident()
+            + step_bytes(config, args.max_step_positions as u64),
         layer,
         layer_count: config.block_count as u32,
         kv_per_position: bytes_per_position_and_layer(config.kv_size()),
         kv_cache: args.max_cache_mb.map(|mb| mb << 20),
     };
     Ok(plan(needs, explicit.map(|r| r.len()))?)
-}
-
-/// What this process holds in memory now.
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-    kib.map_or(0, |k| k << 10)
 }
 
 /// The activations one step of `positions` positions holds at once in a layer: its

@@ -29,9 +29,33 @@ impl Hidden {
 
     /// A `[batch, seq, width]` tensor's values (copied once).
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
-        let dims = t.dims3()?;
-        let values = crate::model::with_values(t, <[f32]>::to_vec)?;
-        Self::new(values, dims)
+        Self::from_tensors(&[t])
+    }
+
+    /// `[batch, seq_i, width]` tensors one after another along the positions, each
+    /// value copied once.
+    pub fn from_tensors(parts: &[&Tensor]) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            bail!("no hidden states to join");
+        };
+        let (batch, _, width) = first.dims3()?;
+        let mut seqs = Vec::with_capacity(parts.len());
+        for p in parts {
+            match p.dims3()? {
+                (b, s, w) if b == batch && w == width => seqs.push(s),
+                dims => bail!("hidden states {dims:?} cannot follow [{batch}, _, {width}]"),
+            }
+        }
+        let seq = seqs.iter().sum();
+        let mut values = Vec::with_capacity(batch * seq * width);
+        for b in 0..batch {
+            for (p, s) in parts.iter().zip(&seqs) {
+                crate::model::with_values(p, |v| {
+                    values.extend_from_slice(&v[b * s * width..][..s * width])
+                })?;
+            }
+        }
+        Self::new(values, (batch, seq, width))
     }
 
     pub fn into_tensor(self) -> Result<Tensor> {
@@ -88,25 +112,6 @@ impl Hidden {
         Ok(())
     }
 
-    /// `parts` one after another along the positions (one batch size and width).
-    pub fn concat_positions(parts: &[&Hidden]) -> Result<Self> {
-        let Some(first) = parts.first() else {
-            bail!("no hidden states to join");
-        };
-        let (batch, width) = (first.batch, first.width);
-        if parts.iter().any(|p| p.batch != batch || p.width != width) {
-            bail!("hidden states of different batch sizes or widths cannot be joined");
-        }
-        let seq = parts.iter().map(|p| p.seq).sum();
-        let mut values = Vec::with_capacity(batch * seq * width);
-        for b in 0..batch {
-            for p in parts {
-                values.extend_from_slice(&p.values[b * p.seq * width..][..p.seq * width]);
-            }
-        }
-        Self::new(values, (batch, seq, width))
-    }
-
     /// Positions `start..start + len`.
     pub fn positions(&self, start: usize, len: usize) -> Result<Self> {
         if start + len > self.seq {
@@ -152,8 +157,8 @@ mod tests {
     #[test]
     fn joins_and_cuts_as_candle_does() {
         let (a, b) = (counting((2, 3, 4), 0.0), counting((2, 5, 4), 100.0));
-        let joined = Hidden::concat_positions(&[&a, &b]).unwrap();
         let tensors = [a.clone().into_tensor().unwrap(), b.into_tensor().unwrap()];
+        let joined = Hidden::from_tensors(&[&tensors[0], &tensors[1]]).unwrap();
         let expected = Tensor::cat(&tensors, 1).unwrap();
         assert_eq!(joined, Hidden::from_tensor(&expected).unwrap());
         let cut = joined.positions(2, 4).unwrap();
@@ -176,6 +181,10 @@ mod tests {
         let mut a = counting((1, 2, 3), 0.0);
         assert!(a.add(&counting((1, 3, 2), 0.0)).is_err());
         assert!(a.positions(1, 2).is_err());
-        assert!(Hidden::concat_positions(&[&a, &counting((2, 2, 3), 0.0)]).is_err());
+        let other = [
+            a.clone().into_tensor().unwrap(),
+            counting((2, 2, 3), 0.0).into_tensor().unwrap(),
+        ];
+        assert!(Hidden::from_tensors(&[&other[0], &other[1]]).is_err());
     }
 }

@@ -169,16 +169,8 @@ impl Shard {
         let batch = first.dims()[0];
         let range = jobs[0].1.range();
         // The one copy into the layers' own type; the layers reuse its memory.
-        let mut x = match &*jobs {
-            [(hidden, _)] => Hidden::from_tensor(hidden)?,
-            jobs => {
-                let each: Vec<Hidden> = jobs
-                    .iter()
-                    .map(|(h, _)| Hidden::from_tensor(h))
-                    .collect::<candle_core::Result<_>>()?;
-                Hidden::concat_positions(&each.iter().collect::<Vec<_>>())?
-            }
-        };
+        let inputs: Vec<&Tensor> = jobs.iter().map(|(h, _)| *h).collect();
+        let mut x = Hidden::from_tensors(&inputs)?;
         let mut parts = Vec::with_capacity(jobs.len());
         let mut start = 0;
         for (hidden, cache) in jobs.iter_mut() {

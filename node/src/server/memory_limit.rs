@@ -57,9 +57,20 @@ fn parse_limit(text: &str) -> Option<u64> {
 }
 
 fn mem_available(meminfo: &str) -> Option<u64> {
-    let kb: u64 = meminfo
+    kib_field(meminfo, "MemAvailable:")
+}
+
+/// What this process holds resident now; 0 where it cannot be read.
+pub fn resident() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    kib_field(&status, "VmRSS:").unwrap_or(0)
+}
+
+/// The bytes of a `key   N kB` line, as /proc writes them.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let kb: u64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .find_map(|l| l.strip_prefix(key))?
         .trim()
         .trim_end_matches("kB")
         .trim()
