@@ -22,17 +22,19 @@ const AVX2_TOKENS: usize = 4;
 /// How far ahead of the unit in use the kernels prefetch weights, in bytes: every
 /// product streams its weights from memory once.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH: usize = 4096;
+const PREFETCH: usize = 1024;
 
 /// Cache lines `lines` (of 64 bytes) of the unit [`PREFETCH`] bytes ahead of `x`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub fn prefetch_lines<U>(x: &U, lines: std::ops::Range<usize>) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
     let ahead = (x as *const U).cast::<i8>().wrapping_add(PREFETCH);
     for line in lines {
+        // Into L2, not L1: a decode step streams weights faster when the prefetches
+        // leave the L1's few fill buffers to the loads in use (see BENCHMARKS.md).
         // SAFETY: a prefetch only hints; it never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line)) };
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * line)) };
     }
 }
 
