@@ -9,6 +9,7 @@
 //! - [`network`]: the libp2p swarm (DHT, discovery, streams) behind a cloneable handle.
 //! - [`server`]: serving a shard: inference sessions, the compute worker, announcements.
 //! - [`routing`]: pure route planning and layer assignment over a swarm snapshot.
+//! - [`weights`]: fetching a model's tensors from peers and serving them to others.
 //! - [`api`]: the OpenAI-compatible HTTP API, the web page and `/metrics`.
 //! - [`metrics`]: the counters and histograms a node exposes.
 //! - [`cli`]: the `allmende` command line.
@@ -25,3 +26,4 @@ pub mod network;
 pub mod paths;
 pub mod routing;
 pub mod server;
+pub mod weights;

@@ -12,6 +12,7 @@
 //! - [`manifest`]: [`Manifest`], a model's metadata, tensor table and chunk hashes,
 //!   whose hash is the [`ModelId`].
 //! - [`numerics`]: [`NUMERICS_VERSION`], which results the compute kernels produce.
+//! - [`weights`]: fetching a model's manifest and tensors from peers.
 //!
 //! This crate holds no I/O, no async runtime and no model compute: only what two
 //! peers must agree on byte for byte.
@@ -26,6 +27,7 @@ pub mod manifest;
 pub mod model;
 pub mod numerics;
 pub mod tensor;
+pub mod weights;
 
 pub use codec::{decode, encode, encode_frame, CodecError, MAX_MESSAGE_BYTES};
 pub use inference::{ClientMessage, ErrorKind, ServerInfo, ServerMessage, PROTOCOL_NAME};

@@ -19,12 +19,25 @@ use crate::network::discovery::discover;
 use crate::routing::choose_layers;
 use crate::server::memory_plan::{plan, MemoryPlan, Needs};
 use crate::server::{announce_loop, measure_throughput, ServerLimits, ShardServer};
+use crate::weights::{fetch, plan::shard_tensors, Cache, Holding, WeightsServer};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The GGUF model file [default: $ALLMENDE_MODEL, else the fetched SmolLM2 in the cache].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Fetch the layers this node hosts from the swarm instead of reading a model file:
+    /// the model's id (64 hex digits, as `allmende status` and every node print it).
+    /// Fetched weights are kept in --weights-dir and loaded from there next time.
+    #[arg(long, value_name = "ID", conflicts_with = "model")]
+    model_id: Option<String>,
+    /// Where weights fetched from the swarm are kept [default: weights/ in the cache
+    /// directory].
+    #[arg(long, value_name = "DIR")]
+    weights_dir: Option<PathBuf>,
+    /// MiB per second this node uploads at most to peers that fetch weights from it.
+    #[arg(long, default_value_t = 32, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    max_weights_upload: u32,
     /// Layers to host, as START..END (end exclusive), or `auto` to take the layers the
     /// swarm covers least.
     #[arg(long, default_value = "auto")]
@@ -150,21 +163,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let model_path = model_file(args.model.as_deref())?;
-    let mut gguf = GgufFile::open(&model_path)?;
-    let config = ModelConfig::from_gguf(&gguf)?;
-    let target = model_target(&gguf, config.block_count)?;
-    let (model, model_name) = (target.id, target.name);
-
-    let explicit = match args.layers.as_str() {
-        "auto" => None,
-        text => {
-            let range: LayerRange = text.parse()?;
-            range.validate(config.block_count as u32)?;
-            Some(range)
-        }
-    };
-
     let identity = args
         .identity
         .clone()
@@ -190,6 +188,46 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("listening on {addr}");
     }
 
+    let source = match &args.model_id {
+        Some(hex) => {
+            let root = args
+                .weights_dir
+                .clone()
+                .unwrap_or_else(|| crate::paths::cache_dir().join("weights"));
+            Source::fetched(&network, hex, &root).await?
+        }
+        None => Source::file(args.model.as_deref())?,
+    };
+    let mut gguf = match &source {
+        Source::File { path } => GgufFile::open(path)?,
+        Source::Fetched { cache, .. } => cache.gguf()?,
+    };
+    let model_path = gguf.path().to_path_buf();
+    let config = ModelConfig::from_gguf(&gguf)?;
+    let (model, model_name) = match &source {
+        Source::File { .. } => {
+            let target = model_target(&gguf, config.block_count)?;
+            (target.id, target.name)
+        }
+        Source::Fetched { cache, .. } => (
+            cache.manifest().id(),
+            gguf.string("general.name")
+                .unwrap_or("unnamed model")
+                .to_string(),
+        ),
+    };
+
+    println!("model id: {}", model.to_hex());
+
+    let explicit = match args.layers.as_str() {
+        "auto" => None,
+        text => {
+            let range: LayerRange = text.parse()?;
+            range.validate(config.block_count as u32)?;
+            Some(range)
+        }
+    };
+
     let plan = args
         .max_memory
         .map(|cap| memory_plan(cap.as_u64(), &gguf, &config, &args, explicit))
@@ -214,6 +252,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|i| layer_resident_bytes(&gguf, i as usize))
         .sum();
+    let holding = match &source {
+        Source::File { .. } => Holding::file(&gguf),
+        Source::Fetched { cache, peers } => {
+            fetch_layers(&network, cache, peers, range).await?;
+            Holding::Cache(cache.clone())
+        }
+    };
     let bar = super::loading_bar("loading layers");
     let shard = tokio::task::spawn_blocking(move || {
         let shard = Shard::from_gguf(&mut gguf, config, range, &bar);
@@ -274,6 +319,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     server.set_addrs(addrs.iter().map(|a| a.to_string()).collect());
     let accept = tokio::spawn(server.clone().run(network.clone()));
+    let weights_server = WeightsServer::new(model, holding, args.max_weights_upload);
+    tokio::spawn(weights_server.run(network.clone()));
     tokio::spawn(announce_loop(server.clone(), network.clone()));
     println!(
         "serving layers {range} of {model_name} (model {}, {throughput:.1} tokens/s)",
@@ -289,7 +336,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             swarm_key: args.swarm.swarm_key.clone(),
         };
         let client = join_swarm(&own, Joining::client()).await?;
-        let gateway = build_gateway(&model_path, client, metrics, &args.api_args)?;
+        let Source::File { path } = &source else {
+            bail!("--api needs the model file (the client's tokenizer, embedding and head); pass --model");
+        };
+        let gateway = build_gateway(path, client, metrics, &args.api_args)?;
         let max_connections = args.api_args.max_connections;
         println!("API and web page on http://{}", listener.local_addr()?);
         tokio::spawn(async move {
@@ -448,4 +498,98 @@ fn layers_that_fit(gguf: &GgufFile, config: &ModelConfig) -> u32 {
         .max(1);
     let available = crate::server::memory_limit::available().unwrap_or(u64::MAX / 4);
     ((available / 2) / per_layer).clamp(1, config.block_count as u64) as u32
+}
+
+/// Where a node's weights come from.
+enum Source {
+    /// A model file on disk.
+    File { path: PathBuf },
+    /// The swarm: a cache of what this node fetched, and the peers that serve the
+    /// model with their layers.
+    Fetched {
+        cache: Arc<Cache>,
+        peers: Vec<(libp2p::PeerId, LayerRange)>,
+    },
+}
+
+impl Source {
+    fn file(model: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        Ok(Source::File {
+            path: model_file(model)?,
+        })
+    }
+
+    /// The model `hex`'s manifest, from this node's cache or else from a peer that
+    /// serves the model, and the cache for its tensors under `root`.
+    async fn fetched(
+        network: &crate::network::Network,
+        hex: &str,
+        root: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let model = allmende_protocol::ModelId::from_hex(hex)
+            .with_context(|| format!("--model-id {hex:?} is not a model id (64 hex digits)"))?;
+        let peers = servers_of(network, &model).await?;
+        let manifest = match Cache::stored_manifest(root, &model) {
+            Some(manifest) => manifest,
+            None => {
+                let ids: Vec<libp2p::PeerId> = peers.iter().map(|(p, _)| *p).collect();
+                fetch::manifest(network, model, &ids).await?
+            }
+        };
+        let cache = tokio::task::block_in_place(|| Cache::open(root, manifest))?;
+        Ok(Source::Fetched {
+            cache: Arc::new(cache),
+            peers,
+        })
+    }
+}
+
+/// The peers serving `model`, with their layers; waits for the swarm to name some.
+async fn servers_of(
+    network: &crate::network::Network,
+    model: &allmende_protocol::ModelId,
+) -> anyhow::Result<Vec<(libp2p::PeerId, LayerRange)>> {
+    const PATIENCE: Duration = Duration::from_secs(120);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let found: Vec<_> = discover(network, model, false)
+            .await
+            .into_iter()
+            .map(|s| (s.peer, s.info.range))
+            .collect();
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "no peer serves model {} after {} s: nothing to fetch its weights from",
+                model.short(),
+                PATIENCE.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Fetches the tensors of `range` this node does not hold yet, with a progress bar.
+async fn fetch_layers(
+    network: &crate::network::Network,
+    cache: &Arc<Cache>,
+    peers: &[(libp2p::PeerId, LayerRange)],
+    range: LayerRange,
+) -> anyhow::Result<()> {
+    let needed = shard_tensors(cache.manifest(), range);
+    let total: u64 = needed.iter().map(|t| t.bytes).sum();
+    let bar = super::loading_bar("fetching layers");
+    let started = std::time::Instant::now();
+    let fetched = fetch::tensors(network, cache.clone(), &needed, peers, &bar).await?;
+    bar.finish_and_clear();
+    println!(
+        "fetched {:.1} MiB of layers {range} ({:.1} MiB held before) from {} peers in {:.1} s",
+        fetched.bytes as f64 / (1 << 20) as f64,
+        (total - fetched.bytes.min(total)) as f64 / (1 << 20) as f64,
+        fetched.by_peer.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

@@ -49,6 +49,24 @@ impl GgufFile {
         })
     }
 
+    /// A file of tensor data alone, laid out as `content` says (its header came from
+    /// elsewhere: a model's manifest), checked like a whole file.
+    pub fn from_content(path: &Path, content: Content) -> Result<Self, ModelError> {
+        let io_err = |source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let file_len = file.metadata().map_err(io_err)?.len();
+        check_tensor_extents(path, &content, file_len)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader: BufReader::new(file),
+            content,
+            tensor_bytes_read: 0,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -45,6 +45,9 @@ const COMMAND_CAPACITY: usize = 64;
 /// The inference protocol as a libp2p stream protocol.
 pub const INFERENCE_PROTOCOL: StreamProtocol =
     StreamProtocol::new(allmende_protocol::PROTOCOL_NAME);
+/// Fetching a model's manifest and tensors from peers.
+pub const WEIGHTS_PROTOCOL: StreamProtocol =
+    StreamProtocol::new(allmende_protocol::weights::WEIGHTS_PROTOCOL_NAME);
 /// The version before, whose streams are answered with an error naming both.
 pub const PREVIOUS_INFERENCE_PROTOCOL: StreamProtocol =
     StreamProtocol::new(allmende_protocol::inference::PREVIOUS_PROTOCOL_NAME);

@@ -1,0 +1,181 @@
+//! Weights over the swarm (real processes on loopback): donors started with only the
+//! model id fetch exactly their layers from the nodes serving the model, keep serving
+//! once the seed has left, pass the weights on to a later donor, resume from their
+//! cache, and blame a chunk that does not match the model on the peer that sent it.
+
+mod support;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use allmende_node::model::GgufFile;
+use allmende_node::weights::plan::layer_of;
+use support::swarm::{allmende, ids, json_of, Node};
+
+const PROMPT: &str = "Once upon a time, in a small village,";
+
+fn generate(extra: &[&str]) -> Vec<u32> {
+    let args = [
+        "generate",
+        "--no-mdns",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--threads",
+        "1",
+        "--json",
+    ];
+    ids(&json_of(&allmende(&[&args[..], extra].concat())))
+}
+
+fn printed<'a>(node: &'a Node, prefix: &str) -> &'a str {
+    node.started
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line {prefix:?} in {:?}", node.started))
+}
+
+/// The layers a node serves, from its "serving layers A..B of" line.
+fn served(node: &Node) -> (u32, u32) {
+    let range = printed(node, "serving layers ").split(' ').next().unwrap();
+    let (a, b) = range.split_once("..").unwrap();
+    (a.parse().unwrap(), b.parse().unwrap())
+}
+
+/// Bytes the model file's tensors of layers `start..end` take.
+fn layer_bytes(start: u32, end: u32) -> u64 {
+    let gguf = GgufFile::open(&support::model_path()).unwrap();
+    gguf.tensor_names()
+        .filter(|n| layer_of(n).is_some_and(|l| (start..end).contains(&l)))
+        .map(|n| gguf.tensor_bytes(n))
+        .sum()
+}
+
+/// Bytes a donor's cache holds on disk (its data file's allocated blocks and its
+/// manifest).
+fn cache_disk_bytes(dir: &Path, model: &str) -> u64 {
+    let dir = dir.join(model);
+    let data = std::fs::metadata(dir.join("tensors")).unwrap();
+    data.blocks() * 512 + std::fs::metadata(dir.join("manifest")).unwrap().len()
+}
+
+fn donor(layers: &str, bootstrap: &str, model: &str, dir: &Path, extra: &[&str]) -> Node {
+    let dir = dir.to_str().unwrap();
+    let args = [&["--model-id", model, "--weights-dir", dir][..], extra].concat();
+    Node::start(layers, Some(bootstrap), &args)
+}
+
+#[test]
+fn donors_fetch_their_layers_serve_without_the_seed_and_pass_them_on() {
+    let seed = Node::start("0..30", None, &[]);
+    let model = printed(&seed, "model id: ").to_string();
+    let dirs = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b, dir_c) = (
+        dirs.path().join("a"),
+        dirs.path().join("b"),
+        dirs.path().join("c"),
+    );
+    // A capped donor takes what fits; the second the rest.
+    let a = donor(
+        "auto",
+        &seed.addr,
+        &model,
+        &dir_a,
+        &["--max-memory", "110MiB", "--max-step-positions", "512"],
+    );
+    let (start, split) = served(&a);
+    assert!(start == 0 && split < 30, "{:?}", a.started);
+    let b = donor(&format!("{split}..30"), &seed.addr, &model, &dir_b, &[]);
+    for (node, (start, end), dir) in [(&a, (0, split), &dir_a), (&b, (split, 30), &dir_b)] {
+        let line = printed(node, "fetched ");
+        eprintln!("layers {start}..{end}: fetched {line}");
+        let layers = layer_bytes(start, end);
+        let manifest = std::fs::metadata(dir.join(&model).join("manifest"))
+            .unwrap()
+            .len();
+        let on_disk = cache_disk_bytes(dir, &model);
+        eprintln!(
+            "  on disk {on_disk} bytes for {layers} bytes of layers and a {manifest}-byte manifest"
+        );
+        assert!(
+            on_disk <= layers + manifest + layers / 100,
+            "layers {start}..{end}: {on_disk} bytes on disk for {layers} of layers"
+        );
+        assert!(on_disk >= layers, "the layers are on disk");
+    }
+
+    // The seed leaves; the donors serve the model alone, with --local's tokens.
+    let mut seed = seed;
+    seed.terminate();
+    assert!(seed.wait_exit(Duration::from_secs(60)).is_some());
+    let local = generate(&["--local"]);
+    assert_eq!(generate(&["--bootstrap", &b.addr]), local);
+
+    // A later donor fetches from the donors, and a restart fetches nothing again.
+    let c = donor("0..4", &a.addr, &model, &dir_c, &[]);
+    eprintln!("after the seed left: fetched {}", printed(&c, "fetched "));
+    let mut c = c;
+    c.kill();
+    let c = donor("0..4", &a.addr, &model, &dir_c, &[]);
+    let again = printed(&c, "fetched ");
+    assert!(again.starts_with("0.0 MiB of layers 0..4"), "{again}");
+    drop((a, b, c));
+}
+
+#[test]
+fn a_chunk_that_does_not_match_is_blamed_on_its_sender_and_fetched_elsewhere() {
+    let honest = Node::start("20..30", None, &[]);
+    let model = printed(&honest, "model id: ").to_string();
+
+    // A copy of the model with one byte of layer 0 changed, which still claims the
+    // honest model's id (the id of a file is remembered beside it, by size and time).
+    let dir = tempfile::tempdir().unwrap();
+    let liar_file = dir.path().join("liar.gguf");
+    std::fs::copy(support::model_path(), &liar_file).unwrap();
+    let at = GgufFile::open(&liar_file)
+        .unwrap()
+        .tensor_start("blk.0.attn_q.weight")
+        .unwrap();
+    let mut bytes = std::fs::read(&liar_file).unwrap();
+    bytes[at as usize + 100] ^= 0x55;
+    std::fs::write(&liar_file, bytes).unwrap();
+    let meta = std::fs::metadata(&liar_file).unwrap();
+    let mtime = meta
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::fs::write(
+        dir.path().join("liar.gguf.allmende-model-id"),
+        format!("{} {mtime} {model}\n", meta.len()),
+    )
+    .unwrap();
+    let liar = Node::start(
+        "0..20",
+        Some(&honest.addr),
+        &["--model", liar_file.to_str().unwrap()],
+    );
+    assert_eq!(printed(&liar, "model id: "), model);
+
+    // Layer 0's hosts come first: the liar is asked, caught, and the honest node,
+    // which holds the whole file, gives the chunk.
+    let cache = dir.path().join("cache");
+    let donor = donor("0..2", &honest.addr, &model, &cache, &[]);
+    let banned = printed(&donor, "banned ");
+    assert!(banned.starts_with(&liar.peer_id), "{banned}");
+    assert!(
+        !donor
+            .started
+            .iter()
+            .any(|l| l.contains(&honest.peer_id) && l.starts_with("banned")),
+        "{:?}",
+        donor.started
+    );
+    assert_eq!(served(&donor), (0, 2));
+}
