@@ -1,7 +1,8 @@
 //! Weights over the swarm (real processes on loopback): donors started with only the
 //! model id fetch exactly their layers from the nodes serving the model, keep serving
 //! once the seed has left, pass the weights on to a later donor, resume from their
-//! cache, and blame a chunk that does not match the model on the peer that sent it.
+//! cache, and blame a chunk that does not match the model on the peer that sent it;
+//! with the model's file on an HTTP server, a donor reads only its layers' bytes there.
 
 mod support;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use allmende_node::model::GgufFile;
 use allmende_node::weights::plan::layer_of;
+use support::file_server::FileServer;
 use support::swarm::{allmende, ids, json_of, Node};
 
 const PROMPT: &str = "Once upon a time, in a small village,";
@@ -132,30 +134,9 @@ fn a_chunk_that_does_not_match_is_blamed_on_its_sender_and_fetched_elsewhere() {
     let honest = Node::start("20..30", None, &[]);
     let model = printed(&honest, "model id: ").to_string();
 
-    // A copy of the model with one byte of layer 0 changed, which still claims the
-    // honest model's id (the id of a file is remembered beside it, by size and time).
     let dir = tempfile::tempdir().unwrap();
     let liar_file = dir.path().join("liar.gguf");
-    std::fs::copy(support::model_path(), &liar_file).unwrap();
-    let at = GgufFile::open(&liar_file)
-        .unwrap()
-        .tensor_start("blk.0.attn_q.weight")
-        .unwrap();
-    let mut bytes = std::fs::read(&liar_file).unwrap();
-    bytes[at as usize + 100] ^= 0x55;
-    std::fs::write(&liar_file, bytes).unwrap();
-    let meta = std::fs::metadata(&liar_file).unwrap();
-    let mtime = meta
-        .modified()
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    std::fs::write(
-        dir.path().join("liar.gguf.allmende-model-id"),
-        format!("{} {mtime} {model}\n", meta.len()),
-    )
-    .unwrap();
+    tampered_copy(&liar_file, &model);
     let liar = Node::start(
         "0..20",
         Some(&honest.addr),
@@ -178,4 +159,86 @@ fn a_chunk_that_does_not_match_is_blamed_on_its_sender_and_fetched_elsewhere() {
         donor.started
     );
     assert_eq!(served(&donor), (0, 2));
+}
+
+/// A copy of the model at `path` with one byte of layer 0 changed, which still claims
+/// the honest model's id (the id of a file is remembered beside it, by size and time).
+fn tampered_copy(path: &Path, model: &str) {
+    std::fs::copy(support::model_path(), path).unwrap();
+    let at = GgufFile::open(path)
+        .unwrap()
+        .tensor_start("blk.0.attn_q.weight")
+        .unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize + 100] ^= 0x55;
+    std::fs::write(path, bytes).unwrap();
+    let meta = std::fs::metadata(path).unwrap();
+    let mtime = meta
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let mut sidecar = path.as_os_str().to_owned();
+    sidecar.push(".allmende-model-id");
+    std::fs::write(sidecar, format!("{} {mtime} {model}\n", meta.len())).unwrap();
+}
+
+#[test]
+fn a_donor_reads_only_its_layers_bytes_from_the_models_http_server() {
+    let seed = Node::start("0..30", None, &[]);
+    let model = printed(&seed, "model id: ").to_string();
+    let files = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(support::model_path(), files.path().join("model.gguf")).unwrap();
+    tampered_copy(&files.path().join("other.gguf"), &model);
+    let server = FileServer::start(files.path());
+
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/model.gguf", server.addr);
+    let reader = donor(
+        "5..12",
+        &seed.addr,
+        &model,
+        cache.path(),
+        &["--model-url", &url],
+    );
+    let line = printed(&reader, "fetched ");
+    eprintln!("fetched {line}");
+    assert!(
+        line.contains("from 0 peers and"),
+        "every chunk from the server: {line}"
+    );
+    let (layers, sent) = (layer_bytes(5, 12), server.sent());
+    eprintln!("the server sent {sent} bytes for {layers} bytes of layers 5..12");
+    // The layers, and the header: 1 MiB, then as much again until it is in.
+    let gguf = GgufFile::open(&support::model_path()).unwrap();
+    let header = gguf
+        .tensor_names()
+        .filter_map(|n| gguf.tensor_start(n))
+        .min()
+        .unwrap();
+    let header_reads = (header.max(1 << 20)).next_power_of_two();
+    assert!(sent >= layers + header, "{sent}");
+    assert!(sent <= layers + header_reads + layers / 100, "{sent}");
+
+    // A server whose file differs from the model is dropped at its first bad chunk,
+    // and the peers give the rest.
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/other.gguf", server.addr);
+    let misled = donor(
+        "0..2",
+        &seed.addr,
+        &model,
+        cache.path(),
+        &["--model-url", &url],
+    );
+    assert!(
+        misled
+            .started
+            .iter()
+            .any(|l| l.starts_with(&url) && l.contains("is not this model")),
+        "{:?}",
+        misled.started
+    );
+    assert_eq!(served(&misled), (0, 2));
 }

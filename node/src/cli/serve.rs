@@ -19,6 +19,7 @@ use crate::network::discovery::discover;
 use crate::routing::choose_layers;
 use crate::server::memory_plan::{plan, MemoryPlan, Needs};
 use crate::server::{announce_loop, measure_throughput, ServerLimits, ShardServer};
+use crate::weights::http::RemoteModel;
 use crate::weights::{fetch, plan::shard_tensors, Cache, Holding, WeightsServer};
 
 #[derive(Args, Debug)]
@@ -31,6 +32,13 @@ pub struct ServeArgs {
     /// Fetched weights are kept in --weights-dir and loaded from there next time.
     #[arg(long, value_name = "ID", conflicts_with = "model")]
     model_id: Option<String>,
+    /// With --model-id: the model's GGUF file on an HTTP server that serves byte ranges
+    /// (a model hub), for the first of split files `…-00001-of-0000N.gguf`: the node
+    /// reads the headers and then only its layers' bytes from there, checking each
+    /// chunk against the model's manifest, and asks peers for whatever the server
+    /// does not give intact.
+    #[arg(long, value_name = "URL", requires = "model_id")]
+    model_url: Option<String>,
     /// Where weights fetched from the swarm are kept [default: weights/ in the cache
     /// directory].
     #[arg(long, value_name = "DIR")]
@@ -194,7 +202,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .weights_dir
                 .clone()
                 .unwrap_or_else(|| crate::paths::cache_dir().join("weights"));
-            Source::fetched(&network, hex, &root).await?
+            Source::fetched(&network, hex, &root, args.model_url.as_deref()).await?
         }
         None => Source::file(args.model.as_deref())?,
     };
@@ -254,8 +262,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .sum();
     let holding = match &source {
         Source::File { .. } => Holding::file(&gguf),
-        Source::Fetched { cache, peers } => {
-            fetch_layers(&network, cache, peers, range).await?;
+        Source::Fetched {
+            cache,
+            peers,
+            remote,
+        } => {
+            let from = fetch::Sources {
+                peers,
+                remote: remote.as_ref(),
+            };
+            fetch_layers(&network, cache, from, range).await?;
             Holding::Cache(cache.clone())
         }
     };
@@ -509,6 +525,8 @@ enum Source {
     Fetched {
         cache: Arc<Cache>,
         peers: Vec<(libp2p::PeerId, LayerRange)>,
+        /// The model's files on an HTTP server, if given.
+        remote: Option<RemoteModel>,
     },
 }
 
@@ -525,6 +543,7 @@ impl Source {
         network: &crate::network::Network,
         hex: &str,
         root: &std::path::Path,
+        url: Option<&str>,
     ) -> anyhow::Result<Self> {
         let model = allmende_protocol::ModelId::from_hex(hex)
             .with_context(|| format!("--model-id {hex:?} is not a model id (64 hex digits)"))?;
@@ -537,9 +556,14 @@ impl Source {
             }
         };
         let cache = tokio::task::block_in_place(|| Cache::open(root, manifest))?;
+        let remote = match url {
+            Some(url) => Some(RemoteModel::open(url).await?),
+            None => None,
+        };
         Ok(Source::Fetched {
             cache: Arc::new(cache),
             peers,
+            remote,
         })
     }
 }
@@ -575,19 +599,25 @@ async fn servers_of(
 async fn fetch_layers(
     network: &crate::network::Network,
     cache: &Arc<Cache>,
-    peers: &[(libp2p::PeerId, LayerRange)],
+    from: fetch::Sources<'_>,
     range: LayerRange,
 ) -> anyhow::Result<()> {
     let needed = shard_tensors(cache.manifest(), range);
     let total: u64 = needed.iter().map(|t| t.bytes).sum();
     let bar = super::loading_bar("fetching layers");
     let started = std::time::Instant::now();
-    let fetched = fetch::tensors(network, cache.clone(), &needed, peers, &bar).await?;
+    let url = from.remote.map(|r| r.url().to_string());
+    let fetched = fetch::tensors(network, cache.clone(), &needed, from, &bar).await?;
     bar.finish_and_clear();
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let by_url = match url {
+        Some(url) => format!(" and {:.1} MiB from {url}", mib(fetched.by_url)),
+        None => String::new(),
+    };
     println!(
-        "fetched {:.1} MiB of layers {range} ({:.1} MiB held before) from {} peers in {:.1} s",
-        fetched.bytes as f64 / (1 << 20) as f64,
-        (total - fetched.bytes.min(total)) as f64 / (1 << 20) as f64,
+        "fetched {:.1} MiB of layers {range} ({:.1} MiB held before) from {} peers{by_url} in {:.1} s",
+        mib(fetched.bytes),
+        mib(total - fetched.bytes.min(total)),
         fetched.by_peer.len(),
         started.elapsed().as_secs_f64()
     );

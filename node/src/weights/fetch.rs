@@ -15,6 +15,7 @@ use indicatif::ProgressBar;
 use libp2p::PeerId;
 
 use super::cache::{Cache, CacheError};
+use super::http::RemoteModel;
 use super::plan::{layer_of, sources};
 use super::serve::ask;
 use crate::network::Network;
@@ -58,6 +59,8 @@ pub struct Fetched {
     pub chunks: usize,
     /// Bytes each peer sent that were kept.
     pub by_peer: HashMap<PeerId, u64>,
+    /// Bytes the model's HTTP server sent that were kept.
+    pub by_url: u64,
     /// Peers banned for chunks that did not match.
     pub banned: Vec<PeerId>,
 }
@@ -99,15 +102,24 @@ pub async fn manifest(
     })
 }
 
-/// Fetches into `cache` every chunk of `tensors` it lacks, from `peers` (each with the
-/// layers it serves); `progress` counts bytes.
+/// Where chunks come from: the peers serving the model (each with the layers it
+/// serves), and the model's files on an HTTP server, asked first while they match.
+pub struct Sources<'a> {
+    pub peers: &'a [(PeerId, LayerRange)],
+    pub remote: Option<&'a RemoteModel>,
+}
+
+/// Fetches into `cache` every chunk of `tensors` it lacks; `progress` counts bytes.
 pub async fn tensors(
     network: &Network,
     cache: Arc<Cache>,
     tensors: &[&TensorEntry],
-    peers: &[(PeerId, LayerRange)],
+    from: Sources<'_>,
     progress: &ProgressBar,
 ) -> Result<Fetched, FetchError> {
+    let peers = from.peers;
+    let remote_ok = std::sync::atomic::AtomicBool::new(from.remote.is_some());
+    let remote_ok = &remote_ok;
     let model = cache.manifest().id();
     let jobs: Vec<(TensorEntry, u32)> = tensors
         .iter()
@@ -121,9 +133,21 @@ pub async fn tensors(
         .map(|(n, (entry, index))| {
             let (cache, report, banned) = (cache.clone(), report.clone(), banned.clone());
             async move {
-                let order = sources(layer_of(&entry.name), peers, n);
-                let (peer, bytes) =
-                    one_chunk(network, model, &entry, index, &order, &banned).await?;
+                let from_url = match from.remote {
+                    Some(remote) if remote_ok.load(std::sync::atomic::Ordering::Relaxed) => {
+                        from_remote(remote, &entry, index, remote_ok).await
+                    }
+                    _ => None,
+                };
+                let (peer, bytes) = match from_url {
+                    Some(bytes) => (None, bytes),
+                    None => {
+                        let order = sources(layer_of(&entry.name), peers, n);
+                        let (peer, bytes) =
+                            one_chunk(network, model, &entry, index, &order, &banned).await?;
+                        (Some(peer), bytes)
+                    }
+                };
                 let len = bytes.len() as u64;
                 let name = entry.name.clone();
                 tokio::task::spawn_blocking(move || cache.put(&name, index, &bytes))
@@ -136,7 +160,10 @@ pub async fn tensors(
                 let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
                 report.bytes += len;
                 report.chunks += 1;
-                *report.by_peer.entry(peer).or_default() += len;
+                match peer {
+                    Some(peer) => *report.by_peer.entry(peer).or_default() += len,
+                    None => report.by_url += len,
+                }
                 Ok::<_, FetchError>(())
             }
         })
@@ -154,6 +181,37 @@ pub async fn tensors(
         .copied()
         .collect();
     Ok(report)
+}
+
+/// Chunk `index` of `entry` from the model's HTTP server, if it sends it intact; a
+/// chunk that does not match stops all further use of the server.
+async fn from_remote(
+    remote: &RemoteModel,
+    entry: &TensorEntry,
+    index: u32,
+    ok: &std::sync::atomic::AtomicBool,
+) -> Option<Vec<u8>> {
+    match remote
+        .tensor_range(&entry.name, entry.chunk_range(index as usize))
+        .await
+    {
+        Some(Ok(bytes)) if entry.verify_chunk(index as usize, &bytes) => Some(bytes),
+        Some(Ok(_)) | None => {
+            if ok.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                println!(
+                    "{} is not this model (its chunk {index} of {} differs or is missing): \
+                     fetching from peers only",
+                    remote.url(),
+                    entry.name
+                );
+            }
+            None
+        }
+        Some(Err(e)) => {
+            tracing::warn!("chunk {index} of {} from {}: {e}", entry.name, remote.url());
+            None
+        }
+    }
 }
 
 fn chunk_len(entry: &TensorEntry, index: u32) -> u64 {

@@ -6,10 +6,12 @@
 //! - [`plan`]: which tensors a shard needs and which peers to ask (pure).
 //! - [`cache`]: a donor's partial copy of the model on disk.
 //! - [`fetch`]: fetching the manifest and chunks, with checks and bans.
+//! - [`http`]: a model's files on an HTTP server, read by range requests.
 //! - [`serve`]: answering peers' weights requests.
 
 pub mod cache;
 pub mod fetch;
+pub mod http;
 pub mod plan;
 pub mod serve;
 

@@ -6,6 +6,7 @@
 pub mod agreement;
 pub mod attack;
 pub mod cgroup;
+pub mod file_server;
 pub mod gguf_writer;
 pub mod http;
 pub mod llama_cpp;
