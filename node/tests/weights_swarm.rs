@@ -210,16 +210,35 @@ fn a_donor_reads_only_its_layers_bytes_from_the_models_http_server() {
     );
     let (layers, sent) = (layer_bytes(5, 12), server.sent());
     eprintln!("the server sent {sent} bytes for {layers} bytes of layers 5..12");
-    // The layers, and the header: 1 MiB, then as much again until it is in.
-    let gguf = GgufFile::open(&support::model_path()).unwrap();
-    let header = gguf
-        .tensor_names()
-        .filter_map(|n| gguf.tensor_start(n))
-        .min()
-        .unwrap();
-    let header_reads = (header.max(1 << 20)).next_power_of_two();
+    let header = header_bytes(&support::model_path());
     assert!(sent >= layers + header, "{sent}");
-    assert!(sent <= layers + header_reads + layers / 100, "{sent}");
+    assert!(
+        sent <= layers + header_reads(header) + layers / 100,
+        "{sent}"
+    );
+
+    // The same model split into three files, as llama.cpp splits one: found by name
+    // from the first file's URL, each file's header and the layers read.
+    let parts = split_model(files.path(), 3);
+    let before = server.sent();
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/split-00001-of-00003.gguf", server.addr);
+    let reader = donor(
+        "5..12",
+        &seed.addr,
+        &model,
+        cache.path(),
+        &["--model-url", &url],
+    );
+    let line = printed(&reader, "fetched ");
+    eprintln!("split: fetched {line}");
+    assert!(line.contains("from 0 peers and"), "{line}");
+    let sent = server.sent() - before;
+    let headers: u64 = parts.iter().map(|p| header_bytes(p)).sum();
+    let reads: u64 = parts.iter().map(|p| header_reads(header_bytes(p))).sum();
+    eprintln!("the server sent {sent} bytes for {layers} bytes of layers and {headers} of headers");
+    assert!(sent >= layers + headers, "{sent}");
+    assert!(sent <= layers + reads + layers / 100, "{sent}");
 
     // A server whose file differs from the model is dropped at its first bad chunk,
     // and the peers give the rest.
@@ -241,4 +260,54 @@ fn a_donor_reads_only_its_layers_bytes_from_the_models_http_server() {
         misled.started
     );
     assert_eq!(served(&misled), (0, 2));
+}
+
+/// Where a GGUF file's tensor data starts: its header's size.
+fn header_bytes(path: &Path) -> u64 {
+    let gguf = GgufFile::open(path).unwrap();
+    gguf.tensor_names()
+        .filter_map(|n| gguf.tensor_start(n))
+        .min()
+        .unwrap()
+}
+
+/// What reading a header of `bytes` costs: 64 KiB, then as much again until it is in.
+fn header_reads(bytes: u64) -> u64 {
+    bytes.max(64 << 10).next_power_of_two()
+}
+
+/// The test model split into `count` files `split-0000K-of-0000N.gguf` in `dir`, its
+/// tensors in file order spread over them, each file with the `split.*` keys and its
+/// own tensor table (the metadata stays in the swarm's manifest).
+fn split_model(dir: &Path, count: usize) -> Vec<std::path::PathBuf> {
+    use support::gguf_writer::Gguf;
+    let mut model = GgufFile::open(&support::model_path()).unwrap();
+    let mut names: Vec<String> = model.tensor_names().map(str::to_string).collect();
+    names.sort_by_key(|n| model.tensor_start(n));
+    let per = names.len().div_ceil(count);
+    let mut paths = Vec::new();
+    for (k, part) in names.chunks(per).enumerate() {
+        let mut file = Gguf::default()
+            .u32("split.no", k as u32)
+            .u32("split.count", count as u32)
+            .u32("split.tensors.count", names.len() as u32);
+        for name in part {
+            let info = model.tensor_info(name).unwrap();
+            let dims: Vec<u64> = info.shape.iter().rev().map(|&d| d as u64).collect();
+            let (code, len) = (info.dtype.code(), model.tensor_bytes(name) as usize);
+            file = file.tensor(name, &dims, code, len);
+        }
+        let path = dir.join(format!("split-{:05}-of-{count:05}.gguf", k + 1));
+        let mut bytes = file.bytes();
+        std::fs::write(&path, &bytes).unwrap();
+        let written = GgufFile::open(&path).unwrap();
+        for name in part {
+            let at = written.tensor_start(name).unwrap() as usize;
+            let data = model.tensor(name).unwrap().bytes;
+            bytes[at..at + data.len()].copy_from_slice(&data);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        paths.push(path);
+    }
+    paths
 }

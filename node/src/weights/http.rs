@@ -13,9 +13,9 @@ use reqwest::StatusCode;
 
 use crate::model::gguf_header::{self, HeaderError, HEADER_MEMORY_LIMIT};
 
-/// The first request for a header asks this much; a longer header is asked for again
-/// with twice as much, up to the header limit.
-const FIRST_HEADER_BYTES: u64 = 1 << 20;
+/// The first request for a header asks this much; while the header is longer, as
+/// much again as was read is asked for, up to the header limit.
+const FIRST_HEADER_BYTES: u64 = 64 << 10;
 /// How long one request may take.
 const PATIENCE: Duration = Duration::from_secs(120);
 
