@@ -56,6 +56,8 @@ pub struct WeightsServer {
     holding: Holding,
     /// Upload budget in KiB.
     upload: DefaultDirectRateLimiter,
+    /// The most KiB the budget gives at once.
+    burst_kib: u32,
     streams: Arc<Semaphore>,
 }
 
@@ -63,13 +65,14 @@ impl WeightsServer {
     /// Serves `model`'s weights from `holding` at most `mib_per_s` MiB/s.
     pub fn new(model: ModelId, holding: Holding, mib_per_s: u32) -> Arc<Self> {
         let kib = NonZeroU32::new(mib_per_s.max(1).saturating_mul(1024)).unwrap_or(NonZeroU32::MIN);
-        // A burst of one chunk: a chunk is sent whole.
+        // Bursts of one chunk at most: over any second, the rate is kept.
         let chunk_kib = NonZeroU32::new((CHUNK_BYTES / 1024) as u32).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_second(kib).allow_burst(chunk_kib.max(kib));
+        let quota = Quota::per_second(kib).allow_burst(chunk_kib.min(kib));
         Arc::new(Self {
             model,
             holding,
             upload: RateLimiter::direct(quota),
+            burst_kib: chunk_kib.min(kib).get(),
             streams: Arc::new(Semaphore::new(STREAMS)),
         })
     }
@@ -128,7 +131,7 @@ impl WeightsServer {
     }
 
     fn upload_burst(&self) -> u32 {
-        (CHUNK_BYTES / 1024) as u32
+        self.burst_kib
     }
 
     async fn answer(&self, request: WeightsRequest) -> WeightsReply {
