@@ -4,30 +4,11 @@
 
 mod support;
 
-use support::swarm::{allmende, ids, json_of, Node};
+use support::swarm::{allmende, greedy_24, Node};
 
-const PROMPT: &str = "Once upon a time, in a small village,";
 /// Prefill steps of the protocol's size: a node's largest step's activations count
 /// against its cap.
 const STEP: &str = "512";
-
-fn generate(extra: &[&str]) -> Vec<u32> {
-    let args = [
-        "generate",
-        "--no-mdns",
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        "24",
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--threads",
-        "1",
-        "--json",
-    ];
-    ids(&json_of(&allmende(&[&args[..], extra].concat())))
-}
 
 /// The layer range a node printed in its memory line, and the line.
 fn memory_line(node: &Node) -> (u32, u32, String) {
@@ -64,8 +45,8 @@ fn a_capped_node_hosts_what_fits_and_stays_within_its_cap() {
     );
 
     let rest = Node::start(&format!("{end}..30"), Some(&capped.addr), &[]);
-    let through_swarm = generate(&["--bootstrap", &rest.addr]);
-    assert_eq!(through_swarm, generate(&["--local"]));
+    let through_swarm = greedy_24(&["--bootstrap", &rest.addr]);
+    assert_eq!(through_swarm, greedy_24(&["--local"]));
 
     let peak = support::peak_rss_bytes(capped.child.id());
     eprintln!(

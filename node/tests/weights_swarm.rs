@@ -13,27 +13,7 @@ use std::time::Duration;
 use allmende_node::model::GgufFile;
 use allmende_node::weights::plan::layer_of;
 use support::file_server::FileServer;
-use support::swarm::{allmende, ids, json_of, Node};
-
-const PROMPT: &str = "Once upon a time, in a small village,";
-
-fn generate(extra: &[&str]) -> Vec<u32> {
-    let args = [
-        "generate",
-        "--no-mdns",
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        "24",
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--threads",
-        "1",
-        "--json",
-    ];
-    ids(&json_of(&allmende(&[&args[..], extra].concat())))
-}
+use support::swarm::{greedy_24, Node};
 
 fn printed<'a>(node: &'a Node, prefix: &str) -> &'a str {
     node.started
@@ -115,8 +95,8 @@ fn donors_fetch_their_layers_serve_without_the_seed_and_pass_them_on() {
     let mut seed = seed;
     seed.terminate();
     assert!(seed.wait_exit(Duration::from_secs(60)).is_some());
-    let local = generate(&["--local"]);
-    assert_eq!(generate(&["--bootstrap", &b.addr]), local);
+    let local = greedy_24(&["--local"]);
+    assert_eq!(greedy_24(&["--bootstrap", &b.addr]), local);
 
     // A later donor fetches from the donors, and a restart fetches nothing again.
     let c = donor("0..4", &a.addr, &model, &dir_c, &[]);
@@ -193,52 +173,40 @@ fn a_donor_reads_only_its_layers_bytes_from_the_models_http_server() {
     tampered_copy(&files.path().join("other.gguf"), &model);
     let server = FileServer::start(files.path());
 
-    let cache = tempfile::tempdir().unwrap();
-    let url = format!("http://{}/model.gguf", server.addr);
-    let reader = donor(
-        "5..12",
-        &seed.addr,
-        &model,
-        cache.path(),
-        &["--model-url", &url],
-    );
-    let line = printed(&reader, "fetched ");
-    eprintln!("fetched {line}");
-    assert!(
-        line.contains("from 0 peers and"),
-        "every chunk from the server: {line}"
-    );
-    let (layers, sent) = (layer_bytes(5, 12), server.sent());
-    eprintln!("the server sent {sent} bytes for {layers} bytes of layers 5..12");
-    let header = header_bytes(&support::model_path());
-    assert!(sent >= layers + header, "{sent}");
-    assert!(
-        sent <= layers + header_reads(header) + layers / 100,
-        "{sent}"
-    );
-
-    // The same model split into three files, as llama.cpp splits one: found by name
-    // from the first file's URL, each file's header and the layers read.
+    // Layers 5..12 read from the whole file, then from the model split into three
+    // files as llama.cpp splits one (found by name from the first file's URL): the
+    // layers' bytes and each file's header, nothing else.
+    let layers = layer_bytes(5, 12);
     let parts = split_model(files.path(), 3);
-    let before = server.sent();
-    let cache = tempfile::tempdir().unwrap();
-    let url = format!("http://{}/split-00001-of-00003.gguf", server.addr);
-    let reader = donor(
-        "5..12",
-        &seed.addr,
-        &model,
-        cache.path(),
-        &["--model-url", &url],
-    );
-    let line = printed(&reader, "fetched ");
-    eprintln!("split: fetched {line}");
-    assert!(line.contains("from 0 peers and"), "{line}");
-    let sent = server.sent() - before;
-    let headers: u64 = parts.iter().map(|p| header_bytes(p)).sum();
-    let reads: u64 = parts.iter().map(|p| header_reads(header_bytes(p))).sum();
-    eprintln!("the server sent {sent} bytes for {layers} bytes of layers and {headers} of headers");
-    assert!(sent >= layers + headers, "{sent}");
-    assert!(sent <= layers + reads + layers / 100, "{sent}");
+    for (file, headers) in [
+        ("model.gguf", vec![support::model_path()]),
+        ("split-00001-of-00003.gguf", parts),
+    ] {
+        let before = server.sent();
+        let cache = tempfile::tempdir().unwrap();
+        let url = format!("http://{}/{file}", server.addr);
+        let reader = donor(
+            "5..12",
+            &seed.addr,
+            &model,
+            cache.path(),
+            &["--model-url", &url],
+        );
+        let line = printed(&reader, "fetched ");
+        eprintln!("fetched {line}");
+        assert!(
+            line.contains("from 0 peers and"),
+            "every chunk from the server: {line}"
+        );
+        let sent = server.sent() - before;
+        let header: u64 = headers.iter().map(|p| header_bytes(p)).sum();
+        let reads: u64 = headers.iter().map(|p| header_reads(header_bytes(p))).sum();
+        eprintln!(
+            "the server sent {sent} bytes for {layers} bytes of layers and {header} of headers"
+        );
+        assert!(sent >= layers + header, "{sent}");
+        assert!(sent <= layers + reads + layers / 100, "{sent}");
+    }
 
     // A server whose file differs from the model is dropped at its first bad chunk,
     // and the peers give the rest.

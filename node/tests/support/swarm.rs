@@ -152,6 +152,26 @@ pub fn allmende(args: &[&str]) -> Output {
 }
 
 /// The JSON object on the last line of a successful command's stdout.
+/// The ids of 24 greedy tokens after "Once upon a time, in a small village," from
+/// `allmende generate` with `extra` arguments (`--local`, or a swarm to bootstrap from).
+pub fn greedy_24(extra: &[&str]) -> Vec<u32> {
+    let args = [
+        "generate",
+        "--no-mdns",
+        "--prompt",
+        "Once upon a time, in a small village,",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--threads",
+        "1",
+        "--json",
+    ];
+    ids(&json_of(&allmende(&[&args[..], extra].concat())))
+}
+
 pub fn json_of(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
