@@ -1,7 +1,8 @@
 //! Answering peers that fetch weights: the manifest and chunks of the tensors this node
 //! holds, from its model file or its cache. Uploads share a rate limit and a few
-//! streams, so serving weights never takes more than a set share of the node's
-//! network, and the disk reads run off the async runtime.
+//! streams, of which the peers at one address hold at most a quarter, so serving
+//! weights never takes more than a set share of the node's network and one address
+//! cannot keep others from fetching; the disk reads run off the async runtime.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -23,9 +24,12 @@ use crate::network::framing::{read_message, write_message, FrameIoError};
 use crate::network::{Network, NetworkError, WEIGHTS_PROTOCOL};
 
 /// Weights streams served at once; more are told `Busy`.
-const STREAMS: usize = 4;
-/// How long a weights stream may stay silent between requests.
-const IDLE: Duration = Duration::from_secs(30);
+const STREAMS: usize = 16;
+/// Of those, what the peers at one address may hold (a fetching donor keeps four
+/// requests in flight).
+const STREAMS_PER_ADDRESS: usize = 4;
+/// How long a weights stream may stay silent before its next request.
+const IDLE: Duration = Duration::from_secs(10);
 
 /// What this node serves weights from.
 pub enum Holding {
@@ -59,6 +63,26 @@ pub struct WeightsServer {
     /// The most KiB the budget gives at once.
     burst_kib: u32,
     streams: Arc<Semaphore>,
+    /// Open streams by the peer's address.
+    by_address: Arc<std::sync::Mutex<HashMap<Option<std::net::IpAddr>, usize>>>,
+}
+
+/// A stream's place in the per-address count, given back when it ends.
+struct AddressSlot {
+    counts: Arc<std::sync::Mutex<HashMap<Option<std::net::IpAddr>, usize>>>,
+    address: Option<std::net::IpAddr>,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
 }
 
 impl WeightsServer {
@@ -74,6 +98,7 @@ impl WeightsServer {
             upload: RateLimiter::direct(quota),
             burst_kib: chunk_kib.min(kib).get(),
             streams: Arc::new(Semaphore::new(STREAMS)),
+            by_address: Default::default(),
         })
     }
 
@@ -81,7 +106,14 @@ impl WeightsServer {
     pub async fn run(self: Arc<Self>, network: Network) -> Result<(), NetworkError> {
         let mut incoming = network.accept_protocol(WEIGHTS_PROTOCOL)?;
         while let Some((peer, mut stream)) = incoming.next().await {
-            let Ok(slot) = self.streams.clone().try_acquire_owned() else {
+            let address = network.address_of(&peer);
+            let slots = self
+                .streams
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .zip(self.address_slot(address));
+            let Some(slots) = slots else {
                 tokio::spawn(async move {
                     let _ = write_message(&mut stream, &WeightsReply::Busy).await;
                 });
@@ -92,10 +124,24 @@ impl WeightsServer {
                 if let Err(e) = server.serve_stream(stream).await {
                     tracing::debug!(%peer, "weights stream ended: {e}");
                 }
-                drop(slot);
+                drop(slots);
             });
         }
         Ok(())
+    }
+
+    /// A place for one more stream from `address`, if it holds fewer than its share.
+    fn address_slot(&self, address: Option<std::net::IpAddr>) -> Option<AddressSlot> {
+        let mut counts = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(address).or_default();
+        if *n >= STREAMS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: self.by_address.clone(),
+            address,
+        })
     }
 
     async fn serve_stream(&self, mut stream: Stream) -> Result<(), FrameIoError> {
@@ -234,4 +280,27 @@ pub async fn ask(
     tokio::time::timeout(patience, exchange)
         .await
         .map_err(|_| format!("no answer within {} s", patience.as_secs()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_the_streams() {
+        let holding = Holding::File {
+            path: PathBuf::new(),
+            table: HashMap::new(),
+            manifest: OnceCell::new(),
+        };
+        let server = WeightsServer::new(ModelId([0; 32]), holding, 32);
+        let (a, b) = (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
+        let mut held: Vec<AddressSlot> = (0..STREAMS_PER_ADDRESS)
+            .map(|_| server.address_slot(a).unwrap())
+            .collect();
+        assert!(server.address_slot(a).is_none());
+        assert!(server.address_slot(b).is_some());
+        held.pop();
+        assert!(server.address_slot(a).is_some());
+    }
 }
