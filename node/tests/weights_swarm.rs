@@ -98,12 +98,18 @@ fn donors_fetch_their_layers_serve_without_the_seed_and_pass_them_on() {
     let local = greedy_24(&["--local"]);
     assert_eq!(greedy_24(&["--bootstrap", &b.addr]), local);
 
-    // A later donor fetches from the donors, and a restart fetches nothing again.
+    // A later donor fetches from the donors; killed and restarted alone, with no peer
+    // to ask, it serves from its cache and fetches nothing.
     let c = donor("0..4", &a.addr, &model, &dir_c, &[]);
     eprintln!("after the seed left: fetched {}", printed(&c, "fetched "));
     let mut c = c;
     c.kill();
-    let c = donor("0..4", &a.addr, &model, &dir_c, &[]);
+    let cache = dir_c.to_str().unwrap();
+    let c = Node::start(
+        "0..4",
+        None,
+        &["--model-id", &model, "--weights-dir", cache],
+    );
     let again = printed(&c, "fetched ");
     assert!(again.starts_with("0.0 MiB of layers 0..4"), "{again}");
     drop((a, b, c));

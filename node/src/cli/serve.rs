@@ -547,9 +547,18 @@ impl Source {
     ) -> anyhow::Result<Self> {
         let model = allmende_protocol::ModelId::from_hex(hex)
             .with_context(|| format!("--model-id {hex:?} is not a model id (64 hex digits)"))?;
-        let peers = servers_of(network, &model).await?;
-        let manifest = match Cache::stored_manifest(root, &model) {
+        // With the manifest cached, the layers may be too: start without peers if
+        // none answer soon.
+        let stored = Cache::stored_manifest(root, &model);
+        let patience = Duration::from_secs(if stored.is_some() { 10 } else { 120 });
+        let peers = servers_of(network, &model, patience).await;
+        let manifest = match stored {
             Some(manifest) => manifest,
+            None if peers.is_empty() => bail!(
+                "no peer serves model {} after {} s: nothing to fetch its weights from",
+                model.short(),
+                patience.as_secs()
+            ),
             None => {
                 let ids: Vec<libp2p::PeerId> = peers.iter().map(|(p, _)| *p).collect();
                 fetch::manifest(network, model, &ids).await?
@@ -568,28 +577,22 @@ impl Source {
     }
 }
 
-/// The peers serving `model`, with their layers; waits for the swarm to name some.
+/// The peers serving `model`, with their layers, once the swarm names some (none if it
+/// names none within `patience`).
 async fn servers_of(
     network: &crate::network::Network,
     model: &allmende_protocol::ModelId,
-) -> anyhow::Result<Vec<(libp2p::PeerId, LayerRange)>> {
-    const PATIENCE: Duration = Duration::from_secs(120);
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    patience: Duration,
+) -> Vec<(libp2p::PeerId, LayerRange)> {
+    let deadline = tokio::time::Instant::now() + patience;
     loop {
         let found: Vec<_> = discover(network, model, false)
             .await
             .into_iter()
             .map(|s| (s.peer, s.info.range))
             .collect();
-        if !found.is_empty() {
-            return Ok(found);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "no peer serves model {} after {} s: nothing to fetch its weights from",
-                model.short(),
-                PATIENCE.as_secs()
-            );
+        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+            return found;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
