@@ -128,7 +128,8 @@ pub async fn tensors(
         .collect();
     progress.set_length(jobs.iter().map(|(t, i)| chunk_len(t, *i)).sum());
     let report = Arc::new(Mutex::new(Fetched::default()));
-    let banned: Arc<Mutex<HashSet<PeerId>>> = Default::default();
+    // Watched, so that requests in flight to a peer end when it is banned.
+    let banned = Arc::new(tokio::sync::watch::Sender::new(HashSet::<PeerId>::new()));
     let mut results = futures::stream::iter(jobs.into_iter().enumerate())
         .map(|(n, (entry, index))| {
             let (cache, report, banned) = (cache.clone(), report.clone(), banned.clone());
@@ -174,12 +175,7 @@ pub async fn tensors(
     drop(results);
     cache.sync()?;
     let mut report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
-    report.banned = banned
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .copied()
-        .collect();
+    report.banned = banned.borrow().iter().copied().collect();
     Ok(report)
 }
 
@@ -226,7 +222,7 @@ async fn one_chunk(
     entry: &TensorEntry,
     index: u32,
     order: &[PeerId],
-    banned: &Mutex<HashSet<PeerId>>,
+    banned: &tokio::sync::watch::Sender<HashSet<PeerId>>,
 ) -> Result<(PeerId, Vec<u8>), FetchError> {
     let request = WeightsRequest::Chunk {
         model,
@@ -241,14 +237,15 @@ async fn one_chunk(
         }
         tried.clear();
         for &peer in order {
-            if banned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&peer)
-            {
+            if banned.borrow().contains(&peer) {
                 continue;
             }
-            match ask(network, peer, &request, max_reply, CHUNK_PATIENCE).await {
+            let mut watch = banned.subscribe();
+            let answer = tokio::select! {
+                answer = ask(network, peer, &request, max_reply, CHUNK_PATIENCE) => answer,
+                _ = watch.wait_for(|set| set.contains(&peer)) => continue,
+            };
+            match answer {
                 Ok(WeightsReply::Chunk(bytes)) if entry.verify_chunk(index as usize, &bytes) => {
                     return Ok((peer, bytes));
                 }
@@ -262,10 +259,9 @@ async fn one_chunk(
                         "banned {peer}: it sent chunk {index} of {} that does not match the model",
                         entry.name
                     );
-                    banned
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(peer);
+                    banned.send_modify(|set| {
+                        set.insert(peer);
+                    });
                     let _ = network.ban(peer, BAN).await;
                     tried.push(format!("{peer} sent a chunk that does not match"));
                 }
