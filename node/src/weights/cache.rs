@@ -8,7 +8,7 @@
 //! a fetch cut short by a crash resumes where it stopped and a torn write is fetched
 //! again. The loader reads the tensors through [`Cache::gguf`] like any model file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -300,19 +300,6 @@ fn value_of(value: &MetaValue) -> Value {
         MetaValue::String(v) => Value::String(v.clone()),
         MetaValue::Array(items) => Value::Array(items.iter().map(value_of).collect()),
     }
-}
-
-/// Where each tensor of the file starts and how long it is: what a node holding the
-/// whole file serves chunks from.
-pub fn file_table(gguf: &GgufFile) -> HashMap<String, (u64, u64)> {
-    gguf.tensor_names()
-        .filter_map(|name| {
-            Some((
-                name.to_string(),
-                (gguf.tensor_start(name)?, gguf.tensor_bytes(name)),
-            ))
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -56,13 +56,10 @@ fn why_tried(why: &[String]) -> String {
 #[derive(Debug, Default)]
 pub struct Fetched {
     pub bytes: u64,
-    pub chunks: usize,
     /// Bytes each peer sent that were kept.
     pub by_peer: HashMap<PeerId, u64>,
     /// Bytes the model's HTTP server sent that were kept.
     pub by_url: u64,
-    /// Peers banned for chunks that did not match.
-    pub banned: Vec<PeerId>,
 }
 
 /// The manifest of `model` from the first of `peers` that sends one whose hash is the
@@ -121,9 +118,9 @@ pub async fn tensors(
     let remote_ok = std::sync::atomic::AtomicBool::new(from.remote.is_some());
     let remote_ok = &remote_ok;
     let model = cache.manifest().id();
-    let jobs: Vec<(TensorEntry, u32)> = tensors
+    let jobs: Vec<(&TensorEntry, u32)> = tensors
         .iter()
-        .flat_map(|t| (0..t.chunks.len() as u32).map(move |i| ((*t).clone(), i)))
+        .flat_map(|&t| (0..t.chunks.len() as u32).map(move |i| (t, i)))
         .filter(|(t, i)| !cache.holds(&t.name, *i))
         .collect();
     progress.set_length(jobs.iter().map(|(t, i)| chunk_len(t, *i)).sum());
@@ -136,7 +133,7 @@ pub async fn tensors(
             async move {
                 let from_url = match from.remote {
                     Some(remote) if remote_ok.load(std::sync::atomic::Ordering::Relaxed) => {
-                        from_remote(remote, &entry, index, remote_ok).await
+                        from_remote(remote, entry, index, remote_ok).await
                     }
                     _ => None,
                 };
@@ -145,7 +142,7 @@ pub async fn tensors(
                     None => {
                         let order = sources(layer_of(&entry.name), peers, n);
                         let (peer, bytes) =
-                            one_chunk(network, model, &entry, index, &order, &banned).await?;
+                            one_chunk(network, model, entry, index, &order, &banned).await?;
                         (Some(peer), bytes)
                     }
                 };
@@ -160,7 +157,6 @@ pub async fn tensors(
                 progress.inc(len);
                 let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
                 report.bytes += len;
-                report.chunks += 1;
                 match peer {
                     Some(peer) => *report.by_peer.entry(peer).or_default() += len,
                     None => report.by_url += len,
@@ -174,8 +170,7 @@ pub async fn tensors(
     }
     drop(results);
     cache.sync()?;
-    let mut report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
-    report.banned = banned.borrow().iter().copied().collect();
+    let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(report)
 }
 

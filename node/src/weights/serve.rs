@@ -38,8 +38,6 @@ pub enum Holding {
         path: PathBuf,
         /// Each tensor's start in the file and its length.
         table: HashMap<String, (u64, u64)>,
-        /// The manifest, hashed from the file when a peer first asks for it.
-        manifest: OnceCell<Arc<Vec<u8>>>,
     },
     /// The chunks this node fetched.
     Cache(Arc<Cache>),
@@ -47,10 +45,16 @@ pub enum Holding {
 
 impl Holding {
     pub fn file(gguf: &GgufFile) -> Self {
+        let table = gguf
+            .tensor_names()
+            .filter_map(|name| {
+                let start = gguf.tensor_start(name)?;
+                Some((name.to_string(), (start, gguf.tensor_bytes(name))))
+            })
+            .collect();
         Holding::File {
             path: gguf.path().to_path_buf(),
-            table: super::cache::file_table(gguf),
-            manifest: OnceCell::new(),
+            table,
         }
     }
 }
@@ -58,6 +62,9 @@ impl Holding {
 pub struct WeightsServer {
     model: ModelId,
     holding: Holding,
+    /// The encoded manifest, made when a peer first asks for it (from a whole file,
+    /// by hashing it).
+    manifest: OnceCell<Arc<Vec<u8>>>,
     /// Upload budget in KiB.
     upload: DefaultDirectRateLimiter,
     /// The most KiB the budget gives at once.
@@ -95,6 +102,7 @@ impl WeightsServer {
         Arc::new(Self {
             model,
             holding,
+            manifest: OnceCell::new(),
             upload: RateLimiter::direct(quota),
             burst_kib: chunk_kib.min(kib).get(),
             streams: Arc::new(Semaphore::new(STREAMS)),
@@ -167,17 +175,13 @@ impl WeightsServer {
     async fn pace(&self, bytes: usize) {
         let mut kib = bytes.div_ceil(1024) as u32;
         while kib > 0 {
-            let part = kib.min(self.upload_burst());
+            let part = kib.min(self.burst_kib);
             if let Some(n) = NonZeroU32::new(part) {
                 // Within the burst by construction.
                 let _ = self.upload.until_n_ready(n).await;
             }
             kib -= part;
         }
-    }
-
-    fn upload_burst(&self) -> u32 {
-        self.burst_kib
     }
 
     async fn answer(&self, request: WeightsRequest) -> WeightsReply {
@@ -198,30 +202,26 @@ impl WeightsServer {
     }
 
     async fn manifest(&self) -> Option<Arc<Vec<u8>>> {
-        match &self.holding {
-            Holding::Cache(cache) => Some(Arc::new(cache.manifest().encode())),
-            Holding::File { path, manifest, .. } => {
-                let model = self.model;
-                let path = path.clone();
-                manifest
-                    .get_or_try_init(|| async move {
-                        let made = tokio::task::spawn_blocking(move || {
-                            let bar = indicatif::ProgressBar::hidden();
-                            crate::model::manifest(&GgufFile::open(&path)?, &bar)
-                        })
-                        .await
-                        .map_err(|_| ())?
-                        .map_err(|e| tracing::warn!("cannot hash the model file: {e}"))?;
-                        // The file changed since its id was taken: serve none of it.
-                        (made.id() == model)
-                            .then(|| Arc::new(made.encode()))
-                            .ok_or(())
+        let made = self.manifest.get_or_try_init(|| async {
+            match &self.holding {
+                Holding::Cache(cache) => Ok(Arc::new(cache.manifest().encode())),
+                Holding::File { path, .. } => {
+                    let path = path.clone();
+                    let made = tokio::task::spawn_blocking(move || {
+                        let bar = indicatif::ProgressBar::hidden();
+                        crate::model::manifest(&GgufFile::open(&path)?, &bar)
                     })
                     .await
-                    .ok()
-                    .cloned()
+                    .map_err(|_| ())?
+                    .map_err(|e| tracing::warn!("cannot hash the model file: {e}"))?;
+                    // The file changed since its id was taken: serve none of it.
+                    (made.id() == self.model)
+                        .then(|| Arc::new(made.encode()))
+                        .ok_or(())
+                }
             }
-        }
+        });
+        made.await.ok().cloned()
     }
 
     async fn chunk(&self, tensor: String, index: u32) -> WeightsReply {
@@ -291,7 +291,6 @@ mod tests {
         let holding = Holding::File {
             path: PathBuf::new(),
             table: HashMap::new(),
-            manifest: OnceCell::new(),
         };
         let server = WeightsServer::new(ModelId([0; 32]), holding, 32);
         let (a, b) = (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
